@@ -1,0 +1,137 @@
+#include "ffn_tap.h"
+
+#include <cstring>
+
+#include "errors.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+
+namespace neurotap {
+
+FfnTap::FfnTap(std::string act_name, int n_layer, int64_t n_ff, int64_t n_embd)
+    : act_name_(std::move(act_name)), n_layer_(n_layer), n_ff_(n_ff), n_embd_(n_embd) {
+    rows_seen_[0].assign(n_layer_, 0);
+    rows_seen_[1].assign(n_layer_, 0);
+    discovered_.assign(n_layer_, 0);
+}
+
+static int parse_layer(const char* s) {
+    if (*s < '0' || *s > '9') return -1;
+    int v = 0;
+    for (; *s; ++s) {
+        if (*s < '0' || *s > '9' || v > 100000) return -1;
+        v = v * 10 + (*s - '0');
+    }
+    return v;
+}
+
+int FfnTap::match(const char* name, TapKind* kind) const {
+    const size_t na = act_name_.size();
+    if (std::strncmp(name, act_name_.c_str(), na) == 0 && name[na] == '-') {
+        *kind = TapKind::Activation;
+        const int il = parse_layer(name + na + 1);
+        return il < n_layer_ ? il : -1;
+    }
+    if (capture_norm_) {
+        const size_t nn = norm_name_.size();
+        if (std::strncmp(name, norm_name_.c_str(), nn) == 0 && name[nn] == '-') {
+            *kind = TapKind::NormInput;
+            const int il = parse_layer(name + nn + 1);
+            return il < n_layer_ ? il : -1;
+        }
+    }
+    return -1;
+}
+
+bool FfnTap::callback(ggml_tensor* t, bool ask, void* user_data) {
+    auto* self = static_cast<FfnTap*>(user_data);
+    if (ask) return self->on_ask(t);
+    self->on_data(t);
+    return true;  // false would abort the rest of the graph split while decode reports success
+}
+
+bool FfnTap::on_ask(const ggml_tensor* t) {
+    if (!sink_ && !discovering_) return false;
+    TapKind kind;
+    const int il = match(t->name, &kind);
+    if (il < 0) return false;
+    if (discovering_) {
+        if (kind == TapKind::Activation) discovered_[il] = 1;
+        return false;
+    }
+    return true;
+}
+
+void FfnTap::on_data(const ggml_tensor* t) {
+    if (!sink_ || !error_.empty()) return;
+    TapKind kind;
+    const int il = match(t->name, &kind);
+    if (il < 0) return;
+    const int64_t width = kind == TapKind::Activation ? n_ff_ : n_embd_;
+    if (t->type != GGML_TYPE_F32 || t->ne[0] != width || t->ne[2] != 1 || t->ne[3] != 1 ||
+        !ggml_is_contiguous(t)) {
+        error_ = std::string("tapped tensor ") + t->name + " has an unexpected layout (type " +
+                 ggml_type_name(t->type) + ", ne0 " + std::to_string(t->ne[0]) + ", expected f32 rows of " +
+                 std::to_string(width) + ")";
+        return;
+    }
+    const int n_rows = static_cast<int>(t->ne[1]);
+    int& seen = rows_seen_[static_cast<int>(kind)][il];
+    if (seen + n_rows > armed_rows_) {
+        error_ = std::string("tapped tensor ") + t->name + " delivered more rows than the batch holds (" +
+                 std::to_string(seen + n_rows) + " > " + std::to_string(armed_rows_) + ")";
+        return;
+    }
+    const float* data;
+    if (t->buffer && !ggml_backend_buffer_is_host(t->buffer)) {
+        // GPU memory: copy now, the allocator reuses the buffer for later nodes.
+        const size_t n = static_cast<size_t>(width) * n_rows;
+        if (scratch_.size() < n) scratch_.resize(n);
+        ggml_backend_tensor_get(t, scratch_.data(), 0, n * sizeof(float));
+        data = scratch_.data();
+    } else {
+        data = static_cast<const float*>(t->data);
+    }
+    sink_->on_rows(kind, il, seen, n_rows, data, width);
+    seen += n_rows;
+}
+
+void FfnTap::arm(int n_rows, RowSink* sink) {
+    sink_ = sink;
+    armed_rows_ = n_rows;
+    error_.clear();
+    std::fill(rows_seen_[0].begin(), rows_seen_[0].end(), 0);
+    std::fill(rows_seen_[1].begin(), rows_seen_[1].end(), 0);
+}
+
+void FfnTap::disarm() { sink_ = nullptr; }
+
+void FfnTap::disarm_and_check() {
+    sink_ = nullptr;
+    if (!error_.empty()) throw RuntimeError(error_);
+    for (int k = 0; k < (capture_norm_ ? 2 : 1); ++k) {
+        for (int il = 0; il < n_layer_; ++il) {
+            if (rows_seen_[k][il] != armed_rows_) {
+                throw RuntimeError("tap: layer " + std::to_string(il) + " delivered " +
+                                   std::to_string(rows_seen_[k][il]) + " rows of " + (k ? norm_name_ : act_name_) +
+                                   ", expected " + std::to_string(armed_rows_) +
+                                   " (every tapped row must request logits)");
+            }
+        }
+    }
+}
+
+void FfnTap::begin_discovery() {
+    std::fill(discovered_.begin(), discovered_.end(), 0);
+    discovering_ = true;
+}
+
+std::vector<int> FfnTap::end_discovery() {
+    discovering_ = false;
+    std::vector<int> missing;
+    for (int il = 0; il < n_layer_; ++il)
+        if (!discovered_[il]) missing.push_back(il);
+    return missing;
+}
+
+}  // namespace neurotap

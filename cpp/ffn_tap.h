@@ -1,0 +1,82 @@
+// The FFN tap: llama.cpp's eval callback, which hands each layer's FFN neuron activations
+// (the input of the down projection) to a RowSink while llama_decode runs.
+//
+// Protocol (ggml_backend_sched): every graph node is offered with ask=true; answering true
+// makes the scheduler compute up to that node, synchronize, and call again with ask=false.
+// Asking costs a compute boundary, so exactly one tensor per layer is asked for (two in the
+// debug mode that also taps the normed FFN input). No Python runs here: the callback runs on
+// the thread that called llama_decode.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+
+namespace neurotap {
+
+enum class TapKind : int { Activation = 0, NormInput = 1 };
+
+// Receives rows of one decode batch, per layer, in batch order.
+class RowSink {
+public:
+    virtual ~RowSink() = default;
+    // rows [row0, row0 + n_rows) of the armed batch for `layer`; `data` holds n_rows rows of
+    // `width` contiguous floats, valid only during the call.
+    virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;
+};
+
+class FfnTap {
+public:
+    // act_name: graph name of the activation tensor without the layer suffix ("ffn_swiglu").
+    FfnTap(std::string act_name, int n_layer, int64_t n_ff, int64_t n_embd);
+
+    // The ggml_backend_sched_eval_callback; user_data is the FfnTap.
+    static bool callback(ggml_tensor* t, bool ask, void* user_data);
+
+    // Also tap ffn_norm-<il> (the normed FFN input): a debug mode for verification.
+    void set_capture_norm(bool on) { capture_norm_ = on; }
+    bool capture_norm() const { return capture_norm_; }
+
+    // Arms the tap for one llama_decode whose batch has n_rows rows, every one of which
+    // requests logits (the last layer computes only those rows).
+    void arm(int n_rows, RowSink* sink);
+    // Disarms; throws RuntimeError unless every tapped layer delivered exactly n_rows rows.
+    void disarm_and_check();
+    void disarm();  // on error paths: no check
+    bool armed() const { return sink_ != nullptr; }
+
+    // Discovery: while on, nothing is computed early; the callback only records which layers
+    // have the activation tensor. Used once at load to prove the architecture is tappable.
+    void begin_discovery();
+    // Layers whose activation tensor was never seen during discovery.
+    std::vector<int> end_discovery();
+
+    const std::string& act_name() const { return act_name_; }
+    int n_layer() const { return n_layer_; }
+    int64_t n_ff() const { return n_ff_; }
+    int64_t n_embd() const { return n_embd_; }
+
+private:
+    // Layer index if `name` is "<prefix>-<il>" for a tapped prefix, else -1.
+    int match(const char* name, TapKind* kind) const;
+    bool on_ask(const ggml_tensor* t);
+    void on_data(const ggml_tensor* t);
+
+    std::string act_name_;
+    std::string norm_name_ = "ffn_norm";
+    int n_layer_;
+    int64_t n_ff_;
+    int64_t n_embd_;
+    bool capture_norm_ = false;
+
+    RowSink* sink_ = nullptr;
+    int armed_rows_ = 0;
+    std::vector<int> rows_seen_[2];
+    bool discovering_ = false;
+    std::vector<char> discovered_;
+    std::vector<float> scratch_;  // staging for tensors in non-host (GPU) buffers
+    std::string error_;           // exceptions must not cross llama.cpp: kept, thrown at disarm
+};
+
+}  // namespace neurotap

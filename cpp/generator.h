@@ -1,0 +1,62 @@
+// Single-sequence generation with the tap: the decode loop, llama.cpp's sampler chain, stop
+// strings, and per-token neuron records, all in native code.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tapped_context.h"
+
+namespace neurotap {
+
+enum class CaptureMode : int { None = 0, Float32 = 1, Float16 = 2 };
+
+struct SamplingParams {
+    float temperature = 0.8f;  // <= 0: greedy
+    float top_p = 0.95f;
+    int top_k = 40;            // 0: off
+    float min_p = 0.0f;
+    uint32_t seed = 0;
+};
+
+// Builds llama.cpp's sampler chain; validates the parameters (ParamError).
+llama_sampler* make_sampler_chain(const SamplingParams& p);
+
+struct GenerateParams {
+    int max_tokens = 128;
+    SamplingParams sampling;
+    std::vector<std::string> stop;
+    bool tap = true;                 // false: decode with the tap unarmed (baseline timing)
+    CaptureMode capture = CaptureMode::None;
+    bool capture_norm = false;       // debug: also keep ffn_norm-<il> rows
+    float active_threshold = 0.0f;   // a neuron is active on a token when its activation > this
+};
+
+struct GenerateResult {
+    std::vector<llama_token> prompt_tokens;
+    std::vector<llama_token> tokens;  // generated, end-of-generation token excluded
+    std::string text;                 // raw bytes (UTF-8 of complete pieces), cut at a stop string
+    std::string finish_reason;        // "eos", "length", "stop" or "cancelled"
+    int n_layer = 0;
+    int64_t n_ff = 0;
+    int64_t n_embd = 0;
+    // Per generated token j: the row of the position that predicts token j.
+    std::vector<int32_t> active_counts;  // [n_tokens, n_layer]; empty when tap=false
+    std::vector<float> acts_f32;         // [n_tokens, n_layer, n_ff] with CaptureMode::Float32
+    std::vector<uint16_t> acts_f16;      // same, IEEE half, with CaptureMode::Float16
+    std::vector<float> norm_inputs;      // [n_tokens, n_layer, n_embd] with capture_norm
+    double prompt_seconds = 0;
+    double decode_seconds = 0;           // decode steps after the prompt, sampling included
+};
+
+// Progress and cancellation shared with another thread (the Python progress bar).
+struct Progress {
+    std::atomic<int64_t> tokens{0};
+    std::atomic<bool> cancel{false};
+};
+
+GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& prompt, const GenerateParams& params,
+                        Progress* progress);
+
+}  // namespace neurotap

@@ -1,0 +1,164 @@
+#include "model.h"
+
+#include <map>
+#include <mutex>
+
+#include "errors.h"
+#include "gguf_file.h"
+#include "log_capture.h"
+
+namespace neurotap {
+
+std::string activation_tensor_for(const std::string& arch) {
+    // Dense SwiGLU / GeGLU architectures whose FFN is built by llm_graph_context::build_ffn
+    // (llama.cpp names the down projection's input ffn_swiglu-<il> / ffn_geglu-<il>). The load
+    // probe checks that every layer really has it before anything is generated.
+    static const std::map<std::string, std::string> table = {
+        {"llama", "ffn_swiglu"},  {"mistral3", "ffn_swiglu"}, {"qwen2", "ffn_swiglu"},
+        {"qwen3", "ffn_swiglu"},  {"granite", "ffn_swiglu"},  {"smollm3", "ffn_swiglu"},
+        {"gemma", "ffn_geglu"},   {"gemma2", "ffn_geglu"},    {"gemma3", "ffn_geglu"},
+    };
+    auto it = table.find(arch);
+    if (it == table.end()) {
+        std::string known;
+        for (auto& kv : table) known += (known.empty() ? "" : ", ") + kv.first;
+        throw ModelError("unsupported architecture '" + arch + "': neurotap taps dense SwiGLU/GeGLU models (" +
+                         known + ")");
+    }
+    return it->second;
+}
+
+static void ensure_backend() {
+    static std::once_flag once;
+    std::call_once(once, [] { llama_backend_init(); });
+}
+
+// Reads what the tap needs from the file itself: architecture, layer count, FFN width.
+static ModelInfo inspect(const std::string& path) {
+    GgufFile f(path);
+    ModelInfo info;
+    info.path = path;
+    info.architecture = f.architecture();
+    info.act_name = activation_tensor_for(info.architecture);
+    const std::string a = info.architecture;
+    if (f.has_key(a + ".expert_count") && f.get_int(a + ".expert_count") > 0)
+        throw ModelError("unsupported model: '" + path + "' is a mixture-of-experts model; neurotap taps dense FFNs");
+    info.n_layer = static_cast<int>(f.get_int(a + ".block_count"));
+    if (info.n_layer <= 0 || info.n_layer > 1024) throw ModelError("implausible block_count in " + path);
+    for (int il = 0; il < info.n_layer; ++il) {
+        const std::string name = "blk." + std::to_string(il) + ".ffn_down.weight";
+        const TensorInfo* t = f.find_tensor(name);
+        if (!t) throw ModelError("tensor '" + name + "' missing in " + path);
+        if (il == 0) {
+            info.n_ff = t->ne[0];
+            info.n_embd = t->ne[1];
+        } else if (t->ne[0] != info.n_ff) {
+            throw ModelError("unsupported model: FFN width differs across layers in " + path);
+        }
+    }
+    return info;
+}
+
+static void fill_from_llama(ModelInfo& info, llama_model* m) {
+    char buf[256];
+    llama_model_desc(m, buf, sizeof(buf));
+    info.description = buf;
+    info.n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(m));
+    info.n_ctx_train = llama_model_n_ctx_train(m);
+    info.n_params = llama_model_n_params(m);
+    info.size_bytes = llama_model_size(m);
+    info.has_chat_template = llama_model_chat_template(m, nullptr) != nullptr;
+    if (llama_model_n_layer(m) != info.n_layer || llama_model_n_embd(m) != info.n_embd)
+        throw ModelError("llama.cpp and the GGUF file disagree on the model shape: " + info.path);
+}
+
+Model::Model(llama_model* m, bool owned, ModelInfo info)
+    : model_(m), owned_(owned), vocab_(llama_model_get_vocab(m)), info_(std::move(info)) {}
+
+Model::~Model() {
+    if (owned_ && model_) llama_model_free(model_);
+}
+
+std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
+    ensure_backend();
+    ModelInfo info = inspect(path);
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = n_gpu_layers;
+    take_logged_errors();
+    llama_model* m = llama_model_load_from_file(path.c_str(), mp);
+    if (!m) {
+        std::string why = take_logged_errors();
+        throw ModelError("llama.cpp could not load " + path + (why.empty() ? "" : ": " + why));
+    }
+    try {
+        fill_from_llama(info, m);
+    } catch (...) {
+        llama_model_free(m);
+        throw;
+    }
+    return std::shared_ptr<Model>(new Model(m, true, std::move(info)));
+}
+
+std::shared_ptr<Model> Model::borrow(llama_model* m, const std::string& path) {
+    if (!m) throw ModelError("the llama_cpp.Llama object has no loaded model");
+    ensure_backend();
+    ModelInfo info = inspect(path);
+    fill_from_llama(info, m);
+    return std::shared_ptr<Model>(new Model(m, false, std::move(info)));
+}
+
+std::vector<llama_token> Model::tokenize(const std::string& text, bool add_special, bool parse_special) const {
+    if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw ParamError("prompt too long to tokenize");
+    std::vector<llama_token> out(text.size() + 8);
+    int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                               static_cast<int32_t>(out.size()), add_special, parse_special);
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                           static_cast<int32_t>(out.size()), add_special, parse_special);
+        if (n < 0) throw RuntimeError("tokenization failed");
+    }
+    out.resize(static_cast<size_t>(n));
+    return out;
+}
+
+std::string Model::token_piece(llama_token tok) const {
+    char buf[256];
+    int32_t n = llama_token_to_piece(vocab_, tok, buf, sizeof(buf), 0, false);
+    if (n >= 0) return std::string(buf, static_cast<size_t>(n));
+    std::string big(static_cast<size_t>(-n), '\0');
+    n = llama_token_to_piece(vocab_, tok, big.data(), static_cast<int32_t>(big.size()), 0, false);
+    if (n < 0) throw RuntimeError("detokenization failed for token " + std::to_string(tok));
+    big.resize(static_cast<size_t>(n));
+    return big;
+}
+
+std::string Model::detokenize(const std::vector<llama_token>& toks) const {
+    std::string s;
+    for (llama_token t : toks) s += token_piece(t);
+    return s;
+}
+
+std::string Model::apply_chat_template(const std::vector<std::pair<std::string, std::string>>& messages,
+                                       bool add_assistant) const {
+    const char* tmpl = llama_model_chat_template(model_, nullptr);
+    if (!tmpl) throw ParamError("model has no chat template: pass a plain prompt instead of messages");
+    std::vector<llama_chat_message> msgs;
+    size_t total = 0;
+    for (auto& m : messages) {
+        msgs.push_back({m.first.c_str(), m.second.c_str()});
+        total += m.first.size() + m.second.size();
+    }
+    std::vector<char> buf(total * 2 + 256);
+    int32_t n = llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_assistant, buf.data(),
+                                          static_cast<int32_t>(buf.size()));
+    if (n < 0) throw ParamError("the model's chat template is not supported by llama.cpp's template engine");
+    if (static_cast<size_t>(n) > buf.size()) {
+        buf.resize(static_cast<size_t>(n));
+        n = llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_assistant, buf.data(),
+                                      static_cast<int32_t>(buf.size()));
+    }
+    return std::string(buf.data(), static_cast<size_t>(n));
+}
+
+}  // namespace neurotap

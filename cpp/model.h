@@ -1,0 +1,63 @@
+// A GGUF model validated for tapping: llama_model (owned, or borrowed from llama_cpp.Llama),
+// its vocabulary, and which FFN activation tensor the tap reads.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "llama.h"
+
+namespace neurotap {
+
+struct ModelInfo {
+    std::string path;
+    std::string architecture;
+    std::string description;  // llama_model_desc
+    std::string act_name;     // activation tensor, without the "-<layer>" suffix
+    int n_layer = 0;
+    int64_t n_ff = 0;
+    int64_t n_embd = 0;
+    int n_vocab = 0;
+    int n_ctx_train = 0;
+    uint64_t n_params = 0;
+    uint64_t size_bytes = 0;
+    bool has_chat_template = false;
+};
+
+// Activation tensor name for a supported architecture; throws ModelError otherwise.
+std::string activation_tensor_for(const std::string& arch);
+
+class Model {
+public:
+    // Validates the file (exists, GGUF, not truncated, supported architecture) before
+    // llama.cpp sees it. Throws ModelError.
+    static std::shared_ptr<Model> load(const std::string& path, int n_gpu_layers);
+    // Shares a llama_model loaded elsewhere (llama_cpp.Llama); it is never freed here.
+    static std::shared_ptr<Model> borrow(llama_model* model, const std::string& path);
+    ~Model();
+    Model(const Model&) = delete;
+    Model& operator=(const Model&) = delete;
+
+    llama_model* get() const { return model_; }
+    const llama_vocab* vocab() const { return vocab_; }
+    const ModelInfo& info() const { return info_; }
+
+    std::vector<llama_token> tokenize(const std::string& text, bool add_special, bool parse_special) const;
+    std::string token_piece(llama_token tok) const;
+    std::string detokenize(const std::vector<llama_token>& toks) const;
+    // Messages are (role, content). Uses the model's built-in chat template.
+    std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>>& messages,
+                                    bool add_assistant) const;
+    bool is_eog(llama_token tok) const { return llama_vocab_is_eog(vocab_, tok); }
+
+private:
+    Model(llama_model* m, bool owned, ModelInfo info);
+    llama_model* model_;
+    bool owned_;
+    const llama_vocab* vocab_;
+    ModelInfo info_;
+};
+
+}  // namespace neurotap

