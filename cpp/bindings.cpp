@@ -11,6 +11,8 @@
 #include "gguf_file.h"
 #include "log_capture.h"
 #include "model.h"
+#include "parallel_sampler.h"
+#include "reducers.h"
 #include "tapped_context.h"
 
 namespace py = pybind11;
@@ -70,6 +72,60 @@ py::dict result_dict(GenerateResult&& r, CaptureMode capture) {
     d["norm_inputs"] = r.norm_inputs.empty()
                            ? py::object(py::none())
                            : py::object(to_numpy(std::move(r.norm_inputs), {n, L, E}, py::dtype::of<float>()));
+    return d;
+}
+
+// A parallel sampling run with its reducers; keeps its context alive and to itself.
+struct SamplingRun {
+    py::object context_owner;
+    std::unique_ptr<ActiveCountReducer> counts;
+    std::unique_ptr<ChunkBitsetReducer> bitsets;
+    std::unique_ptr<WatchReducer> watch;
+    std::unique_ptr<FullRowReducer> rows;
+    std::unique_ptr<ParallelSampler> sampler;
+    Progress progress;
+};
+
+py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
+    const SampleState& st = run.sampler->sample(i);
+    const auto n = static_cast<py::ssize_t>(st.tokens.size());
+    const py::ssize_t L = info.n_layer, F = info.n_ff;
+    py::dict d;
+    d["index"] = i;
+    d["tokens"] = st.tokens;
+    d["text"] = py::bytes(st.text);
+    d["finish_reason"] = st.finish_reason;
+    d["live"] = st.live;
+    auto copy = [](const auto& v, std::vector<py::ssize_t> shape, py::dtype dt) {
+        using T = typename std::decay_t<decltype(v)>::value_type;
+        return to_numpy(std::vector<T>(v), std::move(shape), dt);
+    };
+    d["active_counts"] = run.counts ? py::object(copy(run.counts->counts(i), {n, L}, py::dtype::of<int32_t>()))
+                                    : py::object(py::none());
+    if (run.bitsets) {
+        const auto& b = run.bitsets->bits(i);
+        const py::ssize_t W = run.bitsets->n_words();
+        const py::ssize_t chunks = st.live ? static_cast<py::ssize_t>(b.size()) / W : (n + run.bitsets->chunk() - 1) / run.bitsets->chunk();
+        std::vector<uint64_t> v(b.begin(), b.begin() + std::min<size_t>(b.size(), static_cast<size_t>(chunks * W)));
+        v.resize(static_cast<size_t>(chunks * W), 0);
+        d["chunk_bitsets"] = to_numpy(std::move(v), {chunks, W}, py::dtype::of<uint64_t>());
+    } else {
+        d["chunk_bitsets"] = py::none();
+    }
+    d["watched"] = run.watch ? py::object(copy(run.watch->values(i), {n, static_cast<py::ssize_t>(run.watch->n_watched())},
+                                               py::dtype::of<float>()))
+                             : py::object(py::none());
+    d["activations"] = py::none();
+    if (run.rows) {
+        if (run.rows->half()) d["activations"] = copy(run.rows->rows_f16(i), {n, L, F}, py::dtype("float16"));
+        else d["activations"] = copy(run.rows->rows_f32(i), {n, L, F}, py::dtype::of<float>());
+    }
+    if (!st.token_logprob.empty() || st.tokens.empty()) {
+        const py::ssize_t k = n ? static_cast<py::ssize_t>(st.top_ids.size()) / n : 0;
+        d["token_logprob"] = copy(st.token_logprob, {static_cast<py::ssize_t>(st.token_logprob.size())}, py::dtype::of<float>());
+        d["top_ids"] = copy(st.top_ids, {n, k}, py::dtype::of<int32_t>());
+        d["top_logprobs"] = copy(st.top_logprobs, {n, k}, py::dtype::of<float>());
+    }
     return d;
 }
 
@@ -148,7 +204,7 @@ PYBIND11_MODULE(_native, m) {
 
     py::class_<ContextHandle>(m, "Context")
         .def(py::init([](std::shared_ptr<Model> model, int n_ctx, int n_batch, int n_seq_max, int n_threads,
-                         bool kv_unified, bool flash_attn) {
+                         bool kv_unified, bool flash_attn, bool install_tap) {
             ContextParams p;
             p.n_ctx = n_ctx;
             p.n_batch = n_batch;
@@ -156,14 +212,18 @@ PYBIND11_MODULE(_native, m) {
             p.n_threads = n_threads;
             p.kv_unified = kv_unified;
             p.flash_attn = flash_attn;
+            p.install_tap = install_tap;
             auto c = std::make_unique<ContextHandle>();
             c->model = model;
             py::gil_scoped_release nogil;
             c->tc = std::make_unique<TappedContext>(model, p);
             return c;
         }), py::arg("model"), py::arg("n_ctx") = 4096, py::arg("n_batch") = 512, py::arg("n_seq_max") = 1,
-            py::arg("n_threads") = 0, py::arg("kv_unified") = true, py::arg("flash_attn") = true)
+            py::arg("n_threads") = 0, py::arg("kv_unified") = true, py::arg("flash_attn") = true,
+            py::arg("install_tap") = true)
         .def_property_readonly("n_ctx", [](const ContextHandle& c) { return c.tc->n_ctx(); })
+        .def_property_readonly("n_ctx_seq", [](const ContextHandle& c) { return static_cast<int>(llama_n_ctx_seq(c.tc->ctx())); })
+        .def_property_readonly("n_seq_max", [](const ContextHandle& c) { return c.tc->params().n_seq_max; })
         .def_property_readonly("tapped_tensors", [](ContextHandle& c) {
             std::vector<std::string> names;
             for (int il = 0; il < c.tc->tap().n_layer(); ++il)
@@ -174,7 +234,8 @@ PYBIND11_MODULE(_native, m) {
         .def("cancel", [](ContextHandle& c) { c.progress.cancel.store(true); })
         .def("generate", [](ContextHandle& c, const std::vector<llama_token>& prompt, int max_tokens, float temperature,
                             float top_p, int top_k, float min_p, uint32_t seed, std::vector<std::string> stop,
-                            bool tap, int capture, bool capture_norm, float active_threshold) {
+                            bool tap, int capture, bool capture_norm, float active_threshold,
+                            std::vector<llama_token> forced) {
             GenerateParams p;
             p.max_tokens = max_tokens;
             p.sampling = {temperature, top_p, top_k, min_p, seed};
@@ -184,6 +245,7 @@ PYBIND11_MODULE(_native, m) {
             p.capture = static_cast<CaptureMode>(capture);
             p.capture_norm = capture_norm;
             p.active_threshold = active_threshold;
+            p.forced = std::move(forced);
             GenerateResult r;
             {
                 py::gil_scoped_release nogil;
@@ -194,5 +256,59 @@ PYBIND11_MODULE(_native, m) {
             return result_dict(std::move(r), p.capture);
         }, py::arg("prompt"), py::arg("max_tokens"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"),
            py::arg("min_p"), py::arg("seed"), py::arg("stop"), py::arg("tap") = true, py::arg("capture") = 0,
-           py::arg("capture_norm") = false, py::arg("active_threshold") = 0.0f);
+           py::arg("capture_norm") = false, py::arg("active_threshold") = 0.0f,
+           py::arg("forced") = std::vector<llama_token>{});
+
+    m.def("sample_seed", &sample_seed, py::arg("seed"), py::arg("index"));
+
+    py::class_<SamplingRun>(m, "SamplingRun")
+        .def(py::init([](py::object ctx_obj, const std::vector<llama_token>& prompt, int n, int max_tokens,
+                         float temperature, float top_p, int top_k, float min_p, uint32_t seed,
+                         std::vector<std::string> stop, bool tap, bool counts, int chunk, float threshold,
+                         std::vector<std::pair<int, int>> watch, int rows, int top_logprobs) {
+            auto& c = ctx_obj.cast<ContextHandle&>();
+            auto run = std::make_unique<SamplingRun>();
+            run->context_owner = ctx_obj;
+            std::vector<Reducer*> reds;
+            if (tap && counts) reds.push_back((run->counts = std::make_unique<ActiveCountReducer>(threshold)).get());
+            if (tap && chunk > 0) reds.push_back((run->bitsets = std::make_unique<ChunkBitsetReducer>(chunk, threshold)).get());
+            if (tap && !watch.empty()) reds.push_back((run->watch = std::make_unique<WatchReducer>(std::move(watch))).get());
+            if (rows < 0 || rows > 2) throw ParamError("rows must be 0 (none), 1 (float32) or 2 (float16)");
+            if (tap && rows > 0) reds.push_back((run->rows = std::make_unique<FullRowReducer>(rows == 2)).get());
+            SampleParams p;
+            p.n = n;
+            p.max_tokens = max_tokens;
+            p.sampling = {temperature, top_p, top_k, min_p, seed};
+            p.stop = std::move(stop);
+            p.tap = tap;
+            p.top_logprobs = top_logprobs;
+            c.tc->tap().set_capture_norm(false);
+            run->sampler = std::make_unique<ParallelSampler>(*c.tc, prompt, std::move(p), std::move(reds));
+            return run;
+        }), py::arg("context"), py::arg("prompt"), py::arg("n"), py::arg("max_tokens"), py::arg("temperature"),
+            py::arg("top_p"), py::arg("top_k"), py::arg("min_p"), py::arg("seed"), py::arg("stop"), py::arg("tap"),
+            py::arg("counts"), py::arg("chunk"), py::arg("threshold"), py::arg("watch"), py::arg("rows"),
+            py::arg("top_logprobs"))
+        .def("advance", [](SamplingRun& r, int until) {
+            py::gil_scoped_release nogil;
+            r.progress.cancel = false;
+            r.progress.live = r.sampler->n_live();
+            return r.sampler->advance(until, &r.progress);
+        }, py::arg("until"))
+        .def("stop", [](SamplingRun& r, const std::vector<int>& which) { r.sampler->stop(which); })
+        .def("cancel", [](SamplingRun& r) { r.progress.cancel.store(true); })
+        .def("progress_tokens", [](const SamplingRun& r) { return r.progress.tokens.load(); })
+        .def("progress_live", [](const SamplingRun& r) { return r.progress.live.load(); })
+        .def_property_readonly("n", [](const SamplingRun& r) { return r.sampler->n(); })
+        .def_property_readonly("n_live", [](const SamplingRun& r) { return r.sampler->n_live(); })
+        .def_property_readonly("n_prompt", [](const SamplingRun& r) { return r.sampler->n_prompt(); })
+        .def_property_readonly("tokens_sampled", [](const SamplingRun& r) { return r.sampler->tokens_sampled(); })
+        .def_property_readonly("decode_steps", [](const SamplingRun& r) { return r.sampler->decode_steps(); })
+        .def_property_readonly("prompt_seconds", [](const SamplingRun& r) { return r.sampler->prompt_seconds(); })
+        .def_property_readonly("decode_seconds", [](const SamplingRun& r) { return r.sampler->decode_seconds(); })
+        .def("sample", [](const SamplingRun& r, int i) {
+            if (i < 0 || i >= r.sampler->n()) throw ParamError("sample index out of range: " + std::to_string(i));
+            auto& c = r.context_owner.cast<ContextHandle&>();
+            return sample_dict(r, i, c.tc->model().info());
+        });
 }

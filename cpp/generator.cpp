@@ -94,6 +94,7 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
                         Progress* progress) {
     using clock = std::chrono::steady_clock;
     const Model& model = tc.model();
+    const bool forcing = !params.forced.empty();
     if (params.max_tokens <= 0) throw ParamError("max_tokens must be positive, got " + std::to_string(params.max_tokens));
     if (prompt.empty()) throw ParamError("the prompt is empty (no tokens)");
     const int n_prompt = static_cast<int>(prompt.size());
@@ -106,6 +107,10 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     }
     for (llama_token t : prompt)
         if (t < 0 || t >= model.info().n_vocab) throw ParamError("prompt token id out of range: " + std::to_string(t));
+    for (llama_token t : params.forced)
+        if (t < 0 || t >= model.info().n_vocab) throw ParamError("forced token id out of range: " + std::to_string(t));
+    if (forcing && static_cast<int>(params.forced.size()) != params.max_tokens)
+        throw ParamError("max_tokens must equal the number of forced tokens");
 
     std::unique_ptr<llama_sampler, SamplerDeleter> sampler(make_sampler_chain(params.sampling));
 
@@ -130,8 +135,9 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
 
     r.finish_reason = "length";
     for (int j = 0; j < params.max_tokens; ++j) {
-        const llama_token tok = llama_sampler_sample(sampler.get(), tc.ctx(), -1);
-        if (model.is_eog(tok)) {
+        const llama_token tok = forcing ? params.forced[static_cast<size_t>(j)]
+                                        : llama_sampler_sample(sampler.get(), tc.ctx(), -1);
+        if (!forcing && model.is_eog(tok)) {
             r.finish_reason = "eos";
             break;
         }
@@ -139,7 +145,7 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
         const size_t before = r.text.size();
         r.text += model.token_piece(tok);
         if (progress) progress->tokens.store(j + 1, std::memory_order_relaxed);
-        const size_t stop_at = find_stop(r.text, before, params.stop);
+        const size_t stop_at = forcing ? std::string::npos : find_stop(r.text, before, params.stop);
         if (stop_at != std::string::npos) {
             r.text.resize(stop_at);
             r.finish_reason = "stop";

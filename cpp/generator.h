@@ -31,6 +31,9 @@ struct GenerateParams {
     CaptureMode capture = CaptureMode::None;
     bool capture_norm = false;       // debug: also keep ffn_norm-<il> rows
     float active_threshold = 0.0f;   // a neuron is active on a token when its activation > this
+    // Teacher forcing: when set, these tokens are fed instead of sampled (max_tokens is their
+    // count, and an end-of-generation token among them is kept), so their rows can be read.
+    std::vector<llama_token> forced;
 };
 
 struct GenerateResult {
@@ -53,6 +56,7 @@ struct GenerateResult {
 // Progress and cancellation shared with another thread (the Python progress bar).
 struct Progress {
     std::atomic<int64_t> tokens{0};
+    std::atomic<int> live{0};  // sequences still generating (parallel runs)
     std::atomic<bool> cancel{false};
 };
 

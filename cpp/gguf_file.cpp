@@ -42,6 +42,9 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
         throw ModelError("corrupt or truncated GGUF header: " + path + (why.empty() ? "" : " (" + why + ")"));
     }
 
+    // The destructor does not run if the constructor throws: until the tensor table is
+    // validated, the context is owned here.
+    std::unique_ptr<gguf_context, decltype(&gguf_free)> owner(ctx_, &gguf_free);
     const uint64_t data_offset = gguf_get_data_offset(ctx_);
     const int64_t n = gguf_get_n_tensors(ctx_);
     tensors_.reserve(static_cast<size_t>(n));
@@ -51,6 +54,10 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
         t.type = gguf_get_tensor_type(ctx_, i);
         const int64_t* ne = gguf_get_tensor_ne(ctx_, i);
         for (int d = 0; d < 4; ++d) t.ne[d] = ne[d];
+        // gguf accepts a zero-width tensor with any row count; keep row counts representable.
+        int64_t rows;
+        if (__builtin_mul_overflow(t.ne[1], t.ne[2], &rows) || __builtin_mul_overflow(rows, t.ne[3], &rows))
+            throw ModelError("tensor '" + t.name + "' has an implausible shape in " + path);
         t.nbytes = gguf_get_tensor_size(ctx_, i);
         const uint64_t rel = gguf_get_tensor_offset(ctx_, i);
         if (rel > std::numeric_limits<uint64_t>::max() - data_offset ||
@@ -62,6 +69,7 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
         t.file_offset = data_offset + rel;
         tensors_.push_back(std::move(t));
     }
+    owner.release();
 }
 
 GgufFile::~GgufFile() {
@@ -106,8 +114,8 @@ std::vector<float> GgufFile::read_rows(const std::string& name, int64_t row0, in
     const int64_t ne0 = t->ne[0];
     const int64_t total_rows = t->ne[1] * t->ne[2] * t->ne[3];
     if (row0 < 0 || n_rows < 0 || row0 > total_rows || n_rows > total_rows - row0)
-        throw ParamError("rows [" + std::to_string(row0) + ", " + std::to_string(row0 + n_rows) +
-                         ") out of range for tensor '" + name + "' with " + std::to_string(total_rows) + " rows");
+        throw ParamError(std::to_string(n_rows) + " rows from row " + std::to_string(row0) +
+                         " out of range for tensor '" + name + "' with " + std::to_string(total_rows) + " rows");
     const size_t row_bytes = ggml_row_size(t->type, ne0);
     if (row_bytes * static_cast<uint64_t>(total_rows) != t->nbytes)
         throw ModelError("tensor '" + name + "' has an inconsistent size in " + path_);

@@ -28,8 +28,10 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
     cp.kv_unified = params_.kv_unified;
     cp.flash_attn_type = params_.flash_attn ? LLAMA_FLASH_ATTN_TYPE_AUTO : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.no_perf = true;
-    cp.cb_eval = &FfnTap::callback;
-    cp.cb_eval_user_data = &tap_;
+    if (params_.install_tap) {
+        cp.cb_eval = &FfnTap::callback;
+        cp.cb_eval_user_data = &tap_;
+    }
     take_logged_errors();
     ctx_ = llama_init_from_model(model_->get(), cp);
     if (!ctx_) {
@@ -39,6 +41,7 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
     }
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
 
+    if (!params_.install_tap) return;
     // Load probe: prove the activation tensor exists in every layer of the real graph.
     llama_token probe = llama_vocab_bos(model_->vocab());
     if (probe < 0) probe = 0;

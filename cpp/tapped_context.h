@@ -17,6 +17,7 @@ struct ContextParams {
     int n_threads = 0;     // 0: hardware concurrency
     bool kv_unified = true;
     bool flash_attn = true;
+    bool install_tap = true;  // false: no eval callback at all (a baseline for measurements)
 };
 
 class TappedContext {

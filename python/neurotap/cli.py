@@ -35,6 +35,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    model = _load(args)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    run = model.start_sampling(prompt, n=args.n, max_tokens=args.max_tokens, temperature=args.temperature,
+                               top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+    run.advance(progress=None)
+    total = model.info.total_neurons
+    for s in run.samples():
+        print(f"--- sample {s.index}: {s.n_tokens} tokens, {s.n_activated()} of {total} neurons activated "
+              f"(activation > 0 on some token), mean {s.active_counts.sum(1).mean() if s.n_tokens else 0:.0f} "
+              f"active per token, finish: {s.finish_reason}")
+        print(s.text)
+    rate = run.tokens_sampled / run.decode_seconds if run.decode_seconds > 0 else 0.0
+    print(f"[{args.n} samples | {run.tokens_sampled} tokens in {run.decode_seconds:.2f} s ({rate:.1f} tok/s "
+          f"aggregate) | prompt {run.prompt_seconds:.2f} s]")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = _load(args)
     i = model.info
@@ -79,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("sample", help="N samples of one prompt decoded in parallel, with neuron figures")
+    s.add_argument("prompt")
+    _model_args(s)
+    s.add_argument("-n", type=int, default=16, help="number of samples")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.6)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("info", help="architecture, layers and tapped tensors of a model")
     _model_args(i, positional=True)

@@ -7,13 +7,16 @@ import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _native
 from .progress import run_with_progress
 from .registry import default_model, resolve
+
+if TYPE_CHECKING:
+    from .sampling import Sample, SampleRun
 
 Messages = Sequence[Dict[str, str]]
 _CAPTURE = {None: 0, "none": 0, "float32": 1, "f32": 1, "float16": 2, "f16": 2}
@@ -87,12 +90,16 @@ class Model:
     """A GGUF model with the FFN tap installed. Create it with `neurotap.load` or `neurotap.tap`."""
 
     def __init__(self, native: "_native.Model", *, name: str, n_ctx: int, n_threads: Optional[int],
-                 keepalive: Any = None):
+                 flash_attn: bool = True, max_sample_cells: int = 32768, keepalive: Any = None):
         self._native = native
         self._keepalive = keepalive  # the llama_cpp.Llama whose weights we share, if any
         self.n_threads = n_threads or default_threads()
-        self._ctx = _native.Context(native, n_ctx=n_ctx, n_seq_max=1, n_threads=self.n_threads)
+        self.flash_attn = bool(flash_attn)
+        self._ctx = _native.Context(native, n_ctx=n_ctx, n_seq_max=1, n_threads=self.n_threads,
+                                    flash_attn=self.flash_attn)
         self._lock = threading.Lock()
+        self.max_sample_cells = int(max_sample_cells)
+        self._idle_sampling_ctx: Optional[Any] = None  # reused across runs while it fits
         i = native.info
         self.info = ModelInfo(
             name=name, path=i["path"], architecture=i["architecture"], description=i["description"],
@@ -142,13 +149,20 @@ class Model:
                  temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0,
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
                  capture: Optional[str] = None, tap: bool = True, active_threshold: float = 0.0,
-                 debug_norm: bool = False, progress: Optional[bool] = False) -> Generation:
+                 debug_norm: bool = False, progress: Optional[bool] = False,
+                 forced: Optional[Sequence[int]] = None) -> Generation:
         """Generate from a prompt (str), chat messages (list of dicts) or token ids.
 
         temperature <= 0 decodes greedily. capture="float32" or "float16" also returns the full
         activations [n_tokens, n_layers, n_ff]; active neuron counts are always returned while
         the tap is on. debug_norm=True also returns the normed FFN input of each layer.
+        forced=token ids feeds those tokens instead of sampling (teacher forcing; see `trace`).
         """
+        forced_ids = [int(t) for t in forced] if forced is not None else []
+        if forced is not None:
+            if not forced_ids:
+                raise ValueError("forced must hold at least one token")
+            max_tokens = len(forced_ids)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         key = capture.lower() if isinstance(capture, str) else capture
@@ -166,7 +180,7 @@ class Model:
         def call() -> Dict[str, Any]:
             return self._ctx.generate(ids, int(max_tokens), float(temperature), float(top_p), int(top_k),
                                       float(min_p), int(seed), stops, bool(tap), _CAPTURE[key],
-                                      bool(debug_norm), float(active_threshold))
+                                      bool(debug_norm), float(active_threshold), forced_ids)
 
         with self._lock:
             r = run_with_progress(call, self._ctx.progress_tokens, self._ctx.cancel, total=int(max_tokens),
@@ -179,9 +193,63 @@ class Model:
         )
 
 
+    def trace(self, prompt: Union[str, Messages, Sequence[int]], tokens: Sequence[int], *,
+              capture: Optional[str] = "float32", debug_norm: bool = False) -> Generation:
+        """The neuron record of a given continuation: row j is the FFN state of the position
+        that predicts tokens[j] after the prompt (teacher forcing; nothing is sampled)."""
+        return self.generate(prompt, forced=tokens, capture=capture, debug_norm=debug_norm, temperature=0)
+
+    # -- parallel sampling ------------------------------------------------------------
+    def _sampling_context(self, n: int, need: int) -> Any:
+        """A context with n per-sequence KV streams of at least `need` cells each."""
+        from .sampling import plan_cells
+
+        cells = plan_cells(n, need, self.max_sample_cells)
+        ctx, self._idle_sampling_ctx = self._idle_sampling_ctx, None
+        if ctx is not None and ctx.n_seq_max >= n and ctx.n_ctx_seq >= need:
+            return ctx
+        return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n), n_seq_max=n,
+                               n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
+
+    def _release_sampling_context(self, ctx: Any) -> None:
+        self._idle_sampling_ctx = ctx
+
+    def start_sampling(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
+                       temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, min_p: float = 0.0,
+                       seed: Optional[int] = 0, stop: Optional[Union[str, Sequence[str]]] = None,
+                       reducers: Sequence[str] = ("counts", "bitsets"), chunk: int = 32,
+                       active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
+                       capture: Optional[str] = None, logprobs: int = 0, tap: bool = True) -> "SampleRun":
+        """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
+
+        Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
+        "counts" active neurons per token and layer; "bitsets" the activated neurons of each
+        `chunk`-token chunk; "watch" the activations of the `watch` neurons per token; "rows"
+        (or capture="float16"/"float32") every activation row, for small runs. logprobs=k also
+        records the top-k log-probabilities of each sampled position.
+        """
+        from .sampling import start
+
+        return start(self, prompt, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
+                     active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs, tap=tap)
+
+    def sample(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
+               progress: Optional[bool] = False, **kwargs: Any) -> List["Sample"]:
+        """N complete samples of one prompt (see start_sampling for the options)."""
+        run = self.start_sampling(prompt, n=n, max_tokens=max_tokens, **kwargs)
+        run.advance(progress=progress)
+        return run.samples()
+
+
 def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
-         n_ctx: int = 4096) -> Model:
-    """Load a GGUF model by known name (see `neurotap info`) or path, with the tap installed.
+         n_ctx: int = 4096, flash_attn: bool = True, max_sample_cells: int = 32768) -> Model:
+    """Load a GGUF model by known name (see `neurotap models`) or path, with the tap installed.
+
+    max_sample_cells bounds the KV cells a parallel sampling run may allocate (n samples x
+    (prompt + max_tokens), each padded to 256); a larger request fails before decoding.
+    flash_attn=True lets llama.cpp use flash attention where the backend has it (faster; its
+    results differ from the plain attention path in the last bits, like llama.cpp's own -fa).
 
     Raises FileNotFoundError, ModelNotInstalledError (with the pip command), ValueError for an
     unknown name, or ModelError for a corrupt, truncated or unsupported file.
@@ -192,16 +260,18 @@ def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int
         raise ValueError(f"n_ctx must be at least 8, got {n_ctx}")
     native = _native.Model.load(str(path), int(n_gpu_layers))
     return Model(native, name=name if not str(name).endswith(".gguf") else Path(name).name, n_ctx=n_ctx,
-                 n_threads=n_threads)
+                 n_threads=n_threads, flash_attn=flash_attn, max_sample_cells=max_sample_cells)
 
 
 def tap(llm: Any, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None) -> Model:
     """Tap a model already loaded by llama_cpp.Llama: its weights are shared, not loaded again;
-    a new context with the tap is created beside the Llama's own."""
+    a new context with the tap (and the Llama's flash-attention setting) is created beside the
+    Llama's own."""
     addr = ctypes.cast(llm.model, ctypes.c_void_p).value
     if not addr:
         raise ValueError("the llama_cpp.Llama has no loaded model")
     native = _native.Model.borrow(addr, str(llm.model_path))
     _native.set_verbose(False)  # importing llama_cpp installed its Python logger; keep Python out of decode
     return Model(native, name=Path(llm.model_path).name, n_ctx=n_ctx or llm.n_ctx(),
-                 n_threads=n_threads or getattr(llm, "n_threads", None), keepalive=llm)
+                 n_threads=n_threads or getattr(llm, "n_threads", None),
+                 flash_attn=int(llm.context_params.flash_attn_type) != 0, keepalive=llm)

@@ -13,7 +13,8 @@ T = TypeVar("T")
 
 
 def run_with_progress(fn: Callable[[], T], poll: Callable[[], int], cancel: Callable[[], None],
-                      total: int, desc: str, unit: str = "tok", enabled: Optional[bool] = None) -> T:
+                      total: int, desc: str, unit: str = "tok", enabled: Optional[bool] = None,
+                      postfix: Optional[Callable[[], dict]] = None) -> T:
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -35,6 +36,8 @@ def run_with_progress(fn: Callable[[], T], poll: Callable[[], int], cancel: Call
             while worker.is_alive():
                 worker.join(0.1)
                 bar.n = poll()
+                if postfix is not None:
+                    bar.set_postfix(postfix(), refresh=False)
                 bar.refresh()
         except KeyboardInterrupt:
             cancel()

@@ -1,0 +1,215 @@
+#include "parallel_sampler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "errors.h"
+
+namespace neurotap {
+
+uint32_t sample_seed(uint32_t seed, int index) {
+    // splitmix64 of (seed, index): neighbouring indices get unrelated streams.
+    uint64_t z = (static_cast<uint64_t>(seed) << 32 | static_cast<uint32_t>(index)) + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return static_cast<uint32_t>((z ^ (z >> 31)) & 0xFFFFFFFFu);
+}
+
+ParallelSampler::ParallelSampler(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
+                                 std::vector<Reducer*> reducers)
+    : tc_(tc), prompt_(std::move(prompt)), params_(std::move(params)), reducers_(std::move(reducers)) {
+    const ModelInfo& info = tc_.model().info();
+    if (params_.n < 1) throw ParamError("n must be at least 1, got " + std::to_string(params_.n));
+    if (params_.max_tokens <= 0) throw ParamError("max_tokens must be positive, got " + std::to_string(params_.max_tokens));
+    if (params_.top_logprobs < 0 || params_.top_logprobs > 100) throw ParamError("top_logprobs must be in [0, 100]");
+    if (prompt_.empty()) throw ParamError("the prompt is empty (no tokens)");
+    for (llama_token t : prompt_)
+        if (t < 0 || t >= info.n_vocab) throw ParamError("prompt token id out of range: " + std::to_string(t));
+    if (params_.n > tc_.params().n_seq_max)
+        throw ParamError("n=" + std::to_string(params_.n) + " exceeds the context's " +
+                         std::to_string(tc_.params().n_seq_max) + " sequences");
+    if (params_.n > tc_.params().n_batch)
+        throw ParamError("n=" + std::to_string(params_.n) + " exceeds the context's batch of " +
+                         std::to_string(tc_.params().n_batch));
+    const int64_t need = static_cast<int64_t>(prompt_.size()) + params_.max_tokens;
+    const int64_t per_seq = llama_n_ctx_seq(tc_.ctx());
+    const int64_t total = tc_.n_ctx();
+    // Per-sequence streams give each sample its own cells; one unified stream shares the prompt.
+    const bool fits = tc_.params().kv_unified
+                          ? static_cast<int64_t>(prompt_.size()) + int64_t(params_.n) * params_.max_tokens <= total
+                          : need <= per_seq;
+    if (!fits) {
+        throw ContextError("n=" + std::to_string(params_.n) + " samples of prompt " + std::to_string(prompt_.size()) +
+                           " + max_tokens " + std::to_string(params_.max_tokens) + " tokens need more than the " +
+                           std::to_string(per_seq) + " cells per sequence of this context");
+    }
+    for (int i = 0; i < params_.n; ++i) {
+        SamplingParams sp = params_.sampling;
+        sp.seed = sample_seed(params_.sampling.seed, i);
+        samplers_.push_back(nullptr);
+        samplers_.back() = make_sampler_chain(sp);  // validates; throws before anything runs
+    }
+    samples_.resize(static_cast<size_t>(params_.n));
+    for (Reducer* r : reducers_) r->begin(params_.n, info.n_layer, info.n_ff, params_.max_tokens);
+}
+
+ParallelSampler::~ParallelSampler() {
+    for (llama_sampler* s : samplers_)
+        if (s) llama_sampler_free(s);
+}
+
+int ParallelSampler::n_live() const {
+    int c = 0;
+    for (const auto& s : samples_) c += s.live;
+    return c;
+}
+
+void ParallelSampler::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
+    if (kind != TapKind::Activation) return;
+    for (int r = 0; r < n_rows; ++r) {
+        const float* a = data + static_cast<int64_t>(r) * width;
+        if (broadcast_) {
+            for (int s = 0; s < params_.n; ++s)
+                for (Reducer* red : reducers_) red->on_row(s, 0, layer, a);
+        } else {
+            const int s = row_sample_[static_cast<size_t>(row0 + r)];
+            const int t = row_token_[static_cast<size_t>(row0 + r)];
+            for (Reducer* red : reducers_) red->on_row(s, t, layer, a);
+        }
+    }
+}
+
+void ParallelSampler::record_logprobs(SampleState& st, const float* logits, llama_token chosen) {
+    const int V = tc_.model().info().n_vocab;
+    const int k = std::min(params_.top_logprobs, V);
+    float mx = logits[0];
+    for (int i = 1; i < V; ++i) mx = std::max(mx, logits[i]);
+    double sum = 0;
+    for (int i = 0; i < V; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
+    const float lse = mx + static_cast<float>(std::log(sum));
+    lp_scratch_.resize(static_cast<size_t>(V));
+    for (int i = 0; i < V; ++i) lp_scratch_[i] = {logits[i], i};
+    std::partial_sort(lp_scratch_.begin(), lp_scratch_.begin() + k, lp_scratch_.end(),
+                      [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (int i = 0; i < k; ++i) {
+        st.top_ids.push_back(lp_scratch_[i].second);
+        st.top_logprobs.push_back(lp_scratch_[i].first - lse);
+    }
+    st.token_logprob.push_back(logits[chosen] - lse);
+}
+
+void ParallelSampler::end_sample(int s, const char* reason) {
+    SampleState& st = samples_[static_cast<size_t>(s)];
+    st.live = false;
+    st.finish_reason = reason;
+    llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, -1, -1);
+    for (Reducer* r : reducers_) r->finish(s, static_cast<int>(st.tokens.size()));
+}
+
+void ParallelSampler::sample_and_commit(int s) {
+    SampleState& st = samples_[static_cast<size_t>(s)];
+    const llama_token tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
+    ++tokens_sampled_;
+    if (tc_.model().is_eog(tok)) {
+        end_sample(s, "eos");
+        return;
+    }
+    if (params_.top_logprobs > 0) record_logprobs(st, llama_get_logits_ith(tc_.ctx(), st.logits_row), tok);
+    const int j = static_cast<int>(st.tokens.size());
+    for (Reducer* r : reducers_) r->commit(s, j);
+    st.tokens.push_back(tok);
+    const size_t before = st.text.size();
+    st.text += tc_.model().token_piece(tok);
+    for (const auto& stop : params_.stop) {
+        if (stop.empty()) continue;
+        const size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
+        const size_t pos = st.text.find(stop, from);
+        if (pos != std::string::npos) {
+            st.text.resize(pos);
+            end_sample(s, "stop");
+            return;
+        }
+    }
+    if (static_cast<int>(st.tokens.size()) == params_.max_tokens) end_sample(s, "length");
+}
+
+void ParallelSampler::start() {
+    using clock = std::chrono::steady_clock;
+    started_ = true;
+    const auto t0 = clock::now();
+    tc_.clear();
+    const int np = static_cast<int>(prompt_.size());
+    if (np > 1) tc_.decode_seq(prompt_.data(), np - 1, 0, 0, nullptr, false);
+    broadcast_ = true;
+    tc_.decode_seq(prompt_.data() + np - 1, 1, np - 1, 0, params_.tap ? this : nullptr);
+    broadcast_ = false;
+    llama_memory_t mem = llama_get_memory(tc_.ctx());
+    for (int s = 1; s < params_.n; ++s) llama_memory_seq_cp(mem, 0, s, -1, -1);
+    prompt_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
+    for (int s = 0; s < params_.n; ++s) {
+        if (!samples_[static_cast<size_t>(s)].live) continue;  // stopped before the start
+        samples_[static_cast<size_t>(s)].logits_row = 0;
+        sample_and_commit(s);
+    }
+}
+
+void ParallelSampler::step() {
+    b_tokens_.clear();
+    b_pos_.clear();
+    b_seqs_.clear();
+    row_sample_.clear();
+    row_token_.clear();
+    const int np = static_cast<int>(prompt_.size());
+    // Increasing sequence ids: llama.cpp keeps batch order within and across ubatches.
+    for (int s = 0; s < params_.n; ++s) {
+        SampleState& st = samples_[static_cast<size_t>(s)];
+        if (!st.live) continue;
+        const int j = static_cast<int>(st.tokens.size());
+        st.logits_row = static_cast<int>(b_tokens_.size());
+        b_tokens_.push_back(st.tokens.back());
+        b_pos_.push_back(np + j - 1);
+        b_seqs_.push_back(s);
+        row_sample_.push_back(s);
+        row_token_.push_back(j);  // this position predicts token j
+    }
+    if (b_tokens_.empty()) return;
+    tc_.decode_rows(b_tokens_.data(), b_pos_.data(), b_seqs_.data(), static_cast<int>(b_tokens_.size()),
+                    params_.tap ? this : nullptr);
+    ++steps_;
+    for (int s : row_sample_) sample_and_commit(s);
+}
+
+int ParallelSampler::advance(int until, Progress* progress) {
+    using clock = std::chrono::steady_clock;
+    if (until <= 0) throw ParamError("advance: the token target must be positive");
+    until = std::min(until, params_.max_tokens);
+    if (!started_) {
+        start();
+        if (progress) progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);
+    }
+    const auto t0 = clock::now();
+    for (;;) {
+        bool more = false;
+        for (const auto& st : samples_)
+            if (st.live && static_cast<int>(st.tokens.size()) < until) more = true;
+        if (!more) break;
+        if (progress && progress->cancel.load(std::memory_order_relaxed)) break;
+        step();
+        if (progress) {
+            progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);
+            progress->live.store(n_live(), std::memory_order_relaxed);
+        }
+    }
+    decode_seconds_ += std::chrono::duration<double>(clock::now() - t0).count();
+    return n_live();
+}
+
+void ParallelSampler::stop(const std::vector<int>& which) {
+    for (int s : which) {
+        if (s < 0 || s >= params_.n) throw ParamError("sample index out of range: " + std::to_string(s));
+        if (samples_[static_cast<size_t>(s)].live) end_sample(s, "stopped");
+    }
+}
+
+}  // namespace neurotap

@@ -1,0 +1,95 @@
+// N samples of one prompt decoded in parallel: the prompt is decoded once and its KV cells
+// copied to every sequence; each step decodes one batch holding the next token of every live
+// sample; each sample has its own sampler chain and RNG; tapped rows are routed to
+// (sample, token) and streamed into reducers. Samples can be stopped mid-run (their KV cells
+// are freed) and the others continued.
+#pragma once
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "generator.h"
+#include "reducers.h"
+#include "tapped_context.h"
+
+namespace neurotap {
+
+struct SampleParams {
+    int n = 16;
+    int max_tokens = 256;
+    SamplingParams sampling;  // sampling.seed is the run's seed; sample i uses sample_seed(seed, i)
+    std::vector<std::string> stop;
+    bool tap = true;
+    int top_logprobs = 0;  // > 0: record the top-k log-probabilities of every sampled position
+};
+
+// Seed of sample `index` of a run: reproducible from (seed, index), distinct across indices.
+uint32_t sample_seed(uint32_t seed, int index);
+
+struct SampleState {
+    std::vector<llama_token> tokens;
+    std::string text;
+    std::string finish_reason;  // "" while live; "eos", "length", "stop" or "stopped"
+    bool live = true;
+    int logits_row = 0;                 // row of the last decode holding this sample's logits
+    std::vector<float> token_logprob;   // [tokens] with top_logprobs > 0
+    std::vector<int32_t> top_ids;       // [tokens, top_logprobs]
+    std::vector<float> top_logprobs;    // [tokens, top_logprobs]
+};
+
+class ParallelSampler : public RowSink {
+public:
+    // Checks that the request fits the context (ContextError says what fits) and the parameters.
+    ParallelSampler(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
+                    std::vector<Reducer*> reducers);
+    ~ParallelSampler() override;
+
+    // Decodes until every live sample holds `until` tokens (or ends); starts the run on the first
+    // call. Returns the number of live samples.
+    int advance(int until, Progress* progress);
+    // Ends the given samples now ("stopped") and frees their KV cells.
+    void stop(const std::vector<int>& samples);
+
+    int n() const { return params_.n; }
+    int n_live() const;
+    const SampleState& sample(int i) const { return samples_.at(static_cast<size_t>(i)); }
+    int64_t tokens_sampled() const { return tokens_sampled_; }
+    int n_prompt() const { return static_cast<int>(prompt_.size()); }
+    double prompt_seconds() const { return prompt_seconds_; }
+    double decode_seconds() const { return decode_seconds_; }
+    int decode_steps() const { return steps_; }
+
+    void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
+
+private:
+    void start();
+    void step();
+    void sample_and_commit(int s);
+    void end_sample(int s, const char* reason);
+    void record_logprobs(SampleState& st, const float* logits, llama_token chosen);
+
+    TappedContext& tc_;
+    std::vector<llama_token> prompt_;
+    SampleParams params_;
+    std::vector<Reducer*> reducers_;
+    std::vector<SampleState> samples_;
+    std::vector<llama_sampler*> samplers_;
+    bool started_ = false;
+
+    // Row routing for the decode in flight.
+    bool broadcast_ = false;  // the prompt's last row belongs to token 0 of every sample
+    std::vector<int> row_sample_;
+    std::vector<int> row_token_;
+
+    std::vector<llama_token> b_tokens_;
+    std::vector<int> b_pos_;
+    std::vector<llama_seq_id> b_seqs_;
+    std::vector<std::pair<float, int32_t>> lp_scratch_;
+
+    int64_t tokens_sampled_ = 0;
+    int steps_ = 0;
+    double prompt_seconds_ = 0, decode_seconds_ = 0;
+};
+
+}  // namespace neurotap

@@ -1,0 +1,100 @@
+// Streaming per-sample reductions of tapped FFN rows. A parallel sampling run keeps only what
+// the methods need (64 samples x 2,000 tokens x 46,080 neurons would be 23 GB in float32):
+// each row (sample, token, layer) is offered once to every reducer and then dropped.
+#pragma once
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace neurotap {
+
+class Reducer {
+public:
+    virtual ~Reducer() = default;
+    // Called once before the run.
+    virtual void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) = 0;
+    // Activations `a` (n_ff floats) of `layer` at the position that predicts token `token` of
+    // sample `sample`. Rows of one token arrive layer by layer; tokens arrive in order.
+    virtual void on_row(int sample, int token, int layer, const float* a) = 0;
+    // Token `token` of `sample` was sampled and kept (rows of a token that ends the sample, such
+    // as an end-of-generation token, are offered but never committed).
+    virtual void commit(int sample, int token) { (void)sample; (void)token; }
+    // The sample ends with n_tokens tokens: rows recorded for later tokens are dropped.
+    virtual void finish(int sample, int n_tokens) = 0;
+};
+
+// Per token and layer: the number of neurons whose activation exceeds a threshold.
+class ActiveCountReducer : public Reducer {
+public:
+    explicit ActiveCountReducer(float threshold = 0.0f) : thr_(threshold) {}
+    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void finish(int sample, int n_tokens) override;
+    const std::vector<int32_t>& counts(int sample) const { return counts_[sample]; }  // [tokens, layers]
+
+private:
+    float thr_;
+    int n_layer_ = 0;
+    int64_t n_ff_ = 0;
+    std::vector<std::vector<int32_t>> counts_;
+};
+
+// Per chunk of `chunk` tokens: the set of neurons activated (activation > threshold) on any
+// token of the chunk, as a bitset over all n_layer x n_ff neurons (bit layer*n_ff + i).
+class ChunkBitsetReducer : public Reducer {
+public:
+    ChunkBitsetReducer(int chunk, float threshold);
+    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void commit(int sample, int token) override;
+    void finish(int sample, int n_tokens) override;
+    int64_t n_words() const { return n_words_; }
+    int chunk() const { return chunk_; }
+    const std::vector<uint64_t>& bits(int sample) const { return bits_[sample]; }  // [chunks, words]
+
+private:
+    int chunk_;
+    float thr_;
+    int n_layer_ = 0;
+    int64_t n_ff_ = 0;
+    int64_t n_words_ = 0;
+    std::vector<std::vector<uint64_t>> bits_;
+    std::vector<std::vector<uint64_t>> pending_;  // the current token's bits, until committed
+};
+
+// Per token: the activations of a fixed list of watched neurons (NEAT's monitor).
+class WatchReducer : public Reducer {
+public:
+    explicit WatchReducer(std::vector<std::pair<int, int>> neurons);  // (layer, index)
+    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void finish(int sample, int n_tokens) override;
+    int n_watched() const { return static_cast<int>(neurons_.size()); }
+    const std::vector<float>& values(int sample) const { return values_[sample]; }  // [tokens, watched]
+
+private:
+    std::vector<std::pair<int, int>> neurons_;
+    std::vector<std::vector<std::pair<int, int>>> by_layer_;  // layer -> (slot, index)
+    std::vector<std::vector<float>> values_;
+};
+
+// Opt-in, for small runs: every row, as float32 or IEEE half.
+class FullRowReducer : public Reducer {
+public:
+    explicit FullRowReducer(bool half) : half_(half) {}
+    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void finish(int sample, int n_tokens) override;
+    bool half() const { return half_; }
+    const std::vector<float>& rows_f32(int sample) const { return f32_[sample]; }     // [tokens, layers, n_ff]
+    const std::vector<uint16_t>& rows_f16(int sample) const { return f16_[sample]; }
+
+private:
+    bool half_;
+    int n_layer_ = 0;
+    int64_t n_ff_ = 0;
+    std::vector<std::vector<float>> f32_;
+    std::vector<std::vector<uint16_t>> f16_;
+};
+
+}  // namespace neurotap

@@ -1,0 +1,52 @@
+"""The package links the llama.cpp that llama-cpp-python installed, exactly one copy of it."""
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_MAPS_SCRIPT = r"""
+import re, sys
+import llama_cpp
+import neurotap
+m = neurotap.load("smollm2-135m", n_ctx=256, n_threads=2)
+llm = llama_cpp.Llama(str(m.info.path), n_ctx=256, n_threads=2, verbose=False)
+neurotap.tap(llm).generate("Hi", max_tokens=2, temperature=0)
+libs = {}
+for line in open("/proc/self/maps"):
+    parts = line.split()
+    if len(parts) >= 6:
+        mo = re.search(r"/(lib(?:llama|ggml|ggml-base|ggml-cpu))\.so[.0-9]*$", parts[5])
+        if mo:
+            libs.setdefault(mo.group(1), set()).add(parts[5])
+import os, json
+print(json.dumps({k: sorted(os.path.realpath(p) for p in v) for k, v in libs.items()}))
+print(json.dumps(os.path.dirname(llama_cpp.__file__)))
+"""
+
+
+def test_one_copy_of_llama_cpp_in_the_process():
+    out = subprocess.run([sys.executable, "-c", _MAPS_SCRIPT], capture_output=True, text=True, check=True)
+    import json
+
+    lines = out.stdout.strip().splitlines()
+    libs, pkg_dir = json.loads(lines[-2]), json.loads(lines[-1])
+    for lib in ("libllama", "libggml", "libggml-base", "libggml-cpu"):
+        assert lib in libs, f"{lib} not mapped: {libs}"
+        assert len(libs[lib]) == 1, f"{lib} is loaded from several files: {libs[lib]}"
+        assert libs[lib][0].startswith(str(Path(pkg_dir).resolve() / "lib")), libs[lib]
+
+
+def test_llama_cpp_version_pinned_once():
+    text = (ROOT / "pyproject.toml").read_text()
+    pins = re.findall(r"llama[-_]cpp[-_]python\s*==\s*([0-9.]+)", text)
+    assert len(pins) == 1, f"llama-cpp-python must be pinned exactly once in pyproject.toml: {pins}"
+    sys.path.insert(0, str(ROOT / "build_backend"))
+    try:
+        import neurotap_build
+    finally:
+        sys.path.pop(0)
+    assert neurotap_build._llama_requirement() == f"llama-cpp-python=={pins[0]}"
+    assert importlib.metadata.version("llama-cpp-python") == pins[0]
