@@ -265,7 +265,7 @@ PYBIND11_MODULE(_native, m) {
         .def(py::init([](py::object ctx_obj, const std::vector<llama_token>& prompt, int n, int max_tokens,
                          float temperature, float top_p, int top_k, float min_p, uint32_t seed,
                          std::vector<std::string> stop, bool tap, bool counts, int chunk, float threshold,
-                         std::vector<std::pair<int, int>> watch, int rows, int top_logprobs) {
+                         std::vector<std::pair<int, int>> watch, int rows, int top_logprobs, bool ignore_eos) {
             auto& c = ctx_obj.cast<ContextHandle&>();
             auto run = std::make_unique<SamplingRun>();
             run->context_owner = ctx_obj;
@@ -278,7 +278,7 @@ PYBIND11_MODULE(_native, m) {
             SampleParams p;
             p.n = n;
             p.max_tokens = max_tokens;
-            p.sampling = {temperature, top_p, top_k, min_p, seed};
+            p.sampling = {temperature, top_p, top_k, min_p, seed, ignore_eos};
             p.stop = std::move(stop);
             p.tap = tap;
             p.top_logprobs = top_logprobs;
@@ -288,7 +288,7 @@ PYBIND11_MODULE(_native, m) {
         }), py::arg("context"), py::arg("prompt"), py::arg("n"), py::arg("max_tokens"), py::arg("temperature"),
             py::arg("top_p"), py::arg("top_k"), py::arg("min_p"), py::arg("seed"), py::arg("stop"), py::arg("tap"),
             py::arg("counts"), py::arg("chunk"), py::arg("threshold"), py::arg("watch"), py::arg("rows"),
-            py::arg("top_logprobs"))
+            py::arg("top_logprobs"), py::arg("ignore_eos") = false)
         .def("advance", [](SamplingRun& r, int until) {
             py::gil_scoped_release nogil;
             r.progress.cancel = false;

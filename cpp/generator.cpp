@@ -72,12 +72,20 @@ size_t find_stop(const std::string& text, size_t from, const std::vector<std::st
 
 }  // namespace
 
-llama_sampler* make_sampler_chain(const SamplingParams& p) {
+llama_sampler* make_sampler_chain(const SamplingParams& p, const llama_vocab* vocab) {
     if (!std::isfinite(p.temperature) || p.temperature < 0) throw ParamError("temperature must be >= 0");
     if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) throw ParamError("top_p must be in (0, 1]");
     if (p.top_k < 0) throw ParamError("top_k must be >= 0 (0 disables it)");
     if (!(p.min_p >= 0.0f && p.min_p < 1.0f)) throw ParamError("min_p must be in [0, 1)");
     llama_sampler* chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (p.ignore_eos) {
+        std::vector<llama_logit_bias> bias;
+        const int n_vocab = llama_vocab_n_tokens(vocab);
+        for (llama_token t = 0; t < n_vocab; ++t)
+            if (llama_vocab_is_eog(vocab, t)) bias.push_back({t, -INFINITY});
+        llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(n_vocab, static_cast<int32_t>(bias.size()),
+                                                                     bias.data()));
+    }
     if (p.temperature <= 0.0f) {
         llama_sampler_chain_add(chain, llama_sampler_init_greedy());
         return chain;
@@ -112,7 +120,7 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     if (forcing && static_cast<int>(params.forced.size()) != params.max_tokens)
         throw ParamError("max_tokens must equal the number of forced tokens");
 
-    std::unique_ptr<llama_sampler, SamplerDeleter> sampler(make_sampler_chain(params.sampling));
+    std::unique_ptr<llama_sampler, SamplerDeleter> sampler(make_sampler_chain(params.sampling, model.vocab()));
 
     GenerateResult r;
     r.prompt_tokens = prompt;

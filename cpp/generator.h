@@ -18,10 +18,11 @@ struct SamplingParams {
     int top_k = 40;            // 0: off
     float min_p = 0.0f;
     uint32_t seed = 0;
+    bool ignore_eos = false;   // ban end-of-generation tokens (fixed-length runs, benchmarks)
 };
 
 // Builds llama.cpp's sampler chain; validates the parameters (ParamError).
-llama_sampler* make_sampler_chain(const SamplingParams& p);
+llama_sampler* make_sampler_chain(const SamplingParams& p, const llama_vocab* vocab);
 
 struct GenerateParams {
     int max_tokens = 128;

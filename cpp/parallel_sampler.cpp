@@ -48,7 +48,7 @@ ParallelSampler::ParallelSampler(TappedContext& tc, std::vector<llama_token> pro
         SamplingParams sp = params_.sampling;
         sp.seed = sample_seed(params_.sampling.seed, i);
         samplers_.push_back(nullptr);
-        samplers_.back() = make_sampler_chain(sp);  // validates; throws before anything runs
+        samplers_.back() = make_sampler_chain(sp, tc_.model().vocab());  // validates before anything runs
     }
     samples_.resize(static_cast<size_t>(params_.n));
     for (Reducer* r : reducers_) r->begin(params_.n, info.n_layer, info.n_ff, params_.max_tokens);

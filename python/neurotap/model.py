@@ -219,20 +219,23 @@ class Model:
                        seed: Optional[int] = 0, stop: Optional[Union[str, Sequence[str]]] = None,
                        reducers: Sequence[str] = ("counts", "bitsets"), chunk: int = 32,
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
-                       capture: Optional[str] = None, logprobs: int = 0, tap: bool = True) -> "SampleRun":
+                       capture: Optional[str] = None, logprobs: int = 0, tap: bool = True,
+                       ignore_eos: bool = False) -> "SampleRun":
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
         "counts" active neurons per token and layer; "bitsets" the activated neurons of each
         `chunk`-token chunk; "watch" the activations of the `watch` neurons per token; "rows"
         (or capture="float16"/"float32") every activation row, for small runs. logprobs=k also
-        records the top-k log-probabilities of each sampled position.
+        records the top-k log-probabilities of each sampled position. ignore_eos=True bans
+        end-of-generation tokens (fixed-length runs, as llama.cpp's --ignore-eos).
         """
         from .sampling import start
 
         return start(self, prompt, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                      min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
-                     active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs, tap=tap)
+                     active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs, tap=tap,
+                     ignore_eos=ignore_eos)
 
     def sample(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
                progress: Optional[bool] = False, **kwargs: Any) -> List["Sample"]:

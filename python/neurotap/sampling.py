@@ -141,7 +141,7 @@ class SampleRun:
 def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: float, top_p: float, top_k: int,
           min_p: float, seed: Optional[int], stop: Optional[Sequence[str]], reducers: Sequence[str], chunk: int,
           active_threshold: float, watch: Optional[Sequence[Tuple[int, int]]], capture: Optional[str],
-          logprobs: int, tap: bool) -> SampleRun:
+          logprobs: int, tap: bool, ignore_eos: bool = False) -> SampleRun:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
@@ -170,7 +170,7 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
         ctx, ids, int(n), int(max_tokens), float(temperature), float(top_p), int(top_k), float(min_p), int(seed),
         stops, bool(tap), "counts" in reducers, int(chunk) if "bitsets" in reducers else 0, float(active_threshold),
         [(int(layer), int(i)) for layer, i in (watch or [])] if "watch" in reducers else [],
-        _ROWS[capture] if "rows" in reducers else 0, int(logprobs))
+        _ROWS[capture] if "rows" in reducers else 0, int(logprobs), bool(ignore_eos))
     return SampleRun(model, ctx, native, int(max_tokens))
 
 

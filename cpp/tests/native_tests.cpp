@@ -1,0 +1,1026 @@
+// Native tests of the neurotap core: GGUF validation, the FFN tap protocol, and generation on
+// a real model. No framework: each test is a function, CHECK records failures, and the last
+// line is "N passed, N failed". Built under NEUROTAP_BUILD_TESTS; cpp/tests/run_sanitized.sh
+// runs it under ASan/UBSan.
+//
+// Usage: neurotap_native_tests [MODEL.gguf]   (else $NEUROTAP_TEST_MODEL)
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+#include "ffn_tap.h"
+#include "generator.h"
+#include "gguf.h"
+#include "gguf_file.h"
+#include "log_capture.h"
+#include "model.h"
+#include "tapped_context.h"
+
+using namespace neurotap;
+namespace fs = std::filesystem;
+
+// ---------------------------------------------------------------------------------------------
+// Minimal harness
+
+namespace {
+
+int g_check_failures = 0;  // failed checks in the current test
+
+void report_failure(const char* file, int line, const std::string& what) {
+    ++g_check_failures;
+    std::fprintf(stderr, "  CHECK failed at %s:%d: %s\n", file, line, what.c_str());
+}
+
+#define CHECK(cond)                                             \
+    do {                                                        \
+        if (!(cond)) report_failure(__FILE__, __LINE__, #cond); \
+    } while (0)
+
+#define CHECK_MSG(cond, msg)                                                                    \
+    do {                                                                                        \
+        if (!(cond)) report_failure(__FILE__, __LINE__, std::string(#cond) + " -- " + (msg)); \
+    } while (0)
+
+// Runs `fn` and checks that it throws E (or a subclass) whose message contains `needle` (if
+// given): the right error for the right reason. Anything else is a failure.
+template <typename E>
+bool expect_throw_impl(const std::function<void()>& fn, const char* type_name, const std::string& what,
+                       const char* needle, const char* file, int line) {
+    try {
+        fn();
+    } catch (const E& e) {
+        if (needle && !std::strstr(e.what(), needle)) {
+            report_failure(file, line, what + ": " + type_name + " without '" + needle + "': " + e.what());
+            return false;
+        }
+        return true;
+    } catch (const std::exception& e) {
+        report_failure(file, line, what + ": expected " + type_name + ", got another exception: " + e.what());
+        return false;
+    } catch (...) {
+        report_failure(file, line, what + ": expected " + type_name + ", got a non-std exception");
+        return false;
+    }
+    report_failure(file, line, what + ": expected " + type_name + ", nothing was thrown");
+    return false;
+}
+
+// Runs `fn` and checks that it does not throw.
+void expect_no_throw_impl(const std::function<void()>& fn, const std::string& what, const char* file, int line) {
+    try {
+        fn();
+    } catch (const std::exception& e) {
+        report_failure(file, line, what + ": unexpected exception: " + e.what());
+    } catch (...) {
+        report_failure(file, line, what + ": unexpected non-std exception");
+    }
+}
+
+#define EXPECT_THROW(E, expr, desc) expect_throw_impl<E>([&] { expr; }, #E, (desc), nullptr, __FILE__, __LINE__)
+#define EXPECT_THROW_MSG(E, expr, needle, desc) \
+    expect_throw_impl<E>([&] { expr; }, #E, (desc), (needle), __FILE__, __LINE__)
+#define EXPECT_NO_THROW(expr, desc) expect_no_throw_impl([&] { expr; }, (desc), __FILE__, __LINE__)
+
+struct TestCase {
+    const char* name;
+    void (*fn)();
+};
+
+std::string g_model_path;
+
+// A scratch directory from mkdtemp, removed with everything in it.
+class TempDir {
+public:
+    TempDir() {
+        const char* base = std::getenv("TMPDIR");
+        std::string tmpl = std::string(base && *base ? base : "/tmp") + "/neurotap-native-XXXXXX";
+        std::vector<char> buf(tmpl.begin(), tmpl.end());
+        buf.push_back('\0');
+        if (!::mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed for " + tmpl);
+        path_ = buf.data();
+    }
+    ~TempDir() {
+        std::error_code ec;
+        fs::remove_all(path_, ec);
+    }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    std::string file(const std::string& name) const { return path_ + "/" + name; }
+    const std::string& path() const { return path_; }
+
+private:
+    std::string path_;
+};
+
+void write_bytes(const std::string& path, const void* data, size_t n) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
+    if (!out) throw std::runtime_error("cannot write " + path);
+}
+
+std::vector<char> read_prefix(const std::string& path, size_t n) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw std::runtime_error("cannot read " + path);
+    std::vector<char> buf(n);
+    in.read(buf.data(), static_cast<std::streamsize>(n));
+    buf.resize(static_cast<size_t>(in.gcount()));
+    return buf;
+}
+
+bool all_finite(const std::vector<float>& v) {
+    for (float x : v)
+        if (!std::isfinite(x)) return false;
+    return true;
+}
+
+bool any_nonzero(const std::vector<float>& v) {
+    for (float x : v)
+        if (x != 0.0f) return true;
+    return false;
+}
+
+// The real model, loaded once for all end-to-end tests; main() frees it before returning, ahead
+// of llama.cpp's static teardown.
+std::shared_ptr<Model> g_model;
+std::shared_ptr<Model> shared_model() {
+    if (!g_model) g_model = Model::load(g_model_path, 0);
+    return g_model;
+}
+
+// Writes a GGUF file through the gguf C API: general.architecture = `arch` (nullptr: no key),
+// <arch>.block_count (< 0: none), and optionally three small tensors (F32, F16, Q4_1) so that
+// the tensor table and data section are non-trivial.
+void write_synthetic_gguf(const std::string& path, const char* arch, int block_count, bool with_tensors) {
+    gguf_context* g = gguf_init_empty();
+    if (arch) gguf_set_val_str(g, "general.architecture", arch);
+    if (block_count >= 0 && arch) gguf_set_val_u32(g, (std::string(arch) + ".block_count").c_str(), block_count);
+    ggml_context* tctx = nullptr;
+    if (with_tensors) {
+        ggml_init_params ip{/*mem_size=*/1 << 20, /*mem_buffer=*/nullptr, /*no_alloc=*/false};
+        tctx = ggml_init(ip);
+        // ffn_down as the tap expects it: ne = {n_ff, n_embd}.
+        ggml_tensor* down = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 64, 8);
+        ggml_set_name(down, "blk.0.ffn_down.weight");
+        for (int64_t i = 0; i < ggml_nelements(down); ++i) static_cast<float*>(down->data)[i] = 0.01f * i;
+        ggml_tensor* half = ggml_new_tensor_2d(tctx, GGML_TYPE_F16, 32, 4);
+        ggml_set_name(half, "token_embd.weight");
+        for (int64_t i = 0; i < ggml_nelements(half); ++i)
+            static_cast<ggml_fp16_t*>(half->data)[i] = ggml_fp32_to_fp16(0.5f * i);
+        ggml_tensor* q = ggml_new_tensor_2d(tctx, GGML_TYPE_Q4_1, 64, 2);
+        ggml_set_name(q, "output_norm.weight");
+        std::memset(q->data, 0, ggml_nbytes(q));
+        for (ggml_tensor* t : {down, half, q}) gguf_add_tensor(g, t);
+    }
+    const bool ok = gguf_write_to_file(g, path.c_str(), /*only_meta=*/false);
+    gguf_free(g);
+    if (tctx) ggml_free(tctx);
+    if (!ok) throw std::runtime_error("gguf_write_to_file failed for " + path);
+}
+
+// Opens a damaged file and reads everything it offers. Acceptable outcomes: a good object,
+// ModelError or ParamError; returns an empty string if so, else what went wrong. `parsed`
+// tells whether the file was accepted.
+std::string probe_damaged_file(const std::string& path, bool* parsed) {
+    *parsed = false;
+    try {
+        GgufFile f(path);
+        *parsed = true;
+        if (f.has_key("general.architecture")) (void)f.architecture();
+        if (f.has_key("llama.block_count")) (void)f.get_int("llama.block_count");
+        for (const TensorInfo& t : f.tensors()) {
+            try {
+                (void)f.read_rows(t.name, 0, 1);
+                (void)f.read_rows(t.name, t.ne[1], 1);  // one past the end of a 2-D tensor
+            } catch (const ModelError&) {
+            } catch (const ParamError&) {
+            }
+            if (t.nbytes <= (1u << 20)) {
+                try {
+                    (void)f.read_all(t.name);
+                } catch (const ModelError&) {
+                } catch (const ParamError&) {
+                }
+            }
+        }
+    } catch (const ModelError&) {
+    } catch (const ParamError&) {
+    } catch (const std::exception& e) {
+        return std::string("unexpected exception: ") + e.what();
+    } catch (...) {
+        return "unexpected non-std exception";
+    }
+    return "";
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. GgufFile on the real model
+
+void test_gguf_real_model() {
+    GgufFile f(g_model_path);
+    CHECK(f.architecture() == "llama");
+    CHECK(f.file_size() > 1000000);
+    CHECK(f.get_int("llama.block_count") == 30);
+    CHECK(f.has_key("general.architecture"));
+    CHECK(!f.has_key("no.such.key"));
+    EXPECT_THROW(ModelError, f.get_string("no.such.key"), "missing string key");
+    EXPECT_THROW(ModelError, f.get_int("no.such.key"), "missing int key");
+    EXPECT_THROW(ModelError, f.get_int("general.architecture"), "string key read as int");
+    EXPECT_THROW(ModelError, f.get_string("llama.block_count"), "int key read as string");
+
+    const std::string name = "blk.0.ffn_down.weight";
+    const TensorInfo* t = f.find_tensor(name);
+    CHECK(t != nullptr);
+    if (!t) return;
+    CHECK(t->ne[0] == 1536);
+    CHECK(t->ne[1] == 576);
+    CHECK(t->ne[2] == 1 && t->ne[3] == 1);
+    CHECK(t->file_offset + t->nbytes <= f.file_size());
+    CHECK(f.find_tensor("blk.0.no_such.weight") == nullptr);
+    CHECK(f.tensors().size() > 30);
+
+    std::vector<float> rows = f.read_rows(name, 3, 4);
+    CHECK(rows.size() == 4u * 1536u);
+    CHECK(all_finite(rows));
+    CHECK(any_nonzero(rows));
+    // Reading the same rows again, or as part of a larger range, gives the same values.
+    std::vector<float> wider = f.read_rows(name, 2, 6);
+    CHECK(wider.size() == 6u * 1536u);
+    CHECK(std::equal(rows.begin(), rows.end(), wider.begin() + 1536));
+    std::vector<float> last = f.read_rows(name, 575, 1);
+    CHECK(last.size() == 1536u && all_finite(last));
+    CHECK(f.read_rows(name, 576, 0).empty());  // an empty range at the end is valid
+
+    EXPECT_THROW(ParamError, f.read_rows(name, 576, 1), "row0 == n_rows");
+    EXPECT_THROW(ParamError, f.read_rows(name, 575, 2), "range past the end");
+    EXPECT_THROW(ParamError, f.read_rows(name, 0, 577), "n_rows > rows");
+    EXPECT_THROW(ParamError, f.read_rows(name, -1, 1), "negative row0");
+    EXPECT_THROW(ParamError, f.read_rows(name, 0, -1), "negative n_rows");
+    EXPECT_THROW(ParamError, f.read_rows(name, 1, INT64_MAX), "huge n_rows");
+    EXPECT_THROW(ParamError, f.read_rows(name, INT64_MAX, INT64_MAX), "huge row0 and n_rows");
+    EXPECT_THROW(ParamError, f.read_rows(name, INT64_MIN, 1), "INT64_MIN row0");
+    EXPECT_THROW(ModelError, f.read_rows("blk.0.no_such.weight", 0, 1), "missing tensor");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Damaged and foreign files: ModelError, never a crash
+
+void expect_model_error_file(const std::string& path, const std::string& what) {
+    EXPECT_THROW(ModelError, GgufFile f(path), "GgufFile: " + what);
+    EXPECT_THROW(ModelError, Model::load(path, 0), "Model::load: " + what);
+}
+
+void test_bad_files() {
+    TempDir dir;
+    expect_model_error_file(dir.file("does-not-exist.gguf"), "missing path");
+    expect_model_error_file(dir.path(), "a directory");
+
+    const std::string text = dir.file("text.gguf");
+    const std::string hello = "hello, this is not a model\n";
+    write_bytes(text, hello.data(), hello.size());
+    expect_model_error_file(text, "a text file");
+
+    const std::string empty = dir.file("empty.gguf");
+    write_bytes(empty, "", 0);
+    expect_model_error_file(empty, "an empty file");
+
+    const std::string magic_only = dir.file("magic-only.gguf");
+    write_bytes(magic_only, "GGU", 3);
+    expect_model_error_file(magic_only, "3 bytes of magic");
+
+    // Truncated inside the header: the magic is intact, the rest is cut.
+    for (size_t cut : {4, 8, 24, 100, 1000, 10000}) {
+        std::vector<char> head = read_prefix(g_model_path, cut);
+        CHECK(head.size() == cut);
+        const std::string p = dir.file("head-" + std::to_string(cut) + ".gguf");
+        write_bytes(p, head.data(), head.size());
+        expect_model_error_file(p, "header truncated at " + std::to_string(cut) + " bytes");
+    }
+
+    // The full header (metadata and tensor table) with no tensor data, and half the model:
+    // gguf parses these, the tensor bounds check must reject them.
+    {
+        GgufFile real(g_model_path);
+        uint64_t first_data = UINT64_MAX;
+        for (const TensorInfo& t : real.tensors()) first_data = std::min(first_data, t.file_offset);
+        std::vector<char> head = read_prefix(g_model_path, static_cast<size_t>(first_data));
+        const std::string p = dir.file("header-only.gguf");
+        write_bytes(p, head.data(), head.size());
+        expect_model_error_file(p, "header without tensor data");
+
+        const std::string half = dir.file("half.gguf");
+        fs::copy_file(g_model_path, half);
+        CHECK(::truncate(half.c_str(), static_cast<off_t>(real.file_size() / 2)) == 0);
+        expect_model_error_file(half, "model truncated to half its size");
+    }
+}
+
+// Random byte flips in the first 64 KiB of the real header (which cut it inside the
+// vocabulary) and in a small complete synthetic GGUF (so flips also reach the tensor table and
+// data). Fixed seeds: a failure reproduces.
+void fuzz_file(const std::vector<char>& original, const std::string& path, uint32_t seed, int iterations,
+               size_t hot_prefix, const char* label) {
+    std::mt19937 rng(seed);
+    int constructed = 0;
+    for (int it = 0; it < iterations; ++it) {
+        std::vector<char> buf = original;
+        const int n_flips = 1 + static_cast<int>(rng() % 8);
+        for (int k = 0; k < n_flips; ++k) {
+            // Half the flips hit the hot prefix (counts, first keys, types), the rest anywhere.
+            const size_t range = (rng() & 1) ? std::min(hot_prefix, buf.size()) : buf.size();
+            const size_t pos = rng() % range;
+            buf[pos] = static_cast<char>(buf[pos] ^ static_cast<char>(1 + rng() % 255));
+        }
+        write_bytes(path, buf.data(), buf.size());
+        bool parsed = false;
+        const std::string err = probe_damaged_file(path, &parsed);
+        CHECK_MSG(err.empty(), std::string(label) + " iteration " + std::to_string(it) + ": " + err);
+        constructed += parsed;
+    }
+    std::printf("  %s: %d of %d damaged copies parsed, the rest were rejected\n", label, constructed, iterations);
+}
+
+void test_fuzz_headers() {
+    TempDir dir;
+    std::vector<char> head = read_prefix(g_model_path, 64 * 1024);
+    CHECK(head.size() == 64u * 1024u);
+    fuzz_file(head, dir.file("fuzz-head.gguf"), 12345, 200, 1024, "real header (64 KiB)");
+
+    const std::string synth = dir.file("synthetic.gguf");
+    write_synthetic_gguf(synth, "llama", 1, true);
+    {
+        GgufFile f(synth);  // the unflipped file must be valid, or the fuzz proves nothing
+        CHECK(f.architecture() == "llama");
+        CHECK(f.tensors().size() == 3);
+        std::vector<float> down = f.read_all("blk.0.ffn_down.weight");
+        CHECK(down.size() == 64u * 8u && down[10] == 0.01f * 10);
+        std::vector<float> half = f.read_rows("token_embd.weight", 1, 1);
+        CHECK(half.size() == 32u && half[0] == 0.5f * 32);
+    }
+    const std::vector<char> synth_bytes = read_prefix(synth, 1 << 20);
+    fuzz_file(synth_bytes, dir.file("fuzz-synth.gguf"), 777, 200, 512, "synthetic GGUF");
+}
+
+// A tensor table entry that gguf accepts (zero elements, so zero bytes) but whose row count
+// overflows int64 when multiplied out: reading it must be a clean error, not UB.
+void test_gguf_overflowing_shape() {
+    TempDir dir;
+    const std::string p = dir.file("overflow.gguf");
+    gguf_context* g = gguf_init_empty();
+    gguf_set_val_str(g, "general.architecture", "llama");
+    ggml_init_params ip{/*mem_size=*/1 << 16, /*mem_buffer=*/nullptr, /*no_alloc=*/true};
+    ggml_context* tctx = ggml_init(ip);
+    const int64_t big = int64_t(1) << 40;
+    ggml_tensor* t = ggml_new_tensor_4d(tctx, GGML_TYPE_F32, 0, big, big, 1);
+    ggml_set_name(t, "weird.weight");
+    float dummy = 0.0f;
+    t->data = &dummy;  // the writer insists on a data pointer, even for zero bytes
+    gguf_add_tensor(g, t);
+    const bool ok = gguf_write_to_file(g, p.c_str(), /*only_meta=*/false);
+    gguf_free(g);
+    ggml_free(tctx);
+    CHECK(ok);
+    if (!ok) return;
+    try {
+        GgufFile f(p);
+        EXPECT_THROW(ModelError, (void)f.read_all("weird.weight"), "read_all of an overflowing shape");
+    } catch (const ModelError&) {
+        // Rejecting the file up front is just as good.
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. FfnTap with hand-built tensors
+
+struct RecordedRows {
+    TapKind kind;
+    int layer;
+    int row0;
+    int n_rows;
+    int64_t width;
+    std::vector<float> data;
+};
+
+class RecordingSink : public RowSink {
+public:
+    std::vector<RecordedRows> calls;
+    void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override {
+        calls.push_back({kind, layer, row0, n_rows, width,
+                         std::vector<float>(data, data + static_cast<size_t>(n_rows) * static_cast<size_t>(width))});
+    }
+};
+
+// A host tensor as the CPU backend hands it to the eval callback: contiguous rows of `ne0`.
+struct FakeTensor {
+    ggml_tensor t;
+    std::vector<uint8_t> storage;
+
+    FakeTensor(const std::string& name, int64_t ne0, int64_t n_rows, ggml_type type = GGML_TYPE_F32) {
+        std::memset(&t, 0, sizeof(t));
+        std::strncpy(t.name, name.c_str(), sizeof(t.name) - 1);
+        t.type = type;
+        t.buffer = nullptr;  // host memory
+        t.ne[0] = ne0;
+        t.ne[1] = n_rows;
+        t.ne[2] = 1;
+        t.ne[3] = 1;
+        t.nb[0] = ggml_type_size(type);
+        t.nb[1] = t.nb[0] * static_cast<size_t>(ne0);
+        t.nb[2] = t.nb[1] * static_cast<size_t>(n_rows);
+        t.nb[3] = t.nb[2];
+        storage.assign(t.nb[2], 0);
+        t.data = storage.data();
+    }
+    float* f32() { return reinterpret_cast<float*>(storage.data()); }
+};
+
+// Value of element i of row r of layer il, distinct everywhere.
+float cell(int il, int r, int64_t i) { return il * 1000.0f + r * 100.0f + static_cast<float>(i); }
+
+bool ask(FfnTap& tap, const std::string& name) {
+    FakeTensor ft(name, tap.n_ff(), 1);
+    return FfnTap::callback(&ft.t, true, &tap);
+}
+
+// Offers rows [row0, row0 + n) of layer `il` the way the scheduler does: ask, then data.
+void deliver(FfnTap& tap, const std::string& prefix, int il, int row0, int n, int64_t width,
+             ggml_type type = GGML_TYPE_F32) {
+    FakeTensor ft(prefix + "-" + std::to_string(il), width, n, type);
+    if (type == GGML_TYPE_F32)
+        for (int r = 0; r < n; ++r)
+            for (int64_t i = 0; i < width; ++i) ft.f32()[r * width + i] = cell(il, row0 + r, i);
+    FfnTap::callback(&ft.t, true, &tap);
+    const bool keep_going = FfnTap::callback(&ft.t, false, &tap);
+    CHECK(keep_going);  // false would abort the graph split
+}
+
+constexpr int kLayers = 30;
+constexpr int64_t kFf = 16;
+constexpr int64_t kEmbd = 8;
+
+void test_tap_matching() {
+    FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
+    RecordingSink sink;
+    CHECK(!tap.armed());
+    CHECK(!ask(tap, "ffn_swiglu-0"));  // unarmed: nothing is computed early
+
+    tap.arm(1, &sink);
+    CHECK(tap.armed());
+    CHECK(ask(tap, "ffn_swiglu-0"));
+    CHECK(ask(tap, "ffn_swiglu-7"));
+    CHECK(ask(tap, "ffn_swiglu-29"));
+    CHECK(!ask(tap, "ffn_swiglu-30"));
+    CHECK(!ask(tap, "ffn_swiglu-100"));
+    CHECK(!ask(tap, "ffn_swiglu-"));
+    CHECK(!ask(tap, "ffn_swiglu"));
+    CHECK(!ask(tap, "ffn_swiglux-1"));
+    CHECK(!ask(tap, "ffn_swiglu-1a"));
+    CHECK(!ask(tap, "ffn_swiglu--1"));
+    CHECK(!ask(tap, "ffn_swiglu-99999999999999999999"));
+    CHECK(!ask(tap, "xffn_swiglu-1"));
+    CHECK(!ask(tap, "ffn_swiglu_exp-1"));
+    CHECK(!ask(tap, "ffn_norm-3"));
+    CHECK(!ask(tap, "attn_norm-3"));
+    CHECK(!ask(tap, "ffn_out-3"));
+    CHECK(!ask(tap, ""));
+
+    tap.set_capture_norm(true);
+    CHECK(tap.capture_norm());
+    CHECK(ask(tap, "ffn_norm-3"));
+    CHECK(ask(tap, "ffn_swiglu-3"));
+    CHECK(!ask(tap, "ffn_norm-30"));
+    CHECK(!ask(tap, "attn_norm-3"));
+    CHECK(!ask(tap, "ffn_norm-"));
+    tap.set_capture_norm(false);
+    CHECK(!ask(tap, "ffn_norm-3"));
+
+    tap.disarm();
+    CHECK(!tap.armed());
+    CHECK(!ask(tap, "ffn_swiglu-3"));
+    CHECK(sink.calls.empty());  // asking alone never delivers rows
+
+    FfnTap geglu("ffn_geglu", 4, kFf, kEmbd);
+    geglu.arm(1, &sink);
+    CHECK(ask(geglu, "ffn_geglu-3"));
+    CHECK(!ask(geglu, "ffn_swiglu-3"));
+    CHECK(!ask(geglu, "ffn_geglu-4"));
+    geglu.disarm();
+}
+
+void test_tap_delivery() {
+    FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
+    RecordingSink sink;
+    const int n_rows = 3;
+    tap.arm(n_rows, &sink);
+    // Layer 4 arrives in two ubatches (2 rows, then 1); the others in one.
+    for (int il = 0; il < kLayers; ++il) {
+        if (il == 4) {
+            deliver(tap, "ffn_swiglu", il, 0, 2, kFf);
+            deliver(tap, "ffn_swiglu", il, 2, 1, kFf);
+        } else {
+            deliver(tap, "ffn_swiglu", il, 0, n_rows, kFf);
+        }
+    }
+    // Nodes that are not tapped pass through untouched.
+    FakeTensor other("attn_norm-2", kFf, n_rows);
+    CHECK(FfnTap::callback(&other.t, false, &tap));
+    EXPECT_NO_THROW(tap.disarm_and_check(), "complete delivery");
+    CHECK(!tap.armed());
+
+    CHECK(sink.calls.size() == static_cast<size_t>(kLayers + 1));
+    int total_rows[kLayers] = {};
+    bool data_ok = true;
+    for (const RecordedRows& c : sink.calls) {
+        CHECK(c.kind == TapKind::Activation);
+        CHECK(c.width == kFf);
+        CHECK(c.layer >= 0 && c.layer < kLayers);
+        if (c.layer < 0 || c.layer >= kLayers) continue;
+        CHECK(c.row0 == total_rows[c.layer]);  // row cursor continues across ubatches
+        total_rows[c.layer] += c.n_rows;
+        CHECK(c.data.size() == static_cast<size_t>(c.n_rows * kFf));
+        for (int r = 0; r < c.n_rows; ++r)
+            for (int64_t i = 0; i < kFf; ++i)
+                data_ok = data_ok && c.data[r * kFf + i] == cell(c.layer, c.row0 + r, i);
+    }
+    CHECK(data_ok);
+    for (int il = 0; il < kLayers; ++il) CHECK_MSG(total_rows[il] == n_rows, "layer " + std::to_string(il));
+
+    // Data arriving after disarm goes nowhere.
+    const size_t before = sink.calls.size();
+    deliver(tap, "ffn_swiglu", 0, 0, 1, kFf);
+    CHECK(sink.calls.size() == before);
+}
+
+void test_tap_norm_capture() {
+    FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
+    tap.set_capture_norm(true);
+    RecordingSink sink;
+
+    // Activations alone are not enough once norm capture is on.
+    tap.arm(1, &sink);
+    for (int il = 0; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 1, kFf);
+    EXPECT_THROW_MSG(RuntimeError, tap.disarm_and_check(), "rows of ffn_norm", "norm capture without norm rows");
+
+    sink.calls.clear();
+    tap.arm(2, &sink);
+    for (int il = 0; il < kLayers; ++il) {
+        deliver(tap, "ffn_norm", il, 0, 2, kEmbd);
+        deliver(tap, "ffn_swiglu", il, 0, 2, kFf);
+    }
+    EXPECT_NO_THROW(tap.disarm_and_check(), "activations and norm inputs delivered");
+    int norm_calls = 0;
+    for (const RecordedRows& c : sink.calls) {
+        if (c.kind != TapKind::NormInput) continue;
+        ++norm_calls;
+        CHECK(c.width == kEmbd);
+        CHECK(c.n_rows == 2 && c.row0 == 0);
+        CHECK(c.data.size() == 2u * kEmbd && c.data[kEmbd + 1] == cell(c.layer, 1, 1));
+    }
+    CHECK(norm_calls == kLayers);
+
+    // A norm row with the activation width is a layout error.
+    tap.arm(1, &sink);
+    deliver(tap, "ffn_norm", 0, 0, 1, kFf);
+    EXPECT_THROW_MSG(RuntimeError, tap.disarm_and_check(), "unexpected layout", "norm input with the wrong width");
+}
+
+// Arms for n_rows, delivers every layer correctly, then lets `spoil` do one bad thing.
+// `needle` is part of the expected message; at most `max_calls_to_sink` deliveries may reach
+// the sink (none after the bad one).
+void expect_tap_error(int n_rows, const std::function<void(FfnTap&)>& spoil, const std::string& what,
+                      const char* needle, size_t max_calls_to_sink) {
+    FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
+    RecordingSink sink;
+    tap.arm(n_rows, &sink);
+    spoil(tap);
+    EXPECT_THROW_MSG(RuntimeError, tap.disarm_and_check(), needle, what);
+    CHECK_MSG(sink.calls.size() <= max_calls_to_sink, what + ": the sink got rows it should not have");
+    CHECK(!tap.armed());
+
+    // The next arm starts clean.
+    tap.arm(1, &sink);
+    for (int il = 0; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 1, kFf);
+    EXPECT_NO_THROW(tap.disarm_and_check(), what + ": re-arm after an error");
+}
+
+void test_tap_errors() {
+    const size_t all = kLayers;
+    expect_tap_error(3, [](FfnTap& tap) {
+        for (int il = 0; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, il == 5 ? 2 : 3, kFf);
+    }, "a layer delivered fewer rows than armed", "layer 5 delivered 2 rows", all);
+
+    expect_tap_error(2, [](FfnTap& tap) {
+        for (int il = 0; il < kLayers; ++il)
+            if (il != 17) deliver(tap, "ffn_swiglu", il, 0, 2, kFf);
+    }, "a layer delivered nothing", "layer 17 delivered 0 rows", all);
+
+    expect_tap_error(2, [](FfnTap& tap) {
+        for (int il = 0; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 2, kFf);
+        deliver(tap, "ffn_swiglu", 9, 2, 1, kFf);
+    }, "rows exceed armed (extra ubatch)", "more rows than the batch holds", all);
+
+    expect_tap_error(2, [](FfnTap& tap) {
+        deliver(tap, "ffn_swiglu", 0, 0, 3, kFf);
+        for (int il = 1; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 2, kFf);
+    }, "rows exceed armed (one tensor)", "more rows than the batch holds", 0);
+
+    expect_tap_error(1, [](FfnTap& tap) {
+        for (int il = 0; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 1, il == 3 ? kFf + 1 : kFf);
+    }, "wrong ne0", "unexpected layout", 3);  // layers 0-2 were fine; nothing after the bad one reaches the sink
+
+    expect_tap_error(1, [](FfnTap& tap) {
+        for (int il = 0; il < kLayers; ++il)
+            deliver(tap, "ffn_swiglu", il, 0, 1, kFf, il == 0 ? GGML_TYPE_F16 : GGML_TYPE_F32);
+    }, "type F16", "unexpected layout", 0);
+
+    expect_tap_error(1, [](FfnTap& tap) {
+        FakeTensor ft("ffn_swiglu-0", kFf, 1);
+        ft.t.ne[2] = 2;  // a 3-D tensor (e.g. MoE experts) is not rows of a batch
+        ft.t.nb[3] = ft.t.nb[2] * 2;
+        ft.storage.resize(ft.t.nb[3]);
+        ft.t.data = ft.storage.data();
+        FfnTap::callback(&ft.t, true, &tap);
+        FfnTap::callback(&ft.t, false, &tap);
+        for (int il = 1; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 1, kFf);
+    }, "ne2 != 1", "unexpected layout", 0);
+
+    expect_tap_error(2, [](FfnTap& tap) {
+        FakeTensor ft("ffn_swiglu-0", kFf, 2);
+        ft.t.nb[1] = ft.t.nb[1] * 2;  // strided rows: a view, not contiguous
+        ft.t.nb[2] = ft.t.nb[1] * 2;
+        ft.t.nb[3] = ft.t.nb[2];
+        ft.storage.resize(ft.t.nb[2]);
+        ft.t.data = ft.storage.data();
+        FfnTap::callback(&ft.t, true, &tap);
+        FfnTap::callback(&ft.t, false, &tap);
+        for (int il = 1; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 2, kFf);
+    }, "non-contiguous rows", "unexpected layout", 0);
+}
+
+void test_tap_discovery() {
+    FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
+    tap.set_capture_norm(true);  // norm nodes then match, but must still not count
+    tap.begin_discovery();
+    bool any_asked = false;
+    for (int il = 0; il < kLayers; ++il) {
+        if (il == 7) continue;
+        any_asked = ask(tap, "ffn_swiglu-" + std::to_string(il)) || any_asked;
+        any_asked = ask(tap, "ffn_norm-" + std::to_string(il)) || any_asked;
+    }
+    any_asked = ask(tap, "ffn_norm-7") || any_asked;  // the norm does not count as the activation
+    CHECK(!any_asked);  // discovery never forces a compute boundary
+    std::vector<int> missing = tap.end_discovery();
+    CHECK(missing == std::vector<int>{7});
+
+    // A second round starts from scratch; names outside [0, n_layer) are ignored.
+    tap.begin_discovery();
+    ask(tap, "ffn_swiglu-0");
+    ask(tap, "ffn_swiglu-30");
+    missing = tap.end_discovery();
+    CHECK(missing.size() == static_cast<size_t>(kLayers - 1));
+    CHECK(!missing.empty() && missing.front() == 1 && missing.back() == kLayers - 1);
+
+    tap.begin_discovery();
+    for (int il = 0; il < kLayers; ++il) ask(tap, "ffn_swiglu-" + std::to_string(il));
+    CHECK(tap.end_discovery().empty());
+    CHECK(!ask(tap, "ffn_swiglu-0"));  // after discovery, unarmed again
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. The real model end to end
+
+ContextParams small_context() {
+    ContextParams cp;
+    cp.n_ctx = 512;
+    cp.n_threads = 2;
+    return cp;
+}
+
+GenerateParams greedy(int max_tokens) {
+    GenerateParams gp;
+    gp.max_tokens = max_tokens;
+    gp.sampling.temperature = 0.0f;
+    return gp;
+}
+
+void test_model_info() {
+    auto model = shared_model();
+    const ModelInfo& i = model->info();
+    CHECK(i.architecture == "llama");
+    CHECK(i.act_name == "ffn_swiglu");
+    CHECK(i.n_layer == 30);
+    CHECK(i.n_ff == 1536);
+    CHECK(i.n_embd == 576);
+    CHECK(i.n_vocab > 1000);
+    CHECK(i.has_chat_template);
+    std::vector<llama_token> toks = model->tokenize("Hello world", false, false);
+    CHECK(!toks.empty());
+    CHECK(model->detokenize(toks) == "Hello world");
+}
+
+void test_generation() {
+    auto model = shared_model();
+    TappedContext tc(model, small_context());
+    CHECK(tc.n_ctx() >= 512);
+    const int L = model->info().n_layer;
+    const int64_t F = model->info().n_ff;
+    const int64_t E = model->info().n_embd;
+    const std::vector<llama_token> prompt =
+        model->tokenize("Once upon a time, in a small village by the sea, there lived", true, false);
+    CHECK(prompt.size() > 5);
+    const int n_gen = 24;
+
+    GenerateParams p32 = greedy(n_gen);
+    p32.capture = CaptureMode::Float32;
+    GenerateResult a = generate(tc, prompt, p32, nullptr);
+    GenerateResult b = generate(tc, prompt, p32, nullptr);
+    CHECK(a.tokens.size() == static_cast<size_t>(n_gen));
+    CHECK(a.finish_reason == "length");
+    CHECK(!a.text.empty());
+    CHECK(a.prompt_tokens == prompt);
+    CHECK(a.tokens == b.tokens);
+    CHECK(a.text == b.text);
+    CHECK(a.active_counts == b.active_counts);
+    CHECK(a.acts_f32 == b.acts_f32);
+
+    const size_t n = a.tokens.size();
+    CHECK(a.n_layer == L && a.n_ff == F && a.n_embd == E);
+    CHECK(a.active_counts.size() == n * L);
+    CHECK(a.acts_f32.size() == n * L * F);
+    CHECK(a.acts_f16.empty() && a.norm_inputs.empty());
+    CHECK(all_finite(a.acts_f32));
+    CHECK(any_nonzero(a.acts_f32));
+    if (a.active_counts.size() == n * L && a.acts_f32.size() == n * L * F) {
+        int mismatches = 0;
+        int64_t total_active = 0;
+        for (size_t t = 0; t < n; ++t) {
+            for (int l = 0; l < L; ++l) {
+                const float* row = a.acts_f32.data() + (t * L + l) * F;
+                int32_t count = 0;
+                for (int64_t i = 0; i < F; ++i) count += row[i] > 0.0f;
+                mismatches += count != a.active_counts[t * L + l];
+                total_active += a.active_counts[t * L + l];
+            }
+        }
+        CHECK_MSG(mismatches == 0, std::to_string(mismatches) + " rows whose active count disagrees");
+        CHECK(total_active > 0 && total_active < static_cast<int64_t>(n * L * F));
+        // Rows of different tokens differ: each token's row is really its own.
+        CHECK(!std::equal(a.acts_f32.begin(), a.acts_f32.begin() + L * F, a.acts_f32.begin() + L * F));
+    }
+
+    // The same rows through TappedContext::decode_seq and a plain sink: checks the generator's
+    // token/layer bookkeeping against an independent path, and the decode API itself.
+    if (a.acts_f32.size() == n * L * F) {
+        tc.clear();
+        const int np = static_cast<int>(prompt.size());
+        tc.decode_seq(prompt.data(), np - 1, 0, 0, nullptr, false);
+        std::vector<llama_token> fed = {prompt.back(), a.tokens[0], a.tokens[1], a.tokens[2]};
+        int mismatched_rows = 0;
+        for (int j = 0; j < static_cast<int>(fed.size()); ++j) {
+            RecordingSink rs;
+            tc.decode_seq(&fed[j], 1, np - 1 + j, 0, &rs);
+            CHECK(rs.calls.size() == static_cast<size_t>(L));
+            std::vector<int> layers_seen(L, 0);
+            for (const RecordedRows& c : rs.calls) {
+                CHECK(c.kind == TapKind::Activation && c.n_rows == 1 && c.row0 == 0 && c.width == F);
+                if (c.layer < 0 || c.layer >= L || c.data.size() != static_cast<size_t>(F)) continue;
+                ++layers_seen[c.layer];
+                const float* want = a.acts_f32.data() + (static_cast<size_t>(j) * L + c.layer) * F;
+                mismatched_rows += !std::equal(c.data.begin(), c.data.end(), want);
+            }
+            CHECK(std::all_of(layers_seen.begin(), layers_seen.end(), [](int k) { return k == 1; }));
+        }
+        CHECK_MSG(mismatched_rows == 0, std::to_string(mismatched_rows) + " rows differ from the generator's");
+
+        // A tapped multi-row decode: every row requests logits, so even the last layer
+        // delivers all of them (llama.cpp drops rows without logits before its FFN).
+        tc.clear();
+        RecordingSink rs;
+        EXPECT_NO_THROW(tc.decode_seq(prompt.data(), np, 0, 0, &rs), "tapped prompt decode");
+        std::vector<int> rows_per_layer(L, 0);
+        bool finite = true;
+        for (const RecordedRows& c : rs.calls) {
+            if (c.layer >= 0 && c.layer < L) rows_per_layer[c.layer] += c.n_rows;
+            for (float x : c.data) finite = finite && std::isfinite(x);
+        }
+        CHECK(finite);
+        CHECK(std::all_of(rows_per_layer.begin(), rows_per_layer.end(), [&](int k) { return k == np; }));
+        tc.clear();
+    }
+
+    // The tap must not change what the model computes.
+    GenerateParams off = greedy(n_gen);
+    off.tap = false;
+    GenerateResult c = generate(tc, prompt, off, nullptr);
+    CHECK(c.tokens == a.tokens);
+    CHECK(c.active_counts.empty() && c.acts_f32.empty());
+
+    // Half-precision capture, with the normed FFN input as well.
+    GenerateParams p16 = greedy(n_gen);
+    p16.capture = CaptureMode::Float16;
+    p16.capture_norm = true;
+    GenerateResult d = generate(tc, prompt, p16, nullptr);
+    CHECK(d.tokens == a.tokens);
+    CHECK(d.active_counts == a.active_counts);
+    CHECK(d.acts_f32.empty());
+    CHECK(d.acts_f16.size() == a.acts_f32.size());
+    if (d.tokens == a.tokens && d.acts_f16.size() == a.acts_f32.size()) {
+        size_t bad = 0;
+        double max_rel = 0;
+        for (size_t i = 0; i < a.acts_f32.size(); ++i) {
+            const float x = a.acts_f32[i];
+            const float h = ggml_fp16_to_fp32(static_cast<ggml_fp16_t>(d.acts_f16[i]));
+            const double err = std::fabs(static_cast<double>(h) - x);
+            if (err > 1e-2 * std::fabs(x) + 1e-6) ++bad;  // absolute slack for half's subnormals
+            if (std::fabs(x) > 1e-3) max_rel = std::max(max_rel, err / std::fabs(x));
+        }
+        CHECK_MSG(bad == 0, std::to_string(bad) + " f16 values off by more than 1% (max rel " +
+                                std::to_string(max_rel) + ")");
+    }
+    CHECK(d.norm_inputs.size() == d.tokens.size() * L * E);
+    CHECK(all_finite(d.norm_inputs));
+    CHECK(any_nonzero(d.norm_inputs));
+
+    // Progress counts tokens; cancellation stops early.
+    Progress progress;
+    GenerateResult e = generate(tc, prompt, greedy(n_gen), &progress);
+    CHECK(progress.tokens.load() == static_cast<int64_t>(e.tokens.size()));
+    Progress cancel;
+    cancel.cancel = true;
+    GenerateResult f = generate(tc, prompt, greedy(n_gen), &cancel);
+    CHECK(f.finish_reason == "cancelled");
+    CHECK(f.tokens.size() == 1 && f.active_counts.size() == static_cast<size_t>(L));
+    CHECK(!f.tokens.empty() && f.tokens[0] == a.tokens[0]);
+
+    // A stop string cuts the text where it starts.
+    if (a.text.size() > 8) {
+        GenerateParams ps = greedy(n_gen);
+        const std::string stop = a.text.substr(a.text.size() / 2, 3);
+        ps.stop = {stop};
+        GenerateResult s = generate(tc, prompt, ps, nullptr);
+        CHECK(s.finish_reason == "stop");
+        CHECK(s.text == a.text.substr(0, a.text.find(stop)));
+        CHECK(s.active_counts.size() == s.tokens.size() * L);
+    }
+}
+
+void test_generation_errors() {
+    auto model = shared_model();
+    TappedContext tc(model, small_context());
+    const std::vector<llama_token> prompt = model->tokenize("The capital of France is", true, false);
+    const int n_vocab = model->info().n_vocab;
+
+    EXPECT_THROW(ParamError, generate(tc, prompt, greedy(0), nullptr), "max_tokens 0");
+    EXPECT_THROW(ParamError, generate(tc, prompt, greedy(-3), nullptr), "max_tokens -3");
+    EXPECT_THROW(ParamError, generate(tc, {}, greedy(4), nullptr), "empty prompt");
+    const std::vector<llama_token> long_prompt(600, prompt.back());
+    EXPECT_THROW_MSG(ContextError, generate(tc, long_prompt, greedy(4), nullptr), "exceeds the context",
+                     "600-token prompt, n_ctx 512");
+    const std::vector<llama_token> fits(500, prompt.back());
+    EXPECT_THROW(ContextError, generate(tc, fits, greedy(100), nullptr), "prompt fits but max_tokens does not");
+
+    std::vector<llama_token> bad = prompt;
+    bad.push_back(n_vocab);
+    EXPECT_THROW(ParamError, generate(tc, bad, greedy(4), nullptr), "token id == n_vocab");
+    bad.back() = -1;
+    EXPECT_THROW(ParamError, generate(tc, bad, greedy(4), nullptr), "token id -1");
+
+    auto sampled = [&](float temperature, float top_p, int top_k, float min_p) {
+        GenerateParams gp = greedy(4);
+        gp.sampling.temperature = temperature;
+        gp.sampling.top_p = top_p;
+        gp.sampling.top_k = top_k;
+        gp.sampling.min_p = min_p;
+        return gp;
+    };
+    EXPECT_THROW(ParamError, generate(tc, prompt, sampled(-1.0f, 0.9f, 40, 0.0f), nullptr), "temperature -1");
+    EXPECT_THROW(ParamError, generate(tc, prompt, sampled(NAN, 0.9f, 40, 0.0f), nullptr), "temperature NaN");
+    EXPECT_THROW(ParamError, generate(tc, prompt, sampled(0.8f, 0.0f, 40, 0.0f), nullptr), "top_p 0");
+    EXPECT_THROW(ParamError, generate(tc, prompt, sampled(0.8f, 1.5f, 40, 0.0f), nullptr), "top_p 1.5");
+    EXPECT_THROW(ParamError, generate(tc, prompt, sampled(0.8f, NAN, 40, 0.0f), nullptr), "top_p NaN");
+    EXPECT_THROW(ParamError, generate(tc, prompt, sampled(0.8f, 0.9f, -1, 0.0f), nullptr), "top_k -1");
+    EXPECT_THROW(ParamError, generate(tc, prompt, sampled(0.8f, 0.9f, 40, 1.0f), nullptr), "min_p 1");
+
+    // After all those errors the context still works, and seeded sampling is reproducible.
+    GenerateParams gp = sampled(0.8f, 0.9f, 40, 0.05f);
+    gp.sampling.seed = 42;
+    gp.max_tokens = 8;
+    GenerateResult r1, r2;
+    EXPECT_NO_THROW(r1 = generate(tc, prompt, gp, nullptr), "sampling after errors");
+    EXPECT_NO_THROW(r2 = generate(tc, prompt, gp, nullptr), "sampling again");
+    CHECK(!r1.tokens.empty());
+    CHECK(r1.tokens == r2.tokens);
+
+    ContextParams tiny = small_context();
+    tiny.n_ctx = 4;
+    EXPECT_THROW(ParamError, TappedContext t(model, tiny), "n_ctx 4");
+    ContextParams seqs = small_context();
+    seqs.n_seq_max = 0;
+    EXPECT_THROW(ParamError, TappedContext t(model, seqs), "n_seq_max 0");
+}
+
+void test_unsupported_models() {
+    TempDir dir;
+    const std::string bert = dir.file("bert.gguf");
+    write_synthetic_gguf(bert, "bert", -1, false);
+    EXPECT_THROW_MSG(ModelError, Model::load(bert, 0), "unsupported architecture 'bert'", "architecture bert");
+
+    const std::string no_arch = dir.file("no-arch.gguf");
+    write_synthetic_gguf(no_arch, nullptr, -1, false);
+    EXPECT_THROW(ModelError, Model::load(no_arch, 0), "no general.architecture");
+
+    const std::string bare = dir.file("llama-bare.gguf");
+    write_synthetic_gguf(bare, "llama", -1, false);
+    EXPECT_THROW(ModelError, Model::load(bare, 0), "llama without block_count or tensors");
+
+    const std::string no_tensors = dir.file("llama-no-tensors.gguf");
+    write_synthetic_gguf(no_tensors, "llama", 30, false);
+    EXPECT_THROW_MSG(ModelError, Model::load(no_tensors, 0), "blk.0.ffn_down.weight' missing",
+                     "llama with block_count 30 and no tensors");
+
+    // Passes neurotap's own checks (block_count 1, blk.0.ffn_down.weight present), so
+    // llama.cpp itself gets to reject it.
+    const std::string partial = dir.file("llama-partial.gguf");
+    write_synthetic_gguf(partial, "llama", 1, true);
+    EXPECT_THROW_MSG(ModelError, Model::load(partial, 0), "llama.cpp could not load",
+                     "llama missing hyperparameters and weights");
+
+    for (const char* arch : {"llama", "qwen2", "qwen3", "gemma3", "gemma"})
+        EXPECT_NO_THROW(activation_tensor_for(arch), arch);
+    CHECK(activation_tensor_for("gemma3") == "ffn_geglu");
+    EXPECT_THROW(ModelError, activation_tensor_for("bert"), "activation tensor for bert");
+    EXPECT_THROW(ModelError, activation_tensor_for(""), "activation tensor for ''");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc > 1 && argv[1][0] != '\0') {
+        g_model_path = argv[1];
+    } else if (const char* env = std::getenv("NEUROTAP_TEST_MODEL")) {
+        g_model_path = env;
+    }
+    const char* verbose = std::getenv("NEUROTAP_TEST_VERBOSE");
+    install_log_capture(verbose && *verbose && std::strcmp(verbose, "0") != 0);
+
+    const TestCase model_free[] = {
+        {"tap_matching", test_tap_matching},
+        {"tap_delivery", test_tap_delivery},
+        {"tap_norm_capture", test_tap_norm_capture},
+        {"tap_errors", test_tap_errors},
+        {"tap_discovery", test_tap_discovery},
+        {"gguf_overflowing_shape", test_gguf_overflowing_shape},
+        {"unsupported_models", test_unsupported_models},
+    };
+    const TestCase with_model[] = {
+        {"gguf_real_model", test_gguf_real_model},
+        {"bad_files", test_bad_files},
+        {"fuzz_headers", test_fuzz_headers},
+        {"model_info", test_model_info},
+        {"generation", test_generation},
+        {"generation_errors", test_generation_errors},
+    };
+
+    int passed = 0, failed = 0;
+    auto run = [&](const TestCase& tc) {
+        g_check_failures = 0;
+        std::printf("[ RUN  ] %s\n", tc.name);
+        std::fflush(stdout);
+        try {
+            tc.fn();
+        } catch (const std::exception& e) {
+            report_failure(__FILE__, __LINE__, std::string("uncaught exception: ") + e.what());
+        } catch (...) {
+            report_failure(__FILE__, __LINE__, "uncaught non-std exception");
+        }
+        const bool ok = g_check_failures == 0;
+        (ok ? passed : failed) += 1;
+        std::printf("[ %s ] %s\n", ok ? " OK " : "FAIL", tc.name);
+        std::fflush(stdout);
+    };
+
+    for (const TestCase& tc : model_free) run(tc);
+    if (g_model_path.empty()) {
+        std::fprintf(stderr, "no model: pass a GGUF path as argv[1] or set NEUROTAP_TEST_MODEL\n");
+        failed += 1;
+    } else {
+        for (const TestCase& tc : with_model) run(tc);
+    }
+    g_model.reset();
+    std::fflush(stderr);
+    std::printf("%d passed, %d failed\n", passed, failed);
+    std::fflush(stdout);  // LeakSanitizer exits without flushing stdio
+    return failed == 0 ? 0 : 1;
+}
