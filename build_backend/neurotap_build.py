@@ -6,29 +6,14 @@ time. That version is read from [project].dependencies so it is written only onc
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
-
+from llama_pin import llama_requirement
 from scikit_build_core import build as _skb
 from scikit_build_core.build import *  # noqa: F401,F403  (re-export the PEP 517 hooks)
 
 
-def _llama_requirement() -> str:
-    project = tomllib.loads(Path("pyproject.toml").read_text(encoding="utf-8"))["project"]
-    for dep in project["dependencies"]:
-        if re.match(r"^llama[-_]cpp[-_]python\s*==", dep):
-            return dep.split(";")[0].strip()
-    raise RuntimeError("pyproject.toml must pin llama-cpp-python with '==' in [project].dependencies")
-
-
 def get_requires_for_build_wheel(config_settings=None):
-    return [*_skb.get_requires_for_build_wheel(config_settings), _llama_requirement()]
+    return [*_skb.get_requires_for_build_wheel(config_settings), llama_requirement()]
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return [*_skb.get_requires_for_build_editable(config_settings), _llama_requirement()]
+    return [*_skb.get_requires_for_build_editable(config_settings), llama_requirement()]

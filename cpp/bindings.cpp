@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 
@@ -105,9 +106,10 @@ py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
     if (run.bitsets) {
         const auto& b = run.bitsets->bits(i);
         const py::ssize_t W = run.bitsets->n_words();
-        const py::ssize_t chunks = st.live ? static_cast<py::ssize_t>(b.size()) / W : (n + run.bitsets->chunk() - 1) / run.bitsets->chunk();
-        std::vector<uint64_t> v(b.begin(), b.begin() + std::min<size_t>(b.size(), static_cast<size_t>(chunks * W)));
-        v.resize(static_cast<size_t>(chunks * W), 0);
+        // Committed tokens fill ceil(n / chunk) chunks; bits of later chunks do not exist yet.
+        const py::ssize_t chunks = (n + run.bitsets->chunk() - 1) / run.bitsets->chunk();
+        std::vector<uint64_t> v(static_cast<size_t>(chunks * W), 0);
+        std::copy_n(b.begin(), std::min(b.size(), v.size()), v.begin());
         d["chunk_bitsets"] = to_numpy(std::move(v), {chunks, W}, py::dtype::of<uint64_t>());
     } else {
         d["chunk_bitsets"] = py::none();

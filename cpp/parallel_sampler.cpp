@@ -44,6 +44,9 @@ ParallelSampler::ParallelSampler(TappedContext& tc, std::vector<llama_token> pro
                            " + max_tokens " + std::to_string(params_.max_tokens) + " tokens need more than the " +
                            std::to_string(per_seq) + " cells per sequence of this context");
     }
+    // Reducers first: one may reject the run (WatchReducer), and a throw from here on would leak
+    // the samplers (the destructor does not run for a constructor that throws).
+    for (Reducer* r : reducers_) r->begin(params_.n, info.n_layer, info.n_ff, params_.max_tokens);
     for (int i = 0; i < params_.n; ++i) {
         SamplingParams sp = params_.sampling;
         sp.seed = sample_seed(params_.sampling.seed, i);
@@ -51,7 +54,6 @@ ParallelSampler::ParallelSampler(TappedContext& tc, std::vector<llama_token> pro
         samplers_.back() = make_sampler_chain(sp, tc_.model().vocab());  // validates before anything runs
     }
     samples_.resize(static_cast<size_t>(params_.n));
-    for (Reducer* r : reducers_) r->begin(params_.n, info.n_layer, info.n_ff, params_.max_tokens);
 }
 
 ParallelSampler::~ParallelSampler() {
@@ -71,7 +73,8 @@ void ParallelSampler::on_rows(TapKind kind, int layer, int row0, int n_rows, con
         const float* a = data + static_cast<int64_t>(r) * width;
         if (broadcast_) {
             for (int s = 0; s < params_.n; ++s)
-                for (Reducer* red : reducers_) red->on_row(s, 0, layer, a);
+                if (samples_[static_cast<size_t>(s)].live)  // not those stopped before the start
+                    for (Reducer* red : reducers_) red->on_row(s, 0, layer, a);
         } else {
             const int s = row_sample_[static_cast<size_t>(row0 + r)];
             const int t = row_token_[static_cast<size_t>(row0 + r)];
@@ -145,7 +148,9 @@ void ParallelSampler::start() {
     tc_.decode_seq(prompt_.data() + np - 1, 1, np - 1, 0, params_.tap ? this : nullptr);
     broadcast_ = false;
     llama_memory_t mem = llama_get_memory(tc_.ctx());
-    for (int s = 1; s < params_.n; ++s) llama_memory_seq_cp(mem, 0, s, -1, -1);
+    for (int s = 1; s < params_.n; ++s)
+        if (samples_[static_cast<size_t>(s)].live) llama_memory_seq_cp(mem, 0, s, -1, -1);
+    if (!samples_[0].live) llama_memory_seq_rm(mem, 0, -1, -1);
     prompt_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
     for (int s = 0; s < params_.n; ++s) {
         if (!samples_[static_cast<size_t>(s)].live) continue;  // stopped before the start

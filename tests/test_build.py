@@ -45,8 +45,8 @@ def test_llama_cpp_version_pinned_once():
     assert len(pins) == 1, f"llama-cpp-python must be pinned exactly once in pyproject.toml: {pins}"
     sys.path.insert(0, str(ROOT / "build_backend"))
     try:
-        import neurotap_build
+        import llama_pin
     finally:
         sys.path.pop(0)
-    assert neurotap_build._llama_requirement() == f"llama-cpp-python=={pins[0]}"
+    assert llama_pin.llama_requirement(ROOT / "pyproject.toml") == f"llama-cpp-python=={pins[0]}"
     assert importlib.metadata.version("llama-cpp-python") == pins[0]

@@ -29,3 +29,12 @@ def test_errors_are_reported_not_raised():
     assert r.returncode == 2 and "unknown model name" in r.stderr and "Traceback" not in r.stderr
     r = run("generate", "hi", "-n", "0")
     assert r.returncode == 2 and "max_tokens" in r.stderr
+
+
+def test_sample_prints_every_answer_with_figures():
+    r = run("sample", "What is 2+2?", "-n", "3", "--max-tokens", "12", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    heads = re.findall(r"^--- sample (\d+): (\d+) tokens, (\d+) of 46080 neurons activated", r.stdout, re.M)
+    assert [h[0] for h in heads] == ["0", "1", "2"]
+    assert all(0 < int(h[1]) <= 12 and 0 < int(h[2]) <= 46080 for h in heads)
+    assert re.search(r"\[3 samples \| \d+ tokens in [\d.]+ s \([\d.]+ tok/s aggregate\)", r.stdout)

@@ -113,3 +113,16 @@ def test_gemma3_geglu_is_tapped_when_installed():
     assert g.activations.shape == (g.n_tokens, m.info.n_layers, m.info.n_ff)
     np.testing.assert_array_equal(g.active_counts, (g.activations > 0).sum(-1))
     assert g.tokens == m.generate("The capital of France is", max_tokens=8, temperature=0, tap=False).tokens
+
+
+def test_trace_reproduces_the_rows_of_a_generation(model):
+    g = model.generate(CHAT, max_tokens=12, temperature=0, capture="float32")
+    t = model.trace(CHAT, g.tokens)
+    assert t.tokens == g.tokens and t.finish_reason == "length"
+    np.testing.assert_array_equal(t.activations, g.activations)
+    # an end-of-generation token can be traced too (its row is the one that decided to stop)
+    eos = model.generate(CHAT, max_tokens=200, temperature=0)
+    assert eos.finish_reason == "eos"
+    eog_id = model.tokenize("<|im_end|>", add_special=False)[0]
+    tt = model.trace(CHAT, eos.tokens + [eog_id])
+    assert tt.n_tokens == eos.n_tokens + 1 and tt.activations.shape[0] == tt.n_tokens
