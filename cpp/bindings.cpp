@@ -308,6 +308,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("decode_steps", [](const SamplingRun& r) { return r.sampler->decode_steps(); })
         .def_property_readonly("prompt_seconds", [](const SamplingRun& r) { return r.sampler->prompt_seconds(); })
         .def_property_readonly("decode_seconds", [](const SamplingRun& r) { return r.sampler->decode_seconds(); })
+        .def_property_readonly("sample_seconds", [](const SamplingRun& r) { return r.sampler->sample_seconds(); })
         .def("sample", [](const SamplingRun& r, int i) {
             if (i < 0 || i >= r.sampler->n()) throw ParamError("sample index out of range: " + std::to_string(i));
             auto& c = r.context_owner.cast<ContextHandle&>();

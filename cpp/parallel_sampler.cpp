@@ -182,7 +182,9 @@ void ParallelSampler::step() {
     tc_.decode_rows(b_tokens_.data(), b_pos_.data(), b_seqs_.data(), static_cast<int>(b_tokens_.size()),
                     params_.tap ? this : nullptr);
     ++steps_;
+    const auto t0 = std::chrono::steady_clock::now();
     for (int s : row_sample_) sample_and_commit(s);
+    sample_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 int ParallelSampler::advance(int until, Progress* progress) {

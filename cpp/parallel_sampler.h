@@ -59,6 +59,7 @@ public:
     double prompt_seconds() const { return prompt_seconds_; }
     double decode_seconds() const { return decode_seconds_; }
     int decode_steps() const { return steps_; }
+    double sample_seconds() const { return sample_seconds_; }  // part of decode_seconds spent sampling
 
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
 
@@ -89,7 +90,7 @@ private:
 
     int64_t tokens_sampled_ = 0;
     int steps_ = 0;
-    double prompt_seconds_ = 0, decode_seconds_ = 0;
+    double prompt_seconds_ = 0, decode_seconds_ = 0, sample_seconds_ = 0;
 };
 
 }  // namespace neurotap

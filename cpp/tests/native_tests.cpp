@@ -27,6 +27,8 @@
 #include "gguf_file.h"
 #include "log_capture.h"
 #include "model.h"
+#include "parallel_sampler.h"
+#include "reducers.h"
 #include "tapped_context.h"
 
 using namespace neurotap;
@@ -964,6 +966,647 @@ void test_unsupported_models() {
     EXPECT_THROW(ModelError, activation_tensor_for(""), "activation tensor for ''");
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5. Reducers on synthetic rows
+
+// Activations of one sample, [tokens, layers, n_ff]: uniform in [-1, 1], with about one value
+// in eight exactly at the threshold (not active: the comparison is strict).
+struct SynthRows {
+    int n_tokens;
+    int n_layer;
+    int64_t n_ff;
+    std::vector<float> v;
+    SynthRows(int T, int L, int64_t F, uint32_t seed, float thr) : n_tokens(T), n_layer(L), n_ff(F) {
+        std::mt19937 rng(seed);
+        std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+        v.resize(static_cast<size_t>(T) * L * F);
+        for (float& x : v) x = (rng() % 8 == 0) ? thr : u(rng);
+    }
+    float* row(int t, int l) { return v.data() + (static_cast<size_t>(t) * n_layer + l) * n_ff; }
+    const float* row(int t, int l) const { return v.data() + (static_cast<size_t>(t) * n_layer + l) * n_ff; }
+};
+
+// The reference bitset of neurons active on tokens [t0, t1): bit layer*n_ff + i of
+// little-endian uint64 words.
+std::vector<uint64_t> reference_bits(const SynthRows& r, int t0, int t1, float thr) {
+    const int64_t n_bits = r.n_layer * r.n_ff;
+    std::vector<uint64_t> w(static_cast<size_t>((n_bits + 63) / 64), 0);
+    for (int t = t0; t < t1; ++t)
+        for (int l = 0; l < r.n_layer; ++l)
+            for (int64_t i = 0; i < r.n_ff; ++i)
+                if (r.row(t, l)[i] > thr) {
+                    const int64_t bit = l * r.n_ff + i;
+                    w[static_cast<size_t>(bit / 64)] |= uint64_t(1) << (bit % 64);
+                }
+    return w;
+}
+
+bool all_zero(const std::vector<uint64_t>& w) {
+    return std::all_of(w.begin(), w.end(), [](uint64_t x) { return x == 0; });
+}
+
+void test_reducers_synthetic() {
+    // 3 x 37 = 111 neurons: two words, the second one partly padding.
+    const int L = 3;
+    const int64_t F = 37;
+    const float thr = 0.25f;
+    const int chunk = 3;
+    const int n_samples = 3;
+    // Sample s keeps n_keep[s] tokens and then offers the rows of one more token that is never
+    // committed (an end-of-generation token); its rows are all active, so a leak would show.
+    const int n_keep[n_samples] = {8, 6, 0};
+    std::vector<SynthRows> rows;
+    for (int s = 0; s < n_samples; ++s) {
+        rows.emplace_back(n_keep[s] + 1, L, F, 100 + s, thr);
+        for (int l = 0; l < L; ++l) std::fill(rows[s].row(n_keep[s], l), rows[s].row(n_keep[s], l) + F, 1.0f);
+    }
+
+    ActiveCountReducer counts(thr);
+    ChunkBitsetReducer bitsets(chunk, thr);
+    const std::vector<std::pair<int, int>> watched = {{2, 5}, {0, 0}, {1, 36}, {0, 36}, {2, 5}, {1, 0}};
+    WatchReducer watch(watched);
+    FullRowReducer full32(false), full16(true);
+    std::vector<Reducer*> all = {&counts, &bitsets, &watch, &full32, &full16};
+    const int max_tokens = 10;
+    for (Reducer* r : all) r->begin(n_samples, L, F, max_tokens);
+    CHECK(bitsets.n_words() == 2);
+    CHECK(bitsets.chunk() == chunk);
+    CHECK(watch.n_watched() == static_cast<int>(watched.size()));
+    CHECK(!full32.half() && full16.half());
+
+    // As the sampler offers them: token by token, layer by layer, samples interleaved; then
+    // each sample's token is committed, or the sample finishes.
+    bool committed_early = false;     // bits visible before commit(), or an open chunk changed
+    bool other_sample_touched = false;
+    bool prefix_mismatch = false;     // the open chunk after each commit
+    for (int t = 0; t <= n_keep[0]; ++t) {
+        for (int l = 0; l < L; ++l)
+            for (int s = 0; s < n_samples; ++s)
+                if (t <= n_keep[s])
+                    for (Reducer* r : all) r->on_row(s, t, l, rows[s].row(t, l));
+        for (int s = 0; s < n_samples; ++s) {
+            if (t > n_keep[s]) continue;
+            if (t == n_keep[s]) {
+                for (Reducer* r : all) r->finish(s, n_keep[s]);
+                continue;
+            }
+            // Rows offered, not committed yet: the token's chunk holds only earlier tokens.
+            const int c = t / chunk;
+            const auto& b = bitsets.bits(s);
+            const size_t W = static_cast<size_t>(bitsets.n_words());
+            if (b.size() >= (c + 1) * W) {
+                std::vector<uint64_t> open(b.begin() + c * W, b.begin() + (c + 1) * W);
+                committed_early = committed_early || open != reference_bits(rows[s], c * chunk, t, thr);
+            } else if (t % chunk != 0) {
+                committed_early = true;  // the chunk was opened by an earlier commit
+            }
+            const std::vector<uint64_t> before_other = s + 1 < n_samples ? bitsets.bits(s + 1) : std::vector<uint64_t>{};
+            for (Reducer* r : all) r->commit(s, t);
+            if (s + 1 < n_samples) other_sample_touched = other_sample_touched || bitsets.bits(s + 1) != before_other;
+            const auto& after = bitsets.bits(s);
+            if (after.size() < (c + 1) * W) {
+                prefix_mismatch = true;
+            } else {
+                std::vector<uint64_t> open(after.begin() + c * W, after.begin() + (c + 1) * W);
+                prefix_mismatch = prefix_mismatch || open != reference_bits(rows[s], c * chunk, t + 1, thr);
+            }
+        }
+    }
+    CHECK_MSG(!committed_early, "bits of a token appeared before its commit()");
+    CHECK_MSG(!other_sample_touched, "commit() of one sample changed another sample's bits");
+    CHECK_MSG(!prefix_mismatch, "an open chunk is not the union of the tokens committed so far");
+
+    for (int s = 0; s < n_samples; ++s) {
+        const std::string tag = "sample " + std::to_string(s);
+        const int n = n_keep[s];
+        const SynthRows& r = rows[s];
+
+        // Active counts, trimmed to the kept tokens.
+        const auto& cnt = counts.counts(s);
+        CHECK_MSG(cnt.size() == static_cast<size_t>(n) * L, tag);
+        if (cnt.size() == static_cast<size_t>(n) * L) {
+            int bad = 0;
+            for (int t = 0; t < n; ++t)
+                for (int l = 0; l < L; ++l) {
+                    int32_t want = 0;
+                    for (int64_t i = 0; i < F; ++i) want += r.row(t, l)[i] > thr;
+                    bad += cnt[static_cast<size_t>(t) * L + l] != want;
+                }
+            CHECK_MSG(bad == 0, tag + ": " + std::to_string(bad) + " wrong active counts");
+        }
+
+        // Chunk bitsets: ceil(n / chunk) chunks, each the union of its committed tokens; the
+        // uncommitted all-active token left nothing behind.
+        const auto& b = bitsets.bits(s);
+        const size_t W = static_cast<size_t>(bitsets.n_words());
+        const size_t n_chunks = static_cast<size_t>((n + chunk - 1) / chunk);
+        CHECK_MSG(b.size() == n_chunks * W, tag + ": " + std::to_string(b.size()) + " words");
+        if (b.size() == n_chunks * W) {
+            for (size_t c = 0; c < n_chunks; ++c) {
+                const int t0 = static_cast<int>(c) * chunk;
+                const int t1 = std::min(n, t0 + chunk);
+                std::vector<uint64_t> got(b.begin() + c * W, b.begin() + (c + 1) * W);
+                const std::vector<uint64_t> want = reference_bits(r, t0, t1, thr);
+                CHECK_MSG(got == want, tag + ", chunk " + std::to_string(c));
+                CHECK_MSG(!all_zero(want), tag + ": a chunk without active neurons proves little");
+                CHECK_MSG(got[W - 1] >> (L * F - 64) == 0, tag + ": padding bits set");
+            }
+        }
+
+        // Watched neurons, in the listed order.
+        const auto& wv = watch.values(s);
+        const size_t K = watched.size();
+        CHECK_MSG(wv.size() == static_cast<size_t>(n) * K, tag);
+        if (wv.size() == static_cast<size_t>(n) * K) {
+            int bad = 0;
+            for (int t = 0; t < n; ++t)
+                for (size_t k = 0; k < K; ++k)
+                    bad += wv[t * K + k] != r.row(t, watched[k].first)[watched[k].second];
+            CHECK_MSG(bad == 0, tag + ": " + std::to_string(bad) + " wrong watched values");
+        }
+
+        // Full rows: float32 exact, half within half's precision.
+        const size_t n_vals = static_cast<size_t>(n) * L * F;
+        CHECK_MSG(full32.rows_f32(s).size() == n_vals, tag);
+        if (full32.rows_f32(s).size() == n_vals)
+            CHECK_MSG(std::equal(r.v.begin(), r.v.begin() + n_vals, full32.rows_f32(s).begin()), tag + ": f32 rows");
+        CHECK_MSG(full16.rows_f16(s).size() == n_vals, tag);
+        if (full16.rows_f16(s).size() == n_vals) {
+            size_t bad = 0;
+            for (size_t k = 0; k < n_vals; ++k) {
+                const float h = ggml_fp16_to_fp32(static_cast<ggml_fp16_t>(full16.rows_f16(s)[k]));
+                bad += !(std::fabs(h - r.v[k]) <= 1e-3f * std::fabs(r.v[k]) + 1e-7f);
+            }
+            CHECK_MSG(bad == 0, tag + ": " + std::to_string(bad) + " f16 values not close");
+        }
+    }
+
+    // The bit layout, spelled out: 2 layers x 40 neurons = 80 bits in two words.
+    {
+        ChunkBitsetReducer lay(1, 0.0f);
+        lay.begin(1, 2, 40, 4);
+        CHECK(lay.n_words() == 2);
+        std::vector<float> l0(40, -1.0f), l1(40, -1.0f);
+        l0[0] = 1.0f;   // bit 0
+        l1[23] = 1.0f;  // bit 63: the top bit of word 0
+        l1[39] = 1.0f;  // bit 79: word 1, bit 15
+        lay.on_row(0, 0, 0, l0.data());
+        lay.on_row(0, 0, 1, l1.data());
+        lay.commit(0, 0);
+        const std::vector<float> ones(40, 0.5f);
+        lay.on_row(0, 1, 0, ones.data());
+        lay.on_row(0, 1, 1, ones.data());
+        lay.commit(0, 1);
+        lay.finish(0, 2);
+        const std::vector<uint64_t> want = {uint64_t(1) | (uint64_t(1) << 63), uint64_t(1) << 15,  // token 0
+                                            ~uint64_t(0), (uint64_t(1) << 16) - 1};                // token 1
+        CHECK(lay.bits(0) == want);
+        // As bytes (what numpy sees of the uint64 buffer on a little-endian host): bit k is
+        // bit k % 8 of byte k / 8.
+        const uint16_t probe = 1;
+        uint8_t first = 0;
+        std::memcpy(&first, &probe, 1);
+        if (first == 1 && lay.bits(0).size() == 4) {
+            uint8_t bytes[16];
+            std::memcpy(bytes, lay.bits(0).data(), 16);
+            const uint8_t want_bytes[16] = {0x01, 0, 0, 0, 0, 0, 0, 0x80, 0, 0x80, 0, 0, 0, 0, 0, 0};
+            CHECK(std::memcmp(bytes, want_bytes, 16) == 0);
+        }
+    }
+
+    // A run of one sample whose only token is never committed, and a chunk of 1.
+    {
+        ChunkBitsetReducer one(1, 0.0f);
+        one.begin(1, 2, 40, 4);
+        const std::vector<float> ones(40, 1.0f);
+        one.on_row(0, 0, 0, ones.data());
+        one.on_row(0, 0, 1, ones.data());
+        one.finish(0, 0);
+        CHECK(one.bits(0).empty());
+    }
+
+    EXPECT_THROW(ParamError, ChunkBitsetReducer(0, 0.0f), "chunk 0");
+    EXPECT_THROW(ParamError, ChunkBitsetReducer(-2, 0.0f), "chunk -2");
+
+    // Watched neurons outside the model: ParamError in begin(), which names the neuron.
+    for (const auto& bad : std::vector<std::pair<int, int>>{{3, 0}, {-1, 0}, {0, 37}, {0, -1}, {2, 37}}) {
+        WatchReducer w({{0, 0}, bad});
+        const std::string what = "watch (" + std::to_string(bad.first) + ", " + std::to_string(bad.second) + ")";
+        EXPECT_THROW_MSG(ParamError, w.begin(1, L, F, 4), ("(" + std::to_string(bad.first) + ", ").c_str(), what);
+    }
+    WatchReducer edge({{2, 36}, {0, 0}});
+    EXPECT_NO_THROW(edge.begin(1, L, F, 4), "watch the last neuron of the last layer");
+    WatchReducer none({});
+    EXPECT_NO_THROW(none.begin(2, L, F, 4), "watch nothing");
+    none.on_row(0, 0, 1, rows[0].row(0, 1));
+    none.finish(0, 1);
+    CHECK(none.values(0).empty() && none.n_watched() == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The parallel sampler on the real model
+
+ContextParams parallel_context(int n) {
+    ContextParams cp;
+    cp.n_ctx = n * 256;
+    cp.n_batch = 512;
+    cp.n_seq_max = n;
+    cp.n_threads = 2;
+    cp.kv_unified = false;
+    return cp;
+}
+
+SampleParams sample_params(int n, int max_tokens, uint32_t seed) {
+    SampleParams sp;
+    sp.n = n;
+    sp.max_tokens = max_tokens;
+    sp.sampling.temperature = 1.0f;
+    sp.sampling.top_p = 1.0f;
+    sp.sampling.top_k = 0;
+    sp.sampling.seed = seed;
+    return sp;
+}
+
+std::vector<llama_token> chat_prompt(const Model& model, const std::string& question) {
+    return model.tokenize(model.apply_chat_template({{"user", question}}, true), false, true);
+}
+
+const char* kQuestion = "What is the capital of France? Answer briefly.";
+
+std::vector<std::vector<llama_token>> all_tokens(const ParallelSampler& ps) {
+    std::vector<std::vector<llama_token>> out;
+    for (int i = 0; i < ps.n(); ++i) out.push_back(ps.sample(i).tokens);
+    return out;
+}
+
+// The largest relative L2 distance between a row of `got` and the same row of `want`, both
+// [tokens, layers, n_ff]. Infinity when the sizes differ.
+double max_row_rel_l2(const std::vector<float>& got, const std::vector<float>& want, int64_t n_ff) {
+    if (got.size() != want.size() || n_ff <= 0) return INFINITY;
+    double worst = 0;
+    for (size_t r = 0; r * n_ff < got.size(); ++r) {
+        double d2 = 0, w2 = 0;
+        for (int64_t i = 0; i < n_ff; ++i) {
+            const double g = got[r * n_ff + i], w = want[r * n_ff + i];
+            d2 += (g - w) * (g - w);
+            w2 += w * w;
+        }
+        const double rel = std::sqrt(d2) / std::max(std::sqrt(w2), 1e-12);
+        if (!(rel <= worst)) worst = rel;  // NaN sticks
+    }
+    return worst;
+}
+
+// The rows of `tokens` fed one by one to a single-sequence context: the reference.
+std::vector<float> teacher_forced_rows(TappedContext& single, const std::vector<llama_token>& prompt,
+                                       const std::vector<llama_token>& tokens) {
+    GenerateParams gp;
+    gp.max_tokens = static_cast<int>(tokens.size());
+    gp.forced = tokens;
+    gp.capture = CaptureMode::Float32;
+    gp.sampling.temperature = 0.0f;
+    GenerateResult r = generate(single, prompt, gp, nullptr);
+    if (r.tokens != tokens) return {};
+    return r.acts_f32;
+}
+
+void test_parallel_sampling() {
+    auto model = shared_model();
+    const int L = model->info().n_layer;
+    const int64_t F = model->info().n_ff;
+    const int n = 6, max_tokens = 24;
+    const uint32_t seed = 1234;
+    TappedContext tc(model, parallel_context(n));
+    TappedContext single(model, small_context());
+    const std::vector<llama_token> prompt = chat_prompt(*model, kQuestion);
+    CHECK(prompt.size() > 10);
+
+    ActiveCountReducer counts(0.0f);
+    ChunkBitsetReducer bitsets(4, 0.0f);
+    const std::vector<std::pair<int, int>> watched = {{29, 1535}, {0, 0}, {14, 700}};
+    WatchReducer watch(watched);
+    FullRowReducer rows(false), half(true);
+    ParallelSampler ps(tc, prompt, sample_params(n, max_tokens, seed), {&counts, &bitsets, &watch, &rows, &half});
+    CHECK(ps.n() == n && ps.n_live() == n && ps.n_prompt() == static_cast<int>(prompt.size()));
+    Progress progress;
+    CHECK(ps.advance(max_tokens, &progress) == 0);
+    CHECK(ps.n_live() == 0);
+
+    int64_t total = 0;
+    std::vector<size_t> lengths;
+    for (int s = 0; s < n; ++s) {
+        const SampleState& st = ps.sample(s);
+        lengths.push_back(st.tokens.size());
+        total += static_cast<int64_t>(st.tokens.size()) + (st.finish_reason == "eos");
+        CHECK(!st.live);
+        CHECK(st.tokens.size() <= static_cast<size_t>(max_tokens));
+        CHECK_MSG(st.finish_reason == (st.tokens.size() == static_cast<size_t>(max_tokens) ? "length" : "eos"),
+                  "sample " + std::to_string(s) + ": " + st.finish_reason);
+        CHECK(st.text == model->detokenize(st.tokens));
+        CHECK(st.token_logprob.empty() && st.top_ids.empty());
+    }
+    std::printf("  sample lengths:");
+    for (size_t k : lengths) std::printf(" %zu", k);
+    std::printf("\n");
+    CHECK(ps.tokens_sampled() == total);  // end-of-generation tokens are sampled too
+    CHECK(progress.tokens.load() == total);
+    CHECK_MSG(*std::min_element(lengths.begin(), lengths.end()) < *std::max_element(lengths.begin(), lengths.end()),
+              "all samples ended at the same step: nothing checks the routing after one ends");
+    CHECK(ps.decode_steps() == static_cast<int>(*std::max_element(lengths.begin(), lengths.end())) - 1 ||
+          ps.decode_steps() == static_cast<int>(*std::max_element(lengths.begin(), lengths.end())));
+    const auto first = all_tokens(ps);
+    CHECK_MSG(std::count(first.begin(), first.end(), first[0]) < n, "every sample drew the same tokens");
+
+    // Every sample's rows are the rows of its own tokens: a single-sequence teacher-forced run
+    // of the same tokens computes them again, and the other reducers agree with the rows.
+    double worst_rel = 0;
+    for (int s = 0; s < n; ++s) {
+        const std::string tag = "sample " + std::to_string(s);
+        const auto& toks = ps.sample(s).tokens;
+        const size_t nt = toks.size();
+        const auto& got = rows.rows_f32(s);
+        CHECK_MSG(got.size() == nt * L * F, tag);
+        if (nt == 0 || got.size() != nt * L * F) continue;
+        const std::vector<float> want = teacher_forced_rows(single, prompt, toks);
+        CHECK_MSG(want.size() == got.size(), tag + ": teacher-forced run");
+        const double rel = max_row_rel_l2(got, want, F);
+        worst_rel = std::max(worst_rel, rel);
+        CHECK_MSG(rel < 5e-3, tag + ": max relative L2 " + std::to_string(rel));
+        // A wrong row (the next token's, or another sample's) is far from it.
+        if (nt > 1) {
+            std::vector<float> shifted(want.begin() + L * F, want.end());
+            shifted.insert(shifted.end(), want.end() - L * F, want.end());
+            CHECK_MSG(max_row_rel_l2(got, shifted, F) > 0.1, tag + ": rows are not token-specific");
+        }
+
+        const auto& cnt = counts.counts(s);
+        CHECK_MSG(cnt.size() == nt * L, tag);
+        int bad_counts = 0;
+        if (cnt.size() == nt * L)
+            for (size_t r = 0; r < nt * L; ++r)
+                bad_counts += cnt[r] != std::count_if(got.begin() + r * F, got.begin() + (r + 1) * F,
+                                                      [](float x) { return x > 0.0f; });
+        CHECK_MSG(bad_counts == 0, tag + ": active counts disagree with the rows");
+
+        const size_t W = static_cast<size_t>(bitsets.n_words());
+        CHECK(W == static_cast<size_t>((L * F + 63) / 64));
+        const size_t n_chunks = (nt + 3) / 4;
+        CHECK_MSG(bitsets.bits(s).size() == n_chunks * W, tag);
+        if (bitsets.bits(s).size() == n_chunks * W) {
+            std::vector<uint64_t> want_bits(n_chunks * W, 0);
+            for (size_t t = 0; t < nt; ++t)
+                for (int64_t k = 0; k < L * F; ++k)
+                    if (got[t * L * F + k] > 0.0f) want_bits[(t / 4) * W + k / 64] |= uint64_t(1) << (k % 64);
+            CHECK_MSG(bitsets.bits(s) == want_bits, tag + ": chunk bitsets disagree with the rows");
+        }
+
+        const auto& wv = watch.values(s);
+        CHECK_MSG(wv.size() == nt * watched.size(), tag);
+        if (wv.size() == nt * watched.size()) {
+            int bad = 0;
+            for (size_t t = 0; t < nt; ++t)
+                for (size_t k = 0; k < watched.size(); ++k)
+                    bad += wv[t * watched.size() + k] !=
+                           got[(t * L + watched[k].first) * F + watched[k].second];
+            CHECK_MSG(bad == 0, tag + ": watched values disagree with the rows");
+        }
+
+        const auto& h = half.rows_f16(s);
+        CHECK_MSG(h.size() == got.size(), tag);
+        if (h.size() == got.size()) {
+            size_t bad = 0;
+            for (size_t k = 0; k < h.size(); ++k) {
+                const float x = ggml_fp16_to_fp32(static_cast<ggml_fp16_t>(h[k]));
+                bad += !(std::fabs(x - got[k]) <= 1e-3f * std::fabs(got[k]) + 1e-6f);
+            }
+            CHECK_MSG(bad == 0, tag + ": " + std::to_string(bad) + " f16 rows off");
+        }
+    }
+
+    std::printf("  rows vs teacher-forced single-sequence rows: max relative L2 %.2e\n", worst_rel);
+
+    // Seeds: the same seed draws the same tokens; another seed draws others.
+    {
+        ParallelSampler again(tc, prompt, sample_params(n, max_tokens, seed), {});
+        again.advance(max_tokens, nullptr);
+        CHECK_MSG(all_tokens(again) == first, "the same seed drew different tokens");
+        ParallelSampler other(tc, prompt, sample_params(n, max_tokens, seed + 1), {});
+        other.advance(max_tokens, nullptr);
+        const auto second = all_tokens(other);
+        int same = 0;
+        for (int s = 0; s < n; ++s) same += second[s] == first[s];
+        CHECK_MSG(same < n / 2, std::to_string(same) + " of " + std::to_string(n) + " samples equal under another seed");
+    }
+    std::vector<uint32_t> seeds;
+    for (int i = 0; i < 64; ++i) seeds.push_back(sample_seed(seed, i));
+    CHECK(sample_seed(seed, 5) == seeds[5]);
+    CHECK(sample_seed(seed + 1, 5) != seeds[5]);
+    std::sort(seeds.begin(), seeds.end());
+    CHECK_MSG(std::adjacent_find(seeds.begin(), seeds.end()) == seeds.end(), "sample_seed repeats within 64 indices");
+}
+
+// advance() in steps, stop() mid-run, and the samples left alone are not disturbed.
+void test_parallel_control() {
+    auto model = shared_model();
+    const int L = model->info().n_layer;
+    const int64_t F = model->info().n_ff;
+    const int n = 6, max_tokens = 24, keep = 3;
+    const uint32_t seed = 777;
+    TappedContext tc(model, parallel_context(n));
+    const std::vector<llama_token> prompt = chat_prompt(*model, "Tell me a short story about a dragon.");
+    SampleParams sp = sample_params(n, max_tokens, seed);
+    sp.sampling.ignore_eos = true;  // every sample is still live at the stop
+
+    FullRowReducer ref_rows(false);
+    ParallelSampler ref(tc, prompt, sp, {&ref_rows});
+    CHECK(ref.advance(max_tokens, nullptr) == 0);
+    const auto unpruned = all_tokens(ref);
+    for (const auto& t : unpruned) CHECK(t.size() == static_cast<size_t>(max_tokens));
+    std::vector<std::vector<float>> ref_f32;
+    for (int s = 0; s < n; ++s) ref_f32.push_back(ref_rows.rows_f32(s));
+
+    FullRowReducer rows(false);
+    ActiveCountReducer counts(0.0f);
+    ParallelSampler ps(tc, prompt, sp, {&rows, &counts});
+    EXPECT_THROW(ParamError, ps.advance(0, nullptr), "advance(0)");
+    EXPECT_THROW(ParamError, ps.advance(-5, nullptr), "advance(-5)");
+    CHECK(ps.advance(8, nullptr) == n);
+    for (int s = 0; s < n; ++s) {
+        const auto& t = ps.sample(s).tokens;
+        CHECK(ps.sample(s).live && ps.sample(s).finish_reason.empty());
+        CHECK(t.size() == 8u);
+        CHECK(std::equal(t.begin(), t.end(), unpruned[s].begin()));
+    }
+    CHECK(ps.advance(8, nullptr) == n);  // already there: no step
+    CHECK(ps.sample(0).tokens.size() == 8u);
+    CHECK(ps.decode_steps() == 7);
+
+    EXPECT_THROW(ParamError, ps.stop({n}), "stop(n)");
+    EXPECT_THROW(ParamError, ps.stop({-1}), "stop(-1)");
+    CHECK(ps.n_live() == n);
+    std::vector<int> others;
+    for (int s = 0; s < n; ++s)
+        if (s != keep) others.push_back(s);
+    ps.stop(others);
+    CHECK(ps.n_live() == 1);
+    EXPECT_NO_THROW(ps.stop({others[0]}), "stopping a stopped sample again");
+    llama_memory_t mem = llama_get_memory(tc.ctx());
+    for (int s : others) {
+        CHECK(!ps.sample(s).live);
+        CHECK(ps.sample(s).finish_reason == "stopped");
+        CHECK_MSG(llama_memory_seq_pos_max(mem, s) == -1, "stopped sample " + std::to_string(s) + " keeps KV cells");
+    }
+    CHECK(llama_memory_seq_pos_max(mem, keep) >= static_cast<llama_pos>(prompt.size()));
+
+    CHECK(ps.advance(max_tokens, nullptr) == 0);
+    CHECK(ps.sample(keep).finish_reason == "length");
+    CHECK_MSG(ps.sample(keep).tokens == unpruned[keep], "the kept sample drew other tokens once the rest stopped");
+    const double rel = max_row_rel_l2(rows.rows_f32(keep), ref_f32[keep], F);
+    CHECK_MSG(rel < 5e-3, "kept sample: max relative L2 " + std::to_string(rel));
+    for (int s : others) {
+        CHECK(ps.sample(s).tokens.size() == 8u && ps.sample(s).finish_reason == "stopped");
+        CHECK(counts.counts(s).size() == 8u * L);
+        CHECK(rows.rows_f32(s).size() == size_t(8) * L * F);
+        if (rows.rows_f32(s).size() == size_t(8) * L * F && ref_f32[s].size() >= size_t(8) * L * F) {
+            std::vector<float> prefix(ref_f32[s].begin(), ref_f32[s].begin() + 8 * L * F);
+            CHECK(max_row_rel_l2(rows.rows_f32(s), prefix, F) < 5e-3);
+        }
+    }
+    CHECK(counts.counts(keep).size() == static_cast<size_t>(max_tokens) * L);
+    CHECK(ps.advance(max_tokens, nullptr) == 0);  // nothing left: a no-op
+    CHECK(ps.sample(keep).tokens.size() == static_cast<size_t>(max_tokens));
+    for (int s = 0; s < n; ++s) CHECK(llama_memory_seq_pos_max(mem, s) == -1);
+
+    // Stopped before the run starts: no tokens, no rows, and the others run as usual.
+    FullRowReducer early_rows(false);
+    ActiveCountReducer early_counts(0.0f);
+    ParallelSampler early(tc, prompt, sp, {&early_rows, &early_counts});
+    early.stop({0, 1});  // sample 0's sequence holds the prompt until it is copied
+    CHECK(early.n_live() == n - 2);
+    CHECK(early.advance(4, nullptr) == n - 2);
+    for (int s : {0, 1}) {
+        CHECK(early.sample(s).tokens.empty() && early.sample(s).finish_reason == "stopped");
+        CHECK(early_rows.rows_f32(s).empty());
+        CHECK(early_counts.counts(s).empty());
+        CHECK_MSG(llama_memory_seq_pos_max(mem, s) == -1, "sample " + std::to_string(s) + " stopped before the start keeps KV cells");
+    }
+    for (int s : {2, 3, 5}) {
+        const auto& t = early.sample(s).tokens;
+        CHECK(t.size() == 4u && std::equal(t.begin(), t.end(), unpruned[s].begin()));
+        CHECK(early_rows.rows_f32(s).size() == size_t(4) * L * F);
+    }
+}
+
+void test_parallel_errors() {
+    auto model = shared_model();
+    const int n = 6;
+    TappedContext tc(model, parallel_context(n));
+    const std::vector<llama_token> prompt = chat_prompt(*model, kQuestion);
+    const int np = static_cast<int>(prompt.size());
+    const int per_seq = static_cast<int>(llama_n_ctx_seq(tc.ctx()));
+    CHECK(per_seq == 256);
+    auto make = [&](const std::vector<llama_token>& p, const SampleParams& sp, std::vector<Reducer*> reds = {}) {
+        ParallelSampler ps(tc, p, sp, std::move(reds));
+    };
+
+    EXPECT_THROW(ParamError, make(prompt, sample_params(0, 8, 1)), "n=0");
+    EXPECT_THROW(ParamError, make(prompt, sample_params(-1, 8, 1)), "n=-1");
+    EXPECT_THROW(ParamError, make(prompt, sample_params(2, 0, 1)), "max_tokens 0");
+    EXPECT_THROW(ParamError, make(prompt, sample_params(2, -4, 1)), "max_tokens -4");
+    EXPECT_THROW_MSG(ParamError, make(prompt, sample_params(n + 1, 8, 1)), "sequences", "n > n_seq_max");
+    EXPECT_THROW_MSG(ContextError, make(prompt, sample_params(2, per_seq - np + 1, 1)), "cells per sequence",
+                     "prompt + max_tokens one past the cells of a sequence");
+    EXPECT_NO_THROW(make(prompt, sample_params(n, per_seq - np, 1)), "prompt + max_tokens exactly the cells of a sequence");
+    EXPECT_THROW(ContextError, make(std::vector<llama_token>(300, prompt.back()), sample_params(1, 1, 1)),
+                 "a prompt longer than a sequence");
+    EXPECT_THROW(ParamError, make({}, sample_params(2, 8, 1)), "empty prompt");
+    std::vector<llama_token> bad = prompt;
+    bad.push_back(model->info().n_vocab);
+    EXPECT_THROW(ParamError, make(bad, sample_params(2, 8, 1)), "token id == n_vocab");
+    SampleParams lp = sample_params(2, 8, 1);
+    lp.top_logprobs = 101;
+    EXPECT_THROW(ParamError, make(prompt, lp), "top_logprobs 101");
+    lp.top_logprobs = -1;
+    EXPECT_THROW(ParamError, make(prompt, lp), "top_logprobs -1");
+    lp.top_logprobs = 100;
+    EXPECT_NO_THROW(make(prompt, lp), "top_logprobs 100");
+    SampleParams temp = sample_params(2, 8, 1);
+    temp.sampling.temperature = -1.0f;
+    EXPECT_THROW(ParamError, make(prompt, temp), "temperature -1");
+    // A reducer that rejects the run (a watched neuron outside the model) after the samplers
+    // were made: nothing may leak (LeakSanitizer checks).
+    WatchReducer outside({{0, 0}, {model->info().n_layer, 0}});
+    EXPECT_THROW(ParamError, make(prompt, sample_params(n, 8, 1), {&outside}), "watched layer == n_layer");
+
+    // After all that, the context still samples.
+    ParallelSampler ok(tc, prompt, sample_params(n, 4, 1), {});
+    int live = -1;
+    EXPECT_NO_THROW(live = ok.advance(4, nullptr), "a run after the errors");
+    CHECK(live == 0);
+    for (int s = 0; s < n; ++s) CHECK(!ok.sample(s).tokens.empty() || ok.sample(s).finish_reason == "eos");
+}
+
+// log_softmax of a logits row, in double.
+std::vector<double> log_softmax(const float* logits, int n_vocab) {
+    double mx = logits[0];
+    for (int i = 1; i < n_vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+    double sum = 0;
+    for (int i = 0; i < n_vocab; ++i) sum += std::exp(logits[i] - mx);
+    const double lse = mx + std::log(sum);
+    std::vector<double> out(static_cast<size_t>(n_vocab));
+    for (int i = 0; i < n_vocab; ++i) out[i] = logits[i] - lse;
+    return out;
+}
+
+void test_parallel_logprobs() {
+    auto model = shared_model();
+    const int n = 4, k = 5, max_tokens = 12;
+    const int V = model->info().n_vocab;
+    TappedContext tc(model, parallel_context(n));
+    const std::vector<llama_token> prompt = chat_prompt(*model, kQuestion);
+    SampleParams sp = sample_params(n, max_tokens, 99);
+    sp.top_logprobs = k;
+    ParallelSampler ps(tc, prompt, sp, {});
+    ps.advance(max_tokens, nullptr);
+
+    // Single-sequence logits of the same tokens: the reference for every position.
+    ContextParams cp = small_context();
+    cp.install_tap = false;
+    TappedContext single(model, cp);
+    const int np = static_cast<int>(prompt.size());
+    for (int s = 0; s < n; ++s) {
+        const std::string tag = "sample " + std::to_string(s);
+        const SampleState& st = ps.sample(s);
+        const size_t nt = st.tokens.size();
+        CHECK_MSG(st.token_logprob.size() == nt, tag);
+        CHECK_MSG(st.top_logprobs.size() == nt * k && st.top_ids.size() == nt * k, tag);
+        if (st.token_logprob.size() != nt || st.top_logprobs.size() != nt * k || st.top_ids.size() != nt * k) continue;
+        single.clear();
+        single.decode_seq(prompt.data(), np, 0, 0, nullptr);
+        double worst = 0;
+        for (size_t j = 0; j < nt; ++j) {
+            const float lp = st.token_logprob[j];
+            const float* top = st.top_logprobs.data() + j * k;
+            const int32_t* ids = st.top_ids.data() + j * k;
+            CHECK_MSG(std::isfinite(lp) && lp <= 0.0f, tag + ", token " + std::to_string(j));
+            for (int i = 0; i < k; ++i) {
+                CHECK(std::isfinite(top[i]) && top[i] <= 0.0f);
+                CHECK(ids[i] >= 0 && ids[i] < V);
+                if (i > 0) CHECK_MSG(top[i] <= top[i - 1], tag + ": top_logprobs not sorted");
+                for (int i2 = 0; i2 < i; ++i2) CHECK(ids[i2] != ids[i]);
+                if (ids[i] == st.tokens[j]) CHECK(std::fabs(top[i] - lp) < 1e-6f);
+            }
+            CHECK_MSG(lp <= top[0] + 1e-5f, tag + ": the sampled token beats the top entry");
+
+            const std::vector<double> ref = log_softmax(llama_get_logits_ith(single.ctx(), -1), V);
+            worst = std::max(worst, std::fabs(ref[static_cast<size_t>(st.tokens[j])] - lp));
+            for (int i = 0; i < k; ++i) worst = std::max(worst, std::fabs(ref[static_cast<size_t>(ids[i])] - top[i]));
+            single.decode_seq(&st.tokens[j], 1, np + static_cast<int>(j), 0, nullptr);
+        }
+        CHECK_MSG(worst < 0.05, tag + ": log-probabilities off the single-sequence ones by " + std::to_string(worst));
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -983,6 +1626,7 @@ int main(int argc, char** argv) {
         {"tap_discovery", test_tap_discovery},
         {"gguf_overflowing_shape", test_gguf_overflowing_shape},
         {"unsupported_models", test_unsupported_models},
+        {"reducers_synthetic", test_reducers_synthetic},
     };
     const TestCase with_model[] = {
         {"gguf_real_model", test_gguf_real_model},
@@ -991,6 +1635,10 @@ int main(int argc, char** argv) {
         {"model_info", test_model_info},
         {"generation", test_generation},
         {"generation_errors", test_generation_errors},
+        {"parallel_sampling", test_parallel_sampling},
+        {"parallel_control", test_parallel_control},
+        {"parallel_errors", test_parallel_errors},
+        {"parallel_logprobs", test_parallel_logprobs},
     };
 
     int passed = 0, failed = 0;

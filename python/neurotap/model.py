@@ -215,7 +215,7 @@ class Model:
         self._idle_sampling_ctx = ctx
 
     def start_sampling(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
-                       temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, min_p: float = 0.0,
+                       temperature: float = 0.6, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0,
                        seed: Optional[int] = 0, stop: Optional[Union[str, Sequence[str]]] = None,
                        reducers: Sequence[str] = ("counts", "bitsets"), chunk: int = 32,
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
