@@ -2,7 +2,8 @@
 the tap off, and neurotap with the tap on (active counts; and with float16 capture).
 
 Same model, prompt, threads, greedy decoding and flash attention for all; the variants are
-interleaved round by round so machine noise hits them alike; the median round is reported.
+interleaved round by round so machine noise hits them alike. Rates are the median over rounds;
+ratios are the median of the per-round ratios (each round's variants ran back to back).
 
     python benchmarks/bench_generate.py [--model NAME|PATH] [--threads 2] [--tokens 128] [--rounds 5]
 """
@@ -40,7 +41,7 @@ def main() -> None:
     ap.add_argument("--model", default=neurotap.default_model())
     ap.add_argument("--threads", type=int, default=neurotap.model.default_threads())
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
 
@@ -71,10 +72,13 @@ def main() -> None:
     print(f"{'variant':32s} {'tokens':>6s} {'decode tok/s':>12s}")
     for k in variants:
         print(f"{k:32s} {counts[k]:6d} {med[k]:12.1f}")
+    def paired(num, den):
+        return statistics.median(a / b for a, b in zip(rates[num], rates[den]))
+
     ratios = {
-        "tap off / llama-cpp-python": med["neurotap tap off"] / med["llama-cpp-python"],
-        "tap on / tap off": med["neurotap tap on"] / med["neurotap tap off"],
-        "tap on + f16 capture / tap off": med["neurotap tap on + f16 capture"] / med["neurotap tap off"],
+        "tap off / llama-cpp-python": paired("neurotap tap off", "llama-cpp-python"),
+        "tap on / tap off": paired("neurotap tap on", "neurotap tap off"),
+        "tap on + f16 capture / tap off": paired("neurotap tap on + f16 capture", "neurotap tap off"),
     }
     targets = {"tap off / llama-cpp-python": 0.95, "tap on / tap off": 0.95}
     for k, v in ratios.items():

@@ -5,7 +5,9 @@ llama-cpp-python generating the N answers one after another, and llama.cpp's own
 vendored in the pinned llama-cpp-python sdist by benchmarks/build_batched_bench.sh.
 
 Every sequence decodes exactly --tokens new tokens after a --prompt-token prompt (end of
-generation banned), with temperature 0.6, top-p 0.95 and top-k 40 for every sampler.
+generation banned), with temperature 0.6, top-p 0.95 and top-k 40 for every sampler. The two
+neurotap variants run back to back for --rounds rounds: rates are medians, on/off is the median
+of the per-round ratios.
 
     python benchmarks/bench_sample.py [--n 1,4,16,64] [--threads 2] [--tokens 128]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -80,6 +83,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=neurotap.model.default_threads())
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-llama-bench", action="store_true", help="skip llama-batched-bench (no build)")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -94,11 +98,16 @@ def main() -> None:
     ids = prompt_ids(model, a.prompt_tokens)
     neurotap_rate(model, ids, 2, 8, True)  # warm-up
 
-    rows = {}
+    rows, on_off = {}, {}
     for n in ns:
+        off, on = [], []
+        for _ in range(a.rounds):
+            off.append(neurotap_rate(model, ids, n, a.tokens, False))
+            on.append(neurotap_rate(model, ids, n, a.tokens, True))
+        on_off[n] = statistics.median(x / y for x, y in zip(on, off))
         rows[n] = {
-            "neurotap tap off": neurotap_rate(model, ids, n, a.tokens, False),
-            "neurotap tap on (bitsets)": neurotap_rate(model, ids, n, a.tokens, True),
+            "neurotap tap off": statistics.median(off),
+            "neurotap tap on (bitsets)": statistics.median(on),
             "llama-cpp-python sequential": llama_cpp_python_rate(llm, ids, n, a.tokens),
         }
     cmd = None
@@ -115,7 +124,7 @@ def main() -> None:
         r = rows[n]
         ratio_llama = r["neurotap tap off"] / r["llama-batched-bench"] if "llama-batched-bench" in r else float("nan")
         print(f"{n:3d} " + " ".join(f"{r[c]:28.1f}" for c in cols) +
-              f" {ratio_llama:13.2f} {r['neurotap tap on (bitsets)'] / r['neurotap tap off']:7.2f}"
+              f" {ratio_llama:13.2f} {on_off[n]:7.2f}"
               f" {r['neurotap tap off'] / r['llama-cpp-python sequential']:8.2f}")
     if cmd:
         print(f"llama-batched-bench {cmd}")
