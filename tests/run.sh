@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet ".[test]"
 .venv/bin/python -m pytest -q tests
-PYTHON=.venv/bin/python bash cpp/tests/run_sanitized.sh
+PYTHON="$PWD/.venv/bin/python" bash cpp/tests/run_sanitized.sh

@@ -11,6 +11,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUILD="$ROOT/build/native-asan"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+# CMake resolves a relative interpreter path against the build dir: make it absolute.
+if [[ "$PYTHON" == */* && "$PYTHON" != /* ]]; then PYTHON="$PWD/$PYTHON"; fi
 JOBS="${JOBS:-2}"
 
 if ! FOUND="$(command -v "$PYTHON")"; then
