@@ -1,5 +1,4 @@
 """Bad input gets a clear Python exception naming the problem, never a crash."""
-import shutil
 
 import pytest
 

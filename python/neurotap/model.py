@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from . import _native
+from .params import positive_int, seed_value, stop_list
 from .progress import run_with_progress
 from .registry import default_model, resolve
 
@@ -163,18 +163,14 @@ class Model:
             if not forced_ids:
                 raise ValueError("forced must hold at least one token")
             max_tokens = len(forced_ids)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        max_tokens = positive_int("max_tokens", max_tokens)
         key = capture.lower() if isinstance(capture, str) else capture
         if key not in _CAPTURE:
             raise ValueError(f"capture must be None, 'float32' or 'float16', got {capture!r}")
         if (key or debug_norm) and not tap:
             raise ValueError("capture and debug_norm need the tap on (tap=True)")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if seed is None:
-            seed = random.SystemRandom().randrange(2**32)
-        if not 0 <= int(seed) < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        stops = stop_list(stop)
+        seed = seed_value(seed)
         ids = self.prompt_tokens(prompt)
 
         def call() -> Dict[str, Any]:

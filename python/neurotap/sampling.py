@@ -2,14 +2,14 @@
 record reduced natively as it streams (see cpp/parallel_sampler.h)."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _native
 from .errors import ContextError
+from .params import positive_int, seed_value, stop_list
 from .progress import run_with_progress
 
 if TYPE_CHECKING:
@@ -142,10 +142,8 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
           min_p: float, seed: Optional[int], stop: Optional[Sequence[str]], reducers: Sequence[str], chunk: int,
           active_threshold: float, watch: Optional[Sequence[Tuple[int, int]]], capture: Optional[str],
           logprobs: int, tap: bool, ignore_eos: bool = False) -> SampleRun:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    n = positive_int("n", n)
+    max_tokens = positive_int("max_tokens", max_tokens)
     unknown = set(reducers) - set(REDUCERS)
     if unknown:
         raise ValueError(f"unknown reducers {sorted(unknown)}; available: {', '.join(REDUCERS)}")
@@ -159,11 +157,8 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
     if not 0 <= logprobs <= 100:
         raise ValueError(f"logprobs must be in [0, 100], got {logprobs}")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**32)
-    if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    stops = stop_list(stop)
+    seed = seed_value(seed)
     ids = model.prompt_tokens(prompt)
     ctx = model._sampling_context(int(n), len(ids) + int(max_tokens))
     native = _native.SamplingRun(
