@@ -58,7 +58,8 @@ private:
     const GenerateParams& p_;
 };
 
-// Position of the first stop string that ends in text[from:], or npos.
+}  // namespace
+
 size_t find_stop(const std::string& text, size_t from, const std::vector<std::string>& stops) {
     size_t best = std::string::npos;
     for (const auto& s : stops) {
@@ -69,8 +70,6 @@ size_t find_stop(const std::string& text, size_t from, const std::vector<std::st
     }
     return best;
 }
-
-}  // namespace
 
 llama_sampler* make_sampler_chain(const SamplingParams& p, const llama_vocab* vocab) {
     if (!std::isfinite(p.temperature) || p.temperature < 0) throw ParamError("temperature must be >= 0");

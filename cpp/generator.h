@@ -21,6 +21,9 @@ struct SamplingParams {
     bool ignore_eos = false;   // ban end-of-generation tokens (fixed-length runs, benchmarks)
 };
 
+// Position of the earliest stop string that a piece appended at text[from:] completed, or npos.
+size_t find_stop(const std::string& text, size_t from, const std::vector<std::string>& stops);
+
 // Builds llama.cpp's sampler chain; validates the parameters (ParamError).
 llama_sampler* make_sampler_chain(const SamplingParams& p, const llama_vocab* vocab);
 

@@ -124,15 +124,11 @@ void ParallelSampler::sample_and_commit(int s) {
     st.tokens.push_back(tok);
     const size_t before = st.text.size();
     st.text += tc_.model().token_piece(tok);
-    for (const auto& stop : params_.stop) {
-        if (stop.empty()) continue;
-        const size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
-        const size_t pos = st.text.find(stop, from);
-        if (pos != std::string::npos) {
-            st.text.resize(pos);
-            end_sample(s, "stop");
-            return;
-        }
+    const size_t stop_at = find_stop(st.text, before, params_.stop);
+    if (stop_at != std::string::npos) {
+        st.text.resize(stop_at);
+        end_sample(s, "stop");
+        return;
     }
     if (static_cast<int>(st.tokens.size()) == params_.max_tokens) end_sample(s, "length");
 }

@@ -118,3 +118,12 @@ def test_request_beyond_the_cells_fails_before_decoding(model):
 def test_bad_sampling_parameters(model, kw, msg):
     with pytest.raises(ValueError, match=msg):
         model.start_sampling(PROMPT, **{"n": 2, "max_tokens": 4, **kw})
+
+
+def test_stop_strings_end_each_sample(model):
+    full = model.sample(PROMPT, n=4, max_tokens=30, temperature=1.0, top_p=1.0, seed=4, reducers=())
+    cut = model.sample(PROMPT, n=4, max_tokens=30, temperature=1.0, top_p=1.0, seed=4, reducers=(), stop=" ")
+    for f, c in zip(full, cut):
+        assert " " not in c.text and f.text.startswith(c.text)
+        if " " in f.text:
+            assert c.finish_reason == "stop" and c.n_tokens <= f.n_tokens
