@@ -5,7 +5,7 @@
 #include <memory>
 
 #include "errors.h"
-#include "ggml.h"
+#include "reducers.h"
 
 namespace neurotap {
 
@@ -15,47 +15,46 @@ struct SamplerDeleter {
     void operator()(llama_sampler* s) const { llama_sampler_free(s); }
 };
 
-// Writes the tapped rows of token `token` into the result.
+// Streams the tapped rows of token `token` into the same reducers the parallel sampler uses
+// (as sample 0), and keeps the debug-mode normed FFN inputs.
 class GenerationRecorder : public RowSink {
 public:
-    GenerationRecorder(GenerateResult& r, const GenerateParams& p) : r_(r), p_(p) {}
+    GenerationRecorder(GenerateResult& r, const GenerateParams& p)
+        : r_(r), p_(p), counts_(p.active_threshold), rows_(p.capture == CaptureMode::Float16) {
+        counts_.begin(1, r_.n_layer, r_.n_ff, p.max_tokens);
+        if (p_.capture != CaptureMode::None) rows_.begin(1, r_.n_layer, r_.n_ff, p.max_tokens);
+        if (p_.capture_norm) r_.norm_inputs.assign(static_cast<size_t>(p.max_tokens) * r_.n_layer * r_.n_embd, 0.f);
+    }
     int token = 0;
 
-    void reserve(int max_tokens) {
-        const size_t n = static_cast<size_t>(max_tokens);
-        r_.active_counts.assign(n * r_.n_layer, 0);
-        if (p_.capture == CaptureMode::Float32) r_.acts_f32.assign(n * r_.n_layer * r_.n_ff, 0.f);
-        if (p_.capture == CaptureMode::Float16) r_.acts_f16.assign(n * r_.n_layer * r_.n_ff, 0);
-        if (p_.capture_norm) r_.norm_inputs.assign(n * r_.n_layer * r_.n_embd, 0.f);
-    }
-    void truncate(int n_tokens) {
-        const size_t n = static_cast<size_t>(n_tokens);
-        r_.active_counts.resize(n * r_.n_layer);
-        if (!r_.acts_f32.empty()) r_.acts_f32.resize(n * r_.n_layer * r_.n_ff);
-        if (!r_.acts_f16.empty()) r_.acts_f16.resize(n * r_.n_layer * r_.n_ff);
-        if (!r_.norm_inputs.empty()) r_.norm_inputs.resize(n * r_.n_layer * r_.n_embd);
+    // Moves the records of the first n_tokens tokens into the result.
+    void finish(int n_tokens) {
+        counts_.finish(0, n_tokens);
+        r_.active_counts = counts_.take_counts(0);
+        if (p_.capture != CaptureMode::None) {
+            rows_.finish(0, n_tokens);
+            if (rows_.half()) r_.acts_f16 = rows_.take_f16(0);
+            else r_.acts_f32 = rows_.take_f32(0);
+        }
+        if (p_.capture_norm) r_.norm_inputs.resize(static_cast<size_t>(n_tokens) * r_.n_layer * r_.n_embd);
     }
 
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override {
         if (row0 != 0 || n_rows != 1) return;  // single-sequence decode steps hold one row
-        const size_t slot = static_cast<size_t>(token) * r_.n_layer + layer;
         if (kind == TapKind::NormInput) {
+            const size_t slot = static_cast<size_t>(token) * r_.n_layer + layer;
             std::copy(data, data + width, r_.norm_inputs.begin() + slot * width);
             return;
         }
-        int32_t count = 0;
-        const float thr = p_.active_threshold;
-        for (int64_t i = 0; i < width; ++i) count += data[i] > thr;
-        r_.active_counts[slot] = count;
-        if (p_.capture == CaptureMode::Float32)
-            std::copy(data, data + width, r_.acts_f32.begin() + slot * width);
-        else if (p_.capture == CaptureMode::Float16)
-            ggml_fp32_to_fp16_row(data, reinterpret_cast<ggml_fp16_t*>(r_.acts_f16.data() + slot * width), width);
+        counts_.on_row(0, token, layer, data);
+        if (p_.capture != CaptureMode::None) rows_.on_row(0, token, layer, data);
     }
 
 private:
     GenerateResult& r_;
     const GenerateParams& p_;
+    ActiveCountReducer counts_;
+    FullRowReducer rows_;
 };
 
 }  // namespace
@@ -127,7 +126,6 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     r.n_ff = model.info().n_ff;
     r.n_embd = model.info().n_embd;
     GenerationRecorder rec(r, params);
-    rec.reserve(params.max_tokens);
     RowSink* sink = params.tap ? &rec : nullptr;
     tc.tap().set_capture_norm(params.capture_norm);
 
@@ -167,7 +165,7 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
         tc.decode_seq(&tok, 1, n_prompt + j, 0, sink);
     }
     const auto t2 = clock::now();
-    rec.truncate(static_cast<int>(r.tokens.size()));
+    rec.finish(static_cast<int>(r.tokens.size()));
     if (!params.tap) r.active_counts.clear();
     r.prompt_seconds = std::chrono::duration<double>(t1 - t0).count();
     r.decode_seconds = std::chrono::duration<double>(t2 - t1).count();

@@ -31,6 +31,7 @@ public:
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;
     const std::vector<int32_t>& counts(int sample) const { return counts_[sample]; }  // [tokens, layers]
+    std::vector<int32_t> take_counts(int sample) { return std::move(counts_[sample]); }
 
 private:
     float thr_;
@@ -88,6 +89,8 @@ public:
     bool half() const { return half_; }
     const std::vector<float>& rows_f32(int sample) const { return f32_[sample]; }     // [tokens, layers, n_ff]
     const std::vector<uint16_t>& rows_f16(int sample) const { return f16_[sample]; }
+    std::vector<float> take_f32(int sample) { return std::move(f32_[sample]); }
+    std::vector<uint16_t> take_f16(int sample) { return std::move(f16_[sample]); }
 
 private:
     bool half_;
