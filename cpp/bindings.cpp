@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "contribution.h"
 #include "errors.h"
 #include "generator.h"
 #include "gguf_file.h"
@@ -83,6 +84,7 @@ struct SamplingRun {
     std::unique_ptr<ChunkBitsetReducer> bitsets;
     std::unique_ptr<WatchReducer> watch;
     std::unique_ptr<FullRowReducer> rows;
+    std::unique_ptr<ContributionReducer> contrib;
     std::unique_ptr<ParallelSampler> sampler;
     Progress progress;
 };
@@ -122,9 +124,31 @@ py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
         if (run.rows->half()) d["activations"] = copy(run.rows->rows_f16(i), {n, L, F}, py::dtype("float16"));
         else d["activations"] = copy(run.rows->rows_f32(i), {n, L, F}, py::dtype::of<float>());
     }
+    if (run.contrib) {
+        const py::ssize_t W = run.contrib->n_words(), C = run.contrib->params().chunk;
+        const py::ssize_t chunks = (n + C - 1) / C;
+        std::vector<uint64_t> v(static_cast<size_t>(chunks * W), 0);
+        const auto& b = run.contrib->bits(i);
+        std::copy_n(b.begin(), std::min(b.size(), v.size()), v.begin());
+        d["contrib_bitsets"] = to_numpy(std::move(v), {chunks, W}, py::dtype::of<uint64_t>());
+        auto first_n = [n](const auto& src) {  // live samples hold a slot for the token in flight
+            using T = typename std::decay_t<decltype(src)>::value_type;
+            std::vector<T> v(static_cast<size_t>(n), T{});
+            std::copy_n(src.begin(), std::min(src.size(), v.size()), v.begin());
+            return v;
+        };
+        d["contrib_eta"] = to_numpy(first_n(run.contrib->eta(i)), {n}, py::dtype::of<float>());
+        d["contrib_active"] = to_numpy(first_n(run.contrib->n_active(i)), {n}, py::dtype::of<int32_t>());
+        if (run.contrib->params().keep_top) {
+            const py::ssize_t K = static_cast<py::ssize_t>(run.contrib->top_values(i).size()) / std::max<py::ssize_t>(n, 1) / L;
+            d["contrib_top_values"] = copy(run.contrib->top_values(i), {n, L, K}, py::dtype::of<float>());
+            d["contrib_top_index"] = copy(run.contrib->top_index(i), {n, L, K}, py::dtype::of<int32_t>());
+        }
+    }
     if (!st.token_logprob.empty() || st.tokens.empty()) {
         const py::ssize_t k = n ? static_cast<py::ssize_t>(st.top_ids.size()) / n : 0;
         d["token_logprob"] = copy(st.token_logprob, {static_cast<py::ssize_t>(st.token_logprob.size())}, py::dtype::of<float>());
+        d["mean_logprob"] = copy(st.mean_logprob, {static_cast<py::ssize_t>(st.mean_logprob.size())}, py::dtype::of<float>());
         d["top_ids"] = copy(st.top_ids, {n, k}, py::dtype::of<int32_t>());
         d["top_logprobs"] = copy(st.top_logprobs, {n, k}, py::dtype::of<float>());
     }
@@ -263,11 +287,31 @@ PYBIND11_MODULE(_native, m) {
 
     m.def("sample_seed", &sample_seed, py::arg("seed"), py::arg("index"));
 
+    m.def("jaccard", [](py::array_t<uint64_t, py::array::c_style | py::array::forcecast> sets) {
+        if (sets.ndim() != 2) throw ParamError("jaccard expects a 2-D array of bitsets [n, words]");
+        const int n = static_cast<int>(sets.shape(0));
+        const int64_t words = sets.shape(1);
+        std::vector<double> s;
+        {
+            py::gil_scoped_release nogil;
+            s = jaccard_matrix(sets.data(), n, words);
+        }
+        return to_numpy(std::move(s), {n, n}, py::dtype::of<double>());
+    }, py::arg("sets"), "Jaccard similarity matrix of bitsets (rows of uint64 words), by popcount.");
+    m.def("popcount", [](py::array_t<uint64_t, py::array::c_style | py::array::forcecast> sets) {
+        if (sets.ndim() != 2) throw ParamError("popcount expects a 2-D array of bitsets [n, words]");
+        std::vector<int64_t> out(static_cast<size_t>(sets.shape(0)));
+        for (py::ssize_t i = 0; i < sets.shape(0); ++i) out[static_cast<size_t>(i)] = popcount(sets.data(i, 0), sets.shape(1));
+        return to_numpy(std::move(out), {sets.shape(0)}, py::dtype::of<int64_t>());
+    }, py::arg("sets"), "Set bits per row.");
+
     py::class_<SamplingRun>(m, "SamplingRun")
         .def(py::init([](py::object ctx_obj, const std::vector<llama_token>& prompt, int n, int max_tokens,
                          float temperature, float top_p, int top_k, float min_p, uint32_t seed,
                          std::vector<std::string> stop, bool tap, bool counts, int chunk, float threshold,
-                         std::vector<std::pair<int, int>> watch, int rows, int top_logprobs, bool ignore_eos) {
+                         std::vector<std::pair<int, int>> watch, int rows, int top_logprobs, bool ignore_eos,
+                         int contrib_chunk, const std::string& contrib_variant, bool contrib_keep_top,
+                         int contrib_top, int contrib_eta_rank) {
             auto& c = ctx_obj.cast<ContextHandle&>();
             auto run = std::make_unique<SamplingRun>();
             run->context_owner = ctx_obj;
@@ -277,6 +321,26 @@ PYBIND11_MODULE(_native, m) {
             if (tap && !watch.empty()) reds.push_back((run->watch = std::make_unique<WatchReducer>(std::move(watch))).get());
             if (rows < 0 || rows > 2) throw ParamError("rows must be 0 (none), 1 (float32) or 2 (float16)");
             if (tap && rows > 0) reds.push_back((run->rows = std::make_unique<FullRowReducer>(rows == 2)).get());
+            if (contrib_variant != "down" && contrib_variant != "gate")
+                throw ParamError("contribution variant must be 'down' (the down projection's input) or 'gate' "
+                                 "(act(gate), as in the paper's code), got '" + contrib_variant + "'");
+            const bool gate = tap && contrib_chunk > 0 && contrib_variant == "gate";
+            if (tap && contrib_chunk > 0) {
+                ContributionParams cp;
+                cp.chunk = contrib_chunk;
+                cp.top_per_layer = contrib_top;
+                cp.eta_rank = contrib_eta_rank;
+                cp.gate_variant = gate;
+                cp.gelu = c.tc->model().info().act_name == "ffn_geglu";
+                cp.keep_top = contrib_keep_top;
+                cp.n_threads = c.tc->params().n_threads;
+                std::shared_ptr<const ContributionWeights> w;
+                {
+                    py::gil_scoped_release nogil;
+                    w = c.tc->model().contribution_weights();
+                }
+                reds.push_back((run->contrib = std::make_unique<ContributionReducer>(std::move(w), cp)).get());
+            }
             SampleParams p;
             p.n = n;
             p.max_tokens = max_tokens;
@@ -285,12 +349,15 @@ PYBIND11_MODULE(_native, m) {
             p.tap = tap;
             p.top_logprobs = top_logprobs;
             c.tc->tap().set_capture_norm(false);
+            c.tc->tap().set_capture_gate(gate);
             run->sampler = std::make_unique<ParallelSampler>(*c.tc, prompt, std::move(p), std::move(reds));
             return run;
         }), py::arg("context"), py::arg("prompt"), py::arg("n"), py::arg("max_tokens"), py::arg("temperature"),
             py::arg("top_p"), py::arg("top_k"), py::arg("min_p"), py::arg("seed"), py::arg("stop"), py::arg("tap"),
             py::arg("counts"), py::arg("chunk"), py::arg("threshold"), py::arg("watch"), py::arg("rows"),
-            py::arg("top_logprobs"), py::arg("ignore_eos") = false)
+            py::arg("top_logprobs"), py::arg("ignore_eos") = false, py::arg("contrib_chunk") = 0,
+            py::arg("contrib_variant") = "down", py::arg("contrib_keep_top") = false, py::arg("contrib_top") = 64,
+            py::arg("contrib_eta_rank") = 500)
         .def("advance", [](SamplingRun& r, int until) {
             py::gil_scoped_release nogil;
             r.progress.cancel = false;
@@ -309,6 +376,12 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("prompt_seconds", [](const SamplingRun& r) { return r.sampler->prompt_seconds(); })
         .def_property_readonly("decode_seconds", [](const SamplingRun& r) { return r.sampler->decode_seconds(); })
         .def_property_readonly("sample_seconds", [](const SamplingRun& r) { return r.sampler->sample_seconds(); })
+        .def_property_readonly("contrib_tokens", [](const SamplingRun& r) {
+            return r.contrib ? r.contrib->tokens_processed() : int64_t{0};
+        })
+        .def_property_readonly("contrib_seconds", [](const SamplingRun& r) {
+            return r.contrib ? std::make_pair(r.contrib->seconds(), r.contrib->dot_seconds()) : std::make_pair(0.0, 0.0);
+        }, "(seconds in the contribution pass, of which dot products)")
         .def("sample", [](const SamplingRun& r, int i) {
             if (i < 0 || i >= r.sampler->n()) throw ParamError("sample index out of range: " + std::to_string(i));
             auto& c = r.context_owner.cast<ContextHandle&>();

@@ -12,6 +12,7 @@ FfnTap::FfnTap(std::string act_name, int n_layer, int64_t n_ff, int64_t n_embd)
     : act_name_(std::move(act_name)), n_layer_(n_layer), n_ff_(n_ff), n_embd_(n_embd) {
     rows_seen_[0].assign(n_layer_, 0);
     rows_seen_[1].assign(n_layer_, 0);
+    rows_seen_[2].assign(n_layer_, 0);
     discovered_.assign(n_layer_, 0);
 }
 
@@ -32,15 +33,15 @@ int FfnTap::match(const char* name, TapKind* kind) const {
         const int il = parse_layer(name + na + 1);
         return il < n_layer_ ? il : -1;
     }
-    if (capture_norm_) {
-        const size_t nn = norm_name_.size();
-        if (std::strncmp(name, norm_name_.c_str(), nn) == 0 && name[nn] == '-') {
-            *kind = TapKind::NormInput;
-            const int il = parse_layer(name + nn + 1);
-            return il < n_layer_ ? il : -1;
-        }
-    }
-    return -1;
+    auto other = [&](bool on, const std::string& prefix, TapKind k) {
+        const size_t n = prefix.size();
+        if (!on || std::strncmp(name, prefix.c_str(), n) != 0 || name[n] != '-') return -1;
+        *kind = k;
+        const int il = parse_layer(name + n + 1);
+        return il < n_layer_ ? il : -1;
+    };
+    const int il = other(capture_norm_, norm_name_, TapKind::NormInput);
+    return il >= 0 ? il : other(capture_gate_, gate_name_, TapKind::Gate);
 }
 
 bool FfnTap::callback(ggml_tensor* t, bool ask, void* user_data) {
@@ -67,7 +68,7 @@ void FfnTap::on_data(const ggml_tensor* t) {
     TapKind kind;
     const int il = match(t->name, &kind);
     if (il < 0) return;
-    const int64_t width = kind == TapKind::Activation ? n_ff_ : n_embd_;
+    const int64_t width = kind == TapKind::NormInput ? n_embd_ : n_ff_;
     if (t->type != GGML_TYPE_F32 || t->ne[0] != width || t->ne[2] != 1 || t->ne[3] != 1 ||
         !ggml_is_contiguous(t)) {
         error_ = std::string("tapped tensor ") + t->name + " has an unexpected layout (type " +
@@ -102,6 +103,7 @@ void FfnTap::arm(int n_rows, RowSink* sink) {
     error_.clear();
     std::fill(rows_seen_[0].begin(), rows_seen_[0].end(), 0);
     std::fill(rows_seen_[1].begin(), rows_seen_[1].end(), 0);
+    std::fill(rows_seen_[2].begin(), rows_seen_[2].end(), 0);
 }
 
 void FfnTap::disarm() { sink_ = nullptr; }
@@ -109,11 +111,14 @@ void FfnTap::disarm() { sink_ = nullptr; }
 void FfnTap::disarm_and_check() {
     sink_ = nullptr;
     if (!error_.empty()) throw RuntimeError(error_);
-    for (int k = 0; k < (capture_norm_ ? 2 : 1); ++k) {
+    const bool on[3] = {true, capture_norm_, capture_gate_};
+    const std::string* names[3] = {&act_name_, &norm_name_, &gate_name_};
+    for (int k = 0; k < 3; ++k) {
+        if (!on[k]) continue;
         for (int il = 0; il < n_layer_; ++il) {
             if (rows_seen_[k][il] != armed_rows_) {
                 throw RuntimeError("tap: layer " + std::to_string(il) + " delivered " +
-                                   std::to_string(rows_seen_[k][il]) + " rows of " + (k ? norm_name_ : act_name_) +
+                                   std::to_string(rows_seen_[k][il]) + " rows of " + *names[k] +
                                    ", expected " + std::to_string(armed_rows_) +
                                    " (every tapped row must request logits)");
             }

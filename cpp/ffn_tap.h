@@ -15,7 +15,7 @@ struct ggml_tensor;
 
 namespace neurotap {
 
-enum class TapKind : int { Activation = 0, NormInput = 1 };
+enum class TapKind : int { Activation = 0, NormInput = 1, Gate = 2 };
 
 // Receives rows of one decode batch, per layer, in batch order.
 class RowSink {
@@ -37,6 +37,9 @@ public:
     // Also tap ffn_norm-<il> (the normed FFN input): a debug mode for verification.
     void set_capture_norm(bool on) { capture_norm_ = on; }
     bool capture_norm() const { return capture_norm_; }
+    // Also tap ffn_gate-<il> (the gate's pre-activation): NAD's paper-code variant a = act(gate).
+    void set_capture_gate(bool on) { capture_gate_ = on; }
+    bool capture_gate() const { return capture_gate_; }
 
     // Arms the tap for one llama_decode whose batch has n_rows rows, every one of which
     // requests logits (the last layer computes only those rows).
@@ -65,14 +68,16 @@ private:
 
     std::string act_name_;
     std::string norm_name_ = "ffn_norm";
+    std::string gate_name_ = "ffn_gate";
     int n_layer_;
     int64_t n_ff_;
     int64_t n_embd_;
     bool capture_norm_ = false;
+    bool capture_gate_ = false;
 
     RowSink* sink_ = nullptr;
     int armed_rows_ = 0;
-    std::vector<int> rows_seen_[2];
+    std::vector<int> rows_seen_[3];  // per TapKind
     bool discovering_ = false;
     std::vector<char> discovered_;
     std::vector<float> scratch_;  // staging for tensors in non-host (GPU) buffers

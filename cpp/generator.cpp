@@ -40,7 +40,7 @@ public:
     }
 
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override {
-        if (row0 != 0 || n_rows != 1) return;  // single-sequence decode steps hold one row
+        if (row0 != 0 || n_rows != 1 || kind == TapKind::Gate) return;  // one row per step; no gate use here
         if (kind == TapKind::NormInput) {
             const size_t slot = static_cast<size_t>(token) * r_.n_layer + layer;
             std::copy(data, data + width, r_.norm_inputs.begin() + slot * width);
@@ -128,6 +128,7 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     GenerationRecorder rec(r, params);
     RowSink* sink = params.tap ? &rec : nullptr;
     tc.tap().set_capture_norm(params.capture_norm);
+    tc.tap().set_capture_gate(false);
 
     tc.clear();
     const auto t0 = clock::now();

@@ -140,6 +140,21 @@ std::vector<float> GgufFile::read_rows(const std::string& name, int64_t row0, in
     return out;
 }
 
+std::vector<uint8_t> GgufFile::read_raw(const std::string& name) const {
+    const TensorInfo* t = find_tensor(name);
+    if (!t) throw ModelError("tensor '" + name + "' not found in " + path_);
+    const int64_t total_rows = t->ne[1] * t->ne[2] * t->ne[3];
+    if (ggml_row_size(t->type, t->ne[0]) * static_cast<uint64_t>(total_rows) != t->nbytes)
+        throw ModelError("tensor '" + name + "' has an inconsistent size in " + path_);
+    std::unique_ptr<FILE, FileCloser> f(std::fopen(path_.c_str(), "rb"));
+    if (!f) throw ModelError("cannot open model file: " + path_);
+    if (fseeko(f.get(), static_cast<off_t>(t->file_offset), SEEK_SET) != 0) throw ModelError("seek failed in " + path_);
+    std::vector<uint8_t> raw(t->nbytes);
+    if (!raw.empty() && std::fread(raw.data(), 1, raw.size(), f.get()) != raw.size())
+        throw ModelError("short read of tensor '" + name + "' in " + path_ + " (file changed or truncated)");
+    return raw;
+}
+
 std::vector<float> GgufFile::read_all(const std::string& name) const {
     const TensorInfo* t = find_tensor(name);
     if (!t) throw ModelError("tensor '" + name + "' not found in " + path_);

@@ -41,6 +41,8 @@ public:
     // Dequantized rows [row0, row0 + n_rows) of a 2-D tensor, each ne[0] floats.
     std::vector<float> read_rows(const std::string& name, int64_t row0, int64_t n_rows) const;
     std::vector<float> read_all(const std::string& name) const;
+    // The raw, still encoded bytes of a 2-D tensor (size checked against its type and shape).
+    std::vector<uint8_t> read_raw(const std::string& name) const;
 
 private:
     std::string path_;

@@ -3,6 +3,7 @@
 #include <map>
 #include <mutex>
 
+#include "contribution.h"
 #include "errors.h"
 #include "gguf_file.h"
 #include "log_capture.h"
@@ -105,6 +106,15 @@ std::shared_ptr<Model> Model::borrow(llama_model* m, const std::string& path) {
     ModelInfo info = inspect(path);
     fill_from_llama(info, m);
     return std::shared_ptr<Model>(new Model(m, false, std::move(info)));
+}
+
+std::shared_ptr<const ContributionWeights> Model::contribution_weights() const {
+    std::lock_guard<std::mutex> lock(weights_mu_);
+    if (!weights_) {
+        GgufFile f(info_.path);
+        weights_ = std::make_shared<const ContributionWeights>(f, info_.n_layer, info_.n_ff, info_.n_embd, info_.n_vocab);
+    }
+    return weights_;
 }
 
 std::vector<llama_token> Model::tokenize(const std::string& text, bool add_special, bool parse_special) const {

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -10,6 +11,8 @@
 #include "llama.h"
 
 namespace neurotap {
+
+class ContributionWeights;
 
 struct ModelInfo {
     std::string path;
@@ -51,6 +54,9 @@ public:
     std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>>& messages,
                                     bool add_assistant) const;
     bool is_eog(llama_token tok) const { return llama_vocab_is_eog(vocab_, tok); }
+    // W_down columns and the unembedding for NAD contributions, read from the file on first use
+    // and shared by every run afterwards.
+    std::shared_ptr<const ContributionWeights> contribution_weights() const;
 
 private:
     Model(llama_model* m, bool owned, ModelInfo info);
@@ -58,6 +64,8 @@ private:
     bool owned_;
     const llama_vocab* vocab_;
     ModelInfo info_;
+    mutable std::mutex weights_mu_;
+    mutable std::shared_ptr<const ContributionWeights> weights_;
 };
 
 }  // namespace neurotap

@@ -68,17 +68,21 @@ int ParallelSampler::n_live() const {
 }
 
 void ParallelSampler::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
-    if (kind != TapKind::Activation) return;
+    if (kind == TapKind::NormInput) return;
+    const bool gate = kind == TapKind::Gate;
+    auto offer = [&](int s, int t, const float* a) {
+        for (Reducer* red : reducers_) {
+            if (gate) red->on_gate_row(s, t, layer, a);
+            else red->on_row(s, t, layer, a);
+        }
+    };
     for (int r = 0; r < n_rows; ++r) {
         const float* a = data + static_cast<int64_t>(r) * width;
         if (broadcast_) {
             for (int s = 0; s < params_.n; ++s)
-                if (samples_[static_cast<size_t>(s)].live)  // not those stopped before the start
-                    for (Reducer* red : reducers_) red->on_row(s, 0, layer, a);
+                if (samples_[static_cast<size_t>(s)].live) offer(s, 0, a);  // not those stopped before the start
         } else {
-            const int s = row_sample_[static_cast<size_t>(row0 + r)];
-            const int t = row_token_[static_cast<size_t>(row0 + r)];
-            for (Reducer* red : reducers_) red->on_row(s, t, layer, a);
+            offer(row_sample_[static_cast<size_t>(row0 + r)], row_token_[static_cast<size_t>(row0 + r)], a);
         }
     }
 }
@@ -88,9 +92,13 @@ void ParallelSampler::record_logprobs(SampleState& st, const float* logits, llam
     const int k = std::min(params_.top_logprobs, V);
     float mx = logits[0];
     for (int i = 1; i < V; ++i) mx = std::max(mx, logits[i]);
-    double sum = 0;
-    for (int i = 0; i < V; ++i) sum += std::exp(static_cast<double>(logits[i] - mx));
+    double sum = 0, total = 0;
+    for (int i = 0; i < V; ++i) {
+        sum += std::exp(static_cast<double>(logits[i] - mx));
+        total += logits[i];
+    }
     const float lse = mx + static_cast<float>(std::log(sum));
+    st.mean_logprob.push_back(static_cast<float>(total / V) - lse);
     lp_scratch_.resize(static_cast<size_t>(V));
     for (int i = 0; i < V; ++i) lp_scratch_[i] = {logits[i], i};
     std::partial_sort(lp_scratch_.begin(), lp_scratch_.begin() + k, lp_scratch_.end(),
@@ -120,7 +128,7 @@ void ParallelSampler::sample_and_commit(int s) {
     }
     if (params_.top_logprobs > 0) record_logprobs(st, llama_get_logits_ith(tc_.ctx(), st.logits_row), tok);
     const int j = static_cast<int>(st.tokens.size());
-    for (Reducer* r : reducers_) r->commit(s, j);
+    for (Reducer* r : reducers_) r->commit(s, j, tok);
     st.tokens.push_back(tok);
     const size_t before = st.text.size();
     st.text += tc_.model().token_piece(tok);
@@ -153,6 +161,7 @@ void ParallelSampler::start() {
         samples_[static_cast<size_t>(s)].logits_row = 0;
         sample_and_commit(s);
     }
+    for (Reducer* r : reducers_) r->end_step();
 }
 
 void ParallelSampler::step() {
@@ -180,6 +189,7 @@ void ParallelSampler::step() {
     ++steps_;
     const auto t0 = std::chrono::steady_clock::now();
     for (int s : row_sample_) sample_and_commit(s);
+    for (Reducer* r : reducers_) r->end_step();
     sample_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 

@@ -34,6 +34,7 @@ struct SampleState {
     bool live = true;
     int logits_row = 0;                 // row of the last decode holding this sample's logits
     std::vector<float> token_logprob;   // [tokens] with top_logprobs > 0
+    std::vector<float> mean_logprob;    // [tokens] mean of log p over the whole vocabulary (self-certainty)
     std::vector<int32_t> top_ids;       // [tokens, top_logprobs]
     std::vector<float> top_logprobs;    // [tokens, top_logprobs]
 };

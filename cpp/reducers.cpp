@@ -7,15 +7,6 @@
 
 namespace neurotap {
 
-namespace {
-// Grows a per-sample buffer to hold token `token` (rows arrive in token order).
-template <typename T>
-T* slot(std::vector<T>& v, size_t token, size_t stride) {
-    if (v.size() < (token + 1) * stride) v.resize((token + 1) * stride, T{});
-    return v.data() + token * stride;
-}
-}  // namespace
-
 void ActiveCountReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
     n_layer_ = n_layer;
     n_ff_ = n_ff;
@@ -53,7 +44,7 @@ void ChunkBitsetReducer::on_row(int sample, int, int layer, const float* a) {
     }
 }
 
-void ChunkBitsetReducer::commit(int sample, int token) {
+void ChunkBitsetReducer::commit(int sample, int token, int32_t) {
     uint64_t* w = slot(bits_[sample], static_cast<size_t>(token / chunk_), static_cast<size_t>(n_words_));
     auto& p = pending_[sample];
     for (int64_t k = 0; k < n_words_; ++k) w[k] |= p[k];

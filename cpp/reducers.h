@@ -2,11 +2,19 @@
 // the methods need (64 samples x 2,000 tokens x 46,080 neurons would be 23 GB in float32):
 // each row (sample, token, layer) is offered once to every reducer and then dropped.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 #include <vector>
 
 namespace neurotap {
+
+// Grows a per-sample buffer to hold token `token` (rows arrive in token order); returns its slot.
+template <typename T>
+T* slot(std::vector<T>& v, size_t token, size_t stride) {
+    if (v.size() < (token + 1) * stride) v.resize((token + 1) * stride, T{});
+    return v.data() + token * stride;
+}
 
 class Reducer {
 public:
@@ -16,9 +24,15 @@ public:
     // Activations `a` (n_ff floats) of `layer` at the position that predicts token `token` of
     // sample `sample`. Rows of one token arrive layer by layer; tokens arrive in order.
     virtual void on_row(int sample, int token, int layer, const float* a) = 0;
-    // Token `token` of `sample` was sampled and kept (rows of a token that ends the sample, such
-    // as an end-of-generation token, are offered but never committed).
-    virtual void commit(int sample, int token) { (void)sample; (void)token; }
+    // The FFN gate's pre-activation, for reducers that asked the tap for it (same order).
+    virtual void on_gate_row(int sample, int token, int layer, const float* g) {
+        (void)sample, (void)token, (void)layer, (void)g;
+    }
+    // Token `token` (id `token_id`) of `sample` was sampled and kept (rows of a token that ends
+    // the sample, such as an end-of-generation token, are offered but never committed).
+    virtual void commit(int sample, int token, int32_t token_id) { (void)sample, (void)token, (void)token_id; }
+    // A decode step's tokens have all been committed (reducers may batch their work here).
+    virtual void end_step() {}
     // The sample ends with n_tokens tokens: rows recorded for later tokens are dropped.
     virtual void finish(int sample, int n_tokens) = 0;
 };
@@ -47,7 +61,7 @@ public:
     ChunkBitsetReducer(int chunk, float threshold);
     void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
-    void commit(int sample, int token) override;
+    void commit(int sample, int token, int32_t token_id) override;
     void finish(int sample, int n_tokens) override;
     int64_t n_words() const { return n_words_; }
     int chunk() const { return chunk_; }

@@ -1061,7 +1061,7 @@ void test_reducers_synthetic() {
                 committed_early = true;  // the chunk was opened by an earlier commit
             }
             const std::vector<uint64_t> before_other = s + 1 < n_samples ? bitsets.bits(s + 1) : std::vector<uint64_t>{};
-            for (Reducer* r : all) r->commit(s, t);
+            for (Reducer* r : all) r->commit(s, t, 0);
             if (s + 1 < n_samples) other_sample_touched = other_sample_touched || bitsets.bits(s + 1) != before_other;
             const auto& after = bitsets.bits(s);
             if (after.size() < (c + 1) * W) {
@@ -1152,11 +1152,11 @@ void test_reducers_synthetic() {
         l1[39] = 1.0f;  // bit 79: word 1, bit 15
         lay.on_row(0, 0, 0, l0.data());
         lay.on_row(0, 0, 1, l1.data());
-        lay.commit(0, 0);
+        lay.commit(0, 0, 0);
         const std::vector<float> ones(40, 0.5f);
         lay.on_row(0, 1, 0, ones.data());
         lay.on_row(0, 1, 1, ones.data());
-        lay.commit(0, 1);
+        lay.commit(0, 1, 0);
         lay.finish(0, 2);
         const std::vector<uint64_t> want = {uint64_t(1) | (uint64_t(1) << 63), uint64_t(1) << 15,  // token 0
                                             ~uint64_t(0), (uint64_t(1) << 16) - 1};                // token 1

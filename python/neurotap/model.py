@@ -216,7 +216,8 @@ class Model:
                        reducers: Sequence[str] = ("counts", "bitsets"), chunk: int = 32,
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
                        capture: Optional[str] = None, logprobs: int = 0, tap: bool = True,
-                       ignore_eos: bool = False) -> "SampleRun":
+                       ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
+                       eta_rank: int = 500, keep_top: bool = False) -> "SampleRun":
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -225,13 +226,18 @@ class Model:
         (or capture="float16"/"float32") every activation row, for small runs. logprobs=k also
         records the top-k log-probabilities of each sampled position. ignore_eos=True bans
         end-of-generation tokens (fixed-length runs, as llama.cpp's --ignore-eos).
+        "contributions" computes NAD's exact neuron contributions to each sampled token and keeps
+        the activated set of every `chunk`-token chunk (contribution="gate" uses act(gate) as the
+        activation, like the paper's code; keep_top=True also keeps each token's per-layer top
+        `contribution_top` values; eta is the `eta_rank`-th largest of those).
         """
         from .sampling import start
 
         return start(self, prompt, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                      min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
                      active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs, tap=tap,
-                     ignore_eos=ignore_eos)
+                     ignore_eos=ignore_eos, contribution=contribution, contribution_top=contribution_top,
+                     eta_rank=eta_rank, keep_top=keep_top)
 
     def sample(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
                progress: Optional[bool] = False, **kwargs: Any) -> List["Sample"]:

@@ -15,7 +15,8 @@ from .progress import run_with_progress
 if TYPE_CHECKING:
     from .model import Model
 
-REDUCERS = ("counts", "bitsets", "watch", "rows")
+REDUCERS = ("counts", "bitsets", "watch", "rows", "contributions")
+CONTRIBUTION_VARIANTS = ("down", "gate")
 _ROWS = {None: 0, "float32": 1, "float16": 2}
 
 
@@ -43,6 +44,14 @@ class Sample:
     token_logprob: Optional[np.ndarray] = None  # float32 [n_tokens] with logprobs=k
     top_ids: Optional[np.ndarray] = None  # int32 [n_tokens, k]
     top_logprobs: Optional[np.ndarray] = None  # float32 [n_tokens, k]
+    mean_logprob: Optional[np.ndarray] = None  # float32 [n_tokens] mean log p over the vocabulary
+    # NAD (reducer "contributions"): per chunk, the neurons activated by contribution (c > eta
+    # within the layer's top 64) on any token of the chunk; per token eta and the number activated.
+    nad_bitsets: Optional[np.ndarray] = None  # uint64 [n_chunks, n_words]
+    nad_eta: Optional[np.ndarray] = None  # float32 [n_tokens]
+    nad_active: Optional[np.ndarray] = None  # int32 [n_tokens]
+    top_contrib_values: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, 64] with keep_top
+    top_contrib_index: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers, 64]
 
     @property
     def n_tokens(self) -> int:
@@ -57,6 +66,13 @@ class Sample:
 
     def n_activated(self, chunks: Optional[int] = None) -> int:
         return int(np.unpackbits(self.activated(chunks).view(np.uint8)).sum())
+
+    def nad_set(self, chunks: Optional[int] = None) -> np.ndarray:
+        """NAD's activated-neuron set over the first `chunks` chunks (all by default): uint64 words."""
+        if self.nad_bitsets is None:
+            raise ValueError("this run did not compute contributions (reducers must include 'contributions')")
+        b = self.nad_bitsets if chunks is None else self.nad_bitsets[:chunks]
+        return np.bitwise_or.reduce(b, axis=0) if len(b) else np.zeros(self.nad_bitsets.shape[1], np.uint64)
 
 
 class SampleRun:
@@ -99,6 +115,7 @@ class SampleRun:
     def decode_steps(self) -> int:
         return self._native.decode_steps
 
+
     def advance(self, until: Optional[int] = None, *, progress: Optional[bool] = False) -> int:
         """Decode until every live sample holds `until` tokens (default: max_tokens) or ends.
         Returns the number of samples still live."""
@@ -131,7 +148,9 @@ class SampleRun:
             index=d["index"], text=d["text"].decode("utf-8", errors="replace"), tokens=list(d["tokens"]),
             finish_reason=d["finish_reason"], active_counts=d["active_counts"], chunk_bitsets=d["chunk_bitsets"],
             watched=d["watched"], activations=d["activations"], token_logprob=d.get("token_logprob"),
-            top_ids=d.get("top_ids"), top_logprobs=d.get("top_logprobs"),
+            top_ids=d.get("top_ids"), top_logprobs=d.get("top_logprobs"), mean_logprob=d.get("mean_logprob"),
+            nad_bitsets=d.get("contrib_bitsets"), nad_eta=d.get("contrib_eta"), nad_active=d.get("contrib_active"),
+            top_contrib_values=d.get("contrib_top_values"), top_contrib_index=d.get("contrib_top_index"),
         )
 
     def samples(self) -> List[Sample]:
@@ -141,7 +160,8 @@ class SampleRun:
 def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: float, top_p: float, top_k: int,
           min_p: float, seed: Optional[int], stop: Optional[Sequence[str]], reducers: Sequence[str], chunk: int,
           active_threshold: float, watch: Optional[Sequence[Tuple[int, int]]], capture: Optional[str],
-          logprobs: int, tap: bool, ignore_eos: bool = False) -> SampleRun:
+          logprobs: int, tap: bool, ignore_eos: bool = False, contribution: str = "down",
+          contribution_top: int = 64, eta_rank: int = 500, keep_top: bool = False) -> SampleRun:
     n = positive_int("n", n)
     max_tokens = positive_int("max_tokens", max_tokens)
     unknown = set(reducers) - set(REDUCERS)
@@ -155,6 +175,13 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
         reducers = (*reducers, "rows")
     if "bitsets" in reducers and chunk < 1:
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
+    if "contributions" in reducers:
+        if contribution not in CONTRIBUTION_VARIANTS:
+            raise ValueError(f"contribution must be one of {CONTRIBUTION_VARIANTS}, got {contribution!r}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 token, got {chunk}")
+        positive_int("contribution_top", contribution_top)
+        positive_int("eta_rank", eta_rank)
     if not 0 <= logprobs <= 100:
         raise ValueError(f"logprobs must be in [0, 100], got {logprobs}")
     stops = stop_list(stop)
@@ -165,7 +192,9 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
         ctx, ids, int(n), int(max_tokens), float(temperature), float(top_p), int(top_k), float(min_p), int(seed),
         stops, bool(tap), "counts" in reducers, int(chunk) if "bitsets" in reducers else 0, float(active_threshold),
         [(int(layer), int(i)) for layer, i in (watch or [])] if "watch" in reducers else [],
-        _ROWS[capture] if "rows" in reducers else 0, int(logprobs), bool(ignore_eos))
+        _ROWS[capture] if "rows" in reducers else 0, int(logprobs), bool(ignore_eos),
+        int(chunk) if "contributions" in reducers else 0, str(contribution), bool(keep_top), int(contribution_top),
+        int(eta_rank))
     return SampleRun(model, ctx, native, int(max_tokens))
 
 

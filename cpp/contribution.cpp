@@ -1,0 +1,338 @@
+#include "contribution.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <numeric>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "errors.h"
+#include "ggml.h"
+
+namespace neurotap {
+
+namespace {
+
+// out[q] = col . U[q] for q < n (n <= kMaxBatch); U rows are E floats apart.
+void dots_generic(const float* col, const float* U, int n, int64_t E, float* out) {
+    for (int q = 0; q < n; ++q) {
+        const float* u = U + static_cast<size_t>(q) * E;
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t e = 0;
+        for (; e + 8 <= E; e += 8)
+            for (int k = 0; k < 8; ++k) s[k] += col[e + k] * u[e + k];
+        float t = 0;
+        for (; e < E; ++e) t += col[e] * u[e];
+        out[q] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// Four unembedding rows at a time share each load of the column. Compiled for AVX2+FMA and
+// chosen at run time, so the extension still runs on CPUs without them.
+__attribute__((target("avx2,fma"))) float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+__attribute__((target("avx2,fma"))) void dots_avx2(const float* col, const float* U, int n, int64_t E, float* out) {
+    const int64_t E8 = E / 8 * 8;
+    int q = 0;
+    for (; q + 4 <= n; q += 4) {
+        const float* u0 = U + static_cast<size_t>(q) * E;
+        const float *u1 = u0 + E, *u2 = u1 + E, *u3 = u2 + E;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t e = 0; e < E8; e += 8) {
+            const __m256 c = _mm256_loadu_ps(col + e);
+            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(u0 + e), a0);
+            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(u1 + e), a1);
+            a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(u2 + e), a2);
+            a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(u3 + e), a3);
+        }
+        float r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+        for (int64_t e = E8; e < E; ++e) {
+            r[0] += col[e] * u0[e], r[1] += col[e] * u1[e], r[2] += col[e] * u2[e], r[3] += col[e] * u3[e];
+        }
+        for (int k = 0; k < 4; ++k) out[q + k] = r[k];
+    }
+    for (; q < n; ++q) {
+        const float* u = U + static_cast<size_t>(q) * E;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t e = 0; e < E8; e += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(col + e), _mm256_loadu_ps(u + e), a);
+        float r = hsum(a);
+        for (int64_t e = E8; e < E; ++e) r += col[e] * u[e];
+        out[q] = r;
+    }
+}
+#endif
+
+}  // namespace
+
+DotsFn dots_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+    static const DotsFn fn = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &dots_avx2 : &dots_generic;
+    }();
+    return fn;
+#else
+    return &dots_generic;
+#endif
+}
+
+namespace {
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float gelu(float x) {  // ggml's tanh approximation
+    constexpr float k = 0.79788456080286535588f;  // sqrt(2 / pi)
+    return 0.5f * x * (1.0f + std::tanh(k * x * (1.0f + 0.044715f * x * x)));
+}
+
+}  // namespace
+
+ContributionWeights::ContributionWeights(const GgufFile& file, int n_layer, int64_t n_ff, int64_t n_embd, int n_vocab)
+    : n_layer_(n_layer), n_ff_(n_ff), n_embd_(n_embd), n_vocab_(n_vocab) {
+    if (n_layer <= 0 || n_ff <= 0 || n_embd <= 0 || n_vocab <= 0)
+        throw ParamError("contribution weights need a positive model shape");
+    down_t_.resize(static_cast<size_t>(n_layer) * n_ff * n_embd);
+    norms_.resize(static_cast<size_t>(n_layer) * n_ff);
+    for (int l = 0; l < n_layer; ++l) {
+        const std::string name = "blk." + std::to_string(l) + ".ffn_down.weight";
+        const TensorInfo* t = file.find_tensor(name);
+        if (!t) throw ModelError("tensor '" + name + "' missing in " + file.path());
+        if (t->ne[0] != n_ff || t->ne[1] != n_embd || t->ne[2] != 1 || t->ne[3] != 1)
+            throw ModelError("tensor '" + name + "' has shape " + std::to_string(t->ne[0]) + " x " +
+                             std::to_string(t->ne[1]) + ", expected n_ff x n_embd = " + std::to_string(n_ff) +
+                             " x " + std::to_string(n_embd) + " in " + file.path());
+        const std::vector<float> rows = file.read_rows(name, 0, n_embd);  // [n_embd][n_ff]
+        float* out = down_t_.data() + static_cast<size_t>(l) * n_ff * n_embd;
+        for (int64_t e = 0; e < n_embd; ++e)
+            for (int64_t i = 0; i < n_ff; ++i) out[i * n_embd + e] = rows[static_cast<size_t>(e * n_ff + i)];
+        for (int64_t i = 0; i < n_ff; ++i) {
+            double s = 0;
+            for (int64_t e = 0; e < n_embd; ++e) s += double(out[i * n_embd + e]) * out[i * n_embd + e];
+            norms_[static_cast<size_t>(l) * n_ff + i] = static_cast<float>(std::sqrt(s));
+        }
+    }
+    // Tied embeddings (SmolLM2, Gemma) have no output.weight: the token embedding unembeds.
+    unembed_name_ = file.find_tensor("output.weight") ? "output.weight" : "token_embd.weight";
+    const TensorInfo* t = file.find_tensor(unembed_name_);
+    if (!t) throw ModelError("no unembedding ('output.weight' or 'token_embd.weight') in " + file.path());
+    if (t->ne[0] != n_embd || t->ne[1] < n_vocab || t->ne[2] != 1 || t->ne[3] != 1)
+        throw ModelError("unembedding '" + unembed_name_ + "' has shape " + std::to_string(t->ne[0]) + " x " +
+                         std::to_string(t->ne[1]) + ", expected n_embd x n_vocab = " + std::to_string(n_embd) +
+                         " x " + std::to_string(n_vocab) + " in " + file.path());
+    unembed_type_ = t->type;
+    const auto* traits = ggml_get_type_traits(t->type);
+    if (t->type != GGML_TYPE_F32 && (!traits || !traits->to_float))
+        throw ModelError("unembedding type " + std::string(ggml_type_name(t->type)) + " cannot be dequantized");
+    unembed_row_bytes_ = ggml_row_size(t->type, n_embd);
+    unembed_raw_ = file.read_raw(unembed_name_);
+}
+
+size_t ContributionWeights::memory_bytes() const {
+    return down_t_.size() * sizeof(float) + norms_.size() * sizeof(float) + unembed_raw_.size();
+}
+
+void ContributionWeights::unembed_row(int32_t token, float* out) const {
+    if (token < 0 || token >= n_vocab_) throw ParamError("token id out of range: " + std::to_string(token));
+    const uint8_t* row = unembed_raw_.data() + static_cast<size_t>(token) * unembed_row_bytes_;
+    if (unembed_type_ == GGML_TYPE_F32) std::memcpy(out, row, static_cast<size_t>(n_embd_) * sizeof(float));
+    else ggml_get_type_traits(unembed_type_)->to_float(row, out, n_embd_);
+}
+
+ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p)
+    : w_(std::move(w)), p_(p) {
+    if (!w_) throw ParamError("contribution reducer needs weights");
+    if (p_.chunk < 1) throw ParamError("chunk must be at least 1 token");
+    if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
+    if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
+    if (p_.n_threads < 1) p_.n_threads = 1;
+}
+
+void ContributionReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
+    if (n_layer != w_->n_layer() || n_ff != w_->n_ff())
+        throw ParamError("contribution weights are for another model shape");
+    n_layer_ = n_layer;
+    n_ff_ = n_ff;
+    n_words_ = (n_layer * n_ff + 63) / 64;
+    k_ = static_cast<int>(std::min<int64_t>(p_.top_per_layer, n_ff));
+    pending_.assign(n_samples, std::vector<float>(static_cast<size_t>(n_layer) * n_ff, 0.0f));
+    bits_.assign(n_samples, {});
+    eta_.assign(n_samples, {});
+    count_.assign(n_samples, {});
+    top_c_.assign(n_samples, {});
+    top_i_.assign(n_samples, {});
+    queue_.clear();
+}
+
+void ContributionReducer::on_row(int sample, int, int layer, const float* a) {
+    if (p_.gate_variant) return;
+    std::memcpy(pending_[sample].data() + static_cast<size_t>(layer) * n_ff_, a, static_cast<size_t>(n_ff_) * sizeof(float));
+}
+
+void ContributionReducer::on_gate_row(int sample, int, int layer, const float* g) {
+    if (!p_.gate_variant) return;
+    float* out = pending_[sample].data() + static_cast<size_t>(layer) * n_ff_;
+    for (int64_t i = 0; i < n_ff_; ++i) out[i] = p_.gelu ? gelu(g[i]) : silu(g[i]);
+}
+
+void ContributionReducer::commit(int sample, int token, int32_t token_id) {
+    if (token_id < 0 || token_id >= w_->n_vocab()) throw ParamError("token id out of range: " + std::to_string(token_id));
+    queue_.push_back({sample, token, token_id});
+}
+
+void ContributionReducer::end_step() { flush(); }
+
+// Every contribution of every queued token: one pass over W_down per step, shared by all the
+// step's samples (the weights stream from memory once, not once per sample).
+void ContributionReducer::compute_all() {
+    const int P = static_cast<int>(queue_.size());
+    const int64_t E = w_->n_embd();
+    u_.resize(static_cast<size_t>(P) * E);
+    for (int q = 0; q < P; ++q) w_->unembed_row(queue_[q].token_id, u_.data() + static_cast<size_t>(q) * E);
+    contrib_.resize(static_cast<size_t>(P) * n_layer_ * n_ff_);
+    const int64_t total = static_cast<int64_t>(n_layer_) * n_ff_;
+    const int64_t block = 64;
+    const int64_t n_blocks = (total + block - 1) / block;
+    const DotsFn dots = dots_kernel();
+#pragma omp parallel for schedule(static) num_threads(p_.n_threads) if (P * total > 200000)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        float d[kMaxBatch];
+        for (int64_t g = b * block; g < std::min(total, (b + 1) * block); ++g) {
+            const int l = static_cast<int>(g / n_ff_);
+            const int64_t i = g % n_ff_;
+            for (int q0 = 0; q0 < P; q0 += kMaxBatch) {
+                const int pn = std::min(kMaxBatch, P - q0);
+                dots(w_->down_col(l, i), u_.data() + static_cast<size_t>(q0) * E, pn, E, d);
+                for (int q = 0; q < pn; ++q) {
+                    const float a = pending_[queue_[q0 + q].sample][static_cast<size_t>(g)];
+                    contrib_[static_cast<size_t>(q0 + q) * total + g] = a * d[q];
+                }
+            }
+        }
+    }
+}
+
+// The exact top k of one layer's contributions c (n values): descending, ties by lower index.
+static void layer_top(const float* c, int64_t n, int k, std::vector<float>& scratch, std::vector<int32_t>& idx,
+                      float* top_c, int32_t* top_i) {
+    scratch.assign(c, c + n);
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    const float kth = scratch[k - 1];
+    idx.clear();
+    for (int64_t i = 0; i < n; ++i)
+        if (c[i] > kth) idx.push_back(static_cast<int32_t>(i));
+    for (int64_t i = 0; i < n && static_cast<int>(idx.size()) < k; ++i)
+        if (c[i] == kth) idx.push_back(static_cast<int32_t>(i));  // ties at the boundary: lowest indices
+    std::sort(idx.begin(), idx.end(), [c](int32_t x, int32_t y) { return c[x] != c[y] ? c[x] > c[y] : x < y; });
+    for (int r = 0; r < k; ++r) {
+        top_c[r] = c[idx[r]];
+        top_i[r] = idx[r];
+    }
+}
+
+void ContributionReducer::flush() {
+    if (queue_.empty()) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    compute_all();
+    const auto t1 = std::chrono::steady_clock::now();
+    dot_seconds_ += std::chrono::duration<double>(t1 - t0).count();
+    const int64_t total = static_cast<int64_t>(n_layer_) * n_ff_;
+    const int Q = static_cast<int>(queue_.size());
+    const int K = n_layer_ * k_;
+    top_q_c_.resize(static_cast<size_t>(Q) * K);
+    top_q_i_.resize(static_cast<size_t>(Q) * K);
+    eta_q_.resize(static_cast<size_t>(Q));
+    // Per token selections are independent: spread them over the threads, then merge serially.
+#pragma omp parallel num_threads(p_.n_threads) if (Q > 1)
+    {
+        std::vector<float> scratch;
+        std::vector<int32_t> idx;
+#pragma omp for schedule(dynamic)
+        for (int q = 0; q < Q; ++q) {
+            const float* c_all = contrib_.data() + static_cast<size_t>(q) * total;
+            float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
+            int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
+            for (int l = 0; l < n_layer_; ++l)
+                layer_top(c_all + static_cast<size_t>(l) * n_ff_, n_ff_, k_, scratch, idx, tc + l * k_, ti + l * k_);
+            const int rank = std::min(p_.eta_rank, K);
+            scratch.assign(tc, tc + K);
+            std::nth_element(scratch.begin(), scratch.begin() + (rank - 1), scratch.end(), std::greater<float>());
+            eta_q_[q] = scratch[rank - 1];
+        }
+    }
+    for (int q = 0; q < Q; ++q) {
+        const int sample = queue_[q].sample, token = queue_[q].token;
+        const float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
+        const int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
+        const float eta = eta_q_[q];
+        uint64_t* w = slot(bits_[sample], static_cast<size_t>(token / p_.chunk), static_cast<size_t>(n_words_));
+        int32_t active = 0;
+        for (int l = 0; l < n_layer_; ++l) {
+            for (int r = 0; r < k_; ++r) {
+                const size_t at = static_cast<size_t>(l) * k_ + r;
+                if (!(tc[at] > eta)) break;  // descending within a layer
+                const int64_t bit = static_cast<int64_t>(l) * n_ff_ + ti[at];
+                w[bit >> 6] |= uint64_t{1} << (bit & 63);
+                ++active;
+            }
+        }
+        slot(eta_[sample], static_cast<size_t>(token), 1)[0] = eta;
+        slot(count_[sample], static_cast<size_t>(token), 1)[0] = active;
+        if (p_.keep_top) {
+            std::copy(tc, tc + K, slot(top_c_[sample], static_cast<size_t>(token), static_cast<size_t>(K)));
+            std::copy(ti, ti + K, slot(top_i_[sample], static_cast<size_t>(token), static_cast<size_t>(K)));
+        }
+        tokens_ += 1;
+    }
+    queue_.clear();
+    seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void ContributionReducer::finish(int sample, int n_tokens) {
+    flush();  // the sample's last token may still be queued
+    const size_t n = static_cast<size_t>(n_tokens);
+    bits_[sample].resize((n + p_.chunk - 1) / p_.chunk * n_words_, 0);
+    eta_[sample].resize(n);
+    count_[sample].resize(n);
+    if (p_.keep_top) {
+        top_c_[sample].resize(n * n_layer_ * k_);
+        top_i_[sample].resize(n * n_layer_ * k_);
+    }
+}
+
+int64_t popcount(const uint64_t* set, int64_t words) {
+    int64_t c = 0;
+    for (int64_t k = 0; k < words; ++k) c += __builtin_popcountll(set[k]);
+    return c;
+}
+
+std::vector<double> jaccard_matrix(const uint64_t* sets, int n, int64_t words) {
+    if (n < 0 || words < 0) throw ParamError("jaccard: negative shape");
+    std::vector<double> s(static_cast<size_t>(n) * n, 1.0);
+    for (int i = 0; i < n; ++i) {
+        const uint64_t* a = sets + static_cast<size_t>(i) * words;
+        for (int j = i + 1; j < n; ++j) {
+            const uint64_t* b = sets + static_cast<size_t>(j) * words;
+            int64_t inter = 0, uni = 0;
+            for (int64_t k = 0; k < words; ++k) {
+                inter += __builtin_popcountll(a[k] & b[k]);
+                uni += __builtin_popcountll(a[k] | b[k]);
+            }
+            const double v = uni ? double(inter) / double(uni) : 1.0;
+            s[static_cast<size_t>(i) * n + j] = s[static_cast<size_t>(j) * n + i] = v;
+        }
+    }
+    return s;
+}
+
+}  // namespace neurotap

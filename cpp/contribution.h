@@ -1,0 +1,133 @@
+// NAD's neuron contributions (arXiv 2510.26277, eq. 1) and activated-neuron sets.
+//
+// The contribution of FFN neuron i of layer l to the token y that a position predicts is
+//     c = a_i * (W_U[y] . W_down[:, i])
+// with a the input of the down projection (what the tap captures) and W_U the unembedding; the
+// final norm is ignored, as in the paper. Per token, the 64 largest contributions of each layer
+// are kept, eta is the 500th largest of those, and a neuron is activated when it is among its
+// layer's top 64 and c > eta (appendix B).
+//
+// Exact: every c is computed (a second down projection, L x n_ff x n_embd MACs a token), batched
+// over the samples of a decode step so W_down streams from memory once per step, with an AVX2/FMA
+// kernel and the OpenMP threads ggml already runs.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "gguf_file.h"
+#include "reducers.h"
+
+namespace neurotap {
+
+struct ModelInfo;
+
+// What contributions need from the weights, read from the GGUF file: W_down columns stored
+// contiguously (transposed, f32, L x n_ff x n_embd floats), their norms, and the unembedding kept
+// in its file encoding with rows dequantized on demand.
+class ContributionWeights {
+public:
+    ContributionWeights(const GgufFile& file, int n_layer, int64_t n_ff, int64_t n_embd, int n_vocab);
+
+    int n_layer() const { return n_layer_; }
+    int64_t n_ff() const { return n_ff_; }
+    int64_t n_embd() const { return n_embd_; }
+    int n_vocab() const { return n_vocab_; }
+    const std::string& unembedding_name() const { return unembed_name_; }
+    size_t memory_bytes() const;
+
+    const float* down_col(int layer, int64_t i) const {
+        return down_t_.data() + (static_cast<size_t>(layer) * n_ff_ + i) * n_embd_;
+    }
+    const float* down_norms(int layer) const { return norms_.data() + static_cast<size_t>(layer) * n_ff_; }
+    // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
+    void unembed_row(int32_t token, float* out) const;
+
+private:
+    int n_layer_;
+    int64_t n_ff_, n_embd_;
+    int n_vocab_;
+    std::vector<float> down_t_;
+    std::vector<float> norms_;
+    std::string unembed_name_;
+    ggml_type unembed_type_ = GGML_TYPE_F32;
+    size_t unembed_row_bytes_ = 0;
+    std::vector<uint8_t> unembed_raw_;
+};
+
+struct ContributionParams {
+    int chunk = 32;            // tokens per bitset chunk
+    int top_per_layer = 64;    // the paper's per-layer k
+    int eta_rank = 500;        // eta = the eta_rank-th largest of the per-layer top values
+    bool gate_variant = false; // a = act(gate) (the authors' code) instead of the down projection input
+    bool gelu = false;         // the activation of the gate variant: GELU (GeGLU models) or SiLU
+    bool keep_top = false;     // keep every token's per-layer top values (for verification)
+    int n_threads = 1;         // OpenMP threads for the contribution pass
+};
+
+// out[q] = col . U[q] for q < n: the contribution kernel (AVX2+FMA where the CPU has it).
+constexpr int kMaxBatch = 64;
+using DotsFn = void (*)(const float* col, const float* U, int n, int64_t E, float* out);
+DotsFn dots_kernel();
+
+// Streams activations; a committed token is queued, and at the end of each decode step every
+// queued token's contributions are computed in one pass over W_down (all L x n_ff of them, exactly:
+// a Cauchy-Schwarz bound |c_i| <= |a_i| ||W_down[:, i]|| ||W_U[y]|| was measured to prune only about
+// 3% of the neurons on SmolLM2, so it is not used). Activated neurons go into the token's chunk bitset.
+class ContributionReducer : public Reducer {
+public:
+    ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p);
+    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void on_gate_row(int sample, int token, int layer, const float* g) override;
+    void commit(int sample, int token, int32_t token_id) override;
+    void end_step() override;
+    void finish(int sample, int n_tokens) override;
+
+    const ContributionParams& params() const { return p_; }
+    int64_t n_words() const { return n_words_; }
+    const std::vector<uint64_t>& bits(int sample) const { return bits_[sample]; }   // [chunks, words]
+    const std::vector<float>& eta(int sample) const { return eta_[sample]; }        // [tokens]
+    const std::vector<int32_t>& n_active(int sample) const { return count_[sample]; }  // [tokens]
+    // With keep_top: [tokens, layers, k] contributions (descending) and neuron indices.
+    const std::vector<float>& top_values(int sample) const { return top_c_[sample]; }
+    const std::vector<int32_t>& top_index(int sample) const { return top_i_[sample]; }
+    int64_t tokens_processed() const { return tokens_; }
+    double seconds() const { return seconds_; }          // time in the contribution pass
+    double dot_seconds() const { return dot_seconds_; }  // of which the dot products
+
+private:
+    struct Queued {
+        int sample, token;
+        int32_t token_id;
+    };
+    void flush();
+    void compute_all();
+
+    std::shared_ptr<const ContributionWeights> w_;
+    ContributionParams p_;
+    int n_layer_ = 0;
+    int64_t n_ff_ = 0, n_words_ = 0;
+    int k_ = 0;
+    std::vector<std::vector<float>> pending_;  // [sample] -> the queued token's activations
+    std::vector<Queued> queue_;
+    std::vector<std::vector<uint64_t>> bits_;
+    std::vector<std::vector<float>> eta_;
+    std::vector<std::vector<int32_t>> count_;
+    std::vector<std::vector<float>> top_c_;
+    std::vector<std::vector<int32_t>> top_i_;
+    // Scratch.
+    std::vector<float> u_, contrib_;      // [queued, n_embd], [queued, layers * n_ff]
+    std::vector<float> top_q_c_;          // [queued, layers * k]
+    std::vector<int32_t> top_q_i_;
+    std::vector<float> eta_q_;
+    int64_t tokens_ = 0;
+    double seconds_ = 0, dot_seconds_ = 0;
+};
+
+// Jaccard similarity |A & B| / |A | B| of n bitsets of `words` 64-bit words each (row-major);
+// two empty sets count as identical (1). Returns n x n, row-major.
+std::vector<double> jaccard_matrix(const uint64_t* sets, int n, int64_t words);
+int64_t popcount(const uint64_t* set, int64_t words);
+
+}  // namespace neurotap
