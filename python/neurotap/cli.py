@@ -65,6 +65,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, plot_report, save_report
+    from .tasks import resolve_tasks
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    tasks = resolve_tasks(args.tasks, args.limit, args.task_seed)  # bad task files fail before loading
+    from .selectors import check_methods
+
+    check_methods(methods, args.n)
+    if args.early_stop is not None and args.early_stop > args.max_tokens:
+        raise ValueError(f"--early-stop {args.early_stop} is longer than --max-tokens {args.max_tokens}")
+    model = _load(args)
+    report = evaluate(model, tasks, n=args.n, methods=methods, early_stop=args.early_stop,
+                      max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k, k=args.k, progress=not args.quiet)
+    report["config"]["tasks"] = args.tasks
+    save_report(report, args.out)
+    print(format_table(report))
+    print(f"[{len(tasks)} tasks | report: {args.out}]")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"[plot: {args.plot}]")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     for name, entry in known_models().items():
         mark = " (default)" if name == default_model() else ""
@@ -114,6 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="architecture, layers and tapped tensors of a model")
     _model_args(i, positional=True)
     i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="best-of-N selection methods (NAD and baselines) side by side on a task set")
+    e.add_argument("--tasks", required=True, help="a JSONL file ({id, question, answer} per line) or 'arith'")
+    _model_args(e)
+    e.add_argument("-n", "--n", type=int, default=16, help="samples per task")
+    e.add_argument("--methods", default="knn,medoid,dbscan,minact,majority,avg,random,deepconf,selfcert")
+    e.add_argument("--early-stop", type=int, default=None, metavar="B",
+                   help="also decide after B tokens, drop the other samples, continue the pick")
+    e.add_argument("--max-tokens", type=int, default=256)
+    e.add_argument("--limit", type=int, default=None, help="number of tasks (arith: default 50)")
+    e.add_argument("--task-seed", type=int, default=0, help="seed of the arith generator")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--temperature", type=float, default=0.6)
+    e.add_argument("--top-p", type=float, default=0.95)
+    e.add_argument("--top-k", type=int, default=40)
+    e.add_argument("--k", type=int, default=3, help="neighbours for the knn selector")
+    e.add_argument("--out", default="report.json", help="report file (written atomically)")
+    e.add_argument("--plot", default=None, help="PNG of accuracy against tokens per method")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("models", help="list known model names")
     m.set_defaults(func=cmd_models)

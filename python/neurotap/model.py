@@ -239,6 +239,15 @@ class Model:
                      ignore_eos=ignore_eos, contribution=contribution, contribution_top=contribution_top,
                      eta_rank=eta_rank, keep_top=keep_top)
 
+    def best_of_n(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, method: str = "knn",
+                  early_stop: Optional[int] = 32, max_tokens: int = 256, **kwargs: Any) -> Any:
+        """NAD best-of-n: sample n answers, pick one by neuron agreement (method "knn", "medoid",
+        "dbscan", "minact", or a baseline), after `early_stop` tokens (None: on complete answers).
+        Returns a neurotap.nad.BestOfN with the chosen text and the tokens spent."""
+        from .nad import best_of_n
+
+        return best_of_n(self, prompt, n=n, method=method, early_stop=early_stop, max_tokens=max_tokens, **kwargs)
+
     def sample(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
                progress: Optional[bool] = False, **kwargs: Any) -> List["Sample"]:
         """N complete samples of one prompt (see start_sampling for the options)."""

@@ -52,6 +52,7 @@ class Sample:
     nad_active: Optional[np.ndarray] = None  # int32 [n_tokens]
     top_contrib_values: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, 64] with keep_top
     top_contrib_index: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers, 64]
+    nad_chunk: int = 0  # tokens per chunk of nad_bitsets
 
     @property
     def n_tokens(self) -> int:
@@ -84,8 +85,9 @@ class SampleRun:
     run.advance()            # continue the kept sample to the end
     """
 
-    def __init__(self, model: "Model", ctx: Any, native: Any, max_tokens: int):
+    def __init__(self, model: "Model", ctx: Any, native: Any, max_tokens: int, chunk: int = 32):
         self._model = model
+        self.chunk = chunk
         self._ctx = ctx
         self._native = native
         self.max_tokens = max_tokens
@@ -151,6 +153,7 @@ class SampleRun:
             top_ids=d.get("top_ids"), top_logprobs=d.get("top_logprobs"), mean_logprob=d.get("mean_logprob"),
             nad_bitsets=d.get("contrib_bitsets"), nad_eta=d.get("contrib_eta"), nad_active=d.get("contrib_active"),
             top_contrib_values=d.get("contrib_top_values"), top_contrib_index=d.get("contrib_top_index"),
+            nad_chunk=self.chunk if d.get("contrib_bitsets") is not None else 0,
         )
 
     def samples(self) -> List[Sample]:
@@ -195,7 +198,7 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
         _ROWS[capture] if "rows" in reducers else 0, int(logprobs), bool(ignore_eos),
         int(chunk) if "contributions" in reducers else 0, str(contribution), bool(keep_top), int(contribution_top),
         int(eta_rank))
-    return SampleRun(model, ctx, native, int(max_tokens))
+    return SampleRun(model, ctx, native, int(max_tokens), int(chunk))
 
 
 def plan_cells(n: int, need: int, max_cells: int) -> int:

@@ -16,11 +16,9 @@ class Task:
 
 
 #: Asks for a fixed final line so answers.extract_answer finds the number last.
-DEFAULT_PROMPT = (
-    "Solve the following math problem. Think step by step, then finish with a final line of the form\n"
-    "Answer: <number>\n\n"
-    "Problem: {question}"
-)
+# Measured on SmolLM2-135M-Instruct (12 arith tasks x 8 samples): this wording gives 15% correct
+# samples; "think step by step" gave 4% (the model rambles and never concludes).
+DEFAULT_PROMPT = "{question}\nReply with one line: Answer: <number>"
 
 
 def format_prompt(task: Task, template: str = DEFAULT_PROMPT) -> str:
