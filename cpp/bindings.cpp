@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -13,6 +15,7 @@
 #include "gguf_file.h"
 #include "log_capture.h"
 #include "model.h"
+#include "neat.h"
 #include "parallel_sampler.h"
 #include "reducers.h"
 #include "tapped_context.h"
@@ -53,6 +56,12 @@ struct ContextHandle {
     Progress progress;
 };
 
+py::list neat_events(const std::vector<NeatEvent>& ev) {
+    py::list out;
+    for (const NeatEvent& e : ev) out.append(py::make_tuple(e.token, e.action, e.similarity, e.magnitude));
+    return out;
+}
+
 py::dict result_dict(GenerateResult&& r, CaptureMode capture) {
     const auto n = static_cast<py::ssize_t>(r.tokens.size());
     const py::ssize_t L = r.n_layer, F = r.n_ff, E = r.n_embd;
@@ -71,6 +80,12 @@ py::dict result_dict(GenerateResult&& r, CaptureMode capture) {
         d["activations"] = to_numpy(std::move(r.acts_f32), {n, L, F}, py::dtype::of<float>());
     else if (capture == CaptureMode::Float16)
         d["activations"] = to_numpy(std::move(r.acts_f16), {n, L, F}, py::dtype("float16"));
+    d["residuals"] = r.residuals.empty()
+                         ? py::object(py::none())
+                         : py::object(to_numpy(std::move(r.residuals), {n, L, E}, py::dtype::of<float>()));
+    d["neat_events"] = neat_events(r.neat_events);
+    d["neat_exit_at"] = r.neat_exit_at;
+    d["eog_token"] = r.eog_token;
     d["norm_inputs"] = r.norm_inputs.empty()
                            ? py::object(py::none())
                            : py::object(to_numpy(std::move(r.norm_inputs), {n, L, E}, py::dtype::of<float>()));
@@ -85,6 +100,7 @@ struct SamplingRun {
     std::unique_ptr<WatchReducer> watch;
     std::unique_ptr<FullRowReducer> rows;
     std::unique_ptr<ContributionReducer> contrib;
+    std::unique_ptr<NeatMonitor> neat;
     std::unique_ptr<ParallelSampler> sampler;
     Progress progress;
 };
@@ -145,6 +161,10 @@ py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
             d["contrib_top_index"] = copy(run.contrib->top_index(i), {n, L, K}, py::dtype::of<int32_t>());
         }
     }
+    if (run.neat) {
+        d["neat_events"] = neat_events(st.neat.events);
+        d["neat_exit_at"] = st.neat.exit_at;
+    }
     if (!st.token_logprob.empty() || st.tokens.empty()) {
         const py::ssize_t k = n ? static_cast<py::ssize_t>(st.top_ids.size()) / n : 0;
         d["token_logprob"] = copy(st.token_logprob, {static_cast<py::ssize_t>(st.token_logprob.size())}, py::dtype::of<float>());
@@ -192,6 +212,15 @@ PYBIND11_MODULE(_native, m) {
         return d;
     }, py::arg("path"), "Validate a GGUF file (magic, header, tensor bounds) and summarize it.");
 
+    m.def("gguf_float", [](const std::string& path, const std::string& key) { return GgufFile(path).get_float(key); },
+          py::arg("path"), py::arg("key"), "A float metadata value of a GGUF file.");
+    m.def("gguf_tensor_shape", [](const std::string& path, const std::string& name) {
+        GgufFile f(path);
+        const TensorInfo* t = f.find_tensor(name);
+        if (!t) throw ModelError("tensor '" + name + "' not found in " + path);
+        return std::vector<int64_t>(t->ne, t->ne + 4);
+    }, py::arg("path"), py::arg("name"));
+
     m.def("read_tensor_rows", [](const std::string& path, const std::string& name, int64_t row0, int64_t n_rows) {
         std::vector<float> v;
         int64_t ne0;
@@ -226,7 +255,17 @@ PYBIND11_MODULE(_native, m) {
             return py::bytes(mo.detokenize(toks));
         })
         .def("apply_chat_template", &Model::apply_chat_template, py::arg("messages"), py::arg("add_assistant") = true)
-        .def("is_eog", &Model::is_eog);
+        .def("is_eog", &Model::is_eog)
+        .def("special_tokens", [](const Model& mo) {
+            py::dict d;
+            d["eos"] = llama_vocab_eos(mo.vocab());
+            d["eot"] = llama_vocab_eot(mo.vocab());
+            return d;
+        })
+        .def("token_text", [](const Model& mo, llama_token t) {
+            if (t < 0 || t >= mo.info().n_vocab) throw ParamError("token id out of range: " + std::to_string(t));
+            return py::bytes(llama_vocab_get_text(mo.vocab(), t));
+        });
 
     py::class_<ContextHandle>(m, "Context")
         .def(py::init([](std::shared_ptr<Model> model, int n_ctx, int n_batch, int n_seq_max, int n_threads,
@@ -261,8 +300,10 @@ PYBIND11_MODULE(_native, m) {
         .def("generate", [](ContextHandle& c, const std::vector<llama_token>& prompt, int max_tokens, float temperature,
                             float top_p, int top_k, float min_p, uint32_t seed, std::vector<std::string> stop,
                             bool tap, int capture, bool capture_norm, float active_threshold,
-                            std::vector<llama_token> forced) {
+                            std::vector<llama_token> forced, std::optional<NeatConfig> neat, bool capture_residual) {
             GenerateParams p;
+            p.capture_residual = capture_residual;
+            if (neat) p.neat = &*neat;
             p.max_tokens = max_tokens;
             p.sampling = {temperature, top_p, top_k, min_p, seed};
             p.stop = std::move(stop);
@@ -283,7 +324,19 @@ PYBIND11_MODULE(_native, m) {
         }, py::arg("prompt"), py::arg("max_tokens"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"),
            py::arg("min_p"), py::arg("seed"), py::arg("stop"), py::arg("tap") = true, py::arg("capture") = 0,
            py::arg("capture_norm") = false, py::arg("active_threshold") = 0.0f,
-           py::arg("forced") = std::vector<llama_token>{});
+           py::arg("forced") = std::vector<llama_token>{}, py::arg("neat") = std::nullopt,
+           py::arg("capture_residual") = false);
+
+    py::class_<NeatConfig>(m, "NeatConfig")
+        .def(py::init<>())
+        .def_readwrite("neurons", &NeatConfig::neurons)
+        .def_readwrite("reference", &NeatConfig::reference)
+        .def_readwrite("exit_similarity", &NeatConfig::exit_similarity)
+        .def_readwrite("ban_similarity", &NeatConfig::ban_similarity)
+        .def_readwrite("magnitude", &NeatConfig::magnitude)
+        .def_readwrite("line_starts_only", &NeatConfig::line_starts_only)
+        .def_readwrite("ban_tokens", &NeatConfig::ban_tokens)
+        .def_readwrite("exit_tokens", &NeatConfig::exit_tokens);
 
     m.def("sample_seed", &sample_seed, py::arg("seed"), py::arg("index"));
 
@@ -311,7 +364,7 @@ PYBIND11_MODULE(_native, m) {
                          std::vector<std::string> stop, bool tap, bool counts, int chunk, float threshold,
                          std::vector<std::pair<int, int>> watch, int rows, int top_logprobs, bool ignore_eos,
                          int contrib_chunk, const std::string& contrib_variant, bool contrib_keep_top,
-                         int contrib_top, int contrib_eta_rank) {
+                         int contrib_top, int contrib_eta_rank, std::optional<NeatConfig> neat) {
             auto& c = ctx_obj.cast<ContextHandle&>();
             auto run = std::make_unique<SamplingRun>();
             run->context_owner = ctx_obj;
@@ -341,7 +394,14 @@ PYBIND11_MODULE(_native, m) {
                 }
                 reds.push_back((run->contrib = std::make_unique<ContributionReducer>(std::move(w), cp)).get());
             }
+            if (neat) {
+                if (!tap) throw ParamError("NEAT watches neurons: it needs the tap on");
+                const ModelInfo& mi = c.tc->model().info();
+                run->neat = std::make_unique<NeatMonitor>(*neat, mi.n_layer, mi.n_ff, mi.n_vocab);
+                reds.push_back(run->neat.get());
+            }
             SampleParams p;
+            p.neat = run->neat.get();
             p.n = n;
             p.max_tokens = max_tokens;
             p.sampling = {temperature, top_p, top_k, min_p, seed, ignore_eos};
@@ -350,6 +410,7 @@ PYBIND11_MODULE(_native, m) {
             p.top_logprobs = top_logprobs;
             c.tc->tap().set_capture_norm(false);
             c.tc->tap().set_capture_gate(gate);
+            c.tc->tap().set_capture_residual(false);
             run->sampler = std::make_unique<ParallelSampler>(*c.tc, prompt, std::move(p), std::move(reds));
             return run;
         }), py::arg("context"), py::arg("prompt"), py::arg("n"), py::arg("max_tokens"), py::arg("temperature"),
@@ -357,7 +418,7 @@ PYBIND11_MODULE(_native, m) {
             py::arg("counts"), py::arg("chunk"), py::arg("threshold"), py::arg("watch"), py::arg("rows"),
             py::arg("top_logprobs"), py::arg("ignore_eos") = false, py::arg("contrib_chunk") = 0,
             py::arg("contrib_variant") = "down", py::arg("contrib_keep_top") = false, py::arg("contrib_top") = 64,
-            py::arg("contrib_eta_rank") = 500)
+            py::arg("contrib_eta_rank") = 500, py::arg("neat") = std::nullopt)
         .def("advance", [](SamplingRun& r, int until) {
             py::gil_scoped_release nogil;
             r.progress.cancel = false;

@@ -90,7 +90,7 @@ DotsFn dots_kernel() {
 
 namespace {
 
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float silu(float x) { return x < -80.0f ? -0.0f : x / (1.0f + std::exp(-x)); }  // exp overflow at -inf
 inline float gelu(float x) {  // ggml's tanh approximation
     constexpr float k = 0.79788456080286535588f;  // sqrt(2 / pi)
     return 0.5f * x * (1.0f + std::tanh(k * x * (1.0f + 0.044715f * x * x)));
@@ -215,7 +215,9 @@ void ContributionReducer::compute_all() {
                 dots(w_->down_col(l, i), u_.data() + static_cast<size_t>(q0) * E, pn, E, d);
                 for (int q = 0; q < pn; ++q) {
                     const float a = pending_[queue_[q0 + q].sample][static_cast<size_t>(g)];
-                    contrib_[static_cast<size_t>(q0 + q) * total + g] = a * d[q];
+                    const float v = a * d[q];
+                    // NaN (inf activations, inf x 0) would break the ordering: rank it last instead.
+                    contrib_[static_cast<size_t>(q0 + q) * total + g] = std::isnan(v) ? -INFINITY : v;
                 }
             }
         }

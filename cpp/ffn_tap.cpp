@@ -13,6 +13,7 @@ FfnTap::FfnTap(std::string act_name, int n_layer, int64_t n_ff, int64_t n_embd)
     rows_seen_[0].assign(n_layer_, 0);
     rows_seen_[1].assign(n_layer_, 0);
     rows_seen_[2].assign(n_layer_, 0);
+    rows_seen_[3].assign(n_layer_, 0);
     discovered_.assign(n_layer_, 0);
 }
 
@@ -41,7 +42,9 @@ int FfnTap::match(const char* name, TapKind* kind) const {
         return il < n_layer_ ? il : -1;
     };
     const int il = other(capture_norm_, norm_name_, TapKind::NormInput);
-    return il >= 0 ? il : other(capture_gate_, gate_name_, TapKind::Gate);
+    if (il >= 0) return il;
+    const int ig = other(capture_gate_, gate_name_, TapKind::Gate);
+    return ig >= 0 ? ig : other(capture_residual_, residual_name_, TapKind::Residual);
 }
 
 bool FfnTap::callback(ggml_tensor* t, bool ask, void* user_data) {
@@ -68,7 +71,7 @@ void FfnTap::on_data(const ggml_tensor* t) {
     TapKind kind;
     const int il = match(t->name, &kind);
     if (il < 0) return;
-    const int64_t width = kind == TapKind::NormInput ? n_embd_ : n_ff_;
+    const int64_t width = kind == TapKind::NormInput || kind == TapKind::Residual ? n_embd_ : n_ff_;
     if (t->type != GGML_TYPE_F32 || t->ne[0] != width || t->ne[2] != 1 || t->ne[3] != 1 ||
         !ggml_is_contiguous(t)) {
         error_ = std::string("tapped tensor ") + t->name + " has an unexpected layout (type " +
@@ -104,6 +107,7 @@ void FfnTap::arm(int n_rows, RowSink* sink) {
     std::fill(rows_seen_[0].begin(), rows_seen_[0].end(), 0);
     std::fill(rows_seen_[1].begin(), rows_seen_[1].end(), 0);
     std::fill(rows_seen_[2].begin(), rows_seen_[2].end(), 0);
+    std::fill(rows_seen_[3].begin(), rows_seen_[3].end(), 0);
 }
 
 void FfnTap::disarm() { sink_ = nullptr; }
@@ -111,9 +115,9 @@ void FfnTap::disarm() { sink_ = nullptr; }
 void FfnTap::disarm_and_check() {
     sink_ = nullptr;
     if (!error_.empty()) throw RuntimeError(error_);
-    const bool on[3] = {true, capture_norm_, capture_gate_};
-    const std::string* names[3] = {&act_name_, &norm_name_, &gate_name_};
-    for (int k = 0; k < 3; ++k) {
+    const bool on[4] = {true, capture_norm_, capture_gate_, capture_residual_};
+    const std::string* names[4] = {&act_name_, &norm_name_, &gate_name_, &residual_name_};
+    for (int k = 0; k < 4; ++k) {
         if (!on[k]) continue;
         for (int il = 0; il < n_layer_; ++il) {
             if (rows_seen_[k][il] != armed_rows_) {

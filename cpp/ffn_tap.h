@@ -15,7 +15,7 @@ struct ggml_tensor;
 
 namespace neurotap {
 
-enum class TapKind : int { Activation = 0, NormInput = 1, Gate = 2 };
+enum class TapKind : int { Activation = 0, NormInput = 1, Gate = 2, Residual = 3 };
 
 // Receives rows of one decode batch, per layer, in batch order.
 class RowSink {
@@ -40,6 +40,8 @@ public:
     // Also tap ffn_gate-<il> (the gate's pre-activation): NAD's paper-code variant a = act(gate).
     void set_capture_gate(bool on) { capture_gate_ = on; }
     bool capture_gate() const { return capture_gate_; }
+    // Also tap l_out-<il> (the residual stream after the layer): NEAT's calibration reads the last one.
+    void set_capture_residual(bool on) { capture_residual_ = on; }
 
     // Arms the tap for one llama_decode whose batch has n_rows rows, every one of which
     // requests logits (the last layer computes only those rows).
@@ -69,15 +71,17 @@ private:
     std::string act_name_;
     std::string norm_name_ = "ffn_norm";
     std::string gate_name_ = "ffn_gate";
+    std::string residual_name_ = "l_out";
     int n_layer_;
     int64_t n_ff_;
     int64_t n_embd_;
     bool capture_norm_ = false;
     bool capture_gate_ = false;
+    bool capture_residual_ = false;
 
     RowSink* sink_ = nullptr;
     int armed_rows_ = 0;
-    std::vector<int> rows_seen_[3];  // per TapKind
+    std::vector<int> rows_seen_[4];  // per TapKind
     bool discovering_ = false;
     std::vector<char> discovered_;
     std::vector<float> scratch_;  // staging for tensors in non-host (GPU) buffers

@@ -24,8 +24,10 @@ public:
         counts_.begin(1, r_.n_layer, r_.n_ff, p.max_tokens);
         if (p_.capture != CaptureMode::None) rows_.begin(1, r_.n_layer, r_.n_ff, p.max_tokens);
         if (p_.capture_norm) r_.norm_inputs.assign(static_cast<size_t>(p.max_tokens) * r_.n_layer * r_.n_embd, 0.f);
+        if (p_.capture_residual) r_.residuals.assign(static_cast<size_t>(p.max_tokens) * r_.n_layer * r_.n_embd, 0.f);
     }
     int token = 0;
+    NeatMonitor* neat = nullptr;
 
     // Moves the records of the first n_tokens tokens into the result.
     void finish(int n_tokens) {
@@ -37,15 +39,18 @@ public:
             else r_.acts_f32 = rows_.take_f32(0);
         }
         if (p_.capture_norm) r_.norm_inputs.resize(static_cast<size_t>(n_tokens) * r_.n_layer * r_.n_embd);
+        if (p_.capture_residual) r_.residuals.resize(static_cast<size_t>(n_tokens) * r_.n_layer * r_.n_embd);
     }
 
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override {
         if (row0 != 0 || n_rows != 1 || kind == TapKind::Gate) return;  // one row per step; no gate use here
-        if (kind == TapKind::NormInput) {
+        if (kind == TapKind::NormInput || kind == TapKind::Residual) {
             const size_t slot = static_cast<size_t>(token) * r_.n_layer + layer;
-            std::copy(data, data + width, r_.norm_inputs.begin() + slot * width);
+            auto& dst = kind == TapKind::NormInput ? r_.norm_inputs : r_.residuals;
+            std::copy(data, data + width, dst.begin() + slot * width);
             return;
         }
+        if (neat) neat->on_row(0, token, layer, data);
         counts_.on_row(0, token, layer, data);
         if (p_.capture != CaptureMode::None) rows_.on_row(0, token, layer, data);
     }
@@ -58,6 +63,28 @@ private:
 };
 
 }  // namespace
+
+bool NeatTrack::before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced) {
+    const auto& exit = mon.config().exit_tokens;
+    if (exited) {
+        if (queued < exit.size()) {
+            *forced = exit[queued++];
+            return true;
+        }
+        return false;  // after the exit tokens the model writes on (e.g. the answer after "Answer:")
+    }
+    if (mon.config().line_starts_only && !line_start) return false;
+    float sim = 0, mag = 0;
+    const int action = mon.decide(sample, &sim, &mag);
+    events.push_back({j, action, sim, mag});
+    if (action == kNeatBan) mon.ban(logits);
+    if (action != kNeatExit || exit.empty()) return false;
+    exited = true;
+    exit_at = j;
+    queued = 1;
+    *forced = exit[0];
+    return true;
+}
 
 size_t find_stop(const std::string& text, size_t from, const std::vector<std::string>& stops) {
     size_t best = std::string::npos;
@@ -126,9 +153,19 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     r.n_ff = model.info().n_ff;
     r.n_embd = model.info().n_embd;
     GenerationRecorder rec(r, params);
+    std::unique_ptr<NeatMonitor> neat;
+    NeatTrack track;
+    if (params.neat) {
+        if (!params.tap) throw ParamError("NEAT watches neurons: it needs the tap on");
+        if (forcing) throw ParamError("NEAT cannot steer teacher-forced tokens");
+        neat = std::make_unique<NeatMonitor>(*params.neat, r.n_layer, r.n_ff, model.info().n_vocab);
+        neat->begin(1, r.n_layer, r.n_ff, params.max_tokens);
+        rec.neat = neat.get();
+    }
     RowSink* sink = params.tap ? &rec : nullptr;
     tc.tap().set_capture_norm(params.capture_norm);
     tc.tap().set_capture_gate(false);
+    tc.tap().set_capture_residual(params.capture_residual);
 
     tc.clear();
     const auto t0 = clock::now();
@@ -141,15 +178,21 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
 
     r.finish_reason = "length";
     for (int j = 0; j < params.max_tokens; ++j) {
-        const llama_token tok = forcing ? params.forced[static_cast<size_t>(j)]
-                                        : llama_sampler_sample(sampler.get(), tc.ctx(), -1);
+        llama_token tok = 0;
+        bool neat_token = neat && track.before_sample(*neat, 0, j, llama_get_logits_ith(tc.ctx(), -1), &tok);
+        if (!neat_token) {
+            tok = forcing ? params.forced[static_cast<size_t>(j)] : llama_sampler_sample(sampler.get(), tc.ctx(), -1);
+        }
         if (!forcing && model.is_eog(tok)) {
-            r.finish_reason = "eos";
+            r.finish_reason = neat_token ? "neat_exit" : "eos";
+            r.eog_token = tok;
             break;
         }
         r.tokens.push_back(tok);
         const size_t before = r.text.size();
-        r.text += model.token_piece(tok);
+        const std::string piece = model.token_piece(tok);
+        r.text += piece;
+        track.line_start = !piece.empty() && piece.back() == '\n';
         if (progress) progress->tokens.store(j + 1, std::memory_order_relaxed);
         const size_t stop_at = forcing ? std::string::npos : find_stop(r.text, before, params.stop);
         if (stop_at != std::string::npos) {
@@ -167,6 +210,8 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     }
     const auto t2 = clock::now();
     rec.finish(static_cast<int>(r.tokens.size()));
+    r.neat_events = std::move(track.events);
+    r.neat_exit_at = track.exit_at;
     if (!params.tap) r.active_counts.clear();
     r.prompt_seconds = std::chrono::duration<double>(t1 - t0).count();
     r.decode_seconds = std::chrono::duration<double>(t2 - t1).count();

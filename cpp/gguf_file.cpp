@@ -102,6 +102,16 @@ int64_t GgufFile::get_int(const std::string& key) const {
     }
 }
 
+double GgufFile::get_float(const std::string& key) const {
+    const int64_t id = gguf_find_key(ctx_, key.c_str());
+    if (id < 0) throw ModelError("GGUF key '" + key + "' missing in " + path_);
+    switch (gguf_get_kv_type(ctx_, id)) {
+        case GGUF_TYPE_FLOAT32: return gguf_get_val_f32(ctx_, id);
+        case GGUF_TYPE_FLOAT64: return gguf_get_val_f64(ctx_, id);
+        default: throw ModelError("GGUF key '" + key + "' is not a float in " + path_);
+    }
+}
+
 const TensorInfo* GgufFile::find_tensor(const std::string& name) const {
     for (const auto& t : tensors_)
         if (t.name == name) return &t;

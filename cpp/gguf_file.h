@@ -33,6 +33,7 @@ public:
     bool has_key(const std::string& key) const;
     std::string get_string(const std::string& key) const;       // throws if missing / wrong type
     int64_t get_int(const std::string& key) const;              // any integer type
+    double get_float(const std::string& key) const;             // f32 / f64
     std::string architecture() const { return get_string("general.architecture"); }
 
     const std::vector<TensorInfo>& tensors() const { return tensors_; }

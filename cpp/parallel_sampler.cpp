@@ -93,12 +93,13 @@ void ParallelSampler::record_logprobs(SampleState& st, const float* logits, llam
     float mx = logits[0];
     for (int i = 1; i < V; ++i) mx = std::max(mx, logits[i]);
     double sum = 0, total = 0;
+    int finite = 0;
     for (int i = 0; i < V; ++i) {
         sum += std::exp(static_cast<double>(logits[i] - mx));
-        total += logits[i];
+        if (std::isfinite(logits[i])) total += logits[i], ++finite;  // NEAT bans set -inf
     }
     const float lse = mx + static_cast<float>(std::log(sum));
-    st.mean_logprob.push_back(static_cast<float>(total / V) - lse);
+    st.mean_logprob.push_back(static_cast<float>(total / std::max(finite, 1)) - lse);
     lp_scratch_.resize(static_cast<size_t>(V));
     for (int i = 0; i < V; ++i) lp_scratch_[i] = {logits[i], i};
     std::partial_sort(lp_scratch_.begin(), lp_scratch_.begin() + k, lp_scratch_.end(),
@@ -120,10 +121,14 @@ void ParallelSampler::end_sample(int s, const char* reason) {
 
 void ParallelSampler::sample_and_commit(int s) {
     SampleState& st = samples_[static_cast<size_t>(s)];
-    const llama_token tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
+    const int j0 = static_cast<int>(st.tokens.size());
+    llama_token tok = 0;
+    const bool neat_token = params_.neat &&
+        st.neat.before_sample(*params_.neat, s, j0, llama_get_logits_ith(tc_.ctx(), st.logits_row), &tok);
+    if (!neat_token) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
     ++tokens_sampled_;
     if (tc_.model().is_eog(tok)) {
-        end_sample(s, "eos");
+        end_sample(s, neat_token ? "neat_exit" : "eos");
         return;
     }
     if (params_.top_logprobs > 0) record_logprobs(st, llama_get_logits_ith(tc_.ctx(), st.logits_row), tok);
@@ -131,7 +136,9 @@ void ParallelSampler::sample_and_commit(int s) {
     for (Reducer* r : reducers_) r->commit(s, j, tok);
     st.tokens.push_back(tok);
     const size_t before = st.text.size();
-    st.text += tc_.model().token_piece(tok);
+    const std::string piece = tc_.model().token_piece(tok);
+    st.text += piece;
+    st.neat.line_start = !piece.empty() && piece.back() == '\n';
     const size_t stop_at = find_stop(st.text, before, params_.stop);
     if (stop_at != std::string::npos) {
         st.text.resize(stop_at);

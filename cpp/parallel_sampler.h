@@ -22,6 +22,7 @@ struct SampleParams {
     std::vector<std::string> stop;
     bool tap = true;
     int top_logprobs = 0;  // > 0: record the top-k log-probabilities of every sampled position
+    NeatMonitor* neat = nullptr;  // NEAT per sample; must also be among the reducers
 };
 
 // Seed of sample `index` of a run: reproducible from (seed, index), distinct across indices.
@@ -37,6 +38,7 @@ struct SampleState {
     std::vector<float> mean_logprob;    // [tokens] mean of log p over the whole vocabulary (self-certainty)
     std::vector<int32_t> top_ids;       // [tokens, top_logprobs]
     std::vector<float> top_logprobs;    // [tokens, top_logprobs]
+    NeatTrack neat;
 };
 
 class ParallelSampler : public RowSink {

@@ -25,13 +25,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     g = model.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, seed=args.seed, stop=args.stop or None, progress=None)
+                       top_k=args.top_k, seed=args.seed, stop=args.stop or None, progress=None, neat=args.neat)
     print(g.text)
     total = model.info.total_neurons
     active = g.mean_active_per_token
     print(f"[{g.n_tokens} tokens | {g.tokens_per_second:.1f} tok/s decode | prompt {len(g.prompt_tokens)} tok "
           f"in {g.prompt_seconds:.2f} s | active neurons/token {active:.0f} of {total} "
           f"({100 * active / total:.1f}%) | finish: {g.finish_reason}]")
+    if args.neat:
+        ev = g.extra["neat_events"]
+        names = {0: "continue", 1: "ban", 2: "exit"}
+        print(f"[NEAT: {len(ev)} decisions at line starts" +
+              "".join(f" | token {t}: {names[a]} (sim {s:.2f}, mag {m:.2f})" for t, a, s, m in ev if a) + "]")
     return 0
 
 
@@ -79,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load(args)
     report = evaluate(model, tasks, n=args.n, methods=methods, early_stop=args.early_stop,
                       max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, k=args.k, progress=not args.quiet)
+                      top_k=args.top_k, k=args.k, progress=not args.quiet, neat=args.neat)
     report["config"]["tasks"] = args.tasks
     save_report(report, args.out)
     print(format_table(report))
@@ -87,6 +92,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.plot:
         plot_report(report, args.plot)
         print(f"[plot: {args.plot}]")
+    return 0
+
+
+def cmd_rank_models(args: argparse.Namespace) -> int:
+    from .evaluate import write_atomic
+    from .rank import format_ranking, rank_models
+    from .tasks import resolve_tasks
+    import json
+
+    tasks = resolve_tasks(args.tasks, args.limit, args.task_seed)
+    for p in args.models:
+        from .registry import resolve
+
+        resolve(p)  # a missing file fails before any model loads
+    rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
+                      labels=args.labels, threads=args.threads, progress=not args.quiet)
+    write_atomic(args.out, json.dumps(rep, indent=1).encode())
+    print(format_ranking(rep))
+    print(f"[{len(tasks)} tasks x {args.n} samples per variant | report: {args.out}]")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize
+
+    out = quantize(args.model, args.out, args.type, threads=args.threads)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type.upper()})")
+    return 0
+
+
+def cmd_neat_calibrate(args: argparse.Namespace) -> int:
+    from .neat import calibrate, save_calibration
+    from .tasks import resolve_tasks
+
+    tasks = resolve_tasks(args.tasks, args.problems, args.task_seed)
+    layers = None
+    if args.layers:
+        try:
+            lo, hi = (int(x) for x in args.layers.split(":"))
+        except ValueError:
+            raise ValueError(f"--layers must be lo:hi, got {args.layers!r}") from None
+        layers = (lo, hi)
+    model = _load(args)
+    cal = calibrate(model, tasks, problems=args.problems, layers=layers, marker=args.marker,
+                    answer_prefix=args.answer_prefix.encode().decode("unicode_escape"), max_tokens=args.max_tokens,
+                    progress=not args.quiet)
+    save_calibration(cal, args.out)
+    d = cal.details
+    print(f"{len(cal.neurons)} exit neurons from {d['traces']} traces (layers {d['layers'][0]}-{d['layers'][1] - 1}, "
+          f"marker {cal.marker!r}): " + ", ".join(f"L{a}/{b}" for a, b in cal.neurons))
+    print(f"magnitude threshold {cal.magnitude:.3f} | written to {args.out}")
     return 0
 
 
@@ -121,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--neat", default=None, help="NEAT early exit: a calibration file, or 'default' (shipped)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("sample", help="N samples of one prompt decoded in parallel, with neuron figures")
@@ -158,7 +215,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="report.json", help="report file (written atomically)")
     e.add_argument("--plot", default=None, help="PNG of accuracy against tokens per method")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--neat", default=None, help="also run every task with NEAT early exit (same seeds) and compare")
     e.set_defaults(func=cmd_eval)
+
+    nt = sub.add_parser("neat", help="NEAT early exit: calibration")
+    nsub = nt.add_subparsers(dest="neat_command", required=True)
+    c = nsub.add_parser("calibrate", help="find the exit neurons of a model and write a calibration file")
+    _model_args(c)
+    c.add_argument("--tasks", required=True, help="a JSONL file or 'arith'")
+    c.add_argument("--problems", type=int, default=20)
+    c.add_argument("--task-seed", type=int, default=1, help="seed of the arith generator (default 1: not eval's 0)")
+    c.add_argument("--layers", default=None, help="layer range lo:hi (default: the upper third)")
+    c.add_argument("--marker", default=None, help="termination token (default: </think>, else end of turn)")
+    c.add_argument("--answer-prefix", default="", help="appended after the marker on exit, e.g. '\\nAnswer:'")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--out", required=True)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_neat_calibrate)
+
+    r = sub.add_parser("rank-models", help="rank model variants by mean NEX score, without labels (or check with --labels)")
+    r.add_argument("models", nargs="+", help="two or more .gguf files or known names")
+    r.add_argument("--tasks", required=True, help="a JSONL file or 'arith'")
+    r.add_argument("-n", "--n", type=int, default=8, help="samples per task")
+    r.add_argument("--limit", type=int, default=None, help="number of tasks (arith: default 50)")
+    r.add_argument("--task-seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.add_argument("--labels", action="store_true", help="also measure accuracy and the Spearman correlation")
+    r.add_argument("--threads", "-t", type=int, default=None)
+    r.add_argument("--out", default="ranking.json")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_rank_models)
+
+    q = sub.add_parser("quantize", help="write a re-quantized variant of a model (llama.cpp's quantizer)")
+    q.add_argument("model", help="known name or .gguf path")
+    q.add_argument("out", help="output .gguf path")
+    q.add_argument("type", help="e.g. Q8_0, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K")
+    q.add_argument("--threads", "-t", type=int, default=None)
+    q.set_defaults(func=cmd_quantize)
 
     m = sub.add_parser("models", help="list known model names")
     m.set_defaults(func=cmd_models)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 DEFAULT_METHODS = ("knn", "medoid", "dbscan", "minact", "majority", "avg", "random", "deepconf", "selfcert")
+# nex (issue 6) is opt-in: --methods ...,nex
 
 
 def write_atomic(path: os.PathLike, data: bytes) -> None:
@@ -41,6 +42,7 @@ def write_atomic(path: os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,8 +57,13 @@ def _task_seed(seed: int, index: int) -> int:
 def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Sequence[str] = DEFAULT_METHODS,
              early_stop: Optional[int] = None, max_tokens: int = 256, seed: int = 0, temperature: float = 0.6,
              top_p: float = 0.95, top_k: int = 40, k: int = 3, template: str = DEFAULT_PROMPT,
-             progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True, neat: Any = None) -> Dict[str, Any]:
     methods = check_methods(list(methods), n)
+    neat_cal = None
+    if neat is not None:
+        from .neat import load_calibration
+
+        neat_cal = load_calibration(neat, model)  # a wrong or corrupt file fails before any sampling
     if early_stop is not None:
         if early_stop < 1:
             raise ValueError(f"--early-stop must be a positive number of tokens, got {early_stop}")
@@ -66,6 +73,8 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
         raise ValueError("no tasks to evaluate")
     early = [m for m in methods if m in EARLY_METHODS] if early_stop is not None else []
     chunk = 32 if early_stop is None or early_stop % 32 == 0 else early_stop
+    if "nex" in methods:
+        chunk = 1  # NEX reads per-token sets; NAD's chunk sets are their unions (same result)
     logprobs = TOP_LOGPROBS if any(m in LOGPROB_METHODS for m in methods) else 0
     sampling = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     reducers=("contributions",), chunk=chunk, logprobs=logprobs)
@@ -77,6 +86,7 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
     full_tokens = full_seconds = es_seconds = 0.0
     es_tokens: Dict[str, int] = {m: 0 for m in early}
     diverged = 0
+    neat_tokens, neat_seconds = 0, 0.0
     bar = tqdm(tasks, desc=f"eval n={n}", unit="task", disable=not progress, dynamic_ncols=True)
     for ti, task in enumerate(bar):
         prompt = [{"role": "user", "content": format_prompt(task, template)}]
@@ -122,6 +132,24 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
                 if final[p].tokens != samples[p].tokens:
                     diverged += 1
             row["similarity_early"] = np.round(similarity(prefix, early_stop), 4).tolist()
+        if neat_cal is not None:
+            t2 = time.perf_counter()
+            nr = model.start_sampling(prompt, seed=s_seed, neat=neat_cal, **sampling)
+            nr.advance()
+            ns = nr.samples()
+            neat_seconds += time.perf_counter() - t2
+            neat_tokens += nr.tokens_sampled
+            n_answers = [extract_answer(s.text) for s in ns]
+            row["neat"] = {
+                "samples": [{"answer": a, "correct": is_correct(a, task.answer), "tokens": s.n_tokens,
+                             "finish": s.finish_reason, "exit_at": s.neat_exit_at,
+                             "bans": sum(1 for e in s.neat_events if e[1] == 1), "text": s.text}
+                            for a, s in zip(n_answers, ns)],
+                "picks": {m: select(ns, m, k=k, seed=s_seed, n_vocab=V) for m in methods if m not in ("avg", "majority")},
+                "majority_answer": majority_vote(n_answers) if "majority" in methods else None,
+                # Identical to the run without NEAT up to each sample's first intervention.
+                "tokens_saved": int(run.tokens_sampled - nr.tokens_sampled),
+            }
         row["similarity"] = np.round(similarity(samples), 4).tolist()
         rows.append(row)
         rate = full_tokens / full_seconds if full_seconds else 0.0
@@ -130,11 +158,12 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
     return _report(model, tasks, rows, methods, early, n=n, early_stop=early_stop, max_tokens=max_tokens, seed=seed,
                    temperature=temperature, top_p=top_p, top_k=top_k, k=k, template=template,
                    full_tokens=int(full_tokens), full_seconds=full_seconds, es_tokens=es_tokens,
-                   es_seconds=es_seconds, diverged=diverged)
+                   es_seconds=es_seconds, diverged=diverged, neat_tokens=neat_tokens, neat_seconds=neat_seconds,
+                   neat_used=neat_cal is not None)
 
 
 def _report(model, tasks, rows, methods, early, *, full_tokens, full_seconds, es_tokens, es_seconds, diverged,
-            **config) -> Dict[str, Any]:
+            neat_tokens=0, neat_seconds=0.0, neat_used=False, **config) -> Dict[str, Any]:
     table: Dict[str, Dict[str, Any]] = {}
 
     def entry(scores: List[float], tokens: int, seconds: float, note: str = "") -> Dict[str, Any]:
@@ -154,6 +183,17 @@ def _report(model, tasks, rows, methods, early, *, full_tokens, full_seconds, es
         else:
             scores = [float(r["picks"][m] is not None and r["samples"][r["picks"][m]]["correct"]) for r in rows]
         table[m] = entry(scores, full_tokens, full_seconds)
+    if neat_used:
+        for m in methods:
+            if m == "avg":
+                scores = [float(np.mean([s["correct"] for s in r["neat"]["samples"]])) for r in rows]
+            elif m == "majority":
+                scores = [float(r["neat"]["majority_answer"] is not None and
+                                is_correct(r["neat"]["majority_answer"], r["answer"])) for r in rows]
+            else:
+                scores = [float(r["neat"]["picks"][m] is not None and
+                                r["neat"]["samples"][r["neat"]["picks"][m]]["correct"]) for r in rows]
+            table[f"{m}+neat"] = entry(scores, neat_tokens, neat_seconds)
     for m in early:
         scores = [float(r["early_correct"][m]) for r in rows]
         table[f"{m}@{config['early_stop']}"] = entry(
@@ -169,6 +209,11 @@ def _report(model, tasks, rows, methods, early, *, full_tokens, full_seconds, es
         "full_run": {"tokens": full_tokens, "seconds": round(full_seconds, 2)},
         "early_run": {"tokens": {m: int(t) for m, t in es_tokens.items()}, "seconds": round(es_seconds, 2),
                       "picks_diverged_from_full_run": diverged} if early else None,
+        "neat_run": {"tokens": int(neat_tokens), "seconds": round(neat_seconds, 2),
+                     "tokens_saved": int(full_tokens - neat_tokens),
+                     "exits": sum(1 for r in rows for s in r["neat"]["samples"] if s["exit_at"] >= 0),
+                     "bans": sum(s["bans"] for r in rows for s in r["neat"]["samples"]),
+                     "samples": sum(len(r["neat"]["samples"]) for r in rows)} if neat_used else None,
         "tasks": rows,
     }
 

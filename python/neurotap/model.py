@@ -64,6 +64,7 @@ class Generation:
     active_counts: Optional[np.ndarray]  # int32 [n_tokens, n_layers]; None when tap=False
     activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff] when capture was asked
     norm_inputs: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd] with debug_norm=True
+    residuals: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd] with debug_residual=True
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -150,13 +151,17 @@ class Model:
                  seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
                  capture: Optional[str] = None, tap: bool = True, active_threshold: float = 0.0,
                  debug_norm: bool = False, progress: Optional[bool] = False,
-                 forced: Optional[Sequence[int]] = None) -> Generation:
+                 forced: Optional[Sequence[int]] = None, neat: Any = None,
+                 debug_residual: bool = False) -> Generation:
         """Generate from a prompt (str), chat messages (list of dicts) or token ids.
 
         temperature <= 0 decodes greedily. capture="float32" or "float16" also returns the full
         activations [n_tokens, n_layers, n_ff]; active neuron counts are always returned while
         the tap is on. debug_norm=True also returns the normed FFN input of each layer.
         forced=token ids feeds those tokens instead of sampling (teacher forcing; see `trace`).
+        neat= a NEAT calibration (neurotap.neat.load_calibration, a path, or "default") ends the
+        reasoning when its neurons say it is done; `extra["neat_events"]` lists every decision.
+        debug_residual=True also returns the residual stream after each layer (l_out).
         """
         forced_ids = [int(t) for t in forced] if forced is not None else []
         if forced is not None:
@@ -172,11 +177,13 @@ class Model:
         stops = stop_list(stop)
         seed = seed_value(seed)
         ids = self.prompt_tokens(prompt)
+        neat_cfg = self._neat_config(neat)
 
         def call() -> Dict[str, Any]:
             return self._ctx.generate(ids, int(max_tokens), float(temperature), float(top_p), int(top_k),
                                       float(min_p), int(seed), stops, bool(tap), _CAPTURE[key],
-                                      bool(debug_norm), float(active_threshold), forced_ids)
+                                      bool(debug_norm), float(active_threshold), forced_ids, neat_cfg,
+                                      bool(debug_residual))
 
         with self._lock:
             r = run_with_progress(call, self._ctx.progress_tokens, self._ctx.cancel, total=int(max_tokens),
@@ -186,14 +193,24 @@ class Model:
             prompt_tokens=list(r["prompt_tokens"]), finish_reason=r["finish_reason"],
             active_counts=r["active_counts"] if tap else None, activations=r["activations"],
             norm_inputs=r["norm_inputs"], prompt_seconds=r["prompt_seconds"], decode_seconds=r["decode_seconds"],
+            residuals=r["residuals"], extra={"neat_events": r["neat_events"], "neat_exit_at": r["neat_exit_at"],
+                                                  "eog_token": r["eog_token"]},
         )
+
+    def _neat_config(self, neat: Any) -> Any:
+        if neat is None:
+            return None
+        from .neat import load_calibration
+
+        return load_calibration(neat, self).native_config(self)
 
 
     def trace(self, prompt: Union[str, Messages, Sequence[int]], tokens: Sequence[int], *,
-              capture: Optional[str] = "float32", debug_norm: bool = False) -> Generation:
+              capture: Optional[str] = "float32", debug_norm: bool = False, debug_residual: bool = False) -> Generation:
         """The neuron record of a given continuation: row j is the FFN state of the position
         that predicts tokens[j] after the prompt (teacher forcing; nothing is sampled)."""
-        return self.generate(prompt, forced=tokens, capture=capture, debug_norm=debug_norm, temperature=0)
+        return self.generate(prompt, forced=tokens, capture=capture, debug_norm=debug_norm, temperature=0,
+                             debug_residual=debug_residual)
 
     # -- parallel sampling ------------------------------------------------------------
     def _sampling_context(self, n: int, need: int) -> Any:
@@ -217,7 +234,7 @@ class Model:
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
                        capture: Optional[str] = None, logprobs: int = 0, tap: bool = True,
                        ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
-                       eta_rank: int = 500, keep_top: bool = False) -> "SampleRun":
+                       eta_rank: int = 500, keep_top: bool = False, neat: Any = None) -> "SampleRun":
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -237,7 +254,7 @@ class Model:
                      min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
                      active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs, tap=tap,
                      ignore_eos=ignore_eos, contribution=contribution, contribution_top=contribution_top,
-                     eta_rank=eta_rank, keep_top=keep_top)
+                     eta_rank=eta_rank, keep_top=keep_top, neat=self._neat_config(neat))
 
     def best_of_n(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, method: str = "knn",
                   early_stop: Optional[int] = 32, max_tokens: int = 256, **kwargs: Any) -> Any:

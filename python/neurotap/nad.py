@@ -89,11 +89,31 @@ def select(samples: Sequence["Sample"], method: str = "knn", *, tokens: Optional
         if n_vocab is None:
             raise ValueError("selfcert needs n_vocab (the model's vocabulary size)")
         return select_selfcert([s.mean_logprob[cut] for s in samples], n_vocab)
+    if method == "nex":
+        if tokens is not None:
+            raise ValueError("nex scores complete responses; it cannot decide early")
+        from .nex import select_nex
+
+        return select_nex([nex_response(s) for s in samples])
     if method == "majority":
         if tokens is not None:
             raise ValueError("majority votes on complete answers; it cannot decide early")
         return majority_index([extract_answer(s.text) for s in samples])
     raise AssertionError(method)
+
+
+def nex_response(sample: "Sample", row: int = 32):
+    """NEX's input from a sample's per-token activated sets (sampled with chunk=1): per 32-token
+    row, each neuron's mass = the number of the row's tokens on which it was activated."""
+    if sample.nad_bitsets is None or sample.nad_chunk != 1:
+        raise ValueError("nex needs per-token activated sets: sample with reducers=('contributions',), chunk=1")
+    T = sample.n_tokens
+    bits = np.unpackbits(sample.nad_bitsets[:T].view(np.uint8), axis=1, bitorder="little")  # [T, N]
+    R = (T + row - 1) // row
+    mass = np.zeros((R, bits.shape[1]), np.float32)
+    for r in range(R):
+        mass[r] = bits[r * row:(r + 1) * row].sum(axis=0)
+    return mass, np.array([min(row, T - r * row) for r in range(R)], dtype=np.int64)
 
 
 def sampled_tokens(sample: "Sample") -> int:

@@ -53,6 +53,8 @@ class Sample:
     top_contrib_values: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, 64] with keep_top
     top_contrib_index: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers, 64]
     nad_chunk: int = 0  # tokens per chunk of nad_bitsets
+    neat_events: Optional[list] = None  # with neat=: (token, action 0/1/2 = continue/ban/exit, similarity, magnitude)
+    neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
 
     @property
     def n_tokens(self) -> int:
@@ -154,6 +156,7 @@ class SampleRun:
             nad_bitsets=d.get("contrib_bitsets"), nad_eta=d.get("contrib_eta"), nad_active=d.get("contrib_active"),
             top_contrib_values=d.get("contrib_top_values"), top_contrib_index=d.get("contrib_top_index"),
             nad_chunk=self.chunk if d.get("contrib_bitsets") is not None else 0,
+            neat_events=d.get("neat_events"), neat_exit_at=d.get("neat_exit_at", -1),
         )
 
     def samples(self) -> List[Sample]:
@@ -164,7 +167,7 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
           min_p: float, seed: Optional[int], stop: Optional[Sequence[str]], reducers: Sequence[str], chunk: int,
           active_threshold: float, watch: Optional[Sequence[Tuple[int, int]]], capture: Optional[str],
           logprobs: int, tap: bool, ignore_eos: bool = False, contribution: str = "down",
-          contribution_top: int = 64, eta_rank: int = 500, keep_top: bool = False) -> SampleRun:
+          contribution_top: int = 64, eta_rank: int = 500, keep_top: bool = False, neat: Any = None) -> SampleRun:
     n = positive_int("n", n)
     max_tokens = positive_int("max_tokens", max_tokens)
     unknown = set(reducers) - set(REDUCERS)
@@ -197,7 +200,7 @@ def start(model: "Model", prompt: Any, *, n: int, max_tokens: int, temperature: 
         [(int(layer), int(i)) for layer, i in (watch or [])] if "watch" in reducers else [],
         _ROWS[capture] if "rows" in reducers else 0, int(logprobs), bool(ignore_eos),
         int(chunk) if "contributions" in reducers else 0, str(contribution), bool(keep_top), int(contribution_top),
-        int(eta_rank))
+        int(eta_rank), neat)
     return SampleRun(model, ctx, native, int(max_tokens), int(chunk))
 
 

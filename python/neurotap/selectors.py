@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "medoid": "NAD: global medoid, highest total neuron-set similarity to all other samples",
     "dbscan": "NAD: medoid of the largest DBSCAN cluster of neuron-set distances 1 - S",
     "minact": "NAD: fewest activated neurons",
+    "nex": "NEX: highest Good-Mass Fraction of explore/exploit neuron credit",
     "random": "baseline: a uniformly random sample",
     "deepconf": "baseline: highest lowest-group token confidence (DeepConf)",
     "selfcert": "baseline: highest self-certainty, mean KL(uniform || p) per token",

@@ -1,0 +1,57 @@
+"""Quantization variants of one GGUF model, through llama.cpp's own quantizer (the C API that
+llama-cpp-python exposes): what a user needs before ranking variants with NEX."""
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+from .registry import resolve
+
+
+def quant_types() -> List[str]:
+    import llama_cpp
+
+    return sorted(n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+
+
+def quantize(model: str, out: os.PathLike, qtype: str, *, threads: Optional[int] = None) -> Path:
+    """Write `model` (a known name or .gguf path) re-quantized to `qtype` (e.g. Q8_0, Q4_K_M) to `out`.
+
+    Requantizing an already quantized file is allowed (llama.cpp warns that quality suffers more
+    than quantizing from f16): with only the Q4_1 default model at hand it is how variants are made.
+    The output appears only when complete (written to a temporary file, then renamed).
+    """
+    import llama_cpp
+
+    from . import _native
+
+    src = Path(resolve(model))
+    _native.gguf_summary(str(src))  # validates the input before llama.cpp sees it
+    name = qtype.upper()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
+    if ftype is None:
+        raise ValueError(f"unknown quantization type {qtype!r}; available: {', '.join(quant_types())}")
+    out = Path(out)
+    if out.resolve() == src.resolve():
+        raise ValueError("the output would overwrite the input model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = int(threads or 0)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".gguf", dir=out.parent)
+    os.close(fd)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp failed to quantize {src} to {name} (code {rc})")
+        _native.gguf_summary(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
