@@ -142,7 +142,7 @@ def test_check_methods():
     with pytest.raises(ValueError, match="method 'dbscan' needs at least 2"):
         selectors.check_methods(["minact", "dbscan"], n=1)
     assert set(selectors.METHODS) == {"knn", "medoid", "dbscan", "minact", "random", "deepconf",
-                                      "selfcert", "majority", "avg"}
+                                      "selfcert", "majority", "avg", "nex"}
 
 
 # -- confidence --------------------------------------------------------------------------------
