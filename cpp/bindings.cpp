@@ -262,6 +262,13 @@ PYBIND11_MODULE(_native, m) {
             d["eot"] = llama_vocab_eot(mo.vocab());
             return d;
         })
+        .def("neat_attribution", [](const Model& mo, std::vector<float> norm_weight, float eps, std::vector<float> h,
+                                    std::vector<float> a, std::vector<float> cols, int32_t token, int n_threads) {
+            py::gil_scoped_release nogil;
+            return neat_attribution(*mo.contribution_weights(), norm_weight, eps, h, a, cols, token, n_threads);
+        }, py::arg("norm_weight"), py::arg("eps"), py::arg("h"), py::arg("a"), py::arg("cols"), py::arg("token"),
+           py::arg("n_threads") = 1,
+           "NEAT's exact scores: log p(token | h + a_c cols[c]) - log p(token | h), final RMSNorm + unembedding.")
         .def("token_text", [](const Model& mo, llama_token t) {
             if (t < 0 || t >= mo.info().n_vocab) throw ParamError("token id out of range: " + std::to_string(t));
             return py::bytes(llama_vocab_get_text(mo.vocab(), t));

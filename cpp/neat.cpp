@@ -1,9 +1,16 @@
 #include "neat.h"
 
 #include <cmath>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <string>
 
+#include "contribution.h"
 #include "errors.h"
+
+#include <algorithm>
+#include <limits>
 
 namespace neurotap {
 
@@ -62,6 +69,81 @@ int NeatMonitor::decide(int sample, float* sim, float* mag) const {
 
 void NeatMonitor::ban(float* logits) const {
     for (llama_token t : c_.ban_tokens) logits[t] = -INFINITY;
+}
+
+std::vector<double> neat_attribution(const ContributionWeights& w, const std::vector<float>& norm_weight, float eps,
+                                     const std::vector<float>& h, const std::vector<float>& a,
+                                     const std::vector<float>& cols, int32_t token, int n_threads) {
+    const int64_t E = w.n_embd();
+    const int V = w.n_vocab();
+    const size_t C = a.size();
+    if (static_cast<int64_t>(h.size()) != E || static_cast<int64_t>(norm_weight.size()) != E)
+        throw ParamError("residual and norm weight must have n_embd = " + std::to_string(E) + " values");
+    if (cols.size() != C * static_cast<size_t>(E)) throw ParamError("cols must be [n_candidates, n_embd]");
+    if (token < 0 || token >= V) throw ParamError("token id out of range: " + std::to_string(token));
+    if (!(eps > 0)) throw ParamError("eps must be positive");
+    // Row 0 is the unperturbed state; row 1 + c the state with candidate c's output added.
+    const size_t R = C + 1;
+    std::vector<float> Y(R * E);
+    for (size_t r = 0; r < R; ++r) {
+        std::vector<double> x(h.begin(), h.end());
+        if (r > 0)
+            for (int64_t e = 0; e < E; ++e) x[e] += double(a[r - 1]) * cols[(r - 1) * E + e];
+        double ss = 0;
+        for (double v : x) ss += v * v;
+        const double inv = 1.0 / std::sqrt(ss / E + eps);
+        for (int64_t e = 0; e < E; ++e) Y[r * E + e] = static_cast<float>(x[e] * inv * norm_weight[e]);
+    }
+    // Online log-sum-exp over the vocabulary, per row; threads take vocabulary blocks.
+    const DotsFn dots = dots_kernel();
+    const int T = std::max(1, n_threads);
+    std::vector<double> mx(static_cast<size_t>(T) * R, -std::numeric_limits<double>::infinity());
+    std::vector<double> sm(static_cast<size_t>(T) * R, 0.0);
+    std::vector<double> target(R, 0.0);
+#pragma omp parallel num_threads(T)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num();
+#else
+        const int t = 0;
+#endif
+        std::vector<float> u(static_cast<size_t>(E)), out(static_cast<size_t>(kMaxBatch));
+        double* m = mx.data() + static_cast<size_t>(t) * R;
+        double* s = sm.data() + static_cast<size_t>(t) * R;
+#pragma omp for schedule(static)
+        for (int v = 0; v < V; ++v) {
+            w.unembed_row(v, u.data());
+            for (size_t r0 = 0; r0 < R; r0 += kMaxBatch) {
+                const int n = static_cast<int>(std::min<size_t>(kMaxBatch, R - r0));
+                dots(u.data(), Y.data() + r0 * E, n, E, out.data());
+                for (int q = 0; q < n; ++q) {
+                    const double z = out[q];
+                    double& M = m[r0 + q];
+                    if (z > M) {
+                        s[r0 + q] = s[r0 + q] * std::exp(M - z) + 1.0;
+                        M = z;
+                    } else {
+                        s[r0 + q] += std::exp(z - M);
+                    }
+                    if (v == token) target[r0 + q] = z;
+                }
+            }
+        }
+    }
+    std::vector<double> logp(R);
+    for (size_t r = 0; r < R; ++r) {
+        double M = -std::numeric_limits<double>::infinity();
+        for (int t = 0; t < T; ++t) M = std::max(M, mx[static_cast<size_t>(t) * R + r]);
+        double S = 0;
+        for (int t = 0; t < T; ++t) {
+            const double mt = mx[static_cast<size_t>(t) * R + r];
+            if (sm[static_cast<size_t>(t) * R + r] > 0) S += sm[static_cast<size_t>(t) * R + r] * std::exp(mt - M);
+        }
+        logp[r] = target[r] - (M + std::log(S));
+    }
+    std::vector<double> scores(C);
+    for (size_t c = 0; c < C; ++c) scores[c] = logp[c + 1] - logp[0];
+    return scores;
 }
 
 }  // namespace neurotap

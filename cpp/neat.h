@@ -54,4 +54,13 @@ private:
     std::vector<std::vector<float>> cur_;                      // [sample][watched]
 };
 
+class ContributionWeights;
+
+// NEAT's calibration score, exactly: for each candidate c, log p(token | h + a_c * col_c) -
+// log p(token | h), through the final RMSNorm (weight g, epsilon eps) and the whole unembedding.
+// cols is [n_cand, n_embd]; the unembedding rows are those of the contribution weights.
+std::vector<double> neat_attribution(const ContributionWeights& w, const std::vector<float>& norm_weight, float eps,
+                                     const std::vector<float>& h, const std::vector<float>& a,
+                                     const std::vector<float>& cols, int32_t token, int n_threads);
+
 }  // namespace neurotap

@@ -114,6 +114,30 @@ def cmd_rank_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nex(args: argparse.Namespace) -> int:
+    from .nad import nex_response
+    from .nex import nex_scores, novelty, phases, plot_phases
+
+    model = _load(args)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    samples = model.sample(prompt, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
+                           temperature=args.temperature, reducers=("contributions",), chunk=1, progress=None)
+    responses = [nex_response(s) for s in samples]
+    scores = nex_scores(responses)
+    for s, (mass, toks), g in zip(samples, responses, scores):
+        ph = "".join("E" if x else "x" for x in phases(mass, toks)) if len(toks) else ""
+        print(f"--- sample {s.index}: GMF {g:.3f} | {s.n_tokens} tokens | phases per 32-token row "
+              f"(E explore, x exploit): {ph or '-'}")
+        print(s.text)
+    best = int(scores.argmax())
+    if args.plot:
+        mass, toks = responses[best]
+        plot_phases(novelty(mass, toks), phases(mass, toks), args.plot,
+                    title=f"sample {best} (highest GMF {scores[best]:.3f})")
+        print(f"[plot of sample {best}: {args.plot}]")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize
 
@@ -246,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="ranking.json")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_rank_models)
+
+    x = sub.add_parser("nex", help="NEX scores of N samples of one prompt, with a phase plot")
+    x.add_argument("prompt")
+    _model_args(x)
+    x.add_argument("-n", type=int, default=8)
+    x.add_argument("--max-tokens", type=int, default=256)
+    x.add_argument("--temperature", type=float, default=0.6)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    x.add_argument("--plot", default=None, help="PNG of the best sample's novelty curve and phases")
+    x.set_defaults(func=cmd_nex)
 
     q = sub.add_parser("quantize", help="write a re-quantized variant of a model (llama.cpp's quantizer)")
     q.add_argument("model", help="known name or .gguf path")

@@ -184,6 +184,7 @@ class Scorer:
             name = "token_embd.weight"
         self.W_U = _native.read_tensor_rows(path, name, 0, model.info.n_vocab)  # float32 [V, E]
         self.path = path
+        self.model = model
 
     def norm(self, h: np.ndarray) -> np.ndarray:
         h = np.asarray(h, np.float64)
@@ -199,10 +200,12 @@ class Scorer:
         return logits[..., token] - lse
 
     def attribution(self, h: np.ndarray, a: np.ndarray, cols: np.ndarray, token: int) -> np.ndarray:
-        """Per neuron, log p(token | h + a_i W_down[:, i]) - log p(token | h): NEAT's exact score."""
-        h = np.asarray(h, np.float64)
-        base = self.logp(h[None], token)[0]
-        return self.logp(h[None] + np.asarray(a, np.float64)[:, None] * cols, token) - base
+        """Per neuron, log p(token | h + a_i W_down[:, i]) - log p(token | h): NEAT's exact score,
+        computed natively over the whole vocabulary (cpp/neat.cpp)."""
+        cols = np.ascontiguousarray(cols, dtype=np.float32)
+        return np.asarray(self.model._native.neat_attribution(
+            self.g.astype(np.float32).tolist(), self.eps, np.asarray(h, np.float32).tolist(),
+            np.asarray(a, np.float32).tolist(), cols.ravel().tolist(), int(token), self.model.n_threads))
 
     def grad(self, h: np.ndarray, token: int) -> np.ndarray:
         """d log p(token) / d h at h (one row)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -18,17 +18,20 @@ from .nad import nex_response
 from .tasks import DEFAULT_PROMPT, Task, format_prompt
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+    """Spearman rank correlation (average ranks for ties); None when either side is constant
+    (every variant equally accurate, say): the correlation is then undefined, not 0."""
     from scipy.stats import spearmanr
 
     if len(a) < 2:
         raise ValueError("a rank correlation needs at least two variants")
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
     return float(spearmanr(a, b).statistic)
 
 
 def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_tokens: int = 256, seed: int = 0,
-                labels: bool = False, threads: int | None = None, temperature: float = 0.6,
+                labels: bool = False, threads: Optional[int] = None, temperature: float = 0.6,
                 template: str = DEFAULT_PROMPT, progress: bool = True) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -78,5 +81,7 @@ def format_ranking(rep: Dict[str, Any]) -> str:
         acc = f" {v['accuracy']:.3f} |" if labels else ""
         lines.append(f"| {v['nex_rank']} | {Path(v['model']).name} | {v['nex']:.4f} |{acc}")
     if labels:
-        lines.append(f"\nSpearman(NEX, accuracy) = {rep['spearman_nex_vs_accuracy']:.3f}")
+        rho = rep["spearman_nex_vs_accuracy"]
+        lines.append("\nSpearman(NEX, accuracy) = " + (f"{rho:.3f}" if rho is not None else
+                                                        "undefined (a ranking is constant)"))
     return "\n".join(lines)
