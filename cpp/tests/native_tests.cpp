@@ -29,6 +29,7 @@
 #include "gguf_file.h"
 #include "log_capture.h"
 #include "model.h"
+#include "neat.h"
 #include "parallel_sampler.h"
 #include "reducers.h"
 #include "tapped_context.h"
@@ -2354,6 +2355,63 @@ void test_nad_non_finite() {
     }
 }
 
+// NEAT's monitor: it gathers the watched neurons from the rows, decides by cosine similarity and
+// norm ratio to the reference, bans in place, and refuses inconsistent configurations.
+void test_neat_monitor() {
+    const int L = 3, V = 10;
+    const int64_t F = 8;
+    NeatConfig c;
+    c.neurons = {{0, 1}, {2, 7}};
+    c.reference = {1.0f, 1.0f};
+    c.exit_similarity = 0.6f;
+    c.ban_similarity = 0.4f;
+    c.magnitude = 0.5f;
+    c.ban_tokens = {3, 4};
+    c.exit_tokens = {9};
+    NeatMonitor m(c, L, F, V);
+    m.begin(2, L, F, 16);
+    auto feed = [&](int s, float x, float y) {
+        std::vector<float> row(static_cast<size_t>(F), 100.0f);  // unwatched neurons must not matter
+        for (int l = 0; l < L; ++l) {
+            row[1] = l == 0 ? x : 100.0f;
+            row[7] = l == 2 ? y : 100.0f;
+            m.on_row(s, 0, l, row.data());
+        }
+    };
+    float sim = 0, mag = 0;
+    feed(0, 1.0f, 1.0f);                       // same direction, same norm
+    CHECK(m.decide(0, &sim, &mag) == kNeatExit);
+    CHECK(std::fabs(sim - 1.0f) < 1e-6f && std::fabs(mag - 1.0f) < 1e-6f);
+    feed(0, 0.2f, 0.2f);                       // same direction, too weak: ban, not exit
+    CHECK(m.decide(0, &sim, &mag) == kNeatBan);
+    CHECK(std::fabs(mag - 0.2f) < 1e-6f);
+    feed(1, 1.0f, 0.0f);                       // cos 0.707: exit; the other sample is independent
+    CHECK(m.decide(1, &sim, &mag) == kNeatExit);
+    feed(1, 1.0f, -0.5f);                      // cos 0.316: continue
+    CHECK(m.decide(1, &sim, &mag) == kNeatContinue);
+    CHECK(std::fabs(sim - 0.31622776f) < 1e-5f);
+    feed(1, 0.0f, 0.0f);                       // silent neurons: similarity 0, never NaN
+    CHECK(m.decide(1, &sim, &mag) == kNeatContinue && sim == 0.0f && mag == 0.0f);
+    std::vector<float> logits(V, 1.0f);
+    m.ban(logits.data());
+    CHECK(std::isinf(logits[3]) && std::isinf(logits[4]) && logits[2] == 1.0f && logits[5] == 1.0f);
+
+    auto bad = [&](const std::function<void(NeatConfig&)>& edit, const char* needle) {
+        NeatConfig b = c;
+        edit(b);
+        EXPECT_THROW_MSG(ParamError, NeatMonitor built(b, L, F, V), needle, "bad NEAT config");
+    };
+    bad([](NeatConfig& b) { b.neurons.clear(); b.reference.clear(); }, "at least one");
+    bad([](NeatConfig& b) { b.reference = {1.0f}; }, "reference has 1 values for 2 neurons");
+    bad([](NeatConfig& b) { b.neurons[1] = {3, 0}; }, "outside this model");
+    bad([](NeatConfig& b) { b.neurons[1] = {2, 8}; }, "outside this model");
+    bad([](NeatConfig& b) { b.reference = {0.0f, 0.0f}; }, "all zeros");
+    bad([](NeatConfig& b) { b.reference[0] = NAN; }, "non-finite");
+    bad([](NeatConfig& b) { b.ban_tokens = {10}; }, "token id out of range");
+    bad([](NeatConfig& b) { b.exit_tokens = {-1}; }, "token id out of range");
+    bad([](NeatConfig& b) { b.magnitude = INFINITY; }, "finite");
+}
+
 void test_nad_gate_variant() {
     TempDir dir;
     const int L = 2, V = 5;
@@ -2456,6 +2514,7 @@ int main(int argc, char** argv) {
         {"nad_paper_params", test_nad_paper_params},
         {"nad_gate_variant", test_nad_gate_variant},
         {"nad_non_finite", test_nad_non_finite},
+        {"neat_monitor", test_neat_monitor},
     };
     const TestCase with_model[] = {
         {"gguf_real_model", test_gguf_real_model},
