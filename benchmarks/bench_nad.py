@@ -45,21 +45,28 @@ def main() -> None:
                 "contributions": dict(reducers=("contributions",)),
                 "contributions, gate variant": dict(reducers=("contributions",), contribution="gate")}
     times = {k: [] for k in variants}
-    shares = []
+    shares, hits = [], []
     for _ in range(args.rounds):
         for name, kw in variants.items():
             t, run = per_token(model, args.n, args.tokens, **kw)
             times[name].append(t)
             if name == "contributions":
                 shares.append(run._native.contrib_seconds[0] / run.decode_seconds)
+                h, m = run._native.contrib_cache
+                hits.append(h / max(h + m, 1))
     print(f"## contribution cost: n={args.n}, {args.tokens} tokens per sample, {args.threads} threads, "
           f"{args.rounds} rounds")
-    print("| variant | ms per token | / tap off |\n|---|---|---|")
+    print("| variant | ms per token (median) | / tap off (median of per-round ratios) | ratio of medians |\n|---|---|---|---|")
+    off = statistics.median(times["tap off"])
     for name in variants:
         ratio = statistics.median(a / b for a, b in zip(times[name], times["tap off"]))
-        print(f"| {name} | {1000 * statistics.median(times[name]):.2f} | {ratio:.2f} |")
-    print(f"contribution pass share of decode time (median): {statistics.median(shares):.1%}")
+        med = statistics.median(times[name])
+        print(f"| {name} | {1000 * med:.2f} | {ratio:.2f} | {med / off:.2f} |")
+    print(f"contribution pass share of decode time (median): {statistics.median(shares):.1%}; "
+          f"token ids served from the projection cache: {statistics.median(hits):.1%}")
 
+    if args.tasks == 0:
+        return
     print(f"\n## tokens: early-stopped NAD (knn @ {args.early_stop}) against full best-of-{args.n}, "
           f"{args.tasks} arith tasks, max {args.max_tokens} tokens")
     print("| task | full best-of-N tokens | early-stopped tokens | ratio |\n|---|---|---|---|")

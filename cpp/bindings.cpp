@@ -447,6 +447,10 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("contrib_tokens", [](const SamplingRun& r) {
             return r.contrib ? r.contrib->tokens_processed() : int64_t{0};
         })
+        .def_property_readonly("contrib_cache", [](const SamplingRun& r) {
+            return r.contrib ? std::make_pair(r.contrib->cache_hits(), r.contrib->cache_misses())
+                             : std::make_pair(int64_t{0}, int64_t{0});
+        }, "(token ids whose projection was cached, computed)")
         .def_property_readonly("contrib_seconds", [](const SamplingRun& r) {
             return r.contrib ? std::make_pair(r.contrib->seconds(), r.contrib->dot_seconds()) : std::make_pair(0.0, 0.0);
         }, "(seconds in the contribution pass, of which dot products)")

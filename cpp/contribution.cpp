@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <cstdint>
 #include <functional>
 #include <numeric>
 
@@ -156,6 +157,7 @@ ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeigh
     if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
     if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
     if (p_.n_threads < 1) p_.n_threads = 1;
+    if (p_.cache_bytes < 0) throw ParamError("cache_bytes must be >= 0");
 }
 
 void ContributionReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
@@ -165,87 +167,168 @@ void ContributionReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
     n_ff_ = n_ff;
     n_words_ = (n_layer * n_ff + 63) / 64;
     k_ = static_cast<int>(std::min<int64_t>(p_.top_per_layer, n_ff));
-    pending_.assign(n_samples, std::vector<float>(static_cast<size_t>(n_layer) * n_ff, 0.0f));
+    bufs_.clear();
+    free_.clear();
+    cur_.assign(n_samples, 0);
+    for (int i = 0; i < n_samples; ++i) cur_[i] = take_buffer();
     bits_.assign(n_samples, {});
     eta_.assign(n_samples, {});
     count_.assign(n_samples, {});
     top_c_.assign(n_samples, {});
     top_i_.assign(n_samples, {});
+    kth_.assign(n_samples, std::vector<float>(static_cast<size_t>(n_layer), -INFINITY));
     queue_.clear();
+    const size_t per_token = static_cast<size_t>(n_layer) * n_ff * sizeof(float);
+    cache_slots_ = static_cast<int>(std::min<int64_t>(p_.cache_bytes / static_cast<int64_t>(per_token), 1 << 20));
+    max_queue_ = std::max<int64_t>(n_samples, std::min<int64_t>(p_.queue_bytes / static_cast<int64_t>(per_token), 1 << 20));
+    cache_.clear();
+    cache_token_.clear();
+    cache_used_.clear();
+    cache_index_.clear();
+    step_ = hits_ = misses_ = 0;
+}
+
+int ContributionReducer::take_buffer() {
+    if (!free_.empty()) {
+        const int b = free_.back();
+        free_.pop_back();
+        return b;
+    }
+    bufs_.emplace_back(static_cast<size_t>(n_layer_) * n_ff_, 0.0f);
+    return static_cast<int>(bufs_.size()) - 1;
 }
 
 void ContributionReducer::on_row(int sample, int, int layer, const float* a) {
     if (p_.gate_variant) return;
-    std::memcpy(pending_[sample].data() + static_cast<size_t>(layer) * n_ff_, a, static_cast<size_t>(n_ff_) * sizeof(float));
+    std::memcpy(bufs_[cur_[sample]].data() + static_cast<size_t>(layer) * n_ff_, a, static_cast<size_t>(n_ff_) * sizeof(float));
 }
 
 void ContributionReducer::on_gate_row(int sample, int, int layer, const float* g) {
     if (!p_.gate_variant) return;
-    float* out = pending_[sample].data() + static_cast<size_t>(layer) * n_ff_;
+    float* out = bufs_[cur_[sample]].data() + static_cast<size_t>(layer) * n_ff_;
     for (int64_t i = 0; i < n_ff_; ++i) out[i] = p_.gelu ? gelu(g[i]) : silu(g[i]);
 }
 
 void ContributionReducer::commit(int sample, int token, int32_t token_id) {
     if (token_id < 0 || token_id >= w_->n_vocab()) throw ParamError("token id out of range: " + std::to_string(token_id));
-    queue_.push_back({sample, token, token_id});
+    // The token's activations stay in their buffer until the flush; the sample writes a fresh one.
+    queue_.push_back({sample, token, token_id, cur_[sample]});
+    cur_[sample] = take_buffer();
 }
 
-void ContributionReducer::end_step() { flush(); }
+// Flushing every step would stream W_down from memory for the one or two new token ids of a step;
+// queued tokens share one pass (more ids per pass, fewer passes), up to queue_bytes of activations.
+void ContributionReducer::end_step() {
+    if (static_cast<int64_t>(queue_.size()) >= max_queue_) flush();
+}
+
+void ContributionReducer::sync() { flush(); }
 
 // Every contribution of every queued token: one pass over W_down per step, shared by all the
 // step's samples (the weights stream from memory once, not once per sample).
-void ContributionReducer::compute_all() {
+// Slot of token y's cached projection d(y) = W_down^T W_U[y] (all layers), computing the missing
+// ones: a contribution is c = a * d(y), and d depends on the token only, not on the context, so
+// tokens that recur across samples and steps (most of them) cost one multiply per neuron.
+void ContributionReducer::fill_cache() {
     const int P = static_cast<int>(queue_.size());
     const int64_t E = w_->n_embd();
-    u_.resize(static_cast<size_t>(P) * E);
-    for (int q = 0; q < P; ++q) w_->unembed_row(queue_[q].token_id, u_.data() + static_cast<size_t>(q) * E);
-    contrib_.resize(static_cast<size_t>(P) * n_layer_ * n_ff_);
     const int64_t total = static_cast<int64_t>(n_layer_) * n_ff_;
+    ++step_;
+    slot_of_.resize(static_cast<size_t>(P));
+    missing_.clear();
+    for (int q = 0; q < P; ++q) {
+        const int32_t y = queue_[q].token_id;
+        auto it = cache_index_.find(y);
+        if (it != cache_index_.end()) {
+            slot_of_[q] = it->second;
+            cache_used_[static_cast<size_t>(it->second)] = step_;
+            ++hits_;
+            continue;
+        }
+        // A free slot, or the least recently used one not needed by this step.
+        int slot = -1;
+        if (static_cast<int>(cache_token_.size()) < cache_slots_) {
+            slot = static_cast<int>(cache_token_.size());
+            cache_token_.push_back(y);
+            cache_used_.push_back(step_);
+            cache_.resize(cache_token_.size() * static_cast<size_t>(total));
+        } else {
+            int64_t oldest = INT64_MAX;
+            for (int k = 0; k < cache_slots_; ++k)
+                if (cache_used_[static_cast<size_t>(k)] < oldest && cache_used_[static_cast<size_t>(k)] != step_)
+                    oldest = cache_used_[static_cast<size_t>(k)], slot = k;
+            cache_index_.erase(cache_token_[static_cast<size_t>(slot)]);
+            cache_token_[static_cast<size_t>(slot)] = y;
+            cache_used_[static_cast<size_t>(slot)] = step_;
+        }
+        cache_index_[y] = slot;
+        slot_of_[q] = slot;
+        missing_.push_back(slot);
+        ++misses_;
+    }
+    const int M = static_cast<int>(missing_.size());
+    if (M == 0) return;
+    u_.resize(static_cast<size_t>(M) * E);
+    for (int m = 0; m < M; ++m)
+        w_->unembed_row(cache_token_[static_cast<size_t>(missing_[m])], u_.data() + static_cast<size_t>(m) * E);
     const int64_t block = 64;
     const int64_t n_blocks = (total + block - 1) / block;
     const DotsFn dots = dots_kernel();
-#pragma omp parallel for schedule(static) num_threads(p_.n_threads) if (P * total > 200000)
+#pragma omp parallel for schedule(static) num_threads(p_.n_threads) if (int64_t(M) * total > 200000)
     for (int64_t b = 0; b < n_blocks; ++b) {
         float d[kMaxBatch];
         for (int64_t g = b * block; g < std::min(total, (b + 1) * block); ++g) {
             const int l = static_cast<int>(g / n_ff_);
             const int64_t i = g % n_ff_;
-            for (int q0 = 0; q0 < P; q0 += kMaxBatch) {
-                const int pn = std::min(kMaxBatch, P - q0);
-                dots(w_->down_col(l, i), u_.data() + static_cast<size_t>(q0) * E, pn, E, d);
-                for (int q = 0; q < pn; ++q) {
-                    const float a = pending_[queue_[q0 + q].sample][static_cast<size_t>(g)];
-                    const float v = a * d[q];
-                    // NaN (inf activations, inf x 0) would break the ordering: rank it last instead.
-                    contrib_[static_cast<size_t>(q0 + q) * total + g] = std::isnan(v) ? -INFINITY : v;
-                }
+            for (int m0 = 0; m0 < M; m0 += kMaxBatch) {
+                const int mn = std::min(kMaxBatch, M - m0);
+                dots(w_->down_col(l, i), u_.data() + static_cast<size_t>(m0) * E, mn, E, d);
+                for (int m = 0; m < mn; ++m) cache_[static_cast<size_t>(missing_[m0 + m]) * total + g] = d[m];
             }
         }
     }
 }
 
 // The exact top k of one layer's contributions c (n values): descending, ties by lower index.
-static void layer_top(const float* c, int64_t n, int k, std::vector<float>& scratch, std::vector<int32_t>& idx,
-                      float* top_c, int32_t* top_i) {
-    scratch.assign(c, c + n);
+// `guess` is a value believed to lie below the k-th largest (the same layer's k-th value on the
+// sample's previous token, halved): when at least k values exceed it, the top k are among them
+// and only those are ranked; otherwise every value is. Exact either way; returns the k-th value.
+static float layer_top(const float* c, int64_t n, int k, float guess, std::vector<float>& scratch,
+                       std::vector<int32_t>& idx, float* top_c, int32_t* top_i) {
+    idx.clear();
+    if (std::isfinite(guess))
+        for (int64_t i = 0; i < n; ++i)
+            if (c[i] >= guess) idx.push_back(static_cast<int32_t>(i));
+    if (static_cast<int>(idx.size()) < k) {
+        idx.resize(static_cast<size_t>(n));
+        std::iota(idx.begin(), idx.end(), 0);
+    }
+    scratch.resize(idx.size());
+    for (size_t j = 0; j < idx.size(); ++j) scratch[j] = c[idx[j]];
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
     const float kth = scratch[k - 1];
-    idx.clear();
-    for (int64_t i = 0; i < n; ++i)
-        if (c[i] > kth) idx.push_back(static_cast<int32_t>(i));
-    for (int64_t i = 0; i < n && static_cast<int>(idx.size()) < k; ++i)
-        if (c[i] == kth) idx.push_back(static_cast<int32_t>(i));  // ties at the boundary: lowest indices
+    // Candidates above the k-th value, then ties at it by lowest index (idx is ascending).
+    size_t w = 0, ties = 0;
+    for (size_t j = 0; j < idx.size(); ++j)
+        if (c[idx[j]] > kth) idx[w++] = idx[j];
+    const size_t above = w;
+    for (int64_t i = 0; i < n && above + ties < static_cast<size_t>(k); ++i)
+        if (c[i] == kth) scratch[ties++] = static_cast<float>(i);  // reuse scratch for tie indices
+    for (size_t t = 0; t < ties; ++t) idx[w++] = static_cast<int32_t>(scratch[t]);
+    idx.resize(w);
     std::sort(idx.begin(), idx.end(), [c](int32_t x, int32_t y) { return c[x] != c[y] ? c[x] > c[y] : x < y; });
     for (int r = 0; r < k; ++r) {
         top_c[r] = c[idx[r]];
         top_i[r] = idx[r];
     }
+    return kth;
 }
 
 void ContributionReducer::flush() {
     if (queue_.empty()) return;
     const auto t0 = std::chrono::steady_clock::now();
-    compute_all();
+    if (cache_slots_ < static_cast<int>(queue_.size())) cache_slots_ = static_cast<int>(queue_.size());
+    fill_cache();  // every token of a step needs its slot at once, hence the floor above
     const auto t1 = std::chrono::steady_clock::now();
     dot_seconds_ += std::chrono::duration<double>(t1 - t0).count();
     const int64_t total = static_cast<int64_t>(n_layer_) * n_ff_;
@@ -254,18 +337,31 @@ void ContributionReducer::flush() {
     top_q_c_.resize(static_cast<size_t>(Q) * K);
     top_q_i_.resize(static_cast<size_t>(Q) * K);
     eta_q_.resize(static_cast<size_t>(Q));
+    kth_q_.resize(static_cast<size_t>(Q) * n_layer_);
     // Per token selections are independent: spread them over the threads, then merge serially.
 #pragma omp parallel num_threads(p_.n_threads) if (Q > 1)
     {
-        std::vector<float> scratch;
+        std::vector<float> scratch, c(static_cast<size_t>(n_ff_));
         std::vector<int32_t> idx;
 #pragma omp for schedule(dynamic)
         for (int q = 0; q < Q; ++q) {
-            const float* c_all = contrib_.data() + static_cast<size_t>(q) * total;
+            const float* a_all = bufs_[queue_[q].buf].data();
+            const float* d_all = cache_.data() + static_cast<size_t>(slot_of_[q]) * total;
             float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
             int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
-            for (int l = 0; l < n_layer_; ++l)
-                layer_top(c_all + static_cast<size_t>(l) * n_ff_, n_ff_, k_, scratch, idx, tc + l * k_, ti + l * k_);
+            const float* guess = kth_[queue_[q].sample].data();  // read only here: tokens of a sample run in parallel
+            float* next = kth_q_.data() + static_cast<size_t>(q) * n_layer_;
+            for (int l = 0; l < n_layer_; ++l) {
+                // c = a * d(y), one layer at a time in a buffer that stays in L1.
+                const float* a = a_all + static_cast<size_t>(l) * n_ff_;
+                const float* d = d_all + static_cast<size_t>(l) * n_ff_;
+                for (int64_t i = 0; i < n_ff_; ++i) {
+                    const float v = a[i] * d[i];
+                    c[i] = std::isnan(v) ? -INFINITY : v;  // NaN (inf activations, inf x 0) would break the ordering
+                }
+                const float kth = layer_top(c.data(), n_ff_, k_, guess[l], scratch, idx, tc + l * k_, ti + l * k_);
+                next[l] = kth > 0 ? 0.5f * kth : -INFINITY;  // a positive guess prunes; otherwise rank all
+            }
             const int rank = std::min(p_.eta_rank, K);
             scratch.assign(tc, tc + K);
             std::nth_element(scratch.begin(), scratch.begin() + (rank - 1), scratch.end(), std::greater<float>());
@@ -274,6 +370,8 @@ void ContributionReducer::flush() {
     }
     for (int q = 0; q < Q; ++q) {
         const int sample = queue_[q].sample, token = queue_[q].token;
+        std::copy_n(kth_q_.data() + static_cast<size_t>(q) * n_layer_, n_layer_, kth_[sample].data());
+        free_.push_back(queue_[q].buf);
         const float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
         const int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
         const float eta = eta_q_[q];

@@ -13,6 +13,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "gguf_file.h"
@@ -63,6 +64,8 @@ struct ContributionParams {
     bool gelu = false;         // the activation of the gate variant: GELU (GeGLU models) or SiLU
     bool keep_top = false;     // keep every token's per-layer top values (for verification)
     int n_threads = 1;         // OpenMP threads for the contribution pass
+    int64_t cache_bytes = int64_t{64} << 20;  // per-token-id projections W_down^T W_U[y] kept for reuse
+    int64_t queue_bytes = int64_t{64} << 20;  // activations of committed tokens awaiting one shared pass
 };
 
 // out[q] = col . U[q] for q < n: the contribution kernel (AVX2+FMA where the CPU has it).
@@ -71,9 +74,11 @@ using DotsFn = void (*)(const float* col, const float* U, int n, int64_t E, floa
 DotsFn dots_kernel();
 
 // Streams activations; a committed token is queued, and at the end of each decode step every
-// queued token's contributions are computed in one pass over W_down (all L x n_ff of them, exactly:
-// a Cauchy-Schwarz bound |c_i| <= |a_i| ||W_down[:, i]|| ||W_U[y]|| was measured to prune only about
-// 3% of the neurons on SmolLM2, so it is not used). Activated neurons go into the token's chunk bitset.
+// queued token's contributions are computed, all L x n_ff of them, exactly. c = a * d(y) with
+// d(y) = W_down^T W_U[y] a function of the token id alone: d is cached per token id (LRU, within
+// cache_bytes) and computed in one pass over W_down for the step's new ids. (A Cauchy-Schwarz bound
+// |c_i| <= |a_i| ||W_down[:, i]|| ||W_U[y]|| was measured to prune only about a third of the neurons on
+// SmolLM2, so it is not used.) Activated neurons go into the token's chunk bitset.
 class ContributionReducer : public Reducer {
 public:
     ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p);
@@ -82,6 +87,7 @@ public:
     void on_gate_row(int sample, int token, int layer, const float* g) override;
     void commit(int sample, int token, int32_t token_id) override;
     void end_step() override;
+    void sync() override;
     void finish(int sample, int n_tokens) override;
 
     const ContributionParams& params() const { return p_; }
@@ -94,35 +100,51 @@ public:
     const std::vector<int32_t>& top_index(int sample) const { return top_i_[sample]; }
     int64_t tokens_processed() const { return tokens_; }
     double seconds() const { return seconds_; }          // time in the contribution pass
-    double dot_seconds() const { return dot_seconds_; }  // of which the dot products
+    double dot_seconds() const { return dot_seconds_; }  // of which the dot products and products
+    int64_t cache_hits() const { return hits_; }
+    int64_t cache_misses() const { return misses_; }
 
 private:
     struct Queued {
         int sample, token;
         int32_t token_id;
+        int buf;  // index in bufs_ of the token's activations
     };
+    int take_buffer();
     void flush();
-    void compute_all();
+    void fill_cache();
 
     std::shared_ptr<const ContributionWeights> w_;
     ContributionParams p_;
     int n_layer_ = 0;
     int64_t n_ff_ = 0, n_words_ = 0;
     int k_ = 0;
-    std::vector<std::vector<float>> pending_;  // [sample] -> the queued token's activations
+    std::vector<std::vector<float>> bufs_;  // activation buffers (layers * n_ff each)
+    std::vector<int> free_;                 // unused buffers
+    std::vector<int> cur_;                  // [sample] -> the buffer its current rows go to
     std::vector<Queued> queue_;
+    int64_t max_queue_ = 0;
     std::vector<std::vector<uint64_t>> bits_;
     std::vector<std::vector<float>> eta_;
     std::vector<std::vector<int32_t>> count_;
     std::vector<std::vector<float>> top_c_;
     std::vector<std::vector<int32_t>> top_i_;
+    std::vector<std::vector<float>> kth_;  // [sample][layer] a guess below the next token's k-th value
     // Scratch.
-    std::vector<float> u_, contrib_;      // [queued, n_embd], [queued, layers * n_ff]
+    std::vector<float> u_;                // [missing, n_embd]
     std::vector<float> top_q_c_;          // [queued, layers * k]
     std::vector<int32_t> top_q_i_;
-    std::vector<float> eta_q_;
+    std::vector<float> eta_q_, kth_q_;
     int64_t tokens_ = 0;
     double seconds_ = 0, dot_seconds_ = 0;
+    // d(y) = W_down^T W_U[y] per token id, least recently used evicted first.
+    int cache_slots_ = 0;
+    std::vector<float> cache_;            // [slots, layers * n_ff]
+    std::vector<int32_t> cache_token_;    // slot -> token id
+    std::vector<int64_t> cache_used_;     // slot -> last step that used it
+    std::unordered_map<int32_t, int> cache_index_;
+    std::vector<int> slot_of_, missing_;
+    int64_t step_ = 0, hits_ = 0, misses_ = 0;
 };
 
 // Jaccard similarity |A & B| / |A | B| of n bitsets of `words` 64-bit words each (row-major);

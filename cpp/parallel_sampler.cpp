@@ -221,6 +221,7 @@ int ParallelSampler::advance(int until, Progress* progress) {
             progress->live.store(n_live(), std::memory_order_relaxed);
         }
     }
+    for (Reducer* r : reducers_) r->sync();
     decode_seconds_ += std::chrono::duration<double>(clock::now() - t0).count();
     return n_live();
 }

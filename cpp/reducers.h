@@ -33,6 +33,8 @@ public:
     virtual void commit(int sample, int token, int32_t token_id) { (void)sample, (void)token, (void)token_id; }
     // A decode step's tokens have all been committed (reducers may batch their work here).
     virtual void end_step() {}
+    // The run pauses (advance returns): everything must be readable now.
+    virtual void sync() {}
     // The sample ends with n_tokens tokens: rows recorded for later tokens are dropped.
     virtual void finish(int sample, int n_tokens) = 0;
 };
