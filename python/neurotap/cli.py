@@ -107,7 +107,7 @@ def cmd_rank_models(args: argparse.Namespace) -> int:
 
         resolve(p)  # a missing file fails before any model loads
     rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
-                      labels=args.labels, threads=args.threads, progress=not args.quiet)
+                      labels=args.labels, threads=args.threads, progress=not args.quiet, row=args.row)
     write_atomic(args.out, json.dumps(rep, indent=1).encode())
     print(format_ranking(rep))
     print(f"[{len(tasks)} tasks x {args.n} samples per variant | report: {args.out}]")
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-tokens", type=int, default=256)
     r.add_argument("--labels", action="store_true", help="also measure accuracy and the Spearman correlation")
+    r.add_argument("--row", type=int, default=32, help="tokens per NEX row (the paper: 32)")
     r.add_argument("--threads", "-t", type=int, default=None)
     r.add_argument("--out", default="ranking.json")
     r.add_argument("--quiet", action="store_true")

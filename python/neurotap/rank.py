@@ -32,12 +32,14 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
 
 def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_tokens: int = 256, seed: int = 0,
                 labels: bool = False, threads: Optional[int] = None, temperature: float = 0.6,
-                template: str = DEFAULT_PROMPT, progress: bool = True) -> Dict[str, Any]:
+                template: str = DEFAULT_PROMPT, progress: bool = True, row: int = 32) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .model import load
     from .nex import nex_scores
 
+    if row < 1:
+        raise ValueError(f"row must be at least 1 token, got {row}")
     if len(paths) < 2:
         raise ValueError("rank-models needs at least two model variants")
     if not tasks:
@@ -52,7 +54,7 @@ def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_
             prompt = [{"role": "user", "content": format_prompt(task, template)}]
             for s in model.sample(prompt, n=n, max_tokens=max_tokens, seed=seed * 1_000_003 + i,
                                   temperature=temperature, reducers=("contributions",), chunk=1):
-                responses.append(nex_response(s))
+                responses.append(nex_response(s, row=row))
                 correct.append(is_correct(extract_answer(s.text), task.answer))
         scores = nex_scores(responses)
         v = {"model": str(path), "nex": float(np.mean(scores)), "nex_scores": [round(float(x), 5) for x in scores],
@@ -66,7 +68,7 @@ def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_
     for r, i in enumerate(order):
         variants[i]["nex_rank"] = r + 1
     out: Dict[str, Any] = {"version": 1, "config": {"n": n, "max_tokens": max_tokens, "seed": seed,
-                                                    "n_tasks": len(tasks), "temperature": temperature},
+                                                    "n_tasks": len(tasks), "temperature": temperature, "row": row},
                            "variants": variants}
     if labels:
         out["spearman_nex_vs_accuracy"] = spearman([v["nex"] for v in variants], [v["accuracy"] for v in variants])
