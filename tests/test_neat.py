@@ -178,3 +178,17 @@ def test_calibrate_small(model, tmp_path):
     path = tmp_path / "c.json"
     neat.save_calibration(cal, path)
     assert neat.load_calibration(str(path), model).reference == cal.reference
+
+
+def test_neat_with_nad_early_stopping(model):
+    """NAD picks the sample after 8 tokens; NEAT ends the winner's tail at its next line start."""
+    exit_now = _crafted(model, exit_similarity=-2.0, magnitude=-1.0)
+    plain = model.best_of_n(PROMPT, n=4, method="knn", early_stop=8, max_tokens=48, seed=5)
+    both = model.best_of_n(PROMPT, n=4, method="knn", early_stop=8, max_tokens=48, seed=5, neat=exit_now)
+    # The samples that reach a line start within the 8 tokens end there; the pick ends at its first one.
+    assert any(c.finish_reason == "neat_exit" for c in both.candidates)
+    s = both.sample
+    assert s.finish_reason == "neat_exit" and s.text.endswith("\n")
+    assert both.tokens_generated < plain.tokens_generated
+    if both.index == plain.index:
+        assert s.tokens == plain.sample.tokens[:len(s.tokens)]
