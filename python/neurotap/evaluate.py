@@ -239,12 +239,15 @@ def plot_report(report: Dict[str, Any], path: os.PathLike) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("--plot needs matplotlib: pip install 'neurotap[eval]'") from e
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labels: Dict[tuple, List[str]] = {}
     for m, e in report["methods"].items():
         lo, hi = e["ci95"]
         x, y = e["tokens_per_task"], e["accuracy"]
-        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o" if "@" in m else "s", capsize=3)
-        ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o" if "@" in m else "s", capsize=3, alpha=0.8)
+        labels.setdefault((round(x / 25) * 25, round(y, 3)), []).append(m)  # one label per crowded point
+    for (x, y), names in labels.items():
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(6, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("tokens generated per task (log)")
     ax.set_ylabel("accuracy")
