@@ -70,6 +70,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_eval_extras(needs_sklearn: bool, needs_plot: bool) -> None:
+    """Fail before an hour of sampling, not after it, when an optional package is missing."""
+    import importlib.util
+
+    for need, module, what in ((needs_sklearn, "sklearn", "dbscan and nex need scikit-learn"),
+                               (needs_plot, "matplotlib", "--plot needs matplotlib")):
+        if need and importlib.util.find_spec(module) is None:
+            raise ImportError(f"{what}: pip install 'neurotap[eval]'")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table, plot_report, save_report
     from .tasks import resolve_tasks
@@ -79,6 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .selectors import check_methods
 
     check_methods(methods, args.n)
+    _require_eval_extras(needs_sklearn=bool({"dbscan", "nex"} & set(methods)), needs_plot=bool(args.plot))
     if args.early_stop is not None and args.early_stop > args.max_tokens:
         raise ValueError(f"--early-stop {args.early_stop} is longer than --max-tokens {args.max_tokens}")
     model = _load(args)
@@ -299,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"neurotap: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
