@@ -77,6 +77,8 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* col, const float
 
 }  // namespace
 
+DotsFn dots_kernel_generic() { return &dots_generic; }
+
 DotsFn dots_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
     static const DotsFn fn = [] {

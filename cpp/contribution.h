@@ -72,6 +72,7 @@ struct ContributionParams {
 constexpr int kMaxBatch = 64;
 using DotsFn = void (*)(const float* col, const float* U, int n, int64_t E, float* out);
 DotsFn dots_kernel();
+DotsFn dots_kernel_generic();  // the portable one, for tests on CPUs where the other is chosen
 
 // Streams activations; a committed token is queued, and at the end of each decode step every
 // queued token's contributions are computed, all L x n_ff of them, exactly. c = a * d(y) with

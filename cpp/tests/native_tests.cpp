@@ -1687,53 +1687,56 @@ void test_nad_dots() {
                 __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? "has" : "lacks",
                 __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? "AVX2" : "generic");
 #endif
-    std::mt19937 rng(31337);
-    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    std::uniform_int_distribution<int> small(-5, 5);
-    int bad = 0, bad_exact = 0, checked = 0;
-    double worst = 0;
-    for (int64_t E : {1, 7, 8, 576, 577}) {
-        for (int n : {1, 2, 3, 4, 5, 6, 7, 8, 9, kMaxBatch}) {
-            for (int variant = 0; variant < 3; ++variant) {
-                // 0: aligned vectors; 1: both one float past an allocation's start (unaligned);
-                // 2: small integers, whose dot products float computes exactly. Every buffer ends
-                // exactly where the kernel must stop reading (or writing), so ASan sees overruns.
-                const size_t skip = variant == 1 ? 1 : 0;
-                std::vector<float> col_buf(skip + E), u_buf(skip + static_cast<size_t>(n) * E);
-                for (float& x : col_buf) x = variant == 2 ? float(small(rng)) : u(rng);
-                for (float& x : u_buf) x = variant == 2 ? float(small(rng)) : u(rng);
-                const float* col = col_buf.data() + skip;
-                const float* U = u_buf.data() + skip;
-                std::vector<float> out(static_cast<size_t>(n), NAN);
-                dots(col, U, n, E, out.data());
-                for (int q = 0; q < n; ++q) {
-                    double ref = 0, mag = 0;
-                    for (int64_t e = 0; e < E; ++e) {
-                        const double p = double(col[e]) * double(U[static_cast<size_t>(q) * E + e]);
-                        ref += p;
-                        mag += std::fabs(p);
-                    }
-                    const double err = std::fabs(double(out[q]) - ref);
-                    ++checked;
-                    if (variant == 2) {
-                        bad_exact += !(double(out[q]) == ref);
-                    } else {
-                        bad += !(err <= 1e-5 * mag);
-                        if (mag > 0) worst = std::max(worst, err / mag);
+    // The chosen kernel, then the portable one (which the dispatch skips on AVX2 machines).
+    for (const DotsFn kernel : {dots, dots_kernel_generic()}) {
+        std::mt19937 rng(31337);
+        std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+        std::uniform_int_distribution<int> small(-5, 5);
+        int bad = 0, bad_exact = 0, checked = 0;
+        double worst = 0;
+        for (int64_t E : {1, 7, 8, 576, 577}) {
+            for (int n : {1, 2, 3, 4, 5, 6, 7, 8, 9, kMaxBatch}) {
+                for (int variant = 0; variant < 3; ++variant) {
+                    // 0: aligned vectors; 1: both one float past an allocation's start (unaligned);
+                    // 2: small integers, whose dot products float computes exactly. Every buffer ends
+                    // exactly where the kernel must stop reading (or writing), so ASan sees overruns.
+                    const size_t skip = variant == 1 ? 1 : 0;
+                    std::vector<float> col_buf(skip + E), u_buf(skip + static_cast<size_t>(n) * E);
+                    for (float& x : col_buf) x = variant == 2 ? float(small(rng)) : u(rng);
+                    for (float& x : u_buf) x = variant == 2 ? float(small(rng)) : u(rng);
+                    const float* col = col_buf.data() + skip;
+                    const float* U = u_buf.data() + skip;
+                    std::vector<float> out(static_cast<size_t>(n), NAN);
+                    kernel(col, U, n, E, out.data());
+                    for (int q = 0; q < n; ++q) {
+                        double ref = 0, mag = 0;
+                        for (int64_t e = 0; e < E; ++e) {
+                            const double p = double(col[e]) * double(U[static_cast<size_t>(q) * E + e]);
+                            ref += p;
+                            mag += std::fabs(p);
+                        }
+                        const double err = std::fabs(double(out[q]) - ref);
+                        ++checked;
+                        if (variant == 2) {
+                            bad_exact += !(double(out[q]) == ref);
+                        } else {
+                            bad += !(err <= 1e-5 * mag);
+                            if (mag > 0) worst = std::max(worst, err / mag);
+                        }
                     }
                 }
             }
         }
-    }
-    CHECK_MSG(bad == 0, std::to_string(bad) + " dot products off by more than 1e-5 of the sum of |products|");
-    CHECK_MSG(bad_exact == 0, std::to_string(bad_exact) + " integer dot products not exact");
-    std::printf("  %d dot products, worst error %.2e of the sum of |products|\n", checked, worst);
+        CHECK_MSG(bad == 0, std::to_string(bad) + " dot products off by more than 1e-5 of the sum of |products|");
+        CHECK_MSG(bad_exact == 0, std::to_string(bad_exact) + " integer dot products not exact");
+        std::printf("  %d dot products, worst error %.2e of the sum of |products|\n", checked, worst);
 
-    // n = 0 writes nothing.
-    float sentinel = 42.0f;
-    const float one = 1.0f;
-    dots(&one, &one, 0, 1, &sentinel);
-    CHECK(sentinel == 42.0f);
+        // n = 0 writes nothing.
+        float sentinel = 42.0f;
+        const float one = 1.0f;
+        kernel(&one, &one, 0, 1, &sentinel);
+        CHECK(sentinel == 42.0f);
+    }
 }
 
 // Weights of a tiny llama-like model, as written to the file (and so as the reducer sees them).

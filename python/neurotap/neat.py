@@ -47,14 +47,20 @@ def _shipped_path(name: str) -> Path:
 
 
 def fingerprint(model: "Model") -> Dict[str, Any]:
-    """What a calibration is bound to: the file's hash and the shapes the neurons index."""
+    """What a calibration is bound to: the file's hash and the shapes the neurons index (hashed
+    once per loaded model: every generate(neat=...) checks it)."""
+    cached = getattr(model, "_neat_fingerprint", None)
+    if cached is not None:
+        return dict(cached)
     h = hashlib.sha256()
     with open(model.info.path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     i = model.info
-    return {"sha256": h.hexdigest(), "architecture": i.architecture, "n_layers": i.n_layers, "n_ff": i.n_ff,
-            "n_embd": i.n_embd, "n_vocab": i.n_vocab, "file": Path(i.path).name}
+    fp = {"sha256": h.hexdigest(), "architecture": i.architecture, "n_layers": i.n_layers, "n_ff": i.n_ff,
+          "n_embd": i.n_embd, "n_vocab": i.n_vocab, "file": Path(i.path).name}
+    model._neat_fingerprint = dict(fp)
+    return fp
 
 
 def termination_marker(model: "Model") -> Optional[Tuple[str, int]]:
