@@ -120,3 +120,25 @@ def test_nex_selector_on_real_samples(model):
     assert nad.select(s1, "nex") == int(np.argmax(scores))
     with pytest.raises(ValueError, match="chunk=1"):
         nad.select(s32, "nex")
+
+
+def test_evaluate_with_neat_same_seeds(model, tmp_path, capsys):
+    from neurotap import neat
+
+    cal = neat.load_calibration("default", model)
+    cal.exit_similarity, cal.magnitude = -2.0, -1.0  # exit at every line start: a visible effect
+    rep = evaluate(model, arith(2, 4), n=3, methods=["knn", "avg"], max_tokens=48, seed=1, progress=False, neat=cal)
+    nr = rep["neat_run"]
+    assert nr["tokens_saved"] == rep["full_run"]["tokens"] - nr["tokens"] > 0
+    assert nr["exits"] == sum(s["finish"] == "neat_exit" for r in rep["tasks"] for s in r["neat"]["samples"]) > 0
+    assert {"knn+neat", "avg+neat"} <= set(rep["methods"])
+    for r in rep["tasks"]:
+        for plain, with_neat in zip(r["samples"], r["neat"]["samples"]):
+            if with_neat["exit_at"] < 0 and with_neat["bans"] == 0:
+                assert with_neat["text"] == plain["text"]  # untouched samples are the same samples
+            else:
+                assert with_neat["tokens"] <= plain["tokens"] or with_neat["bans"] > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(["eval", "--tasks", "arith", "--neat", str(bad), "--out", str(tmp_path / "r.json"), "--quiet"]) == 2
+    assert "bad.json" in capsys.readouterr().err and not (tmp_path / "r.json").exists()

@@ -99,6 +99,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report["config"]["tasks"] = args.tasks
     save_report(report, args.out)
     print(format_table(report))
+    nr = report.get("neat_run")
+    if nr:
+        full = report["full_run"]["tokens"]
+        print(f"[NEAT: {nr['tokens']} tokens against {full} without it (same seeds): {nr['tokens_saved']} saved "
+              f"({100 * nr['tokens_saved'] / max(full, 1):.1f}%) | {nr['exits']} of {nr['samples']} samples exited, "
+              f"{nr['bans']} bans | compare the '+neat' rows with the plain ones]")
     print(f"[{len(tasks)} tasks | report: {args.out}]")
     if args.plot:
         plot_report(report, args.plot)
