@@ -119,19 +119,23 @@ py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
         using T = typename std::decay_t<decltype(v)>::value_type;
         return to_numpy(std::vector<T>(v), std::move(shape), dt);
     };
+    // The first `count` values (zero-padded): a live sample's buffers run ahead of its committed
+    // tokens (the token in flight), and chunks past the last committed token do not exist yet.
+    auto first = [](const auto& src, py::ssize_t count) {
+        using T = typename std::decay_t<decltype(src)>::value_type;
+        std::vector<T> v(static_cast<size_t>(count), T{});
+        std::copy_n(src.begin(), std::min(src.size(), v.size()), v.begin());
+        return v;
+    };
+    // Committed tokens fill ceil(n / chunk) chunks of `words` words.
+    auto chunked = [&](const std::vector<uint64_t>& bits, py::ssize_t chunk, py::ssize_t words) {
+        const py::ssize_t chunks = (n + chunk - 1) / chunk;
+        return to_numpy(first(bits, chunks * words), {chunks, words}, py::dtype::of<uint64_t>());
+    };
     d["active_counts"] = run.counts ? py::object(copy(run.counts->counts(i), {n, L}, py::dtype::of<int32_t>()))
                                     : py::object(py::none());
-    if (run.bitsets) {
-        const auto& b = run.bitsets->bits(i);
-        const py::ssize_t W = run.bitsets->n_words();
-        // Committed tokens fill ceil(n / chunk) chunks; bits of later chunks do not exist yet.
-        const py::ssize_t chunks = (n + run.bitsets->chunk() - 1) / run.bitsets->chunk();
-        std::vector<uint64_t> v(static_cast<size_t>(chunks * W), 0);
-        std::copy_n(b.begin(), std::min(b.size(), v.size()), v.begin());
-        d["chunk_bitsets"] = to_numpy(std::move(v), {chunks, W}, py::dtype::of<uint64_t>());
-    } else {
-        d["chunk_bitsets"] = py::none();
-    }
+    d["chunk_bitsets"] = run.bitsets ? py::object(chunked(run.bitsets->bits(i), run.bitsets->chunk(), run.bitsets->n_words()))
+                                     : py::object(py::none());
     d["watched"] = run.watch ? py::object(copy(run.watch->values(i), {n, static_cast<py::ssize_t>(run.watch->n_watched())},
                                                py::dtype::of<float>()))
                              : py::object(py::none());
@@ -141,20 +145,9 @@ py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
         else d["activations"] = copy(run.rows->rows_f32(i), {n, L, F}, py::dtype::of<float>());
     }
     if (run.contrib) {
-        const py::ssize_t W = run.contrib->n_words(), C = run.contrib->params().chunk;
-        const py::ssize_t chunks = (n + C - 1) / C;
-        std::vector<uint64_t> v(static_cast<size_t>(chunks * W), 0);
-        const auto& b = run.contrib->bits(i);
-        std::copy_n(b.begin(), std::min(b.size(), v.size()), v.begin());
-        d["contrib_bitsets"] = to_numpy(std::move(v), {chunks, W}, py::dtype::of<uint64_t>());
-        auto first_n = [n](const auto& src) {  // live samples hold a slot for the token in flight
-            using T = typename std::decay_t<decltype(src)>::value_type;
-            std::vector<T> v(static_cast<size_t>(n), T{});
-            std::copy_n(src.begin(), std::min(src.size(), v.size()), v.begin());
-            return v;
-        };
-        d["contrib_eta"] = to_numpy(first_n(run.contrib->eta(i)), {n}, py::dtype::of<float>());
-        d["contrib_active"] = to_numpy(first_n(run.contrib->n_active(i)), {n}, py::dtype::of<int32_t>());
+        d["contrib_bitsets"] = chunked(run.contrib->bits(i), run.contrib->params().chunk, run.contrib->n_words());
+        d["contrib_eta"] = to_numpy(first(run.contrib->eta(i), n), {n}, py::dtype::of<float>());
+        d["contrib_active"] = to_numpy(first(run.contrib->n_active(i), n), {n}, py::dtype::of<int32_t>());
         if (run.contrib->params().keep_top) {
             const py::ssize_t K = static_cast<py::ssize_t>(run.contrib->top_values(i).size()) / std::max<py::ssize_t>(n, 1) / L;
             d["contrib_top_values"] = copy(run.contrib->top_values(i), {n, L, K}, py::dtype::of<float>());

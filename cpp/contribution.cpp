@@ -226,8 +226,6 @@ void ContributionReducer::end_step() {
 
 void ContributionReducer::sync() { flush(); }
 
-// Every contribution of every queued token: one pass over W_down per step, shared by all the
-// step's samples (the weights stream from memory once, not once per sample).
 // Slot of token y's cached projection d(y) = W_down^T W_U[y] (all layers), computing the missing
 // ones: a contribution is c = a * d(y), and d depends on the token only, not on the context, so
 // tokens that recur across samples and steps (most of them) cost one multiply per neuron.

@@ -97,20 +97,10 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
         samples = run.samples()
         full_seconds += time.perf_counter() - t0
         full_tokens += run.tokens_sampled
-        answers = [extract_answer(s.text) for s in samples]
-        correct = [is_correct(a, task.answer) for a in answers]
-        picks: Dict[str, Optional[int]] = {}
-        for m in methods:
-            if m not in ("avg", "majority"):
-                picks[m] = select(samples, m, k=k, seed=s_seed, n_vocab=V)
-        row: Dict[str, Any] = {
-            "id": task.id, "question": task.question, "answer": task.answer,
-            "samples": [{"answer": a, "correct": c, "tokens": s.n_tokens, "finish": s.finish_reason,
-                         "n_activated": int(na), "text": s.text}
-                        for a, c, s, na in zip(answers, correct, samples, n_activated(samples))],
-            "picks": picks,
-            "majority_answer": majority_vote(answers) if "majority" in methods else None,
-        }
+        row: Dict[str, Any] = {"id": task.id, "question": task.question, "answer": task.answer,
+                               **_judge(samples, task, methods, k=k, seed=s_seed, n_vocab=V)}
+        for rec, na in zip(row["samples"], n_activated(samples)):
+            rec["n_activated"] = int(na)
         if early:
             t1 = time.perf_counter()
             es = model.start_sampling(prompt, seed=s_seed, **sampling)
@@ -139,17 +129,12 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
             ns = nr.samples()
             neat_seconds += time.perf_counter() - t2
             neat_tokens += nr.tokens_sampled
-            n_answers = [extract_answer(s.text) for s in ns]
-            row["neat"] = {
-                "samples": [{"answer": a, "correct": is_correct(a, task.answer), "tokens": s.n_tokens,
-                             "finish": s.finish_reason, "exit_at": s.neat_exit_at,
-                             "bans": sum(1 for e in s.neat_events if e[1] == 1), "text": s.text}
-                            for a, s in zip(n_answers, ns)],
-                "picks": {m: select(ns, m, k=k, seed=s_seed, n_vocab=V) for m in methods if m not in ("avg", "majority")},
-                "majority_answer": majority_vote(n_answers) if "majority" in methods else None,
-                # Identical to the run without NEAT up to each sample's first intervention.
-                "tokens_saved": int(run.tokens_sampled - nr.tokens_sampled),
-            }
+            row["neat"] = _judge(ns, task, methods, k=k, seed=s_seed, n_vocab=V)
+            for rec, s in zip(row["neat"]["samples"], ns):
+                rec["exit_at"] = s.neat_exit_at
+                rec["bans"] = sum(1 for e in s.neat_events if e[1] == 1)
+            # Identical to the run without NEAT up to each sample's first intervention.
+            row["neat"]["tokens_saved"] = int(run.tokens_sampled - nr.tokens_sampled)
         row["similarity"] = np.round(similarity(samples), 4).tolist()
         rows.append(row)
         rate = full_tokens / full_seconds if full_seconds else 0.0
@@ -160,6 +145,27 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
                    full_tokens=int(full_tokens), full_seconds=full_seconds, es_tokens=es_tokens,
                    es_seconds=es_seconds, diverged=diverged, neat_tokens=neat_tokens, neat_seconds=neat_seconds,
                    neat_used=neat_cal is not None)
+
+
+def _judge(samples, task: Task, methods: Sequence[str], *, k: int, seed: int, n_vocab: int) -> Dict[str, Any]:
+    """One run's samples judged against the task's answer, with every method's pick."""
+    answers = [extract_answer(s.text) for s in samples]
+    return {
+        "samples": [{"answer": a, "correct": is_correct(a, task.answer), "tokens": s.n_tokens,
+                     "finish": s.finish_reason, "text": s.text} for a, s in zip(answers, samples)],
+        "picks": {m: select(samples, m, k=k, seed=seed, n_vocab=n_vocab) for m in methods if m not in ("avg", "majority")},
+        "majority_answer": majority_vote(answers) if "majority" in methods else None,
+    }
+
+
+def _score(judged: Dict[str, Any], method: str, answer: str) -> float:
+    """A task's score for one method from a _judge record: 0/1, or the mean for avg."""
+    if method == "avg":
+        return float(np.mean([s["correct"] for s in judged["samples"]]))
+    if method == "majority":
+        return float(judged["majority_answer"] is not None and is_correct(judged["majority_answer"], answer))
+    pick = judged["picks"][method]
+    return float(pick is not None and judged["samples"][pick]["correct"])
 
 
 def _report(model, tasks, rows, methods, early, *, full_tokens, full_seconds, es_tokens, es_seconds, diverged,
@@ -175,25 +181,10 @@ def _report(model, tasks, rows, methods, early, *, full_tokens, full_seconds, es
         return d
 
     for m in methods:
-        if m == "avg":
-            scores = [float(np.mean([s["correct"] for s in r["samples"]])) for r in rows]
-        elif m == "majority":
-            scores = [float(r["majority_answer"] is not None and is_correct(r["majority_answer"], r["answer"]))
-                      for r in rows]
-        else:
-            scores = [float(r["picks"][m] is not None and r["samples"][r["picks"][m]]["correct"]) for r in rows]
-        table[m] = entry(scores, full_tokens, full_seconds)
+        table[m] = entry([_score(r, m, r["answer"]) for r in rows], full_tokens, full_seconds)
     if neat_used:
         for m in methods:
-            if m == "avg":
-                scores = [float(np.mean([s["correct"] for s in r["neat"]["samples"]])) for r in rows]
-            elif m == "majority":
-                scores = [float(r["neat"]["majority_answer"] is not None and
-                                is_correct(r["neat"]["majority_answer"], r["answer"])) for r in rows]
-            else:
-                scores = [float(r["neat"]["picks"][m] is not None and
-                                r["neat"]["samples"][r["neat"]["picks"][m]]["correct"]) for r in rows]
-            table[f"{m}+neat"] = entry(scores, neat_tokens, neat_seconds)
+            table[f"{m}+neat"] = entry([_score(r["neat"], m, r["answer"]) for r in rows], neat_tokens, neat_seconds)
     for m in early:
         scores = [float(r["early_correct"][m]) for r in rows]
         table[f"{m}@{config['early_stop']}"] = entry(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -42,16 +42,20 @@ def _chunks_for(samples: Sequence["Sample"], tokens: Optional[int]) -> Optional[
     return tokens // chunk
 
 
+def _sets(samples: Sequence["Sample"], tokens: Optional[int]) -> np.ndarray:
+    chunks = _chunks_for(samples, tokens)
+    return np.stack([s.nad_set(chunks) for s in samples])
+
+
 def similarity(samples: Sequence["Sample"], tokens: Optional[int] = None) -> np.ndarray:
     """N x N Jaccard similarity of the samples' activated-neuron sets over their first `tokens`
     tokens (all by default)."""
-    chunks = _chunks_for(samples, tokens)
-    return _native.jaccard(np.stack([s.nad_set(chunks) for s in samples]))
+    return _native.jaccard(_sets(samples, tokens))
 
 
 def n_activated(samples: Sequence["Sample"], tokens: Optional[int] = None) -> np.ndarray:
-    chunks = _chunks_for(samples, tokens)
-    return _native.popcount(np.stack([s.nad_set(chunks) for s in samples]))
+    """Per sample, the number of neurons activated on any of its first `tokens` tokens."""
+    return _native.popcount(_sets(samples, tokens))
 
 
 def select(samples: Sequence["Sample"], method: str = "knn", *, tokens: Optional[int] = None, k: int = 3,
@@ -181,11 +185,6 @@ def early_stop_tokens(prefix: Sequence["Sample"], final: Sequence["Sample"], win
     first = sum(min(sampled_tokens(s), early_stop) for s in final)
     w = sampled_tokens(final[winner])
     return first + w - min(w, early_stop)
-
-
-def summarize_picks(samples: Sequence["Sample"], methods: Sequence[str], *, tokens: Optional[int], k: int, seed: int,
-                    n_vocab: int) -> Dict[str, Optional[int]]:
-    return {m: select(samples, m, tokens=tokens, k=k, seed=seed, n_vocab=n_vocab) for m in methods}
 
 
 __all__ = ["select", "similarity", "n_activated", "best_of_n", "BestOfN", "PICK_METHODS", "EARLY_METHODS",

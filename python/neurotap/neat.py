@@ -255,9 +255,12 @@ def calibrate(model: "Model", tasks: Sequence[Task], *, problems: int = 20, laye
     # Greedy traces; a trace counts when the model itself ends it (its own end token, or the marker).
     bar = tqdm(list(tasks)[:problems], desc="NEAT traces", unit="problem", disable=not progress, dynamic_ncols=True)
     ended = []
+    # A marker that is text (</think>) ends the greedy trace as a stop string; an end-of-generation
+    # marker ends it by itself.
+    stop = [marker_text] if marker_id is not None and not model._native.is_eog(marker_id) else None
     for task in bar:
         prompt = [{"role": "user", "content": format_prompt(task, template)}]
-        g = model.generate(prompt, temperature=0, max_tokens=max_tokens, stop=[marker_text] if marker_id is not None and marker_text != "" and not model._native.is_eog(marker_id) else None)
+        g = model.generate(prompt, temperature=0, max_tokens=max_tokens, stop=stop)
         end = g.extra["eog_token"] if g.finish_reason == "eos" else (marker_id if g.finish_reason == "stop" else None)
         if end is not None and g.tokens:
             ended.append((prompt, [t for t in g.tokens if t != marker_id], int(end)))
