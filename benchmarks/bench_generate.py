@@ -39,7 +39,7 @@ def neurotap_rate(model, ids, n, **kw):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=neurotap.default_model())
-    ap.add_argument("--threads", type=int, default=neurotap.model.default_threads())
+    ap.add_argument("--threads", type=int, default=neurotap.runtime.model.default_threads())
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json", help="also write the results here")

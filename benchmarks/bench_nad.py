@@ -16,7 +16,7 @@ import statistics
 
 import neurotap
 from neurotap import nad
-from neurotap.tasks import arith, format_prompt
+from neurotap.scoring.tasks import arith, format_prompt
 
 TEXT = [{"role": "user", "content": "Tom has 23 apples and buys 45 more. How many apples does Tom have now?"}]
 
@@ -41,7 +41,7 @@ def main() -> None:
     model = neurotap.load(n_threads=args.threads)
     per_token(model, 2, 8, reducers=("contributions",))  # warm-up: reads W_down once
 
-    variants = {"tap off": dict(tap=False, reducers=()), "bitsets (act > 0)": dict(reducers=("bitsets",)),
+    variants = {"tap off": dict(tap=False, reducers=()), "active sets (act > 0)": dict(reducers=("active_sets",)),
                 "contributions": dict(reducers=("contributions",)),
                 "contributions, gate variant": dict(reducers=("contributions",), contribution="gate")}
     times = {k: [] for k in variants}

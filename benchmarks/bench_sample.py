@@ -37,7 +37,7 @@ def prompt_ids(model, n_tokens):
 
 def neurotap_rate(model, ids, n, tokens, tap):
     run = model.start_sampling(ids, n=n, max_tokens=tokens, seed=1, tap=tap, ignore_eos=True,
-                               reducers=("bitsets",) if tap else (), **SAMPLING)
+                               reducers=("active_sets",) if tap else (), **SAMPLING)
     run.advance()
     assert run.tokens_sampled == n * tokens, run.tokens_sampled
     # Throughput of the generation phase: every token after the first of each sequence comes
@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=neurotap.default_model())
     ap.add_argument("--n", default="1,4,16,64")
-    ap.add_argument("--threads", type=int, default=neurotap.model.default_threads())
+    ap.add_argument("--threads", type=int, default=neurotap.runtime.model.default_threads())
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)

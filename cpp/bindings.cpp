@@ -11,12 +11,11 @@
 
 #include "contribution.h"
 #include "errors.h"
-#include "generator.h"
 #include "gguf_file.h"
 #include "log_capture.h"
 #include "model.h"
 #include "neat.h"
-#include "parallel_sampler.h"
+#include "run.h"
 #include "reducers.h"
 #include "tapped_context.h"
 
@@ -39,7 +38,7 @@ py::dict info_dict(const ModelInfo& i) {
     d["architecture"] = i.architecture;
     d["description"] = i.description;
     d["act_name"] = i.act_name;
-    d["n_layer"] = i.n_layer;
+    d["n_layers"] = i.n_layer;
     d["n_ff"] = i.n_ff;
     d["n_embd"] = i.n_embd;
     d["n_vocab"] = i.n_vocab;
@@ -53,7 +52,6 @@ py::dict info_dict(const ModelInfo& i) {
 struct ContextHandle {
     std::shared_ptr<Model> model;
     std::unique_ptr<TappedContext> tc;
-    Progress progress;
 };
 
 py::list neat_events(const std::vector<NeatEvent>& ev) {
@@ -62,51 +60,16 @@ py::list neat_events(const std::vector<NeatEvent>& ev) {
     return out;
 }
 
-py::dict result_dict(GenerateResult&& r, CaptureMode capture) {
-    const auto n = static_cast<py::ssize_t>(r.tokens.size());
-    const py::ssize_t L = r.n_layer, F = r.n_ff, E = r.n_embd;
-    py::dict d;
-    d["prompt_tokens"] = r.prompt_tokens;
-    d["tokens"] = r.tokens;
-    d["text"] = py::bytes(r.text);
-    d["finish_reason"] = r.finish_reason;
-    d["prompt_seconds"] = r.prompt_seconds;
-    d["decode_seconds"] = r.decode_seconds;
-    d["active_counts"] = r.active_counts.empty() && n > 0
-                             ? py::object(py::none())
-                             : py::object(to_numpy(std::move(r.active_counts), {n, L}, py::dtype::of<int32_t>()));
-    d["activations"] = py::none();
-    if (capture == CaptureMode::Float32)
-        d["activations"] = to_numpy(std::move(r.acts_f32), {n, L, F}, py::dtype::of<float>());
-    else if (capture == CaptureMode::Float16)
-        d["activations"] = to_numpy(std::move(r.acts_f16), {n, L, F}, py::dtype("float16"));
-    d["residuals"] = r.residuals.empty()
-                         ? py::object(py::none())
-                         : py::object(to_numpy(std::move(r.residuals), {n, L, E}, py::dtype::of<float>()));
-    d["neat_events"] = neat_events(r.neat_events);
-    d["neat_exit_at"] = r.neat_exit_at;
-    d["eog_token"] = r.eog_token;
-    d["norm_inputs"] = r.norm_inputs.empty()
-                           ? py::object(py::none())
-                           : py::object(to_numpy(std::move(r.norm_inputs), {n, L, E}, py::dtype::of<float>()));
-    return d;
-}
-
-// A parallel sampling run with its reducers; keeps its context alive and to itself.
-struct SamplingRun {
+// A run and the context it decodes in (kept alive while the run lives).
+struct RunHandle {
     py::object context_owner;
-    std::unique_ptr<ActiveCountReducer> counts;
-    std::unique_ptr<ChunkBitsetReducer> bitsets;
-    std::unique_ptr<WatchReducer> watch;
-    std::unique_ptr<FullRowReducer> rows;
-    std::unique_ptr<ContributionReducer> contrib;
-    std::unique_ptr<NeatMonitor> neat;
-    std::unique_ptr<ParallelSampler> sampler;
+    std::unique_ptr<Run> run;
     Progress progress;
 };
 
-py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
-    const SampleState& st = run.sampler->sample(i);
+py::dict sample_dict(const Run& run, int i) {
+    const SampleState& st = run.loop().sample(i);
+    const ModelInfo& info = run.model_info();
     const auto n = static_cast<py::ssize_t>(st.tokens.size());
     const py::ssize_t L = info.n_layer, F = info.n_ff;
     py::dict d;
@@ -115,6 +78,7 @@ py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
     d["text"] = py::bytes(st.text);
     d["finish_reason"] = st.finish_reason;
     d["live"] = st.live;
+    d["eog_token"] = st.eog_token;
     auto copy = [](const auto& v, std::vector<py::ssize_t> shape, py::dtype dt) {
         using T = typename std::decay_t<decltype(v)>::value_type;
         return to_numpy(std::vector<T>(v), std::move(shape), dt);
@@ -132,33 +96,43 @@ py::dict sample_dict(const SamplingRun& run, int i, const ModelInfo& info) {
         const py::ssize_t chunks = (n + chunk - 1) / chunk;
         return to_numpy(first(bits, chunks * words), {chunks, words}, py::dtype::of<uint64_t>());
     };
-    d["active_counts"] = run.counts ? py::object(copy(run.counts->counts(i), {n, L}, py::dtype::of<int32_t>()))
-                                    : py::object(py::none());
-    d["chunk_bitsets"] = run.bitsets ? py::object(chunked(run.bitsets->bits(i), run.bitsets->chunk(), run.bitsets->n_words()))
-                                     : py::object(py::none());
-    d["watched"] = run.watch ? py::object(copy(run.watch->values(i), {n, static_cast<py::ssize_t>(run.watch->n_watched())},
-                                               py::dtype::of<float>()))
-                             : py::object(py::none());
+    auto hidden = [&](const HiddenRowReducer* h) {
+        if (!h) return py::object(py::none());
+        const py::ssize_t E = info.n_embd;
+        return py::object(to_numpy(first(h->rows(i), n * L * E), {n, L, E}, py::dtype::of<float>()));
+    };
+    d["active_counts"] = run.counts() ? py::object(copy(run.counts()->counts(i), {n, L}, py::dtype::of<int32_t>()))
+                                      : py::object(py::none());
+    d["active_sets"] = run.active_sets()
+                           ? py::object(chunked(run.active_sets()->sets(i), run.active_sets()->chunk(),
+                                                run.active_sets()->n_words()))
+                           : py::object(py::none());
+    d["watched"] = run.watch() ? py::object(copy(run.watch()->values(i),
+                                                 {n, static_cast<py::ssize_t>(run.watch()->n_watched())},
+                                                 py::dtype::of<float>()))
+                               : py::object(py::none());
     d["activations"] = py::none();
-    if (run.rows) {
-        if (run.rows->half()) d["activations"] = copy(run.rows->rows_f16(i), {n, L, F}, py::dtype("float16"));
-        else d["activations"] = copy(run.rows->rows_f32(i), {n, L, F}, py::dtype::of<float>());
+    if (run.rows()) {
+        if (run.rows()->half()) d["activations"] = copy(run.rows()->rows_f16(i), {n, L, F}, py::dtype("float16"));
+        else d["activations"] = copy(run.rows()->rows_f32(i), {n, L, F}, py::dtype::of<float>());
     }
-    if (run.contrib) {
-        d["contrib_bitsets"] = chunked(run.contrib->bits(i), run.contrib->params().chunk, run.contrib->n_words());
-        d["contrib_eta"] = to_numpy(first(run.contrib->eta(i), n), {n}, py::dtype::of<float>());
-        d["contrib_active"] = to_numpy(first(run.contrib->n_active(i), n), {n}, py::dtype::of<int32_t>());
-        if (run.contrib->params().keep_top) {
-            const py::ssize_t K = static_cast<py::ssize_t>(run.contrib->top_values(i).size()) / std::max<py::ssize_t>(n, 1) / L;
-            d["contrib_top_values"] = copy(run.contrib->top_values(i), {n, L, K}, py::dtype::of<float>());
-            d["contrib_top_index"] = copy(run.contrib->top_index(i), {n, L, K}, py::dtype::of<int32_t>());
+    d["norm_inputs"] = hidden(run.norm_inputs());
+    d["residuals"] = hidden(run.residuals());
+    if (const ContributionReducer* c = run.contributions()) {
+        d["contribution_sets"] = chunked(c->sets(i), c->params().chunk, c->n_words());
+        d["contribution_eta"] = to_numpy(first(c->eta(i), n), {n}, py::dtype::of<float>());
+        d["contribution_counts"] = to_numpy(first(c->n_active(i), n), {n}, py::dtype::of<int32_t>());
+        if (c->params().keep_top) {
+            const py::ssize_t K = c->params().top_per_layer;
+            d["contribution_top_values"] = to_numpy(first(c->top_values(i), n * L * K), {n, L, K}, py::dtype::of<float>());
+            d["contribution_top_index"] = to_numpy(first(c->top_index(i), n * L * K), {n, L, K}, py::dtype::of<int32_t>());
         }
     }
-    if (run.neat) {
+    if (run.neat()) {
         d["neat_events"] = neat_events(st.neat.events);
         d["neat_exit_at"] = st.neat.exit_at;
     }
-    if (!st.token_logprob.empty() || st.tokens.empty()) {
+    if (run.options().sampling.top_logprobs > 0) {
         const py::ssize_t k = n ? static_cast<py::ssize_t>(st.top_ids.size()) / n : 0;
         d["token_logprob"] = copy(st.token_logprob, {static_cast<py::ssize_t>(st.token_logprob.size())}, py::dtype::of<float>());
         d["mean_logprob"] = copy(st.mean_logprob, {static_cast<py::ssize_t>(st.mean_logprob.size())}, py::dtype::of<float>());
@@ -194,7 +168,6 @@ PYBIND11_MODULE(_native, m) {
     install_log_capture(false);
     m.def("set_verbose", &install_log_capture, py::arg("verbose"),
           "Forward llama.cpp's log to stderr (True) or keep only errors for exception messages.");
-    m.def("system_info", [] { return std::string(llama_print_system_info()); });
 
     m.def("gguf_summary", [](const std::string& path) {
         GgufFile f(path);
@@ -249,12 +222,6 @@ PYBIND11_MODULE(_native, m) {
         })
         .def("apply_chat_template", &Model::apply_chat_template, py::arg("messages"), py::arg("add_assistant") = true)
         .def("is_eog", &Model::is_eog)
-        .def("special_tokens", [](const Model& mo) {
-            py::dict d;
-            d["eos"] = llama_vocab_eos(mo.vocab());
-            d["eot"] = llama_vocab_eot(mo.vocab());
-            return d;
-        })
         .def("neat_attribution", [](const Model& mo, std::vector<float> norm_weight, float eps, std::vector<float> h,
                                     std::vector<float> a, std::vector<float> cols, int32_t token, int n_threads) {
             py::gil_scoped_release nogil;
@@ -295,37 +262,7 @@ PYBIND11_MODULE(_native, m) {
                 names.push_back(c.tc->tap().act_name() + "-" + std::to_string(il));
             return names;
         })
-        .def("progress_tokens", [](const ContextHandle& c) { return c.progress.tokens.load(); })
-        .def("cancel", [](ContextHandle& c) { c.progress.cancel.store(true); })
-        .def("generate", [](ContextHandle& c, const std::vector<llama_token>& prompt, int max_tokens, float temperature,
-                            float top_p, int top_k, float min_p, uint32_t seed, std::vector<std::string> stop,
-                            bool tap, int capture, bool capture_norm, float active_threshold,
-                            std::vector<llama_token> forced, std::optional<NeatConfig> neat, bool capture_residual) {
-            GenerateParams p;
-            p.capture_residual = capture_residual;
-            if (neat) p.neat = &*neat;
-            p.max_tokens = max_tokens;
-            p.sampling = {temperature, top_p, top_k, min_p, seed};
-            p.stop = std::move(stop);
-            p.tap = tap;
-            if (capture < 0 || capture > 2) throw ParamError("capture must be 0 (none), 1 (float32) or 2 (float16)");
-            p.capture = static_cast<CaptureMode>(capture);
-            p.capture_norm = capture_norm;
-            p.active_threshold = active_threshold;
-            p.forced = std::move(forced);
-            GenerateResult r;
-            {
-                py::gil_scoped_release nogil;
-                c.progress.tokens = 0;
-                c.progress.cancel = false;
-                r = generate(*c.tc, prompt, p, &c.progress);
-            }
-            return result_dict(std::move(r), p.capture);
-        }, py::arg("prompt"), py::arg("max_tokens"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"),
-           py::arg("min_p"), py::arg("seed"), py::arg("stop"), py::arg("tap") = true, py::arg("capture") = 0,
-           py::arg("capture_norm") = false, py::arg("active_threshold") = 0.0f,
-           py::arg("forced") = std::vector<llama_token>{}, py::arg("neat") = std::nullopt,
-           py::arg("capture_residual") = false);
+        ;
 
     py::class_<NeatConfig>(m, "NeatConfig")
         .def(py::init<>())
@@ -358,98 +295,110 @@ PYBIND11_MODULE(_native, m) {
         return to_numpy(std::move(out), {sets.shape(0)}, py::dtype::of<int64_t>());
     }, py::arg("sets"), "Set bits per row.");
 
-    py::class_<SamplingRun>(m, "SamplingRun")
-        .def(py::init([](py::object ctx_obj, const std::vector<llama_token>& prompt, int n, int max_tokens,
-                         float temperature, float top_p, int top_k, float min_p, uint32_t seed,
-                         std::vector<std::string> stop, bool tap, bool counts, int chunk, float threshold,
-                         std::vector<std::pair<int, int>> watch, int rows, int top_logprobs, bool ignore_eos,
-                         int contrib_chunk, const std::string& contrib_variant, bool contrib_keep_top,
-                         int contrib_top, int contrib_eta_rank, std::optional<NeatConfig> neat) {
+    py::enum_<RowType>(m, "RowType").value("none", RowType::None).value("float32", RowType::Float32)
+        .value("float16", RowType::Float16);
+
+    // One struct with every option of a run (the C++ SampleParams, RecordOptions and NEAT).
+    py::class_<RunOptions>(m, "RunOptions")
+        .def(py::init<>())
+        .def_property("n", [](const RunOptions& o) { return o.sampling.n; }, [](RunOptions& o, int v) { o.sampling.n = v; })
+        .def_property("max_tokens", [](const RunOptions& o) { return o.sampling.max_tokens; },
+                      [](RunOptions& o, int v) { o.sampling.max_tokens = v; })
+        .def_property("temperature", [](const RunOptions& o) { return o.sampling.sampling.temperature; },
+                      [](RunOptions& o, float v) { o.sampling.sampling.temperature = v; })
+        .def_property("top_p", [](const RunOptions& o) { return o.sampling.sampling.top_p; },
+                      [](RunOptions& o, float v) { o.sampling.sampling.top_p = v; })
+        .def_property("top_k", [](const RunOptions& o) { return o.sampling.sampling.top_k; },
+                      [](RunOptions& o, int v) { o.sampling.sampling.top_k = v; })
+        .def_property("min_p", [](const RunOptions& o) { return o.sampling.sampling.min_p; },
+                      [](RunOptions& o, float v) { o.sampling.sampling.min_p = v; })
+        .def_property("seed", [](const RunOptions& o) { return o.sampling.sampling.seed; },
+                      [](RunOptions& o, uint32_t v) { o.sampling.sampling.seed = v; })
+        .def_property("ignore_eos", [](const RunOptions& o) { return o.sampling.sampling.ignore_eos; },
+                      [](RunOptions& o, bool v) { o.sampling.sampling.ignore_eos = v; })
+        .def_property("seed_per_sample", [](const RunOptions& o) { return o.sampling.seed_per_sample; },
+                      [](RunOptions& o, bool v) { o.sampling.seed_per_sample = v; })
+        .def_property("stop", [](const RunOptions& o) { return o.sampling.stop; },
+                      [](RunOptions& o, std::vector<std::string> v) { o.sampling.stop = std::move(v); })
+        .def_property("forced", [](const RunOptions& o) { return o.sampling.forced; },
+                      [](RunOptions& o, std::vector<llama_token> v) { o.sampling.forced = std::move(v); })
+        .def_property("tap", [](const RunOptions& o) { return o.sampling.tap; },
+                      [](RunOptions& o, bool v) { o.sampling.tap = v; })
+        .def_property("top_logprobs", [](const RunOptions& o) { return o.sampling.top_logprobs; },
+                      [](RunOptions& o, int v) { o.sampling.top_logprobs = v; })
+        .def_property("counts", [](const RunOptions& o) { return o.record.counts; },
+                      [](RunOptions& o, bool v) { o.record.counts = v; })
+        .def_property("active_threshold", [](const RunOptions& o) { return o.record.active_threshold; },
+                      [](RunOptions& o, float v) { o.record.active_threshold = v; })
+        .def_property("active_chunk", [](const RunOptions& o) { return o.record.active_chunk; },
+                      [](RunOptions& o, int v) { o.record.active_chunk = v; })
+        .def_property("watch", [](const RunOptions& o) { return o.record.watch; },
+                      [](RunOptions& o, std::vector<std::pair<int, int>> v) { o.record.watch = std::move(v); })
+        .def_property("rows", [](const RunOptions& o) { return static_cast<int>(o.record.rows); },
+                      [](RunOptions& o, int v) {
+                          if (v < 0 || v > 2) throw ParamError("rows must be 0 (none), 1 (float32) or 2 (float16)");
+                          o.record.rows = static_cast<RowType>(v);
+                      })
+        .def_property("norm_inputs", [](const RunOptions& o) { return o.record.norm_inputs; },
+                      [](RunOptions& o, bool v) { o.record.norm_inputs = v; })
+        .def_property("residuals", [](const RunOptions& o) { return o.record.residuals; },
+                      [](RunOptions& o, bool v) { o.record.residuals = v; })
+        .def_property("contribution_chunk", [](const RunOptions& o) { return o.record.contribution_chunk; },
+                      [](RunOptions& o, int v) { o.record.contribution_chunk = v; })
+        .def_property("contribution_variant", [](const RunOptions& o) { return o.record.contribution_variant; },
+                      [](RunOptions& o, std::string v) { o.record.contribution_variant = std::move(v); })
+        .def_property("contribution_top", [](const RunOptions& o) { return o.record.contribution_top; },
+                      [](RunOptions& o, int v) { o.record.contribution_top = v; })
+        .def_property("eta_rank", [](const RunOptions& o) { return o.record.eta_rank; },
+                      [](RunOptions& o, int v) { o.record.eta_rank = v; })
+        .def_property("keep_top", [](const RunOptions& o) { return o.record.keep_top; },
+                      [](RunOptions& o, bool v) { o.record.keep_top = v; })
+        .def_readwrite("neat", &RunOptions::neat);
+
+    py::class_<RunHandle>(m, "Run")
+        .def(py::init([](py::object ctx_obj, const std::vector<llama_token>& prompt, const RunOptions& options) {
             auto& c = ctx_obj.cast<ContextHandle&>();
-            auto run = std::make_unique<SamplingRun>();
-            run->context_owner = ctx_obj;
-            std::vector<Reducer*> reds;
-            if (tap && counts) reds.push_back((run->counts = std::make_unique<ActiveCountReducer>(threshold)).get());
-            if (tap && chunk > 0) reds.push_back((run->bitsets = std::make_unique<ChunkBitsetReducer>(chunk, threshold)).get());
-            if (tap && !watch.empty()) reds.push_back((run->watch = std::make_unique<WatchReducer>(std::move(watch))).get());
-            if (rows < 0 || rows > 2) throw ParamError("rows must be 0 (none), 1 (float32) or 2 (float16)");
-            if (tap && rows > 0) reds.push_back((run->rows = std::make_unique<FullRowReducer>(rows == 2)).get());
-            if (contrib_variant != "down" && contrib_variant != "gate")
-                throw ParamError("contribution variant must be 'down' (the down projection's input) or 'gate' "
-                                 "(act(gate), as in the paper's code), got '" + contrib_variant + "'");
-            const bool gate = tap && contrib_chunk > 0 && contrib_variant == "gate";
-            if (tap && contrib_chunk > 0) {
-                ContributionParams cp;
-                cp.chunk = contrib_chunk;
-                cp.top_per_layer = contrib_top;
-                cp.eta_rank = contrib_eta_rank;
-                cp.gate_variant = gate;
-                cp.gelu = c.tc->model().info().act_name == "ffn_geglu";
-                cp.keep_top = contrib_keep_top;
-                cp.n_threads = c.tc->params().n_threads;
-                std::shared_ptr<const ContributionWeights> w;
-                {
-                    py::gil_scoped_release nogil;
-                    w = c.tc->model().contribution_weights();
-                }
-                reds.push_back((run->contrib = std::make_unique<ContributionReducer>(std::move(w), cp)).get());
-            }
-            if (neat) {
-                if (!tap) throw ParamError("NEAT watches neurons: it needs the tap on");
-                const ModelInfo& mi = c.tc->model().info();
-                run->neat = std::make_unique<NeatMonitor>(*neat, mi.n_layer, mi.n_ff, mi.n_vocab);
-                reds.push_back(run->neat.get());
-            }
-            SampleParams p;
-            p.neat = run->neat.get();
-            p.n = n;
-            p.max_tokens = max_tokens;
-            p.sampling = {temperature, top_p, top_k, min_p, seed, ignore_eos};
-            p.stop = std::move(stop);
-            p.tap = tap;
-            p.top_logprobs = top_logprobs;
-            c.tc->tap().set_capture_norm(false);
-            c.tc->tap().set_capture_gate(gate);
-            c.tc->tap().set_capture_residual(false);
-            run->sampler = std::make_unique<ParallelSampler>(*c.tc, prompt, std::move(p), std::move(reds));
-            return run;
-        }), py::arg("context"), py::arg("prompt"), py::arg("n"), py::arg("max_tokens"), py::arg("temperature"),
-            py::arg("top_p"), py::arg("top_k"), py::arg("min_p"), py::arg("seed"), py::arg("stop"), py::arg("tap"),
-            py::arg("counts"), py::arg("chunk"), py::arg("threshold"), py::arg("watch"), py::arg("rows"),
-            py::arg("top_logprobs"), py::arg("ignore_eos") = false, py::arg("contrib_chunk") = 0,
-            py::arg("contrib_variant") = "down", py::arg("contrib_keep_top") = false, py::arg("contrib_top") = 64,
-            py::arg("contrib_eta_rank") = 500, py::arg("neat") = std::nullopt)
-        .def("advance", [](SamplingRun& r, int until) {
+            auto h = std::make_unique<RunHandle>();
+            h->context_owner = ctx_obj;
+            py::gil_scoped_release nogil;  // the first run of a model reads the contribution weights
+            h->run = std::make_unique<Run>(*c.tc, prompt, options);
+            return h;
+        }), py::arg("context"), py::arg("prompt"), py::arg("options"))
+        .def("advance", [](RunHandle& h, int until) {
             py::gil_scoped_release nogil;
-            r.progress.cancel = false;
-            r.progress.live = r.sampler->n_live();
-            return r.sampler->advance(until, &r.progress);
+            h.progress.cancel = false;
+            h.progress.live = h.run->loop().n_live();
+            return h.run->advance(until, &h.progress);
         }, py::arg("until"))
-        .def("stop", [](SamplingRun& r, const std::vector<int>& which) { r.sampler->stop(which); })
-        .def("cancel", [](SamplingRun& r) { r.progress.cancel.store(true); })
-        .def("progress_tokens", [](const SamplingRun& r) { return r.progress.tokens.load(); })
-        .def("progress_live", [](const SamplingRun& r) { return r.progress.live.load(); })
-        .def_property_readonly("n", [](const SamplingRun& r) { return r.sampler->n(); })
-        .def_property_readonly("n_live", [](const SamplingRun& r) { return r.sampler->n_live(); })
-        .def_property_readonly("n_prompt", [](const SamplingRun& r) { return r.sampler->n_prompt(); })
-        .def_property_readonly("tokens_sampled", [](const SamplingRun& r) { return r.sampler->tokens_sampled(); })
-        .def_property_readonly("decode_steps", [](const SamplingRun& r) { return r.sampler->decode_steps(); })
-        .def_property_readonly("prompt_seconds", [](const SamplingRun& r) { return r.sampler->prompt_seconds(); })
-        .def_property_readonly("decode_seconds", [](const SamplingRun& r) { return r.sampler->decode_seconds(); })
-        .def_property_readonly("sample_seconds", [](const SamplingRun& r) { return r.sampler->sample_seconds(); })
-        .def_property_readonly("contrib_tokens", [](const SamplingRun& r) {
-            return r.contrib ? r.contrib->tokens_processed() : int64_t{0};
-        })
-        .def_property_readonly("contrib_cache", [](const SamplingRun& r) {
-            return r.contrib ? std::make_pair(r.contrib->cache_hits(), r.contrib->cache_misses())
-                             : std::make_pair(int64_t{0}, int64_t{0});
-        }, "(token ids whose projection was cached, computed)")
-        .def_property_readonly("contrib_seconds", [](const SamplingRun& r) {
-            return r.contrib ? std::make_pair(r.contrib->seconds(), r.contrib->dot_seconds()) : std::make_pair(0.0, 0.0);
-        }, "(seconds in the contribution pass, of which dot products)")
-        .def("sample", [](const SamplingRun& r, int i) {
-            if (i < 0 || i >= r.sampler->n()) throw ParamError("sample index out of range: " + std::to_string(i));
-            auto& c = r.context_owner.cast<ContextHandle&>();
-            return sample_dict(r, i, c.tc->model().info());
+        .def("stop", [](RunHandle& h, const std::vector<int>& which) { h.run->stop(which); })
+        .def("finish_live", [](RunHandle& h, const std::string& why) {
+            if (why != "cancelled") throw ParamError("finish_live: only 'cancelled' ends live samples");
+            h.run->finish_live(Finish::Cancelled);
+        }, py::arg("why"))
+        .def("cancel", [](RunHandle& h) { h.progress.cancel.store(true); })
+        .def("progress_tokens", [](const RunHandle& h) { return h.progress.tokens.load(); })
+        .def("progress_live", [](const RunHandle& h) { return h.progress.live.load(); })
+        .def_property_readonly("n", [](const RunHandle& h) { return h.run->loop().n(); })
+        .def_property_readonly("n_live", [](const RunHandle& h) { return h.run->loop().n_live(); })
+        .def_property_readonly("n_prompt", [](const RunHandle& h) { return h.run->loop().n_prompt(); })
+        .def_property_readonly("tokens_sampled", [](const RunHandle& h) { return h.run->loop().tokens_sampled(); })
+        .def_property_readonly("decode_steps", [](const RunHandle& h) { return h.run->loop().decode_steps(); })
+        .def_property_readonly("prompt_seconds", [](const RunHandle& h) { return h.run->loop().prompt_seconds(); })
+        .def_property_readonly("decode_seconds", [](const RunHandle& h) { return h.run->loop().decode_seconds(); })
+        .def_property_readonly("sample_seconds", [](const RunHandle& h) { return h.run->loop().sample_seconds(); })
+        .def_property_readonly("contribution_stats", [](const RunHandle& h) {
+            py::dict d;
+            const ContributionReducer* c = h.run->contributions();
+            d["tokens"] = c ? c->tokens_processed() : 0;
+            d["cache_hits"] = c ? c->cache_hits() : 0;
+            d["cache_misses"] = c ? c->cache_misses() : 0;
+            d["seconds"] = c ? c->seconds() : 0.0;
+            d["dot_seconds"] = c ? c->dot_seconds() : 0.0;
+            return d;
+        }, "the contribution pass: tokens processed, token ids whose projection was cached or computed, "
+           "seconds in the pass and in its dot products")
+        .def("sample", [](const RunHandle& h, int i) {
+            if (i < 0 || i >= h.run->loop().n()) throw ParamError("sample index out of range: " + std::to_string(i));
+            return sample_dict(*h.run, i);
         });
 }

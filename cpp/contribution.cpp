@@ -106,7 +106,6 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layer, int6
     if (n_layer <= 0 || n_ff <= 0 || n_embd <= 0 || n_vocab <= 0)
         throw ParamError("contribution weights need a positive model shape");
     down_t_.resize(static_cast<size_t>(n_layer) * n_ff * n_embd);
-    norms_.resize(static_cast<size_t>(n_layer) * n_ff);
     for (int l = 0; l < n_layer; ++l) {
         const std::string name = "blk." + std::to_string(l) + ".ffn_down.weight";
         const TensorInfo* t = file.find_tensor(name);
@@ -119,11 +118,6 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layer, int6
         float* out = down_t_.data() + static_cast<size_t>(l) * n_ff * n_embd;
         for (int64_t e = 0; e < n_embd; ++e)
             for (int64_t i = 0; i < n_ff; ++i) out[i * n_embd + e] = rows[static_cast<size_t>(e * n_ff + i)];
-        for (int64_t i = 0; i < n_ff; ++i) {
-            double s = 0;
-            for (int64_t e = 0; e < n_embd; ++e) s += double(out[i * n_embd + e]) * out[i * n_embd + e];
-            norms_[static_cast<size_t>(l) * n_ff + i] = static_cast<float>(std::sqrt(s));
-        }
     }
     // Tied embeddings (SmolLM2, Gemma) have no output.weight: the token embedding unembeds.
     unembed_name_ = file.find_tensor("output.weight") ? "output.weight" : "token_embd.weight";
@@ -142,7 +136,7 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layer, int6
 }
 
 size_t ContributionWeights::memory_bytes() const {
-    return down_t_.size() * sizeof(float) + norms_.size() * sizeof(float) + unembed_raw_.size();
+    return down_t_.size() * sizeof(float) + unembed_raw_.size();
 }
 
 void ContributionWeights::unembed_row(int32_t token, float* out) const {

@@ -24,7 +24,7 @@ namespace neurotap {
 struct ModelInfo;
 
 // What contributions need from the weights, read from the GGUF file: W_down columns stored
-// contiguously (transposed, f32, L x n_ff x n_embd floats), their norms, and the unembedding kept
+// contiguously (transposed, f32, L x n_ff x n_embd floats) and the unembedding kept
 // in its file encoding with rows dequantized on demand.
 class ContributionWeights {
 public:
@@ -40,7 +40,6 @@ public:
     const float* down_col(int layer, int64_t i) const {
         return down_t_.data() + (static_cast<size_t>(layer) * n_ff_ + i) * n_embd_;
     }
-    const float* down_norms(int layer) const { return norms_.data() + static_cast<size_t>(layer) * n_ff_; }
     // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
     void unembed_row(int32_t token, float* out) const;
 
@@ -49,7 +48,6 @@ private:
     int64_t n_ff_, n_embd_;
     int n_vocab_;
     std::vector<float> down_t_;
-    std::vector<float> norms_;
     std::string unembed_name_;
     ggml_type unembed_type_ = GGML_TYPE_F32;
     size_t unembed_row_bytes_ = 0;
@@ -86,6 +84,7 @@ public:
     void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void on_gate_row(int sample, int token, int layer, const float* g) override;
+    unsigned tap_kinds() const override { return p_.gate_variant ? tap_bit(TapKind::Gate) : 0; }
     void commit(int sample, int token, int32_t token_id) override;
     void end_step() override;
     void sync() override;
@@ -93,7 +92,7 @@ public:
 
     const ContributionParams& params() const { return p_; }
     int64_t n_words() const { return n_words_; }
-    const std::vector<uint64_t>& bits(int sample) const { return bits_[sample]; }   // [chunks, words]
+    const std::vector<uint64_t>& sets(int sample) const { return bits_[sample]; }   // [chunks, words]
     const std::vector<float>& eta(int sample) const { return eta_[sample]; }        // [tokens]
     const std::vector<int32_t>& n_active(int sample) const { return count_[sample]; }  // [tokens]
     // With keep_top: [tokens, layers, k] contributions (descending) and neuron indices.

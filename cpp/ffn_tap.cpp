@@ -41,10 +41,11 @@ int FfnTap::match(const char* name, TapKind* kind) const {
         const int il = parse_layer(name + n + 1);
         return il < n_layer_ ? il : -1;
     };
-    const int il = other(capture_norm_, norm_name_, TapKind::NormInput);
+    if (discovering_) return -1;  // discovery looks for the activation only
+    const int il = other(kinds_ & tap_bit(TapKind::NormInput), norm_name_, TapKind::NormInput);
     if (il >= 0) return il;
-    const int ig = other(capture_gate_, gate_name_, TapKind::Gate);
-    return ig >= 0 ? ig : other(capture_residual_, residual_name_, TapKind::Residual);
+    const int ig = other(kinds_ & tap_bit(TapKind::Gate), gate_name_, TapKind::Gate);
+    return ig >= 0 ? ig : other(kinds_ & tap_bit(TapKind::Residual), residual_name_, TapKind::Residual);
 }
 
 bool FfnTap::callback(ggml_tensor* t, bool ask, void* user_data) {
@@ -100,8 +101,9 @@ void FfnTap::on_data(const ggml_tensor* t) {
     seen += n_rows;
 }
 
-void FfnTap::arm(int n_rows, RowSink* sink) {
+void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds) {
     sink_ = sink;
+    kinds_ = kinds | kTapActivation;
     armed_rows_ = n_rows;
     error_.clear();
     std::fill(rows_seen_[0].begin(), rows_seen_[0].end(), 0);
@@ -110,15 +112,18 @@ void FfnTap::arm(int n_rows, RowSink* sink) {
     std::fill(rows_seen_[3].begin(), rows_seen_[3].end(), 0);
 }
 
-void FfnTap::disarm() { sink_ = nullptr; }
+void FfnTap::disarm() {
+    sink_ = nullptr;
+    kinds_ = kTapActivation;
+}
 
 void FfnTap::disarm_and_check() {
-    sink_ = nullptr;
+    const unsigned kinds = kinds_;
+    disarm();
     if (!error_.empty()) throw RuntimeError(error_);
-    const bool on[4] = {true, capture_norm_, capture_gate_, capture_residual_};
     const std::string* names[4] = {&act_name_, &norm_name_, &gate_name_, &residual_name_};
     for (int k = 0; k < 4; ++k) {
-        if (!on[k]) continue;
+        if (!(kinds & (1u << k))) continue;
         for (int il = 0; il < n_layer_; ++il) {
             if (rows_seen_[k][il] != armed_rows_) {
                 throw RuntimeError("tap: layer " + std::to_string(il) + " delivered " +

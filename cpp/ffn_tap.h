@@ -3,8 +3,8 @@
 //
 // Protocol (ggml_backend_sched): every graph node is offered with ask=true; answering true
 // makes the scheduler compute up to that node, synchronize, and call again with ask=false.
-// Asking costs a compute boundary, so exactly one tensor per layer is asked for (two in the
-// debug mode that also taps the normed FFN input). No Python runs here: the callback runs on
+// Asking costs a compute boundary, so exactly one tensor per layer is asked for, plus one per
+// further kind that the armed sink wants (the normed input, the gate, the residual). No Python runs here: the callback runs on
 // the thread that called llama_decode.
 #pragma once
 #include <cstdint>
@@ -15,12 +15,18 @@ struct ggml_tensor;
 
 namespace neurotap {
 
+// What the tap can read per layer. TransformerLens names: Activation = blocks.{l}.mlp.hook_post,
+// NormInput = blocks.{l}.ln2.hook_normalized, Residual = blocks.{l}.hook_resid_post.
 enum class TapKind : int { Activation = 0, NormInput = 1, Gate = 2, Residual = 3 };
+constexpr unsigned tap_bit(TapKind k) { return 1u << static_cast<int>(k); }
+constexpr unsigned kTapActivation = tap_bit(TapKind::Activation);
 
 // Receives rows of one decode batch, per layer, in batch order.
 class RowSink {
 public:
     virtual ~RowSink() = default;
+    // The kinds this sink wants for the decode it is armed for (the activation always).
+    virtual unsigned tap_kinds() const { return kTapActivation; }
     // rows [row0, row0 + n_rows) of the armed batch for `layer`; `data` holds n_rows rows of
     // `width` contiguous floats, valid only during the call.
     virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;
@@ -34,18 +40,12 @@ public:
     // The ggml_backend_sched_eval_callback; user_data is the FfnTap.
     static bool callback(ggml_tensor* t, bool ask, void* user_data);
 
-    // Also tap ffn_norm-<il> (the normed FFN input): a debug mode for verification.
-    void set_capture_norm(bool on) { capture_norm_ = on; }
-    bool capture_norm() const { return capture_norm_; }
-    // Also tap ffn_gate-<il> (the gate's pre-activation): NAD's paper-code variant a = act(gate).
-    void set_capture_gate(bool on) { capture_gate_ = on; }
-    bool capture_gate() const { return capture_gate_; }
-    // Also tap l_out-<il> (the residual stream after the layer): NEAT's calibration reads the last one.
-    void set_capture_residual(bool on) { capture_residual_ = on; }
-
     // Arms the tap for one llama_decode whose batch has n_rows rows, every one of which
-    // requests logits (the last layer computes only those rows).
-    void arm(int n_rows, RowSink* sink);
+    // requests logits (the last layer computes only those rows). `kinds` (tap_bit masks) says
+    // what to read besides the activation: ffn_norm-<il>, ffn_gate-<il> (NAD's paper-code
+    // variant), l_out-<il> (NEAT's calibration). They hold for this decode only.
+    void arm(int n_rows, RowSink* sink, unsigned kinds = kTapActivation);
+    unsigned armed_kinds() const { return kinds_; }
     // Disarms; throws RuntimeError unless every tapped layer delivered exactly n_rows rows.
     void disarm_and_check();
     void disarm();  // on error paths: no check
@@ -75,9 +75,7 @@ private:
     int n_layer_;
     int64_t n_ff_;
     int64_t n_embd_;
-    bool capture_norm_ = false;
-    bool capture_gate_ = false;
-    bool capture_residual_ = false;
+    unsigned kinds_ = kTapActivation;
 
     RowSink* sink_ = nullptr;
     int armed_rows_ = 0;

@@ -23,11 +23,11 @@ void ActiveCountReducer::finish(int sample, int n_tokens) {
     counts_[sample].resize(static_cast<size_t>(n_tokens) * n_layer_);
 }
 
-ChunkBitsetReducer::ChunkBitsetReducer(int chunk, float threshold) : chunk_(chunk), thr_(threshold) {
+ActiveSetReducer::ActiveSetReducer(int chunk, float threshold) : chunk_(chunk), thr_(threshold) {
     if (chunk < 1) throw ParamError("chunk must be at least 1 token");
 }
 
-void ChunkBitsetReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
+void ActiveSetReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
     n_layer_ = n_layer;
     n_ff_ = n_ff;
     n_words_ = (n_layer * n_ff + 63) / 64;
@@ -35,7 +35,7 @@ void ChunkBitsetReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
     pending_.assign(n_samples, std::vector<uint64_t>(static_cast<size_t>(n_words_), 0));
 }
 
-void ChunkBitsetReducer::on_row(int sample, int, int layer, const float* a) {
+void ActiveSetReducer::on_row(int sample, int, int layer, const float* a) {
     uint64_t* w = pending_[sample].data();
     const int64_t base = static_cast<int64_t>(layer) * n_ff_;
     for (int64_t i = 0; i < n_ff_; ++i) {
@@ -44,14 +44,14 @@ void ChunkBitsetReducer::on_row(int sample, int, int layer, const float* a) {
     }
 }
 
-void ChunkBitsetReducer::commit(int sample, int token, int32_t) {
+void ActiveSetReducer::commit(int sample, int token, int32_t) {
     uint64_t* w = slot(bits_[sample], static_cast<size_t>(token / chunk_), static_cast<size_t>(n_words_));
     auto& p = pending_[sample];
     for (int64_t k = 0; k < n_words_; ++k) w[k] |= p[k];
     std::fill(p.begin(), p.end(), 0);
 }
 
-void ChunkBitsetReducer::finish(int sample, int n_tokens) {
+void ActiveSetReducer::finish(int sample, int n_tokens) {
     const size_t n_chunks = (static_cast<size_t>(n_tokens) + chunk_ - 1) / chunk_;
     bits_[sample].resize(n_chunks * n_words_, 0);
     std::fill(pending_[sample].begin(), pending_[sample].end(), 0);
@@ -102,6 +102,34 @@ void FullRowReducer::on_row(int sample, int token, int layer, const float* a) {
 void FullRowReducer::finish(int sample, int n_tokens) {
     const size_t n = static_cast<size_t>(n_tokens) * n_layer_ * n_ff_;
     if (half_) f16_[sample].resize(n); else f32_[sample].resize(n);
+}
+
+}  // namespace neurotap
+
+namespace neurotap {
+
+HiddenRowReducer::HiddenRowReducer(TapKind kind) : kind_(kind) {
+    if (kind != TapKind::NormInput && kind != TapKind::Residual)
+        throw ParamError("HiddenRowReducer reads NormInput or Residual rows");
+}
+
+void HiddenRowReducer::begin(int n_samples, int n_layer, int64_t, int) {
+    n_layer_ = n_layer;
+    rows_.assign(static_cast<size_t>(n_samples), {});
+}
+
+void HiddenRowReducer::on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) {
+    if (kind != kind_) return;
+    n_embd_ = n_embd;  // the tap checked the width against the model's n_embd
+    auto& v = rows_[static_cast<size_t>(sample)];
+    float* dst = slot(v, static_cast<size_t>(token), static_cast<size_t>(n_layer_) * n_embd) +
+                 static_cast<size_t>(layer) * n_embd;
+    std::copy(h, h + n_embd, dst);
+}
+
+void HiddenRowReducer::finish(int sample, int n_tokens) {
+    auto& v = rows_[static_cast<size_t>(sample)];
+    v.resize(std::min(v.size(), static_cast<size_t>(n_tokens) * n_layer_ * n_embd_));
 }
 
 }  // namespace neurotap

@@ -7,6 +7,8 @@
 #include <utility>
 #include <vector>
 
+#include "ffn_tap.h"
+
 namespace neurotap {
 
 // Grows a per-sample buffer to hold token `token` (rows arrive in token order); returns its slot.
@@ -24,9 +26,15 @@ public:
     // Activations `a` (n_ff floats) of `layer` at the position that predicts token `token` of
     // sample `sample`. Rows of one token arrive layer by layer; tokens arrive in order.
     virtual void on_row(int sample, int token, int layer, const float* a) = 0;
-    // The FFN gate's pre-activation, for reducers that asked the tap for it (same order).
+    // What the tap must read for this reducer besides the activation (tap_bit masks).
+    virtual unsigned tap_kinds() const { return 0; }
+    // The FFN gate's pre-activation, for reducers that asked for TapKind::Gate (same order).
     virtual void on_gate_row(int sample, int token, int layer, const float* g) {
         (void)sample, (void)token, (void)layer, (void)g;
+    }
+    // A row of n_embd floats of a hidden-state kind (NormInput, Residual) the reducer asked for.
+    virtual void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) {
+        (void)kind, (void)sample, (void)token, (void)layer, (void)h, (void)n_embd;
     }
     // Token `token` (id `token_id`) of `sample` was sampled and kept (rows of a token that ends
     // the sample, such as an end-of-generation token, are offered but never committed).
@@ -56,18 +64,18 @@ private:
     std::vector<std::vector<int32_t>> counts_;
 };
 
-// Per chunk of `chunk` tokens: the set of neurons activated (activation > threshold) on any
-// token of the chunk, as a bitset over all n_layer x n_ff neurons (bit layer*n_ff + i).
-class ChunkBitsetReducer : public Reducer {
+// Per chunk of `chunk` tokens: the set of active neurons (activation > threshold) on any token
+// of the chunk, as a bitset over all n_layer x n_ff neurons (bit layer*n_ff + i).
+class ActiveSetReducer : public Reducer {
 public:
-    ChunkBitsetReducer(int chunk, float threshold);
+    ActiveSetReducer(int chunk, float threshold);
     void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void commit(int sample, int token, int32_t token_id) override;
     void finish(int sample, int n_tokens) override;
     int64_t n_words() const { return n_words_; }
     int chunk() const { return chunk_; }
-    const std::vector<uint64_t>& bits(int sample) const { return bits_[sample]; }  // [chunks, words]
+    const std::vector<uint64_t>& sets(int sample) const { return bits_[sample]; }  // [chunks, words]
 
 private:
     int chunk_;
@@ -114,6 +122,28 @@ private:
     int64_t n_ff_ = 0;
     std::vector<std::vector<float>> f32_;
     std::vector<std::vector<uint16_t>> f16_;
+};
+
+// Opt-in: every row of a hidden-state kind (the normed FFN input or the residual stream after
+// the layer), float32 [tokens, layers, n_embd] per sample.
+class HiddenRowReducer : public Reducer {
+public:
+    explicit HiddenRowReducer(TapKind kind);  // NormInput or Residual
+    unsigned tap_kinds() const override { return tap_bit(kind_); }
+    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void on_row(int, int, int, const float*) override {}
+    void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) override;
+    void finish(int sample, int n_tokens) override;
+    TapKind kind() const { return kind_; }
+    int64_t width() const { return n_embd_; }
+    const std::vector<float>& rows(int sample) const { return rows_[sample]; }  // [tokens, layers, n_embd]
+    std::vector<float> take(int sample) { return std::move(rows_[sample]); }
+
+private:
+    TapKind kind_;
+    int n_layer_ = 0;
+    int64_t n_embd_ = 0;
+    std::vector<std::vector<float>> rows_;
 };
 
 }  // namespace neurotap

@@ -79,7 +79,7 @@ void TappedContext::clear() { llama_memory_clear(llama_get_memory(ctx_), true); 
 
 void TappedContext::run_decode(int n_rows, RowSink* sink) {
     batch_.n_tokens = n_rows;
-    if (sink) tap_.arm(n_rows, sink);
+    if (sink) tap_.arm(n_rows, sink, sink->tap_kinds());
     const int32_t rc = llama_decode(ctx_, batch_);
     if (rc != 0) {
         tap_.disarm();

@@ -4,6 +4,18 @@ import pytest
 
 import neurotap
 
+# Tests that need the real model carry the `model` marker: `pytest -m "not model"` runs the pure
+# ones (scoring, selectors, NEX, the layer check) in seconds. A test is marked when it uses the
+# model fixtures or its module sets NEEDS_MODEL = True (tests that load models themselves).
+MODEL_FIXTURES = {"model", "model_path"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or getattr(item.module, "NEEDS_MODEL", False):
+            item.add_marker(pytest.mark.model)
+
+
 # Small, fixed resources: these machines have 2 cores; tests share one loaded model.
 THREADS = int(os.environ.get("NEUROTAP_TEST_THREADS", "2"))
 

@@ -3,7 +3,9 @@
 import pytest
 
 import neurotap
-from neurotap import registry
+from neurotap.runtime import registry
+
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
 
 gguf = pytest.importorskip("gguf")
 

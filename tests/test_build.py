@@ -22,6 +22,8 @@ for line in open("/proc/self/maps"):
         if mo:
             libs.setdefault(mo.group(1), set()).add(parts[5])
 import os, json
+
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
 print(json.dumps({k: sorted(os.path.realpath(p) for p in v) for k, v in libs.items()}))
 print(json.dumps(os.path.dirname(llama_cpp.__file__)))
 """

@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "neurotap", *args], capture_output=True, text=True, timeout=300)
@@ -34,7 +36,7 @@ def test_errors_are_reported_not_raised():
 def test_sample_prints_every_answer_with_figures():
     r = run("sample", "What is 2+2?", "-n", "3", "--max-tokens", "12", "--threads", "2")
     assert r.returncode == 0, r.stderr
-    heads = re.findall(r"^--- sample (\d+): (\d+) tokens, (\d+) of 46080 neurons activated", r.stdout, re.M)
+    heads = re.findall(r"^--- sample (\d+): (\d+) tokens, (\d+) of 46080 neurons active", r.stdout, re.M)
     assert [h[0] for h in heads] == ["0", "1", "2"]
     assert all(0 < int(h[1]) <= 12 and 0 < int(h[2]) <= 46080 for h in heads)
     assert re.search(r"\[3 samples \| \d+ tokens in [\d.]+ s \([\d.]+ tok/s aggregate\)", r.stdout)

@@ -4,16 +4,18 @@ import json
 import numpy as np
 import pytest
 
-from neurotap import nad
-from neurotap.cli import main
-from neurotap.evaluate import evaluate
-from neurotap.tasks import arith, format_prompt
+from neurotap import nad, selection
+from neurotap.apps.cli import main
+from neurotap.apps.evaluate import evaluate
+from neurotap.scoring.tasks import arith, format_prompt
+
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
 
 PROMPT = [{"role": "user", "content": format_prompt(arith(1, 3)[0])}]
 
 
 def test_best_of_n_early_stop_counts_tokens_exactly(model):
-    r = model.best_of_n(PROMPT, n=6, method="knn", early_stop=16, max_tokens=48, seed=4)
+    r = nad.best_of_n(model, PROMPT, n=6, method="knn", early_stop=16, max_tokens=48, seed=4)
     full = model.sample(PROMPT, n=6, max_tokens=48, seed=4, reducers=("contributions",), chunk=16)
     # The winner continued alone draws what it drew in the unpruned run.
     assert r.sample.tokens == full[r.index].tokens
@@ -26,8 +28,8 @@ def test_best_of_n_early_stop_counts_tokens_exactly(model):
 
 
 def test_best_of_n_without_early_stop(model):
-    r = model.best_of_n(PROMPT, n=4, method="minact", early_stop=None, max_tokens=24, seed=1)
-    counts = nad.n_activated(r.candidates)
+    r = nad.best_of_n(model, PROMPT, n=4, method="minact", early_stop=None, max_tokens=24, seed=1)
+    counts = nad.set_sizes(r.candidates)
     assert r.index == int(np.argmin(counts))
     assert r.tokens_generated == sum(nad.sampled_tokens(s) for s in r.candidates)
 
@@ -41,7 +43,7 @@ def test_best_of_n_without_early_stop(model):
 ])
 def test_best_of_n_bad_parameters(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        model.best_of_n(PROMPT, **kwargs)
+        nad.best_of_n(model, PROMPT, **kwargs)
 
 
 def test_evaluate_report(model, tmp_path):
@@ -111,10 +113,10 @@ def test_nex_selector_on_real_samples(model):
     s32 = model.sample(PROMPT, n=4, max_tokens=72, seed=6, reducers=("contributions",), chunk=32)
     np.testing.assert_array_equal(nad.similarity(s1), nad.similarity(s32))
     np.testing.assert_array_equal(nad.similarity(s1, 32), nad.similarity(s32, 32))
-    responses = [nad.nex_response(s) for s in s1]
+    responses = [selection.nex_input(s) for s in s1]
     for (mass, toks), s in zip(responses, s1):
         assert mass.shape[0] == -(-s.n_tokens // 32) and toks.sum() == s.n_tokens
-        assert mass.sum() == s.nad_active.sum()
+        assert mass.sum() == s.contribution_counts.sum()
     scores = nex.nex_scores(responses)
     assert np.all(np.isfinite(scores)) and np.all((0 <= scores) & (scores <= 1))
     assert nad.select(s1, "nex") == int(np.argmax(scores))

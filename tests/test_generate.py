@@ -5,6 +5,8 @@ import pytest
 import neurotap
 from conftest import CHAT, THREADS
 
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
+
 PROMPT = "The three primary colors are"
 
 

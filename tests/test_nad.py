@@ -12,6 +12,8 @@ import pytest
 
 from neurotap import _native
 
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
+
 gguf = pytest.importorskip("gguf")
 
 PROMPT = [{"role": "user", "content": "Tom has 23 apples and buys 45 more. How many apples does he have?"}]
@@ -65,23 +67,23 @@ def test_contributions_equal_numpy(run, weights, model):
         for j in range(0, s.n_tokens, 3):
             c = reference(s.activations[j], s.tokens[j], down, unembed)
             order, top, eta = nad_rule(c)
-            np.testing.assert_allclose(s.top_contrib_values[j], top, rtol=1e-4, atol=1e-6 * np.abs(top).max())
-            assert s.nad_eta[j] == pytest.approx(eta, rel=1e-4)
+            np.testing.assert_allclose(s.contribution_top_values[j], top, rtol=1e-4, atol=1e-6 * np.abs(top).max())
+            assert s.contribution_eta[j] == pytest.approx(eta, rel=1e-4)
             # Indices agree wherever the value is not a near-tie with its neighbour.
             gap = np.abs(np.diff(top, axis=1)) > 1e-4 * np.abs(top[:, :-1])  # between r and r + 1
             clear = np.ones_like(top, dtype=bool)
             clear[:, :-1] &= gap
             clear[:, 1:] &= gap
             clear[:, -1] = False  # the 64th may tie with the 65th, outside the top
-            same = s.top_contrib_index[j] == order
+            same = s.contribution_top_index[j] == order
             assert np.all(same | ~clear), "top-64 neuron indices differ from numpy"
             assert clear.mean() > 0.9
             ref = {(il, int(i)) for il in range(len(down)) for i in order[il] if c[il, i] > eta}
             near = {(il, int(i)) for il in range(len(down)) for i in order[il]
                     if abs(c[il, i] - eta) <= 1e-4 * abs(eta)}
-            got = bits_to_set(s.nad_bitsets[j], n_ff)
+            got = bits_to_set(s.contribution_sets[j], n_ff)
             assert (got ^ ref) <= near, f"activated sets differ at token {j}"
-            assert s.nad_active[j] == len(got)
+            assert s.contribution_counts[j] == len(got)
             assert 400 <= len(got) <= 499  # eta is the 500th value: at most 499 lie strictly above
             checked += 1
     assert checked >= 9
@@ -94,8 +96,8 @@ def test_position_predicts_its_own_token(run, weights):
     j = 4
     right = nad_rule(reference(s.activations[j], s.tokens[j], down, unembed))[1]
     wrong = nad_rule(reference(s.activations[j], s.tokens[j - 1], down, unembed))[1]
-    assert np.allclose(s.top_contrib_values[j], right, rtol=1e-4, atol=1e-6)
-    assert not np.allclose(s.top_contrib_values[j], wrong, rtol=1e-2)
+    assert np.allclose(s.contribution_top_values[j], right, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(s.contribution_top_values[j], wrong, rtol=1e-2)
 
 
 def test_chunks_are_unions_of_tokens(model):
@@ -105,8 +107,8 @@ def test_chunks_are_unions_of_tokens(model):
     r32.advance()
     for a, b in zip(r1.samples(), r32.samples()):
         assert a.tokens == b.tokens
-        for c in range(b.nad_bitsets.shape[0]):
-            np.testing.assert_array_equal(b.nad_bitsets[c], np.bitwise_or.reduce(a.nad_bitsets[32 * c:32 * c + 32]))
+        for c in range(b.contribution_sets.shape[0]):
+            np.testing.assert_array_equal(b.contribution_sets[c], np.bitwise_or.reduce(a.contribution_sets[32 * c:32 * c + 32]))
 
 
 def test_gate_variant_uses_silu_of_gate(model, weights):
@@ -117,14 +119,14 @@ def test_gate_variant_uses_silu_of_gate(model, weights):
                              contribution="gate", keep_top=True, temperature=0)
     r.advance()
     s = r.sample(0)
-    tr = model.trace(PROMPT, s.tokens, debug_norm=True)
+    tr = model.trace(PROMPT, s.tokens, hooks=["ln2.hook_normalized"])
     for il in gate:
         for j in range(s.n_tokens):
             g = gate[il] @ tr.norm_inputs[j, il].astype(np.float64)
             a = g / (1 + np.exp(-g))
             c = a * (down[il].T @ unembed[s.tokens[j]])
             top = np.sort(c)[::-1][:64]
-            np.testing.assert_allclose(s.top_contrib_values[j, il], top, rtol=0.05, atol=0.05 * np.abs(top).max())
+            np.testing.assert_allclose(s.contribution_top_values[j, il], top, rtol=0.05, atol=0.05 * np.abs(top).max())
 
 
 def test_jaccard_by_popcount():

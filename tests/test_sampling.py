@@ -6,6 +6,8 @@ import pytest
 import neurotap
 from neurotap import _native
 
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
+
 PROMPT = [{"role": "user", "content": "What is 12 + 7? Answer briefly."}]
 
 
@@ -49,10 +51,10 @@ def _teacher_forced(model, tokens):
 def test_bitsets_equal_numpy_from_full_rows(run8):
     for s in run8:
         act = (s.activations > 0).reshape(s.n_tokens, -1)
-        assert s.chunk_bitsets.shape[0] == (s.n_tokens + 31) // 32
-        for c in range(s.chunk_bitsets.shape[0]):
+        assert s.active_sets.shape[0] == (s.n_tokens + 31) // 32
+        for c in range(s.active_sets.shape[0]):
             ref = np.packbits(act[c * 32:(c + 1) * 32].any(axis=0), bitorder="little")
-            got = s.chunk_bitsets[c].view(np.uint8)
+            got = s.active_sets[c].view(np.uint8)
             np.testing.assert_array_equal(got[: len(ref)], ref)
             assert not got[len(ref):].any()
 

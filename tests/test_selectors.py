@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from neurotap import answers, confidence, selectors, stats, tasks
+from neurotap.methods import selection
+from neurotap.scoring import answers, confidence, selectors, stats, tasks
 
 
 def sim(n: int, pairs: dict, base: float = 0.1) -> np.ndarray:
@@ -135,13 +136,13 @@ def test_invalid_parameters():
 
 
 def test_check_methods():
-    assert selectors.check_methods(["knn", "majority", "knn"], n=4) == ["knn", "majority"]
-    assert selectors.check_methods(["majority", "minact", "deepconf"], n=1) == ["majority", "minact", "deepconf"]
-    with pytest.raises(ValueError, match="'nope'.*available: knn"):
-        selectors.check_methods(["knn", "nope"], n=4)
+    assert selection.check_methods(["knn", "majority", "knn"], n=4) == ["knn", "majority"]
+    assert selection.check_methods(["majority", "minact", "deepconf"], n=1) == ["majority", "minact", "deepconf"]
+    with pytest.raises(ValueError, match="'nope'.*available: .*knn"):
+        selection.check_methods(["knn", "nope"], n=4)
     with pytest.raises(ValueError, match="method 'dbscan' needs at least 2"):
-        selectors.check_methods(["minact", "dbscan"], n=1)
-    assert set(selectors.METHODS) == {"knn", "medoid", "dbscan", "minact", "random", "deepconf",
+        selection.check_methods(["minact", "dbscan"], n=1)
+    assert set(selection.METHODS) == {"knn", "medoid", "dbscan", "minact", "random", "deepconf",
                                       "selfcert", "majority", "avg", "nex"}
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import CHAT
 
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
+
 gguf = pytest.importorskip("gguf")
 
 F32_TOL = 3e-2
@@ -47,7 +49,7 @@ def _rel(a, ref):
 
 @pytest.fixture(scope="module")
 def traced(model):
-    g = model.generate(CHAT, max_tokens=6, temperature=0, capture="float32", debug_norm=True)
+    g = model.generate(CHAT, max_tokens=6, temperature=0, capture="float32", hooks=["ln2.hook_normalized"])
     assert g.n_tokens >= 4
     reader = gguf.GGUFReader(model.info.path)
     return g, {t.name: t for t in reader.tensors}

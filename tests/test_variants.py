@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import neurotap
-from neurotap.cli import main
-from neurotap.quantize import quantize
+from neurotap.apps.cli import main
+from neurotap.apps.quantize import quantize
+
+NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,14 @@
 #include "contribution.h"
 #include "errors.h"
 #include "ffn_tap.h"
-#include "generator.h"
+#include "generate.h"
 #include "gguf.h"
 #include "gguf_file.h"
 #include "log_capture.h"
 #include "model.h"
 #include "neat.h"
-#include "parallel_sampler.h"
+#include "neat_file.h"
+#include "decode_loop.h"
 #include "reducers.h"
 #include "tapped_context.h"
 
@@ -100,6 +101,7 @@ void expect_no_throw_impl(const std::function<void()>& fn, const std::string& wh
 #define EXPECT_NO_THROW(expr, desc) expect_no_throw_impl([&] { expr; }, (desc), __FILE__, __LINE__)
 
 struct TestCase {
+    const char* group;  // the component under test: one ctest test per group (CMakeLists.txt)
     const char* name;
     void (*fn)();
 };
@@ -501,14 +503,15 @@ void test_tap_matching() {
     CHECK(!ask(tap, "ffn_out-3"));
     CHECK(!ask(tap, ""));
 
-    tap.set_capture_norm(true);
-    CHECK(tap.capture_norm());
+    tap.arm(1, &sink, kTapActivation | tap_bit(TapKind::NormInput));  // this decode also reads the norm
+    CHECK(tap.armed_kinds() == (kTapActivation | tap_bit(TapKind::NormInput)));
     CHECK(ask(tap, "ffn_norm-3"));
     CHECK(ask(tap, "ffn_swiglu-3"));
     CHECK(!ask(tap, "ffn_norm-30"));
     CHECK(!ask(tap, "attn_norm-3"));
     CHECK(!ask(tap, "ffn_norm-"));
-    tap.set_capture_norm(false);
+    CHECK(!ask(tap, "l_out-3"));
+    tap.arm(1, &sink);  // the next decode does not: kinds hold for one arm only
     CHECK(!ask(tap, "ffn_norm-3"));
 
     tap.disarm();
@@ -570,16 +573,16 @@ void test_tap_delivery() {
 
 void test_tap_norm_capture() {
     FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
-    tap.set_capture_norm(true);
+    const unsigned norm = kTapActivation | tap_bit(TapKind::NormInput);
     RecordingSink sink;
 
     // Activations alone are not enough once norm capture is on.
-    tap.arm(1, &sink);
+    tap.arm(1, &sink, norm);
     for (int il = 0; il < kLayers; ++il) deliver(tap, "ffn_swiglu", il, 0, 1, kFf);
     EXPECT_THROW_MSG(RuntimeError, tap.disarm_and_check(), "rows of ffn_norm", "norm capture without norm rows");
 
     sink.calls.clear();
-    tap.arm(2, &sink);
+    tap.arm(2, &sink, norm);
     for (int il = 0; il < kLayers; ++il) {
         deliver(tap, "ffn_norm", il, 0, 2, kEmbd);
         deliver(tap, "ffn_swiglu", il, 0, 2, kFf);
@@ -596,7 +599,7 @@ void test_tap_norm_capture() {
     CHECK(norm_calls == kLayers);
 
     // A norm row with the activation width is a layout error.
-    tap.arm(1, &sink);
+    tap.arm(1, &sink, norm);
     deliver(tap, "ffn_norm", 0, 0, 1, kFf);
     EXPECT_THROW_MSG(RuntimeError, tap.disarm_and_check(), "unexpected layout", "norm input with the wrong width");
 }
@@ -676,7 +679,6 @@ void test_tap_errors() {
 
 void test_tap_discovery() {
     FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
-    tap.set_capture_norm(true);  // norm nodes then match, but must still not count
     tap.begin_discovery();
     bool any_asked = false;
     for (int il = 0; il < kLayers; ++il) {
@@ -748,7 +750,7 @@ void test_generation() {
     const int n_gen = 24;
 
     GenerateParams p32 = greedy(n_gen);
-    p32.capture = CaptureMode::Float32;
+    p32.capture = RowType::Float32;
     GenerateResult a = generate(tc, prompt, p32, nullptr);
     GenerateResult b = generate(tc, prompt, p32, nullptr);
     CHECK(a.tokens.size() == static_cast<size_t>(n_gen));
@@ -834,7 +836,7 @@ void test_generation() {
 
     // Half-precision capture, with the normed FFN input as well.
     GenerateParams p16 = greedy(n_gen);
-    p16.capture = CaptureMode::Float16;
+    p16.capture = RowType::Float16;
     p16.capture_norm = true;
     GenerateResult d = generate(tc, prompt, p16, nullptr);
     CHECK(d.tokens == a.tokens);
@@ -1025,7 +1027,7 @@ void test_reducers_synthetic() {
     }
 
     ActiveCountReducer counts(thr);
-    ChunkBitsetReducer bitsets(chunk, thr);
+    ActiveSetReducer bitsets(chunk, thr);
     const std::vector<std::pair<int, int>> watched = {{2, 5}, {0, 0}, {1, 36}, {0, 36}, {2, 5}, {1, 0}};
     WatchReducer watch(watched);
     FullRowReducer full32(false), full16(true);
@@ -1055,7 +1057,7 @@ void test_reducers_synthetic() {
             }
             // Rows offered, not committed yet: the token's chunk holds only earlier tokens.
             const int c = t / chunk;
-            const auto& b = bitsets.bits(s);
+            const auto& b = bitsets.sets(s);
             const size_t W = static_cast<size_t>(bitsets.n_words());
             if (b.size() >= (c + 1) * W) {
                 std::vector<uint64_t> open(b.begin() + c * W, b.begin() + (c + 1) * W);
@@ -1063,10 +1065,10 @@ void test_reducers_synthetic() {
             } else if (t % chunk != 0) {
                 committed_early = true;  // the chunk was opened by an earlier commit
             }
-            const std::vector<uint64_t> before_other = s + 1 < n_samples ? bitsets.bits(s + 1) : std::vector<uint64_t>{};
+            const std::vector<uint64_t> before_other = s + 1 < n_samples ? bitsets.sets(s + 1) : std::vector<uint64_t>{};
             for (Reducer* r : all) r->commit(s, t, 0);
-            if (s + 1 < n_samples) other_sample_touched = other_sample_touched || bitsets.bits(s + 1) != before_other;
-            const auto& after = bitsets.bits(s);
+            if (s + 1 < n_samples) other_sample_touched = other_sample_touched || bitsets.sets(s + 1) != before_other;
+            const auto& after = bitsets.sets(s);
             if (after.size() < (c + 1) * W) {
                 prefix_mismatch = true;
             } else {
@@ -1100,7 +1102,7 @@ void test_reducers_synthetic() {
 
         // Chunk bitsets: ceil(n / chunk) chunks, each the union of its committed tokens; the
         // uncommitted all-active token left nothing behind.
-        const auto& b = bitsets.bits(s);
+        const auto& b = bitsets.sets(s);
         const size_t W = static_cast<size_t>(bitsets.n_words());
         const size_t n_chunks = static_cast<size_t>((n + chunk - 1) / chunk);
         CHECK_MSG(b.size() == n_chunks * W, tag + ": " + std::to_string(b.size()) + " words");
@@ -1146,7 +1148,7 @@ void test_reducers_synthetic() {
 
     // The bit layout, spelled out: 2 layers x 40 neurons = 80 bits in two words.
     {
-        ChunkBitsetReducer lay(1, 0.0f);
+        ActiveSetReducer lay(1, 0.0f);
         lay.begin(1, 2, 40, 4);
         CHECK(lay.n_words() == 2);
         std::vector<float> l0(40, -1.0f), l1(40, -1.0f);
@@ -1163,15 +1165,15 @@ void test_reducers_synthetic() {
         lay.finish(0, 2);
         const std::vector<uint64_t> want = {uint64_t(1) | (uint64_t(1) << 63), uint64_t(1) << 15,  // token 0
                                             ~uint64_t(0), (uint64_t(1) << 16) - 1};                // token 1
-        CHECK(lay.bits(0) == want);
+        CHECK(lay.sets(0) == want);
         // As bytes (what numpy sees of the uint64 buffer on a little-endian host): bit k is
         // bit k % 8 of byte k / 8.
         const uint16_t probe = 1;
         uint8_t first = 0;
         std::memcpy(&first, &probe, 1);
-        if (first == 1 && lay.bits(0).size() == 4) {
+        if (first == 1 && lay.sets(0).size() == 4) {
             uint8_t bytes[16];
-            std::memcpy(bytes, lay.bits(0).data(), 16);
+            std::memcpy(bytes, lay.sets(0).data(), 16);
             const uint8_t want_bytes[16] = {0x01, 0, 0, 0, 0, 0, 0, 0x80, 0, 0x80, 0, 0, 0, 0, 0, 0};
             CHECK(std::memcmp(bytes, want_bytes, 16) == 0);
         }
@@ -1179,17 +1181,17 @@ void test_reducers_synthetic() {
 
     // A run of one sample whose only token is never committed, and a chunk of 1.
     {
-        ChunkBitsetReducer one(1, 0.0f);
+        ActiveSetReducer one(1, 0.0f);
         one.begin(1, 2, 40, 4);
         const std::vector<float> ones(40, 1.0f);
         one.on_row(0, 0, 0, ones.data());
         one.on_row(0, 0, 1, ones.data());
         one.finish(0, 0);
-        CHECK(one.bits(0).empty());
+        CHECK(one.sets(0).empty());
     }
 
-    EXPECT_THROW(ParamError, ChunkBitsetReducer(0, 0.0f), "chunk 0");
-    EXPECT_THROW(ParamError, ChunkBitsetReducer(-2, 0.0f), "chunk -2");
+    EXPECT_THROW(ParamError, ActiveSetReducer(0, 0.0f), "chunk 0");
+    EXPECT_THROW(ParamError, ActiveSetReducer(-2, 0.0f), "chunk -2");
 
     // Watched neurons outside the model: ParamError in begin(), which names the neuron.
     for (const auto& bad : std::vector<std::pair<int, int>>{{3, 0}, {-1, 0}, {0, 37}, {0, -1}, {2, 37}}) {
@@ -1236,7 +1238,7 @@ std::vector<llama_token> chat_prompt(const Model& model, const std::string& ques
 
 const char* kQuestion = "What is the capital of France? Answer briefly.";
 
-std::vector<std::vector<llama_token>> all_tokens(const ParallelSampler& ps) {
+std::vector<std::vector<llama_token>> all_tokens(const DecodeLoop& ps) {
     std::vector<std::vector<llama_token>> out;
     for (int i = 0; i < ps.n(); ++i) out.push_back(ps.sample(i).tokens);
     return out;
@@ -1266,7 +1268,7 @@ std::vector<float> teacher_forced_rows(TappedContext& single, const std::vector<
     GenerateParams gp;
     gp.max_tokens = static_cast<int>(tokens.size());
     gp.forced = tokens;
-    gp.capture = CaptureMode::Float32;
+    gp.capture = RowType::Float32;
     gp.sampling.temperature = 0.0f;
     GenerateResult r = generate(single, prompt, gp, nullptr);
     if (r.tokens != tokens) return {};
@@ -1285,11 +1287,11 @@ void test_parallel_sampling() {
     CHECK(prompt.size() > 10);
 
     ActiveCountReducer counts(0.0f);
-    ChunkBitsetReducer bitsets(4, 0.0f);
+    ActiveSetReducer bitsets(4, 0.0f);
     const std::vector<std::pair<int, int>> watched = {{29, 1535}, {0, 0}, {14, 700}};
     WatchReducer watch(watched);
     FullRowReducer rows(false), half(true);
-    ParallelSampler ps(tc, prompt, sample_params(n, max_tokens, seed), {&counts, &bitsets, &watch, &rows, &half});
+    DecodeLoop ps(tc, prompt, sample_params(n, max_tokens, seed), {&counts, &bitsets, &watch, &rows, &half});
     CHECK(ps.n() == n && ps.n_live() == n && ps.n_prompt() == static_cast<int>(prompt.size()));
     Progress progress;
     CHECK(ps.advance(max_tokens, &progress) == 0);
@@ -1354,13 +1356,13 @@ void test_parallel_sampling() {
         const size_t W = static_cast<size_t>(bitsets.n_words());
         CHECK(W == static_cast<size_t>((L * F + 63) / 64));
         const size_t n_chunks = (nt + 3) / 4;
-        CHECK_MSG(bitsets.bits(s).size() == n_chunks * W, tag);
-        if (bitsets.bits(s).size() == n_chunks * W) {
+        CHECK_MSG(bitsets.sets(s).size() == n_chunks * W, tag);
+        if (bitsets.sets(s).size() == n_chunks * W) {
             std::vector<uint64_t> want_bits(n_chunks * W, 0);
             for (size_t t = 0; t < nt; ++t)
                 for (int64_t k = 0; k < L * F; ++k)
                     if (got[t * L * F + k] > 0.0f) want_bits[(t / 4) * W + k / 64] |= uint64_t(1) << (k % 64);
-            CHECK_MSG(bitsets.bits(s) == want_bits, tag + ": chunk bitsets disagree with the rows");
+            CHECK_MSG(bitsets.sets(s) == want_bits, tag + ": chunk bitsets disagree with the rows");
         }
 
         const auto& wv = watch.values(s);
@@ -1390,10 +1392,10 @@ void test_parallel_sampling() {
 
     // Seeds: the same seed draws the same tokens; another seed draws others.
     {
-        ParallelSampler again(tc, prompt, sample_params(n, max_tokens, seed), {});
+        DecodeLoop again(tc, prompt, sample_params(n, max_tokens, seed), {});
         again.advance(max_tokens, nullptr);
         CHECK_MSG(all_tokens(again) == first, "the same seed drew different tokens");
-        ParallelSampler other(tc, prompt, sample_params(n, max_tokens, seed + 1), {});
+        DecodeLoop other(tc, prompt, sample_params(n, max_tokens, seed + 1), {});
         other.advance(max_tokens, nullptr);
         const auto second = all_tokens(other);
         int same = 0;
@@ -1421,7 +1423,7 @@ void test_parallel_control() {
     sp.sampling.ignore_eos = true;  // every sample is still live at the stop
 
     FullRowReducer ref_rows(false);
-    ParallelSampler ref(tc, prompt, sp, {&ref_rows});
+    DecodeLoop ref(tc, prompt, sp, {&ref_rows});
     CHECK(ref.advance(max_tokens, nullptr) == 0);
     const auto unpruned = all_tokens(ref);
     for (const auto& t : unpruned) CHECK(t.size() == static_cast<size_t>(max_tokens));
@@ -1430,7 +1432,7 @@ void test_parallel_control() {
 
     FullRowReducer rows(false);
     ActiveCountReducer counts(0.0f);
-    ParallelSampler ps(tc, prompt, sp, {&rows, &counts});
+    DecodeLoop ps(tc, prompt, sp, {&rows, &counts});
     EXPECT_THROW(ParamError, ps.advance(0, nullptr), "advance(0)");
     EXPECT_THROW(ParamError, ps.advance(-5, nullptr), "advance(-5)");
     CHECK(ps.advance(8, nullptr) == n);
@@ -1483,7 +1485,7 @@ void test_parallel_control() {
     // Stopped before the run starts: no tokens, no rows, and the others run as usual.
     FullRowReducer early_rows(false);
     ActiveCountReducer early_counts(0.0f);
-    ParallelSampler early(tc, prompt, sp, {&early_rows, &early_counts});
+    DecodeLoop early(tc, prompt, sp, {&early_rows, &early_counts});
     early.stop({0, 1});  // sample 0's sequence holds the prompt until it is copied
     CHECK(early.n_live() == n - 2);
     CHECK(early.advance(4, nullptr) == n - 2);
@@ -1509,7 +1511,7 @@ void test_parallel_errors() {
     const int per_seq = static_cast<int>(llama_n_ctx_seq(tc.ctx()));
     CHECK(per_seq == 256);
     auto make = [&](const std::vector<llama_token>& p, const SampleParams& sp, std::vector<Reducer*> reds = {}) {
-        ParallelSampler ps(tc, p, sp, std::move(reds));
+        DecodeLoop ps(tc, p, sp, std::move(reds));
     };
 
     EXPECT_THROW(ParamError, make(prompt, sample_params(0, 8, 1)), "n=0");
@@ -1542,7 +1544,7 @@ void test_parallel_errors() {
     EXPECT_THROW(ParamError, make(prompt, sample_params(n, 8, 1), {&outside}), "watched layer == n_layer");
 
     // After all that, the context still samples.
-    ParallelSampler ok(tc, prompt, sample_params(n, 4, 1), {});
+    DecodeLoop ok(tc, prompt, sample_params(n, 4, 1), {});
     int live = -1;
     EXPECT_NO_THROW(live = ok.advance(4, nullptr), "a run after the errors");
     CHECK(live == 0);
@@ -1569,7 +1571,7 @@ void test_parallel_logprobs() {
     const std::vector<llama_token> prompt = chat_prompt(*model, kQuestion);
     SampleParams sp = sample_params(n, max_tokens, 99);
     sp.top_logprobs = k;
-    ParallelSampler ps(tc, prompt, sp, {});
+    DecodeLoop ps(tc, prompt, sp, {});
     ps.advance(max_tokens, nullptr);
 
     // Single-sequence logits of the same tokens: the reference for every position.
@@ -1887,7 +1889,7 @@ struct NadSample {
 
 NadResult snapshot(const ContributionReducer& red, int s) {
     NadResult r;
-    r.bits = red.bits(s);
+    r.bits = red.sets(s);
     r.eta.assign(red.eta(s).begin(), red.eta(s).end());
     r.n_active = red.n_active(s);
     r.top_c.assign(red.top_values(s).begin(), red.top_values(s).end());
@@ -1895,7 +1897,7 @@ NadResult snapshot(const ContributionReducer& red, int s) {
     return r;
 }
 
-// Feeds the reducer as ParallelSampler does: each step, the rows of every live sample layer by layer
+// Feeds the reducer as DecodeLoop does: each step, the rows of every live sample layer by layer
 // (both callbacks), then each sample's commit or finish, then end_step(). Returns each sample's
 // results as they stood right after its finish().
 std::vector<NadResult> run_nad(ContributionReducer& red, const std::vector<NadSample>& samples, int L, int64_t F) {
@@ -2033,21 +2035,16 @@ void test_nad_contributions() {
     auto cw = std::make_shared<const ContributionWeights>(file, L, F, E, V);
     CHECK(cw->n_layer() == L && cw->n_ff() == F && cw->n_embd() == E && cw->n_vocab() == V);
     CHECK(cw->unembedding_name() == "token_embd.weight");
-    CHECK(cw->memory_bytes() == (static_cast<size_t>(L) * F * E + static_cast<size_t>(L) * F + static_cast<size_t>(V) * E) * sizeof(float));
-    // The transposed columns and their norms.
+    CHECK(cw->memory_bytes() == (static_cast<size_t>(L) * F * E + static_cast<size_t>(V) * E) * sizeof(float));
+    // The transposed columns.
     {
         int bad = 0;
         for (int l = 0; l < L; ++l)
             for (int64_t i = 0; i < F; ++i) {
-                double s = 0;
-                for (int64_t e = 0; e < E; ++e) {
-                    const float x = w.down[(static_cast<size_t>(l) * E + e) * F + i];
-                    bad += cw->down_col(l, i)[e] != x;
-                    s += double(x) * x;
-                }
-                bad += std::fabs(cw->down_norms(l)[i] - std::sqrt(s)) > 1e-6 * std::sqrt(s);
+                for (int64_t e = 0; e < E; ++e)
+                    bad += cw->down_col(l, i)[e] != w.down[(static_cast<size_t>(l) * E + e) * F + i];
             }
-        CHECK_MSG(bad == 0, std::to_string(bad) + " W_down columns or norms wrong");
+        CHECK_MSG(bad == 0, std::to_string(bad) + " W_down columns wrong");
         std::vector<float> row(static_cast<size_t>(E));
         cw->unembed_row(V - 1, row.data());
         CHECK(std::equal(row.begin(), row.end(), w.unembed.begin() + static_cast<size_t>(V - 1) * E));
@@ -2272,7 +2269,7 @@ void test_nad_untied_f16() {
     GgufFile file(path);
     auto cw = std::make_shared<const ContributionWeights>(file, L, F, E, V);
     CHECK(cw->unembedding_name() == "output.weight");
-    CHECK(cw->memory_bytes() == (static_cast<size_t>(L) * F * E + static_cast<size_t>(L) * F) * sizeof(float) +
+    CHECK(cw->memory_bytes() == (static_cast<size_t>(L) * F * E) * sizeof(float) +
                                     static_cast<size_t>(V) * E * sizeof(ggml_fp16_t));
     std::vector<float> row(static_cast<size_t>(E));
     cw->unembed_row(3, row.data());
@@ -2352,7 +2349,7 @@ void test_nad_non_finite() {
             CHECK(ti[k] >= 0 && ti[k] < F);
             if (!gate) CHECK_MSG(ti[k] != 1 && ti[k] != 3, "a NaN neuron ranked in the top 4 of 10");
         }
-        const int64_t n_bits = popcount(red.bits(0).data(), static_cast<int64_t>(red.bits(0).size()));
+        const int64_t n_bits = popcount(red.sets(0).data(), static_cast<int64_t>(red.sets(0).size()));
         CHECK(n_bits == red.n_active(0)[0]);
         CHECK(n_bits <= 4);
     }
@@ -2489,47 +2486,106 @@ void test_nad_gate_variant() {
     check_nad_not_trivial(grefs, "gate GELU");
 }
 
+// NEAT calibration files read natively: the shipped file gives a configuration for the real model,
+// and every truncation or corruption of it is a ModelError (never a crash, under the sanitizers).
+void test_neat_file() {
+    const std::string path = std::string(NEUROTAP_SOURCE_DIR) + "/models/neat-smollm2-135m.json";
+    NeatCalibrationFile cal;
+    EXPECT_NO_THROW(cal = load_neat_calibration(path), "the shipped calibration");
+    CHECK(cal.version == 1 && !cal.neurons.empty() && cal.neurons.size() == cal.reference.size());
+    auto model = shared_model();
+    NeatConfig cfg;
+    EXPECT_NO_THROW(cfg = neat_config(cal, *model), "a configuration for the model it was made for");
+    CHECK(!cfg.exit_tokens.empty() && !cfg.ban_tokens.empty());
+    EXPECT_NO_THROW(NeatMonitor(cfg, model->info().n_layer, model->info().n_ff, model->info().n_vocab),
+                    "the monitor accepts it");
+    NeatCalibrationFile other = cal;
+    other.n_layers += 1;
+    EXPECT_THROW_MSG(ModelError, neat_config(other, *model), "calibrate this model", "another model's shape");
+
+    std::ifstream in(path, std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    TempDir dir;
+    const std::string tmp = dir.file("neat_cut.json");
+    int refused = 0, tried = 0;
+    for (size_t cut = 0; cut < text.size(); cut += 1 + text.size() / 200) {
+        std::ofstream(tmp, std::ios::binary) << text.substr(0, cut);
+        ++tried;
+        try {
+            load_neat_calibration(tmp);
+        } catch (const ModelError&) {
+            ++refused;
+        }
+    }
+    CHECK_MSG(refused == tried, std::to_string(tried - refused) + " truncated files were accepted");
+    std::mt19937 rng(7);
+    for (int i = 0; i < 200; ++i) {
+        std::string bad = text;
+        for (int k = 0; k < 3; ++k) bad[rng() % bad.size()] = static_cast<char>(rng() % 256);
+        std::ofstream(tmp, std::ios::binary) << bad;
+        try {
+            const NeatCalibrationFile c = load_neat_calibration(tmp);
+            const NeatConfig nc = neat_config(c, *model);
+            NeatMonitor(nc, model->info().n_layer, model->info().n_ff, model->info().n_vocab);
+        } catch (const ModelError&) {
+        } catch (const ParamError&) {  // neurons outside the model: the monitor refuses them
+        }
+    }
+    EXPECT_THROW_MSG(ModelError, load_neat_calibration(path + ".missing"), "not found", "a missing file");
+}
+
 }  // namespace
 
+// neurotap_native_tests [--group G]... [MODEL.gguf]: every test, or those of the named components.
 int main(int argc, char** argv) {
-    if (argc > 1 && argv[1][0] != '\0') {
-        g_model_path = argv[1];
-    } else if (const char* env = std::getenv("NEUROTAP_TEST_MODEL")) {
-        g_model_path = env;
+    std::vector<std::string> groups;
+    for (int i = 1; i < argc; ++i) {
+        const std::string arg = argv[i];
+        if (arg == "--group" && i + 1 < argc) {
+            groups.push_back(argv[++i]);
+        } else if (!arg.empty()) {
+            g_model_path = arg;
+        }
     }
+    if (g_model_path.empty())
+        if (const char* env = std::getenv("NEUROTAP_TEST_MODEL")) g_model_path = env;
+    auto selected = [&](const TestCase& tc) {
+        return groups.empty() || std::find(groups.begin(), groups.end(), tc.group) != groups.end();
+    };
     const char* verbose = std::getenv("NEUROTAP_TEST_VERBOSE");
     install_log_capture(verbose && *verbose && std::strcmp(verbose, "0") != 0);
 
     const TestCase model_free[] = {
-        {"tap_matching", test_tap_matching},
-        {"tap_delivery", test_tap_delivery},
-        {"tap_norm_capture", test_tap_norm_capture},
-        {"tap_errors", test_tap_errors},
-        {"tap_discovery", test_tap_discovery},
-        {"gguf_overflowing_shape", test_gguf_overflowing_shape},
-        {"unsupported_models", test_unsupported_models},
-        {"reducers_synthetic", test_reducers_synthetic},
-        {"nad_jaccard", test_nad_jaccard},
-        {"nad_dots", test_nad_dots},
-        {"nad_contributions", test_nad_contributions},
-        {"nad_weights_errors", test_nad_weights_errors},
-        {"nad_untied_f16", test_nad_untied_f16},
-        {"nad_paper_params", test_nad_paper_params},
-        {"nad_gate_variant", test_nad_gate_variant},
-        {"nad_non_finite", test_nad_non_finite},
-        {"neat_monitor", test_neat_monitor},
+        {"tap", "tap_matching", test_tap_matching},
+        {"tap", "tap_delivery", test_tap_delivery},
+        {"tap", "tap_norm_capture", test_tap_norm_capture},
+        {"tap", "tap_errors", test_tap_errors},
+        {"tap", "tap_discovery", test_tap_discovery},
+        {"gguf", "gguf_overflowing_shape", test_gguf_overflowing_shape},
+        {"gguf", "unsupported_models", test_unsupported_models},
+        {"reducers", "reducers_synthetic", test_reducers_synthetic},
+        {"nad", "nad_jaccard", test_nad_jaccard},
+        {"nad", "nad_dots", test_nad_dots},
+        {"nad", "nad_contributions", test_nad_contributions},
+        {"nad", "nad_weights_errors", test_nad_weights_errors},
+        {"nad", "nad_untied_f16", test_nad_untied_f16},
+        {"nad", "nad_paper_params", test_nad_paper_params},
+        {"nad", "nad_gate_variant", test_nad_gate_variant},
+        {"nad", "nad_non_finite", test_nad_non_finite},
+        {"neat", "neat_monitor", test_neat_monitor},
     };
     const TestCase with_model[] = {
-        {"gguf_real_model", test_gguf_real_model},
-        {"bad_files", test_bad_files},
-        {"fuzz_headers", test_fuzz_headers},
-        {"model_info", test_model_info},
-        {"generation", test_generation},
-        {"generation_errors", test_generation_errors},
-        {"parallel_sampling", test_parallel_sampling},
-        {"parallel_control", test_parallel_control},
-        {"parallel_errors", test_parallel_errors},
-        {"parallel_logprobs", test_parallel_logprobs},
+        {"gguf", "gguf_real_model", test_gguf_real_model},
+        {"gguf", "bad_files", test_bad_files},
+        {"gguf", "fuzz_headers", test_fuzz_headers},
+        {"generate", "model_info", test_model_info},
+        {"generate", "generation", test_generation},
+        {"generate", "generation_errors", test_generation_errors},
+        {"decode_loop", "parallel_sampling", test_parallel_sampling},
+        {"decode_loop", "parallel_control", test_parallel_control},
+        {"decode_loop", "parallel_errors", test_parallel_errors},
+        {"decode_loop", "parallel_logprobs", test_parallel_logprobs},
+        {"neat", "neat_file", test_neat_file},
     };
 
     int passed = 0, failed = 0;
@@ -2550,12 +2606,20 @@ int main(int argc, char** argv) {
         std::fflush(stdout);
     };
 
-    for (const TestCase& tc : model_free) run(tc);
-    if (g_model_path.empty()) {
-        std::fprintf(stderr, "no model: pass a GGUF path as argv[1] or set NEUROTAP_TEST_MODEL\n");
+    for (const TestCase& tc : model_free)
+        if (selected(tc)) run(tc);
+    bool needs_model = false;
+    for (const TestCase& tc : with_model) needs_model = needs_model || selected(tc);
+    if (needs_model && g_model_path.empty()) {
+        std::fprintf(stderr, "no model: pass a GGUF path or set NEUROTAP_TEST_MODEL\n");
         failed += 1;
     } else {
-        for (const TestCase& tc : with_model) run(tc);
+        for (const TestCase& tc : with_model)
+            if (selected(tc)) run(tc);
+    }
+    if (passed + failed == 0) {
+        std::fprintf(stderr, "no test in the selected groups\n");
+        failed += 1;
     }
     g_model.reset();
     std::fflush(stderr);

@@ -61,4 +61,5 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87${UBSAN_OPTI
 # other CPU hogs on 2 cores the run took 107 s with the default policy, 5 s with passive.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 
-"$BUILD/neurotap_native_tests" "$MODEL"
+# One ctest test per component (CMakeLists.txt); every one must pass.
+NEUROTAP_TEST_MODEL="$MODEL" ctest --test-dir "$BUILD" --output-on-failure

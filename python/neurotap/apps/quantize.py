@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from .registry import resolve
+from .. import _native
+from ..core.io import atomic_path
+from ..runtime.registry import resolve
 
 
 def quant_types() -> List[str]:
@@ -26,8 +27,6 @@ def quantize(model: str, out: os.PathLike, qtype: str, *, threads: Optional[int]
     """
     import llama_cpp
 
-    from . import _native
-
     src = Path(resolve(model))
     _native.gguf_summary(str(src))  # validates the input before llama.cpp sees it
     name = qtype.upper()
@@ -42,16 +41,9 @@ def quantize(model: str, out: os.PathLike, qtype: str, *, threads: Optional[int]
     params.ftype = ftype
     params.allow_requantize = True
     params.nthread = int(threads or 0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".gguf", dir=out.parent)
-    os.close(fd)
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
+    with atomic_path(out) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama.cpp failed to quantize {src} to {name} (code {rc})")
-        _native.gguf_summary(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _native.gguf_summary(str(tmp))
     return out

@@ -13,9 +13,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .answers import extract_answer, is_correct
-from .nad import nex_response
-from .tasks import DEFAULT_PROMPT, Task, format_prompt
+from ..methods.selection import nex_input
+from ..runtime.model import load
+from ..scoring.answers import extract_answer, is_correct
+from ..scoring.nex import nex_scores
+from ..scoring.tasks import DEFAULT_PROMPT, Task, format_prompt
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
@@ -35,9 +37,6 @@ def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_
                 template: str = DEFAULT_PROMPT, progress: bool = True, row: int = 32) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from .model import load
-    from .nex import nex_scores
-
     if row < 1:
         raise ValueError(f"row must be at least 1 token, got {row}")
     if len(paths) < 2:
@@ -54,7 +53,7 @@ def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_
             prompt = [{"role": "user", "content": format_prompt(task, template)}]
             for s in model.sample(prompt, n=n, max_tokens=max_tokens, seed=seed * 1_000_003 + i,
                                   temperature=temperature, reducers=("contributions",), chunk=1):
-                responses.append(nex_response(s, row=row))
+                responses.append(nex_input(s, row=row))
                 correct.append(is_correct(extract_answer(s.text), task.answer))
         scores = nex_scores(responses)
         v = {"model": str(path), "nex": float(np.mean(scores)), "nex_scores": [round(float(x), 5) for x in scores],

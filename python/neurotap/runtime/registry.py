@@ -13,17 +13,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Union
 
-from .errors import ModelNotInstalledError
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
+from ..core.errors import ModelNotInstalledError
+from ..core.resources import shipped_file
 
 
 @lru_cache(maxsize=1)
 def registry() -> Dict[str, Any]:
-    # Installed wheels carry models/ inside the package; a source checkout keeps it at the top.
-    for cand in (_PACKAGE_DIR / "models" / "registry.json", _PACKAGE_DIR.parents[1] / "models" / "registry.json"):
-        if cand.is_file():
-            return json.loads(cand.read_text(encoding="utf-8"))
+    path = shipped_file("registry.json")
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
     raise FileNotFoundError("neurotap's model registry (models/registry.json) is missing from the installation")
 
 

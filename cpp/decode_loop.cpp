@@ -1,4 +1,4 @@
-#include "parallel_sampler.h"
+#include "decode_loop.h"
 
 #include <algorithm>
 #include <chrono>
@@ -8,15 +8,42 @@
 
 namespace neurotap {
 
-uint32_t sample_seed(uint32_t seed, int index) {
-    // splitmix64 of (seed, index): neighbouring indices get unrelated streams.
-    uint64_t z = (static_cast<uint64_t>(seed) << 32 | static_cast<uint32_t>(index)) + 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return static_cast<uint32_t>((z ^ (z >> 31)) & 0xFFFFFFFFu);
+const char* finish_name(Finish f) {
+    switch (f) {
+        case Finish::Live: return "";
+        case Finish::Eos: return "eos";
+        case Finish::Length: return "length";
+        case Finish::Stop: return "stop";
+        case Finish::Stopped: return "stopped";
+        case Finish::Cancelled: return "cancelled";
+        case Finish::NeatExit: return "neat_exit";
+    }
+    return "";
 }
 
-ParallelSampler::ParallelSampler(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
+bool NeatTrack::before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced) {
+    const auto& exit = mon.config().exit_tokens;
+    if (exited) {
+        if (queued < exit.size()) {
+            *forced = exit[queued++];
+            return true;
+        }
+        return false;  // after the exit tokens the model writes on (e.g. the answer after "Answer:")
+    }
+    if (mon.config().line_starts_only && !line_start) return false;
+    float sim = 0, mag = 0;
+    const int action = mon.decide(sample, &sim, &mag);
+    events.push_back({j, action, sim, mag});
+    if (action == kNeatBan) mon.ban(logits);
+    if (action != kNeatExit || exit.empty()) return false;
+    exited = true;
+    exit_at = j;
+    queued = 1;
+    *forced = exit[0];
+    return true;
+}
+
+DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
                                  std::vector<Reducer*> reducers)
     : tc_(tc), prompt_(std::move(prompt)), params_(std::move(params)), reducers_(std::move(reducers)) {
     const ModelInfo& info = tc_.model().info();
@@ -32,48 +59,64 @@ ParallelSampler::ParallelSampler(TappedContext& tc, std::vector<llama_token> pro
     if (params_.n > tc_.params().n_batch)
         throw ParamError("n=" + std::to_string(params_.n) + " exceeds the context's batch of " +
                          std::to_string(tc_.params().n_batch));
-    const int64_t need = static_cast<int64_t>(prompt_.size()) + params_.max_tokens;
-    const int64_t per_seq = llama_n_ctx_seq(tc_.ctx());
-    const int64_t total = tc_.n_ctx();
-    // Per-sequence streams give each sample its own cells; one unified stream shares the prompt.
-    const bool fits = tc_.params().kv_unified
-                          ? static_cast<int64_t>(prompt_.size()) + int64_t(params_.n) * params_.max_tokens <= total
-                          : need <= per_seq;
-    if (!fits) {
-        throw ContextError("n=" + std::to_string(params_.n) + " samples of prompt " + std::to_string(prompt_.size()) +
-                           " + max_tokens " + std::to_string(params_.max_tokens) + " tokens need more than the " +
-                           std::to_string(per_seq) + " cells per sequence of this context");
+    const bool forcing = !params_.forced.empty();
+    for (llama_token t : params_.forced)
+        if (t < 0 || t >= info.n_vocab) throw ParamError("forced token id out of range: " + std::to_string(t));
+    if (forcing && static_cast<int>(params_.forced.size()) != params_.max_tokens)
+        throw ParamError("max_tokens must equal the number of forced tokens");
+    if (forcing && params_.neat) throw ParamError("NEAT cannot steer teacher-forced tokens");
+    if (params_.neat && !params_.tap) throw ParamError("NEAT watches neurons: it needs the tap on");
+    const int64_t np = static_cast<int64_t>(prompt_.size());
+    if (tc_.params().kv_unified) {
+        // One stream: the prompt's cells are shared, each sample adds its own tokens.
+        const int64_t total = tc_.n_ctx();
+        if (np + int64_t(params_.n) * params_.max_tokens > total) {
+            const int64_t fit = std::max<int64_t>(0, (total - np) / params_.n);
+            throw ContextError("the prompt (" + std::to_string(np) + " tokens) plus " +
+                               (params_.n > 1 ? std::to_string(params_.n) + " x " : std::string()) + "max_tokens (" +
+                               std::to_string(params_.max_tokens) + ") exceeds the context of " +
+                               std::to_string(total) + " tokens; at most " + std::to_string(fit) +
+                               " new tokens fit. Load with a larger n_ctx or lower max_tokens.");
+        }
+    } else {
+        const int64_t per_seq = llama_n_ctx_seq(tc_.ctx());
+        if (np + params_.max_tokens > per_seq)
+            throw ContextError("n=" + std::to_string(params_.n) + " samples of prompt " + std::to_string(np) +
+                               " + max_tokens " + std::to_string(params_.max_tokens) + " tokens need more than the " +
+                               std::to_string(per_seq) + " cells per sequence of this context");
     }
     // Reducers first: one may reject the run (WatchReducer), and a throw from here on would leak
     // the samplers (the destructor does not run for a constructor that throws).
-    for (Reducer* r : reducers_) r->begin(params_.n, info.n_layer, info.n_ff, params_.max_tokens);
+    for (Reducer* r : reducers_) {
+        r->begin(params_.n, info.n_layer, info.n_ff, params_.max_tokens);
+        kinds_ |= r->tap_kinds();
+    }
     for (int i = 0; i < params_.n; ++i) {
         SamplingParams sp = params_.sampling;
-        sp.seed = sample_seed(params_.sampling.seed, i);
+        if (params_.seed_per_sample) sp.seed = sample_seed(params_.sampling.seed, i);
         samplers_.push_back(nullptr);
         samplers_.back() = make_sampler_chain(sp, tc_.model().vocab());  // validates before anything runs
     }
     samples_.resize(static_cast<size_t>(params_.n));
 }
 
-ParallelSampler::~ParallelSampler() {
+DecodeLoop::~DecodeLoop() {
     for (llama_sampler* s : samplers_)
         if (s) llama_sampler_free(s);
 }
 
-int ParallelSampler::n_live() const {
+int DecodeLoop::n_live() const {
     int c = 0;
     for (const auto& s : samples_) c += s.live;
     return c;
 }
 
-void ParallelSampler::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
-    if (kind == TapKind::NormInput) return;
-    const bool gate = kind == TapKind::Gate;
+void DecodeLoop::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
     auto offer = [&](int s, int t, const float* a) {
         for (Reducer* red : reducers_) {
-            if (gate) red->on_gate_row(s, t, layer, a);
-            else red->on_row(s, t, layer, a);
+            if (kind == TapKind::Activation) red->on_row(s, t, layer, a);
+            else if (kind == TapKind::Gate) red->on_gate_row(s, t, layer, a);
+            else red->on_hidden_row(kind, s, t, layer, a, width);
         }
     };
     for (int r = 0; r < n_rows; ++r) {
@@ -87,7 +130,7 @@ void ParallelSampler::on_rows(TapKind kind, int layer, int row0, int n_rows, con
     }
 }
 
-void ParallelSampler::record_logprobs(SampleState& st, const float* logits, llama_token chosen) {
+void DecodeLoop::record_logprobs(SampleState& st, const float* logits, llama_token chosen) {
     const int V = tc_.model().info().n_vocab;
     const int k = std::min(params_.top_logprobs, V);
     float mx = logits[0];
@@ -111,44 +154,47 @@ void ParallelSampler::record_logprobs(SampleState& st, const float* logits, llam
     st.token_logprob.push_back(logits[chosen] - lse);
 }
 
-void ParallelSampler::end_sample(int s, const char* reason) {
+void DecodeLoop::end_sample(int s, Finish why) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     st.live = false;
-    st.finish_reason = reason;
+    st.finish = why;
+    st.finish_reason = finish_name(why);
     llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, -1, -1);
     for (Reducer* r : reducers_) r->finish(s, static_cast<int>(st.tokens.size()));
 }
 
-void ParallelSampler::sample_and_commit(int s) {
+void DecodeLoop::sample_and_commit(int s) {
     SampleState& st = samples_[static_cast<size_t>(s)];
-    const int j0 = static_cast<int>(st.tokens.size());
+    const int j = static_cast<int>(st.tokens.size());
+    const bool forcing = !params_.forced.empty();
     llama_token tok = 0;
     const bool neat_token = params_.neat &&
-        st.neat.before_sample(*params_.neat, s, j0, llama_get_logits_ith(tc_.ctx(), st.logits_row), &tok);
-    if (!neat_token) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
+        st.neat.before_sample(*params_.neat, s, j, llama_get_logits_ith(tc_.ctx(), st.logits_row), &tok);
+    if (forcing) tok = params_.forced[static_cast<size_t>(j)];
+    else if (!neat_token) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
     ++tokens_sampled_;
-    if (tc_.model().is_eog(tok)) {
-        end_sample(s, neat_token ? "neat_exit" : "eos");
+    if (!forcing && tc_.model().is_eog(tok)) {
+        st.eog_token = tok;
+        end_sample(s, neat_token ? Finish::NeatExit : Finish::Eos);
         return;
     }
     if (params_.top_logprobs > 0) record_logprobs(st, llama_get_logits_ith(tc_.ctx(), st.logits_row), tok);
-    const int j = static_cast<int>(st.tokens.size());
     for (Reducer* r : reducers_) r->commit(s, j, tok);
     st.tokens.push_back(tok);
     const size_t before = st.text.size();
     const std::string piece = tc_.model().token_piece(tok);
     st.text += piece;
     st.neat.line_start = !piece.empty() && piece.back() == '\n';
-    const size_t stop_at = find_stop(st.text, before, params_.stop);
+    const size_t stop_at = forcing ? std::string::npos : find_stop(st.text, before, params_.stop);
     if (stop_at != std::string::npos) {
         st.text.resize(stop_at);
-        end_sample(s, "stop");
+        end_sample(s, Finish::Stop);
         return;
     }
-    if (static_cast<int>(st.tokens.size()) == params_.max_tokens) end_sample(s, "length");
+    if (static_cast<int>(st.tokens.size()) == params_.max_tokens) end_sample(s, Finish::Length);
 }
 
-void ParallelSampler::start() {
+void DecodeLoop::start() {
     using clock = std::chrono::steady_clock;
     started_ = true;
     const auto t0 = clock::now();
@@ -171,7 +217,7 @@ void ParallelSampler::start() {
     for (Reducer* r : reducers_) r->end_step();
 }
 
-void ParallelSampler::step() {
+void DecodeLoop::step() {
     b_tokens_.clear();
     b_pos_.clear();
     b_seqs_.clear();
@@ -200,7 +246,7 @@ void ParallelSampler::step() {
     sample_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-int ParallelSampler::advance(int until, Progress* progress) {
+int DecodeLoop::advance(int until, Progress* progress) {
     using clock = std::chrono::steady_clock;
     if (until <= 0) throw ParamError("advance: the token target must be positive");
     until = std::min(until, params_.max_tokens);
@@ -226,11 +272,16 @@ int ParallelSampler::advance(int until, Progress* progress) {
     return n_live();
 }
 
-void ParallelSampler::stop(const std::vector<int>& which) {
+void DecodeLoop::stop(const std::vector<int>& which) {
     for (int s : which) {
         if (s < 0 || s >= params_.n) throw ParamError("sample index out of range: " + std::to_string(s));
-        if (samples_[static_cast<size_t>(s)].live) end_sample(s, "stopped");
+        if (samples_[static_cast<size_t>(s)].live) end_sample(s, Finish::Stopped);
     }
+}
+
+void DecodeLoop::finish_live(Finish why) {
+    for (int s = 0; s < params_.n; ++s)
+        if (samples_[static_cast<size_t>(s)].live) end_sample(s, why);
 }
 
 }  // namespace neurotap

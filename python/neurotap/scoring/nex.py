@@ -15,10 +15,11 @@ imported lazily) so NEX can be studied offline on saved masses.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import List, Sequence, Tuple
 
 import numpy as np
+
+from ..core.io import atomic_path
 
 #: Tokens in a full row; `credit` assumes full rows when it is not given row_tokens.
 ROW_TOKENS = 32
@@ -315,15 +316,5 @@ def plot_phases(novelty_series: np.ndarray, states: np.ndarray, path: str | os.P
     ax.set_ylabel("new neurons / token")
     ax.set_title(title or "novelty (shaded: Explore)")
     fig.tight_layout()
-    path = os.fspath(path)
-    # Same directory so os.replace is a rename on one filesystem: readers never see a partial PNG.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".nex-", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

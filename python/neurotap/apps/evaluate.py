@@ -12,70 +12,44 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .answers import extract_answer, is_correct, majority_vote
-from .nad import EARLY_METHODS, LOGPROB_METHODS, TOP_LOGPROBS, early_stop_tokens, n_activated, select, similarity
-from .selectors import check_methods
-from .stats import bootstrap_ci
-from .tasks import DEFAULT_PROMPT, Task, format_prompt
-
-if TYPE_CHECKING:
-    from .model import Model
+from ..core.io import atomic_path, write_atomic
+from ..methods.nad import check_early_stop, decision_chunk, early_stop_tokens, set_sizes, similarity
+from ..methods.neat import load_calibration
+from ..methods.selection import METHODS, TOP_LOGPROBS, check_methods, select
+from ..runtime.model import Model
+from ..scoring.answers import extract_answer, is_correct, majority_vote
+from ..scoring.stats import bootstrap_ci
+from ..scoring.tasks import DEFAULT_PROMPT, Task, format_prompt
 
 DEFAULT_METHODS = ("knn", "medoid", "dbscan", "minact", "majority", "avg", "random", "deepconf", "selfcert")
 # nex (issue 6) is opt-in: --methods ...,nex
-
-
-def write_atomic(path: os.PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _task_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + index) % (2**32)
 
 
-def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Sequence[str] = DEFAULT_METHODS,
+def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Sequence[str] = DEFAULT_METHODS,
              early_stop: Optional[int] = None, max_tokens: int = 256, seed: int = 0, temperature: float = 0.6,
              top_p: float = 0.95, top_k: int = 40, k: int = 3, template: str = DEFAULT_PROMPT,
              progress: bool = True, neat: Any = None) -> Dict[str, Any]:
     methods = check_methods(list(methods), n)
-    neat_cal = None
-    if neat is not None:
-        from .neat import load_calibration
-
-        neat_cal = load_calibration(neat, model)  # a wrong or corrupt file fails before any sampling
-    if early_stop is not None:
-        if early_stop < 1:
-            raise ValueError(f"--early-stop must be a positive number of tokens, got {early_stop}")
-        if early_stop > max_tokens:
-            raise ValueError(f"--early-stop {early_stop} is longer than --max-tokens {max_tokens}")
+    # A wrong or corrupt NEAT file fails before any sampling.
+    neat_cal = load_calibration(neat, model) if neat is not None else None
+    check_early_stop(early_stop, max_tokens)
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    early = [m for m in methods if m in EARLY_METHODS] if early_stop is not None else []
-    chunk = 32 if early_stop is None or early_stop % 32 == 0 else early_stop
+    early = [m for m in methods if METHODS[m].early] if early_stop is not None else []
+    chunk = decision_chunk(early_stop)
     if "nex" in methods:
         chunk = 1  # NEX reads per-token sets; NAD's chunk sets are their unions (same result)
-    logprobs = TOP_LOGPROBS if any(m in LOGPROB_METHODS for m in methods) else 0
+    logprobs = TOP_LOGPROBS if any(METHODS[m].needs_logprobs for m in methods) else 0
     sampling = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     reducers=("contributions",), chunk=chunk, logprobs=logprobs)
     V = model.info.n_vocab
@@ -99,8 +73,8 @@ def evaluate(model: "Model", tasks: Sequence[Task], *, n: int = 16, methods: Seq
         full_tokens += run.tokens_sampled
         row: Dict[str, Any] = {"id": task.id, "question": task.question, "answer": task.answer,
                                **_judge(samples, task, methods, k=k, seed=s_seed, n_vocab=V)}
-        for rec, na in zip(row["samples"], n_activated(samples)):
-            rec["n_activated"] = int(na)
+        for rec, na in zip(row["samples"], set_sizes(samples)):
+            rec["set_size"] = int(na)
         if early:
             t1 = time.perf_counter()
             es = model.start_sampling(prompt, seed=s_seed, **sampling)
@@ -246,12 +220,9 @@ def plot_report(report: Dict[str, Any], path: os.PathLike) -> None:
     ax.set_title(f"{report['model']['name']}: {c['n_tasks']} tasks, N={c['n']}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent or ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

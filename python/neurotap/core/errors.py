@@ -1,7 +1,7 @@
 """The exceptions neurotap raises. Each names the problem and, where there is one, the fix."""
 from __future__ import annotations
 
-from . import _native
+from .. import _native
 
 #: The model file is not a usable GGUF (corrupt, truncated, unsupported architecture). A ValueError.
 ModelError = _native.ModelError

@@ -6,11 +6,13 @@ import sys
 import time
 from typing import List, Optional
 
-from .registry import default_model, known_models
+import numpy as np
+
+from ..runtime.registry import default_model, known_models, resolve
 
 
 def _load(args: argparse.Namespace):
-    from .model import load
+    from ..runtime.model import load
 
     t0 = time.perf_counter()
     if sys.stderr.isatty():
@@ -21,11 +23,21 @@ def _load(args: argparse.Namespace):
     return model
 
 
+def _neat(source: Optional[str], model):
+    """--neat: a calibration file or 'default', resolved for this model (None: no NEAT)."""
+    if source is None:
+        return None
+    from ..methods.neat import load_calibration
+
+    return load_calibration(source, model)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     g = model.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                       top_k=args.top_k, seed=args.seed, stop=args.stop or None, progress=None, neat=args.neat)
+                       top_k=args.top_k, seed=args.seed, stop=args.stop or None, progress=None,
+                       neat=_neat(args.neat, model))
     print(g.text)
     total = model.info.total_neurons
     active = g.mean_active_per_token
@@ -33,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"in {g.prompt_seconds:.2f} s | active neurons/token {active:.0f} of {total} "
           f"({100 * active / total:.1f}%) | finish: {g.finish_reason}]")
     if args.neat:
-        ev = g.extra["neat_events"]
+        ev = g.neat_events
         names = {0: "continue", 1: "ban", 2: "exit"}
         print(f"[NEAT: {len(ev)} decisions at line starts" +
               "".join(f" | token {t}: {names[a]} (sim {s:.2f}, mag {m:.2f})" for t, a, s, m in ev if a) + "]")
@@ -48,7 +60,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run.advance(progress=None)
     total = model.info.total_neurons
     for s in run.samples():
-        print(f"--- sample {s.index}: {s.n_tokens} tokens, {s.n_activated()} of {total} neurons activated "
+        n_active = int(np.unpackbits(s.active_set().view(np.uint8)).sum())
+        print(f"--- sample {s.index}: {s.n_tokens} tokens, {n_active} of {total} neurons active "
               f"(activation > 0 on some token), mean {s.active_counts.sum(1).mean() if s.n_tokens else 0:.0f} "
               f"active per token, finish: {s.finish_reason}")
         print(s.text)
@@ -81,13 +94,12 @@ def _require_eval_extras(needs_sklearn: bool, needs_plot: bool) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..methods.selection import check_methods
+    from ..scoring.tasks import resolve_tasks
     from .evaluate import evaluate, format_table, plot_report, save_report
-    from .tasks import resolve_tasks
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tasks = resolve_tasks(args.tasks, args.limit, args.task_seed)  # bad task files fail before loading
-    from .selectors import check_methods
-
     check_methods(methods, args.n)
     _require_eval_extras(needs_sklearn=bool({"dbscan", "nex"} & set(methods)), needs_plot=bool(args.plot))
     if args.early_stop is not None and args.early_stop > args.max_tokens:
@@ -113,15 +125,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_rank_models(args: argparse.Namespace) -> int:
-    from .evaluate import write_atomic
-    from .rank import format_ranking, rank_models
-    from .tasks import resolve_tasks
     import json
+
+    from ..core.io import write_atomic
+    from ..scoring.tasks import resolve_tasks
+    from .rank import format_ranking, rank_models
 
     tasks = resolve_tasks(args.tasks, args.limit, args.task_seed)
     for p in args.models:
-        from .registry import resolve
-
         resolve(p)  # a missing file fails before any model loads
     rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
                       labels=args.labels, threads=args.threads, progress=not args.quiet, row=args.row)
@@ -132,14 +143,14 @@ def cmd_rank_models(args: argparse.Namespace) -> int:
 
 
 def cmd_nex(args: argparse.Namespace) -> int:
-    from .nad import nex_response
-    from .nex import nex_scores, novelty, phases, plot_phases
+    from ..methods.selection import nex_input
+    from ..scoring.nex import nex_scores, novelty, phases, plot_phases
 
     model = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     samples = model.sample(prompt, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
                            temperature=args.temperature, reducers=("contributions",), chunk=1, progress=None)
-    responses = [nex_response(s) for s in samples]
+    responses = [nex_input(s) for s in samples]
     scores = nex_scores(responses)
     for s, (mass, toks), g in zip(samples, responses, scores):
         ph = "".join("E" if x else "x" for x in phases(mass, toks)) if len(toks) else ""
@@ -164,8 +175,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_neat_calibrate(args: argparse.Namespace) -> int:
-    from .neat import calibrate, save_calibration
-    from .tasks import resolve_tasks
+    from ..methods.neat import calibrate, save_calibration
+    from ..scoring.tasks import resolve_tasks
 
     tasks = resolve_tasks(args.tasks, args.problems, args.task_seed)
     layers = None

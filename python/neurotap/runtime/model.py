@@ -6,20 +6,18 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _native
-from .params import positive_int, seed_value, stop_list
-from .progress import run_with_progress
+from .. import _native
+from ..core.progress import run_with_progress
+from .pool import ContextPool
 from .registry import default_model, resolve
-
-if TYPE_CHECKING:
-    from .sampling import Sample, SampleRun
+from .sampling import ActivationCache, Sample, SampleRun, cache_of, plan_cells, run_options
 
 Messages = Sequence[Dict[str, str]]
-_CAPTURE = {None: 0, "none": 0, "float32": 1, "f32": 1, "float16": 2, "f16": 2}
+Prompt = Union[str, Messages, Sequence[int]]
 
 
 def default_threads() -> int:
@@ -60,18 +58,25 @@ class Generation:
     text: str
     tokens: List[int]
     prompt_tokens: List[int]
-    finish_reason: str  # "eos", "length", "stop" or "cancelled"
+    finish_reason: str  # "eos", "length", "stop", "cancelled" or "neat_exit"
     active_counts: Optional[np.ndarray]  # int32 [n_tokens, n_layers]; None when tap=False
-    activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff] when capture was asked
-    norm_inputs: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd] with debug_norm=True
-    residuals: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd] with debug_residual=True
+    activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff]: blocks.{l}.mlp.hook_post
+    norm_inputs: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd]: blocks.{l}.ln2.hook_normalized
+    residuals: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd]: blocks.{l}.hook_resid_post
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
-    extra: Dict[str, Any] = field(default_factory=dict)
+    eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
+    neat_events: List[tuple] = field(default_factory=list)  # with neat=: (token, action, similarity, magnitude)
+    neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def cache(self) -> ActivationCache:
+        """The captured tensors by TransformerLens-style name (blocks.{l}.mlp.hook_post, ...)."""
+        return cache_of(self.__dict__)
 
     @property
     def tokens_per_second(self) -> float:
@@ -87,6 +92,18 @@ class Generation:
         return float(self.active_counts.sum(axis=1).mean())
 
 
+def native_neat(neat: Any, model: "Model") -> Any:
+    """The native form of an already-resolved NEAT configuration: a _native.NeatConfig, or an object
+    with native_config(model) (neurotap.neat.NeatCalibration). The runtime does not read files or
+    look up shipped calibrations: neurotap.neat.load_calibration does."""
+    if neat is None or isinstance(neat, _native.NeatConfig):
+        return neat
+    if hasattr(neat, "native_config"):
+        return neat.native_config(model)
+    raise TypeError(f"neat= takes a NEAT calibration object, not {type(neat).__name__}; resolve a path or "
+                    "'default' with neurotap.neat.load_calibration(source, model)")
+
+
 class Model:
     """A GGUF model with the FFN tap installed. Create it with `neurotap.load` or `neurotap.tap`."""
 
@@ -98,13 +115,13 @@ class Model:
         self.flash_attn = bool(flash_attn)
         self._ctx = _native.Context(native, n_ctx=n_ctx, n_seq_max=1, n_threads=self.n_threads,
                                     flash_attn=self.flash_attn)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # generate() uses the one single-sequence context
         self.max_sample_cells = int(max_sample_cells)
-        self._idle_sampling_ctx: Optional[Any] = None  # reused across runs while it fits
+        self._pool = ContextPool(self._new_sampling_context)
         i = native.info
         self.info = ModelInfo(
             name=name, path=i["path"], architecture=i["architecture"], description=i["description"],
-            n_layers=i["n_layer"], n_ff=i["n_ff"], n_embd=i["n_embd"], n_vocab=i["n_vocab"],
+            n_layers=i["n_layers"], n_ff=i["n_ff"], n_embd=i["n_embd"], n_vocab=i["n_vocab"],
             n_params=i["n_params"], size_bytes=i["size_bytes"], has_chat_template=i["has_chat_template"],
             tapped_tensors=list(self._ctx.tapped_tensors),
         )
@@ -124,6 +141,14 @@ class Model:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._native.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of one token id (special tokens by name)."""
+        return self._native.token_text(int(token)).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        """Whether the token ends generation (end of sequence or of turn)."""
+        return bool(self._native.is_eog(int(token)))
+
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         pairs = []
         for m in messages:
@@ -134,7 +159,7 @@ class Model:
             raise ValueError("messages is empty")
         return self._native.apply_chat_template(pairs, add_generation_prompt)
 
-    def prompt_tokens(self, prompt: Union[str, Messages, Sequence[int]]) -> List[int]:
+    def prompt_tokens(self, prompt: Prompt) -> List[int]:
         """Token ids for a plain prompt, chat messages (chat template applied) or token ids."""
         if isinstance(prompt, str):
             return self.tokenize(prompt)
@@ -146,131 +171,100 @@ class Model:
         raise TypeError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, prompt: Union[str, Messages, Sequence[int]], *, max_tokens: int = 128,
-                 temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0,
-                 seed: Optional[int] = None, stop: Optional[Union[str, Sequence[str]]] = None,
-                 capture: Optional[str] = None, tap: bool = True, active_threshold: float = 0.0,
-                 debug_norm: bool = False, progress: Optional[bool] = False,
-                 forced: Optional[Sequence[int]] = None, neat: Any = None,
-                 debug_residual: bool = False) -> Generation:
+    def generate(self, prompt: Prompt, *, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+                 top_k: int = 40, min_p: float = 0.0, seed: Optional[int] = None,
+                 stop: Optional[Union[str, Sequence[str]]] = None, capture: Optional[str] = None,
+                 hooks: Sequence[str] = (), tap: bool = True, active_threshold: float = 0.0,
+                 progress: Optional[bool] = False, forced: Optional[Sequence[int]] = None,
+                 neat: Any = None) -> Generation:
         """Generate from a prompt (str), chat messages (list of dicts) or token ids.
 
-        temperature <= 0 decodes greedily. capture="float32" or "float16" also returns the full
-        activations [n_tokens, n_layers, n_ff]; active neuron counts are always returned while
-        the tap is on. debug_norm=True also returns the normed FFN input of each layer.
-        forced=token ids feeds those tokens instead of sampling (teacher forcing; see `trace`).
-        neat= a NEAT calibration (neurotap.neat.load_calibration, a path, or "default") ends the
-        reasoning when its neurons say it is done; `extra["neat_events"]` lists every decision.
-        debug_residual=True also returns the residual stream after each layer (l_out).
+        temperature <= 0 decodes greedily; otherwise the sampler draws with `seed` itself.
+        Active neuron counts are returned while the tap is on. capture="float32" or "float16"
+        also returns the activations [n_tokens, n_layers, n_ff] in that type; hooks= names more
+        of what the tap reads ("mlp.hook_post", "ln2.hook_normalized", "hook_resid_post", or
+        "blocks.{l}.<hook>"), all in `Generation.cache`. forced=token ids feeds those tokens
+        instead of sampling (teacher forcing; see `trace`). neat= a NEAT calibration
+        (neurotap.neat.load_calibration) ends the reasoning when its neurons say it is done.
         """
         forced_ids = [int(t) for t in forced] if forced is not None else []
         if forced is not None:
             if not forced_ids:
                 raise ValueError("forced must hold at least one token")
             max_tokens = len(forced_ids)
-        max_tokens = positive_int("max_tokens", max_tokens)
-        key = capture.lower() if isinstance(capture, str) else capture
-        if key not in _CAPTURE:
-            raise ValueError(f"capture must be None, 'float32' or 'float16', got {capture!r}")
-        if (key or debug_norm) and not tap:
-            raise ValueError("capture and debug_norm need the tap on (tap=True)")
-        stops = stop_list(stop)
-        seed = seed_value(seed)
+        opts = run_options(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           min_p=min_p, seed=seed, stop=stop, reducers=("counts",) if tap else (),
+                           active_threshold=active_threshold, capture=capture, hooks=hooks, tap=tap,
+                           neat=native_neat(neat, self), forced=forced_ids, seed_per_sample=False)
         ids = self.prompt_tokens(prompt)
-        neat_cfg = self._neat_config(neat)
-
-        def call() -> Dict[str, Any]:
-            return self._ctx.generate(ids, int(max_tokens), float(temperature), float(top_p), int(top_k),
-                                      float(min_p), int(seed), stops, bool(tap), _CAPTURE[key],
-                                      bool(debug_norm), float(active_threshold), forced_ids, neat_cfg,
-                                      bool(debug_residual))
-
         with self._lock:
-            r = run_with_progress(call, self._ctx.progress_tokens, self._ctx.cancel, total=int(max_tokens),
-                                  desc="generating", enabled=progress)
+            run = _native.Run(self._ctx, ids, opts)
+            run_with_progress(lambda: run.advance(opts.max_tokens), run.progress_tokens, run.cancel,
+                              total=opts.max_tokens, desc="generating", enabled=progress)
+            run.finish_live("cancelled")  # a cancelled run's sample ends here
+            d = run.sample(0)
         return Generation(
-            text=r["text"].decode("utf-8", errors="replace"), tokens=list(r["tokens"]),
-            prompt_tokens=list(r["prompt_tokens"]), finish_reason=r["finish_reason"],
-            active_counts=r["active_counts"] if tap else None, activations=r["activations"],
-            norm_inputs=r["norm_inputs"], prompt_seconds=r["prompt_seconds"], decode_seconds=r["decode_seconds"],
-            residuals=r["residuals"], extra={"neat_events": r["neat_events"], "neat_exit_at": r["neat_exit_at"],
-                                                  "eog_token": r["eog_token"]},
-        )
+            text=d["text"].decode("utf-8", errors="replace"), tokens=list(d["tokens"]), prompt_tokens=ids,
+            finish_reason=d["finish_reason"], active_counts=d["active_counts"] if tap else None,
+            activations=d["activations"], norm_inputs=d["norm_inputs"], residuals=d["residuals"],
+            prompt_seconds=run.prompt_seconds, decode_seconds=run.decode_seconds, eog_token=d["eog_token"],
+            neat_events=d.get("neat_events") or [], neat_exit_at=d.get("neat_exit_at", -1))
 
-    def _neat_config(self, neat: Any) -> Any:
-        if neat is None:
-            return None
-        from .neat import load_calibration
-
-        return load_calibration(neat, self).native_config(self)
-
-
-    def trace(self, prompt: Union[str, Messages, Sequence[int]], tokens: Sequence[int], *,
-              capture: Optional[str] = "float32", debug_norm: bool = False, debug_residual: bool = False) -> Generation:
+    def trace(self, prompt: Prompt, tokens: Sequence[int], *, capture: Optional[str] = "float32",
+              hooks: Sequence[str] = ()) -> Generation:
         """The neuron record of a given continuation: row j is the FFN state of the position
         that predicts tokens[j] after the prompt (teacher forcing; nothing is sampled)."""
-        return self.generate(prompt, forced=tokens, capture=capture, debug_norm=debug_norm, temperature=0,
-                             debug_residual=debug_residual)
+        return self.generate(prompt, forced=tokens, capture=capture, hooks=hooks, temperature=0)
 
     # -- parallel sampling ------------------------------------------------------------
-    def _sampling_context(self, n: int, need: int) -> Any:
+    def _new_sampling_context(self, n: int, need: int) -> Any:
         """A context with n per-sequence KV streams of at least `need` cells each."""
-        from .sampling import plan_cells
-
         cells = plan_cells(n, need, self.max_sample_cells)
-        ctx, self._idle_sampling_ctx = self._idle_sampling_ctx, None
-        if ctx is not None and ctx.n_seq_max >= n and ctx.n_ctx_seq >= need:
-            return ctx
         return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n), n_seq_max=n,
                                n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
 
-    def _release_sampling_context(self, ctx: Any) -> None:
-        self._idle_sampling_ctx = ctx
-
-    def start_sampling(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
-                       temperature: float = 0.6, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0,
-                       seed: Optional[int] = 0, stop: Optional[Union[str, Sequence[str]]] = None,
-                       reducers: Sequence[str] = ("counts", "bitsets"), chunk: int = 32,
+    def start_sampling(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, temperature: float = 0.6,
+                       top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0, seed: Optional[int] = 0,
+                       stop: Optional[Union[str, Sequence[str]]] = None,
+                       reducers: Sequence[str] = ("counts", "active_sets"), chunk: int = 32,
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
                        capture: Optional[str] = None, logprobs: int = 0, tap: bool = True,
                        ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
-                       eta_rank: int = 500, keep_top: bool = False, neat: Any = None) -> "SampleRun":
+                       eta_rank: int = 500, keep_top: bool = False, neat: Any = None) -> SampleRun:
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
-        "counts" active neurons per token and layer; "bitsets" the activated neurons of each
-        `chunk`-token chunk; "watch" the activations of the `watch` neurons per token; "rows"
-        (or capture="float16"/"float32") every activation row, for small runs. logprobs=k also
+        "counts" active neurons per token and layer; "active_sets" the neurons with activation >
+        active_threshold in each `chunk`-token chunk; "watch" the activations of the `watch`
+        neurons per token; "rows" (or capture="float16"/"float32") every activation row, for
+        small runs; "contributions" NAD's exact neuron contributions to each sampled token and the
+        activated set of every `chunk`-token chunk (contribution="gate" uses act(gate) as the
+        activation, like the paper's code; keep_top=True also keeps each token's per-layer top
+        `contribution_top` values; eta is the `eta_rank`-th largest of those). logprobs=k also
         records the top-k log-probabilities of each sampled position. ignore_eos=True bans
         end-of-generation tokens (fixed-length runs, as llama.cpp's --ignore-eos).
-        "contributions" computes NAD's exact neuron contributions to each sampled token and keeps
-        the activated set of every `chunk`-token chunk (contribution="gate" uses act(gate) as the
-        activation, like the paper's code; keep_top=True also keeps each token's per-layer top
-        `contribution_top` values; eta is the `eta_rank`-th largest of those).
         """
-        from .sampling import start
+        opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
+                           active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs,
+                           tap=tap, ignore_eos=ignore_eos, contribution=contribution,
+                           contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
+                           neat=native_neat(neat, self))
+        ids = self.prompt_tokens(prompt)
+        lease = self._pool.acquire(opts.n, len(ids) + opts.max_tokens)
+        try:
+            native = _native.Run(lease.ctx, ids, opts)
+        except BaseException:
+            lease.release()
+            raise
+        return SampleRun(lease, native, opts.max_tokens, int(chunk))
 
-        return start(self, prompt, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
-                     active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs, tap=tap,
-                     ignore_eos=ignore_eos, contribution=contribution, contribution_top=contribution_top,
-                     eta_rank=eta_rank, keep_top=keep_top, neat=self._neat_config(neat))
-
-    def best_of_n(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, method: str = "knn",
-                  early_stop: Optional[int] = 32, max_tokens: int = 256, **kwargs: Any) -> Any:
-        """NAD best-of-n: sample n answers, pick one by neuron agreement (method "knn", "medoid",
-        "dbscan", "minact", or a baseline), after `early_stop` tokens (None: on complete answers).
-        Returns a neurotap.nad.BestOfN with the chosen text and the tokens spent."""
-        from .nad import best_of_n
-
-        return best_of_n(self, prompt, n=n, method=method, early_stop=early_stop, max_tokens=max_tokens, **kwargs)
-
-    def sample(self, prompt: Union[str, Messages, Sequence[int]], *, n: int = 16, max_tokens: int = 256,
-               progress: Optional[bool] = False, **kwargs: Any) -> List["Sample"]:
+    def sample(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, progress: Optional[bool] = False,
+               **kwargs: Any) -> List[Sample]:
         """N complete samples of one prompt (see start_sampling for the options)."""
-        run = self.start_sampling(prompt, n=n, max_tokens=max_tokens, **kwargs)
-        run.advance(progress=progress)
-        return run.samples()
+        with self.start_sampling(prompt, n=n, max_tokens=max_tokens, **kwargs) as run:
+            run.advance(progress=progress)
+            return run.samples()
 
 
 def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int] = None, n_gpu_layers: int = 0,

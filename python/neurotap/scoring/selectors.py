@@ -11,23 +11,6 @@ from typing import Sequence
 
 import numpy as np
 
-#: Every selection method an evaluation may name: the NAD selectors, then the baselines.
-METHODS: dict[str, str] = {
-    "knn": "NAD: highest sum of the k largest neuron-set similarities to other samples",
-    "medoid": "NAD: global medoid, highest total neuron-set similarity to all other samples",
-    "dbscan": "NAD: medoid of the largest DBSCAN cluster of neuron-set distances 1 - S",
-    "minact": "NAD: fewest activated neurons",
-    "nex": "NEX: highest Good-Mass Fraction of explore/exploit neuron credit",
-    "random": "baseline: a uniformly random sample",
-    "deepconf": "baseline: highest lowest-group token confidence (DeepConf)",
-    "selfcert": "baseline: highest self-certainty, mean KL(uniform || p) per token",
-    "majority": "baseline: majority vote over extracted answers (ties count as failures)",
-    "avg": "baseline: mean accuracy over all samples (expected accuracy of one sample)",
-}
-
-#: Methods that compare samples with each other, so need at least two of them.
-AGREEMENT_METHODS = frozenset({"knn", "medoid", "dbscan"})
-
 _SYMMETRY_TOL = 1e-9
 _MIN_EPS = 1e-12  # sklearn rejects eps <= 0; all-identical samples give a 0 percentile
 
@@ -126,30 +109,15 @@ def select_dbscan(S: np.ndarray, eps_percentile: float = 30.0, min_samples: int 
     return best[2]
 
 
-def select_minact(n_activated: Sequence[int] | np.ndarray) -> int:
+def select_minact(set_sizes: Sequence[int] | np.ndarray) -> int:
     """The sample that activated the fewest neurons."""
-    counts = np.asarray(n_activated)
+    counts = np.asarray(set_sizes)
     if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(f"n_activated must be a non-empty 1-D sequence, got shape {counts.shape}")
+        raise ValueError(f"set_sizes must be a non-empty 1-D sequence, got shape {counts.shape}")
     return int(np.argmin(counts))
 
 
-def check_methods(methods: Sequence[str], n: int) -> list[str]:
-    """The methods, deduplicated in order, after checking they exist and fit n samples."""
-    if isinstance(methods, str):
-        methods = [methods]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; available: {', '.join(METHODS)}")
-    if not methods:
-        raise ValueError(f"no selection method given; available: {', '.join(METHODS)}")
-    for m in methods:
-        if m in AGREEMENT_METHODS and n < 2:
-            raise ValueError(f"method '{m}' needs at least 2 samples to measure agreement, got {n}")
-    return list(dict.fromkeys(methods))
-
-
 __all__ = [
-    "METHODS", "AGREEMENT_METHODS", "check_similarity", "knn_scores", "medoid_scores", "select_knn",
-    "select_medoid", "dbscan_labels", "select_dbscan", "select_minact", "check_methods",
+    "check_similarity", "knn_scores", "medoid_scores", "select_knn",
+    "select_medoid", "dbscan_labels", "select_dbscan", "select_minact",
 ]

@@ -19,37 +19,29 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _native
-from .evaluate import write_atomic
-from .tasks import DEFAULT_PROMPT, Task, format_prompt
-
-if TYPE_CHECKING:
-    from .model import Model
+from .. import _native
+from ..core.io import write_atomic
+from ..core.resources import shipped_file
+from ..runtime.model import Model
+from ..scoring.tasks import DEFAULT_PROMPT, Task, format_prompt
 
 VERSION = 1
 REFLECTION_WORDS = ("Wait", "But", "Alternatively", "However", "Hmm")
 SHIPPED = {"smollm2-135m": "neat-smollm2-135m.json"}
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Model, Dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
-def _shipped_path(name: str) -> Path:
-    # Installed next to the package; in a source checkout, the repository's models/.
-    here = Path(__file__).resolve().parent
-    for cand in (here / "models" / name, here.parents[1] / "models" / name):
-        if cand.is_file():
-            return cand
-    return here / "models" / name
-
-
-def fingerprint(model: "Model") -> Dict[str, Any]:
+def fingerprint(model: Model) -> Dict[str, Any]:
     """What a calibration is bound to: the file's hash and the shapes the neurons index (hashed
     once per loaded model: every generate(neat=...) checks it)."""
-    cached = getattr(model, "_neat_fingerprint", None)
+    cached = _FINGERPRINTS.get(model)
     if cached is not None:
         return dict(cached)
     h = hashlib.sha256()
@@ -59,16 +51,16 @@ def fingerprint(model: "Model") -> Dict[str, Any]:
     i = model.info
     fp = {"sha256": h.hexdigest(), "architecture": i.architecture, "n_layers": i.n_layers, "n_ff": i.n_ff,
           "n_embd": i.n_embd, "n_vocab": i.n_vocab, "file": Path(i.path).name}
-    model._neat_fingerprint = dict(fp)
+    _FINGERPRINTS[model] = dict(fp)
     return fp
 
 
-def termination_marker(model: "Model") -> Optional[Tuple[str, int]]:
+def termination_marker(model: Model) -> Optional[Tuple[str, int]]:
     """`</think>` where the vocabulary has it as one token; None otherwise: calibration then uses
     the end-of-generation token the model itself ends its answers with (end of turn or end of
     sequence; GGUF metadata does not reliably say which one a chat model emits)."""
     ids = model.tokenize("</think>", add_special=False, parse_special=True)
-    if len(ids) == 1 and model._native.token_text(ids[0]).decode("utf-8", "replace") == "</think>":
+    if len(ids) == 1 and model.token_text(ids[0]) == "</think>":
         return "</think>", ids[0]
     return None
 
@@ -88,7 +80,7 @@ class NeatCalibration:
     details: Dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
 
-    def native_config(self, model: "Model") -> Any:
+    def native_config(self, model: Model) -> Any:
         cfg = _native.NeatConfig()
         cfg.neurons = [(int(a), int(b)) for a, b in self.neurons]
         cfg.reference = [float(x) for x in self.reference]
@@ -101,7 +93,7 @@ class NeatCalibration:
         return cfg
 
 
-def ban_tokens(model: "Model", words: Sequence[str]) -> List[int]:
+def ban_tokens(model: Model, words: Sequence[str]) -> List[int]:
     """Each word, with and without a leading space, where it is one whole token: banning the first
     piece of a multi-token word would also ban every other word starting with that piece."""
     out: List[int] = []
@@ -117,7 +109,7 @@ def save_calibration(cal: NeatCalibration, path: Union[str, os.PathLike]) -> Non
     write_atomic(path, json.dumps(asdict(cal), indent=1).encode())
 
 
-def load_calibration(source: Any, model: "Model") -> NeatCalibration:
+def load_calibration(source: Any, model: Model) -> NeatCalibration:
     """A calibration object, a JSON path, or "default" (the shipped one for the model). Refuses a
     calibration made for another model file (its neurons would mean nothing here)."""
     if isinstance(source, NeatCalibration):
@@ -129,7 +121,7 @@ def load_calibration(source: Any, model: "Model") -> NeatCalibration:
             if name is None:
                 raise ValueError(f"no shipped NEAT calibration for {model.info.name!r} (shipped: "
                                  f"{', '.join(SHIPPED)}); make one with `neurotap neat calibrate`")
-            path = _shipped_path(name)
+            path = shipped_file(name)
         if not path.is_file():
             raise FileNotFoundError(f"NEAT calibration file not found: {path}")
         where = str(path)
@@ -178,7 +170,7 @@ class Scorer:
     """log p(marker) from the final residual stream h: RMSNorm (with the model's output_norm
     weight and epsilon), then the unembedding, in float64 where it matters."""
 
-    def __init__(self, model: "Model"):
+    def __init__(self, model: Model):
         path = model.info.path
         arch = model.info.architecture
         self.eps = float(_native.gguf_float(path, f"{arch}.attention.layer_norm_rms_epsilon"))
@@ -228,7 +220,7 @@ class Scorer:
         return gy / r - h * (gy @ h) / (n * r ** 3)
 
 
-def calibrate(model: "Model", tasks: Sequence[Task], *, problems: int = 20, layers: Optional[Tuple[int, int]] = None,
+def calibrate(model: Model, tasks: Sequence[Task], *, problems: int = 20, layers: Optional[Tuple[int, int]] = None,
               candidates: int = 400, keep_positive: int = 300, keep_top: int = 100, final: int = 10,
               min_vote: float = 0.6, min_com: float = 0.6, max_tokens: int = 256, marker: Optional[str] = None,
               answer_prefix: str = "", template: str = DEFAULT_PROMPT, progress: bool = True) -> NeatCalibration:
@@ -257,11 +249,11 @@ def calibrate(model: "Model", tasks: Sequence[Task], *, problems: int = 20, laye
     ended = []
     # A marker that is text (</think>) ends the greedy trace as a stop string; an end-of-generation
     # marker ends it by itself.
-    stop = [marker_text] if marker_id is not None and not model._native.is_eog(marker_id) else None
+    stop = [marker_text] if marker_id is not None and not model.is_eog(marker_id) else None
     for task in bar:
         prompt = [{"role": "user", "content": format_prompt(task, template)}]
         g = model.generate(prompt, temperature=0, max_tokens=max_tokens, stop=stop)
-        end = g.extra["eog_token"] if g.finish_reason == "eos" else (marker_id if g.finish_reason == "stop" else None)
+        end = g.eog_token if g.finish_reason == "eos" else (marker_id if g.finish_reason == "stop" else None)
         if end is not None and g.tokens:
             ended.append((prompt, [t for t in g.tokens if t != marker_id], int(end)))
     if marker_id is None:
@@ -270,12 +262,12 @@ def calibrate(model: "Model", tasks: Sequence[Task], *, problems: int = 20, laye
                              f"ends within {max_tokens} tokens: NEAT has no termination to learn from")
         ends = [e for _, _, e in ended]
         marker_id = max(set(ends), key=ends.count)  # the end token the model uses
-        marker_text = model._native.token_text(marker_id).decode("utf-8", "replace")
+        marker_text = model.token_text(marker_id)
     traces = []  # (activations [T+1, hi-lo, F] up to the marker position, h [E])
     for prompt, toks, end in ended:
         if end != marker_id:
             continue
-        tr = model.trace(prompt, toks + [marker_id], capture="float32", debug_residual=True)
+        tr = model.trace(prompt, toks + [marker_id], capture="float32", hooks=["hook_resid_post"])
         traces.append((tr.activations[:, lo:hi].copy(), tr.residuals[-1, L - 1].astype(np.float64)))
     skipped = min(problems, len(tasks)) - len(traces)
     if len(traces) < 2:

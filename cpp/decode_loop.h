@@ -1,0 +1,123 @@
+// The one decode loop: N samples of one prompt decoded in parallel (a single generation is a run
+// of one). The prompt is decoded once and its KV cells copied to every sequence; each step decodes
+// one batch holding the next token of every live sample; each sample has its own sampler chain
+// and RNG; tapped rows are routed to (sample, token) and streamed into reducers. Samples can be
+// stopped mid-run (their KV cells are freed) and the others continued.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "neat.h"
+#include "reducers.h"
+#include "sampling.h"
+#include "tapped_context.h"
+
+namespace neurotap {
+
+// Why a sample ended: the one list every run reports.
+enum class Finish : int { Live = 0, Eos, Length, Stop, Stopped, Cancelled, NeatExit };
+// "", "eos", "length", "stop", "stopped", "cancelled", "neat_exit".
+const char* finish_name(Finish f);
+
+struct SampleParams {
+    int n = 16;
+    int max_tokens = 256;
+    SamplingParams sampling;       // sampling.seed is the run's seed
+    bool seed_per_sample = true;   // sample i draws with sample_seed(seed, i); false: every one with seed
+    std::vector<std::string> stop;
+    // Teacher forcing: when set, these tokens are fed instead of sampled (max_tokens is their
+    // count; an end-of-generation token among them is kept and stop strings are not applied).
+    std::vector<llama_token> forced;
+    bool tap = true;
+    int top_logprobs = 0;          // > 0: record the top-k log-probabilities of every sampled position
+    NeatMonitor* neat = nullptr;   // NEAT per sample; must also be among the reducers
+};
+
+// The per-sequence NEAT state: decides at line starts, bans in place, and queues the exit tokens.
+struct NeatTrack {
+    bool line_start = false;
+    bool exited = false;
+    size_t queued = 0;  // exit tokens already emitted
+    int exit_at = -1;
+    std::vector<NeatEvent> events;
+    // Before token j is sampled: true with *forced set when the token is NEAT's, not the sampler's.
+    bool before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced);
+};
+
+struct SampleState {
+    std::vector<llama_token> tokens;    // end-of-generation token excluded (unless forced)
+    std::string text;                   // raw bytes, cut at a stop string
+    Finish finish = Finish::Live;
+    std::string finish_reason;          // finish_name(finish)
+    bool live = true;
+    llama_token eog_token = -1;         // the end-of-generation token that ended it
+    int logits_row = 0;                 // row of the last decode holding this sample's logits
+    std::vector<float> token_logprob;   // [tokens] with top_logprobs > 0
+    std::vector<float> mean_logprob;    // [tokens] mean of log p over the whole vocabulary (self-certainty)
+    std::vector<int32_t> top_ids;       // [tokens, top_logprobs]
+    std::vector<float> top_logprobs;    // [tokens, top_logprobs]
+    NeatTrack neat;
+};
+
+class DecodeLoop : public RowSink {
+public:
+    // Checks that the request fits the context (ContextError says what fits) and the parameters.
+    DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
+               std::vector<Reducer*> reducers);
+    ~DecodeLoop() override;
+    DecodeLoop(const DecodeLoop&) = delete;
+    DecodeLoop& operator=(const DecodeLoop&) = delete;
+
+    // Decodes until every live sample holds `until` tokens (or ends); starts the run on the first
+    // call. Returns the number of live samples. A cancel request returns early, samples still live.
+    int advance(int until, Progress* progress);
+    // Ends the given samples now ("stopped") and frees their KV cells.
+    void stop(const std::vector<int>& samples);
+    // Ends every live sample with `why` (Cancelled after an interrupted advance, say).
+    void finish_live(Finish why);
+
+    int n() const { return params_.n; }
+    int n_live() const;
+    const SampleState& sample(int i) const { return samples_.at(static_cast<size_t>(i)); }
+    int64_t tokens_sampled() const { return tokens_sampled_; }
+    int n_prompt() const { return static_cast<int>(prompt_.size()); }
+    double prompt_seconds() const { return prompt_seconds_; }
+    double decode_seconds() const { return decode_seconds_; }
+    int decode_steps() const { return steps_; }
+    double sample_seconds() const { return sample_seconds_; }  // part of decode_seconds spent sampling
+
+    unsigned tap_kinds() const override { return kinds_; }
+    void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
+
+private:
+    void start();
+    void step();
+    void sample_and_commit(int s);
+    void end_sample(int s, Finish why);
+    void record_logprobs(SampleState& st, const float* logits, llama_token chosen);
+
+    TappedContext& tc_;
+    std::vector<llama_token> prompt_;
+    SampleParams params_;
+    std::vector<Reducer*> reducers_;
+    unsigned kinds_ = kTapActivation;
+    std::vector<SampleState> samples_;
+    std::vector<llama_sampler*> samplers_;
+    bool started_ = false;
+
+    // Row routing for the decode in flight.
+    bool broadcast_ = false;  // the prompt's last row belongs to token 0 of every sample
+    std::vector<int> row_sample_;
+    std::vector<int> row_token_;
+
+    std::vector<llama_token> b_tokens_;
+    std::vector<int> b_pos_;
+    std::vector<llama_seq_id> b_seqs_;
+    std::vector<std::pair<float, int32_t>> lp_scratch_;
+
+    int64_t tokens_sampled_ = 0;
+    int steps_ = 0;
+    double prompt_seconds_ = 0, decode_seconds_ = 0, sample_seconds_ = 0;
+};
+
+}  // namespace neurotap

@@ -1,0 +1,1 @@
+"""The apps: evaluation, model ranking, quantization and the command line."""

@@ -1,0 +1,49 @@
+"""The sampling contexts of one model. A context is either idle in the pool or lent to exactly one
+run, never both: a run gives it back once, when it ends or is closed, and a second give-back is a
+no-op (two runs sharing one KV cache would silently produce wrong tokens)."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+
+class Lease:
+    """One run's hold on a context; `release()` hands it back to the pool at most once."""
+
+    def __init__(self, pool: "ContextPool", ctx: Any):
+        self._pool: Optional[ContextPool] = pool
+        self.ctx = ctx
+
+    @property
+    def released(self) -> bool:
+        return self._pool is None
+
+    def release(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool._give_back(self.ctx)
+
+
+class ContextPool:
+    """Keeps at most one idle context (the largest recently used) for reuse; a run that needs more
+    sequences or cells than the idle one has, or that starts while it is lent, gets a new one."""
+
+    def __init__(self, create: Callable[[int, int], Any]):
+        self._create = create  # (n_seq, cells per sequence) -> a new context
+        self._idle: Optional[Any] = None
+        self._lock = threading.Lock()
+
+    def acquire(self, n_seq: int, cells_per_seq: int) -> Lease:
+        with self._lock:
+            ctx, self._idle = self._idle, None
+        if ctx is None or ctx.n_seq_max < n_seq or ctx.n_ctx_seq < cells_per_seq:
+            ctx = self._create(n_seq, cells_per_seq)
+        return Lease(self, ctx)
+
+    def _give_back(self, ctx: Any) -> None:
+        with self._lock:
+            self._idle = ctx
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle = None

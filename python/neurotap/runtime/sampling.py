@@ -1,0 +1,289 @@
+"""Parallel sampling: N answers to one prompt decoded in one batch, each with its own neuron
+record reduced natively as it streams (see cpp/run.h). A single generation is a run of one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import _native
+from ..core.errors import ContextError
+from ..core.params import positive_int, seed_value, stop_list
+from ..core.progress import run_with_progress
+from .pool import Lease
+
+#: What a run can keep per sample (see Sample for the arrays each fills).
+REDUCERS = ("counts", "active_sets", "watch", "rows", "contributions")
+CONTRIBUTION_VARIANTS = ("down", "gate")
+#: TransformerLens-style names of what the tap can read, per layer l (blocks.{l}.<hook>).
+HOOKS = {
+    "mlp.hook_post": "activations",        # input of the down projection: act(gate) * up, [n_ff]
+    "ln2.hook_normalized": "norm_inputs",  # the normed FFN input (ffn_norm), [n_embd]
+    "hook_resid_post": "residuals",        # the residual stream after the block (l_out), [n_embd]
+}
+_ROWS = {None: 0, "float32": 1, "f32": 1, "float16": 2, "f16": 2}
+
+
+def _pad256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+def rows_mode(capture: Optional[str]) -> int:
+    key = capture.lower() if isinstance(capture, str) else capture
+    if key not in _ROWS:
+        raise ValueError(f"capture must be None, 'float32' or 'float16', got {capture!r}")
+    return _ROWS[key]
+
+
+def check_hooks(hooks: Sequence[str]) -> List[str]:
+    out = []
+    for h in hooks:
+        name = h.split(".", 2)[2] if h.startswith("blocks.") and h.count(".") >= 2 else h
+        if name.startswith("{l}."):
+            name = name[4:]
+        if name not in HOOKS:
+            raise ValueError(f"unknown hook {h!r}; the tap reads: {', '.join('blocks.{l}.' + k for k in HOOKS)}")
+        out.append(name)
+    return out
+
+
+class ActivationCache(dict):
+    """Captured tensors by TransformerLens-style name: cache["blocks.3.mlp.hook_post"] is
+    [n_tokens, n_ff] (row j: the position that predicts token j); cache.stack("mlp.hook_post")
+    is [n_tokens, n_layers, width]."""
+
+    def __init__(self, stacked: Dict[str, np.ndarray]):
+        super().__init__()
+        self._stacked = stacked
+        for hook, arr in stacked.items():
+            for layer in range(arr.shape[1]):
+                self[f"blocks.{layer}.{hook}"] = arr[:, layer]
+
+    def stack(self, hook: str) -> np.ndarray:
+        if hook not in self._stacked:
+            raise KeyError(f"{hook!r} was not captured (captured: {', '.join(self._stacked) or 'nothing'})")
+        return self._stacked[hook]
+
+
+def cache_of(d: Dict[str, Any]) -> ActivationCache:
+    return ActivationCache({hook: d[field] for hook, field in HOOKS.items() if d.get(field) is not None})
+
+
+@dataclass
+class Sample:
+    """One answer of a run and what its reducers kept.
+
+    Row j of the per-token arrays belongs to token j (the position that predicted it). A set is a
+    bitset over all n_layers x n_ff neurons (bit layer * n_ff + i), packed little-endian in uint64
+    words; `*_sets[c]` holds the neurons of chunk c (tokens c*chunk .. c*chunk+chunk-1).
+    """
+
+    index: int
+    text: str
+    tokens: List[int]
+    finish_reason: str  # "eos", "length", "stop", "stopped", "cancelled", "neat_exit"; "" while live
+    eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
+    # "counts": neurons with activation > active_threshold, per token and layer.
+    active_counts: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers]
+    # "active_sets": per chunk, the neurons with activation > active_threshold on any of its tokens.
+    active_sets: Optional[np.ndarray] = None  # uint64 [n_chunks, n_words]
+    # "watch": the activations of the watched (layer, neuron) pairs.
+    watched: Optional[np.ndarray] = None  # float32 [n_tokens, n_watched]
+    # "rows" / capture= / hooks=: the full rows (see `cache`).
+    activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff]
+    norm_inputs: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]
+    residuals: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]
+    # logprobs=k
+    token_logprob: Optional[np.ndarray] = None  # float32 [n_tokens]
+    top_ids: Optional[np.ndarray] = None  # int32 [n_tokens, k]
+    top_logprobs: Optional[np.ndarray] = None  # float32 [n_tokens, k]
+    mean_logprob: Optional[np.ndarray] = None  # float32 [n_tokens] mean log p over the vocabulary
+    # "contributions" (NAD): per chunk, the neurons activated by contribution (c > eta within the
+    # layer's top 64) on any of its tokens; per token eta and how many were activated.
+    contribution_sets: Optional[np.ndarray] = None  # uint64 [n_chunks, n_words]
+    contribution_eta: Optional[np.ndarray] = None  # float32 [n_tokens]
+    contribution_counts: Optional[np.ndarray] = None  # int32 [n_tokens]
+    contribution_top_values: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, 64] with keep_top
+    contribution_top_index: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers, 64]
+    chunk: int = 0  # tokens per chunk of the sets
+    neat_events: Optional[list] = None  # with neat=: (token, action 0/1/2 = continue/ban/exit, similarity, magnitude)
+    neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def cache(self) -> ActivationCache:
+        return cache_of(self.__dict__)
+
+    @staticmethod
+    def _union(sets: Optional[np.ndarray], chunks: Optional[int], reducer: str) -> np.ndarray:
+        if sets is None:
+            raise ValueError(f"this run did not keep these sets (reducers must include {reducer!r})")
+        b = sets if chunks is None else sets[:chunks]
+        return np.bitwise_or.reduce(b, axis=0) if len(b) else np.zeros(sets.shape[1], np.uint64)
+
+    def active_set(self, chunks: Optional[int] = None) -> np.ndarray:
+        """Neurons with activation > threshold on any of the first `chunks` chunks (all by default)."""
+        return self._union(self.active_sets, chunks, "active_sets")
+
+    def contribution_set(self, chunks: Optional[int] = None) -> np.ndarray:
+        """NAD's activated neurons over the first `chunks` chunks (all by default): uint64 words."""
+        return self._union(self.contribution_sets, chunks, "contributions")
+
+
+def sample_from(d: Dict[str, Any], chunk: int) -> Sample:
+    fields = {k: v for k, v in d.items() if k in Sample.__dataclass_fields__ and k not in ("text", "chunk")}
+    return Sample(text=d["text"].decode("utf-8", errors="replace"), chunk=chunk, **fields)
+
+
+def _native_attr(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self._native, name), doc=doc)
+
+
+class SampleRun:
+    """A parallel sampling run that can be advanced, pruned and continued.
+
+    run = model.start_sampling(prompt, n=16)
+    run.advance(32)          # every live sample now holds 32 tokens (or has ended)
+    run.keep([best])         # stop the others and free their KV cells
+    run.advance()            # continue the kept sample to the end
+
+    The run holds its context alone until every sample has ended (or `close()`), then gives it
+    back to the model's pool, once.
+    """
+
+    def __init__(self, lease: Lease, native: Any, max_tokens: int, chunk: int = 32):
+        self._lease = lease
+        self._native = native
+        self.chunk = chunk
+        self.max_tokens = max_tokens
+
+    n = _native_attr("n", "samples in the run")
+    n_live = _native_attr("n_live", "samples still generating")
+    n_prompt = _native_attr("n_prompt", "prompt tokens")
+    tokens_sampled = _native_attr("tokens_sampled", "tokens drawn by all samples, end-of-generation tokens included")
+    decode_steps = _native_attr("decode_steps", "batched decode steps after the prompt")
+    prompt_seconds = _native_attr("prompt_seconds", "seconds decoding the prompt")
+    decode_seconds = _native_attr("decode_seconds", "seconds in the decode loop, sampling included")
+    sample_seconds = _native_attr("sample_seconds", "the part of decode_seconds spent sampling")
+    contribution_stats = _native_attr("contribution_stats", "the contribution pass: tokens, cache hits, seconds")
+
+    def advance(self, until: Optional[int] = None, *, progress: Optional[bool] = False) -> int:
+        """Decode until every live sample holds `until` tokens (default: max_tokens) or ends.
+        Returns the number of samples still live."""
+        until = self.max_tokens if until is None else int(until)
+        if until <= 0:
+            raise ValueError(f"until must be positive, got {until}")
+        if self._lease.released:
+            return 0  # ended or closed: nothing may decode in a context given back
+        total = self.n_live * min(until, self.max_tokens)
+        n_live = run_with_progress(lambda: self._native.advance(until), self._native.progress_tokens,
+                                   self._native.cancel, total=max(total, 1), desc=f"sampling x{self.n}",
+                                   enabled=progress, postfix=lambda: {"live": self._native.progress_live()})
+        if n_live == 0:
+            self._lease.release()
+        return n_live
+
+    def stop(self, indices: Iterable[int]) -> None:
+        """End these samples now and free their KV cells."""
+        self._native.stop([int(i) for i in indices])
+        if self._native.n_live == 0:
+            self._lease.release()
+
+    def keep(self, indices: Iterable[int]) -> None:
+        """Stop every sample not in `indices`."""
+        keep = {int(i) for i in indices}
+        for i in keep:
+            if not 0 <= i < self.n:
+                raise ValueError(f"sample index out of range: {i}")
+        self.stop(i for i in range(self.n) if i not in keep)
+
+    def close(self) -> None:
+        """Stop every live sample and give the context back (records stay readable)."""
+        if not self._lease.released:
+            self._native.stop(list(range(self.n)))
+            self._lease.release()
+
+    def __enter__(self) -> "SampleRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def sample(self, i: int) -> Sample:
+        return sample_from(self._native.sample(int(i)), self.chunk)
+
+    def samples(self) -> List[Sample]:
+        return [self.sample(i) for i in range(self.n)]
+
+
+def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
+                seed: Optional[int], stop: Any, reducers: Sequence[str], chunk: int = 32,
+                active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
+                capture: Optional[str] = None, hooks: Sequence[str] = (), logprobs: int = 0, tap: bool = True,
+                ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
+                eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
+                forced: Sequence[int] = (), seed_per_sample: bool = True) -> Any:
+    """Checks a run's parameters and returns the native options (one place for generate and sample)."""
+    o = _native.RunOptions()
+    o.n = positive_int("n", n)
+    o.max_tokens = positive_int("max_tokens", max_tokens)
+    unknown = set(reducers) - set(REDUCERS)
+    if unknown:
+        raise ValueError(f"unknown reducers {sorted(unknown)}; available: {', '.join(REDUCERS)}")
+    hook_names = check_hooks(hooks)
+    rows = rows_mode(capture)
+    if "mlp.hook_post" in hook_names and rows == 0:
+        rows = 1
+    if "rows" in reducers and rows == 0:
+        rows = 1
+    if (rows or "ln2.hook_normalized" in hook_names or "hook_resid_post" in hook_names or neat is not None) and not tap:
+        raise ValueError("capture, hooks and neat read the tap: they need tap=True")
+    if "watch" in reducers and not watch:
+        raise ValueError("the 'watch' reducer needs watch=[(layer, neuron), ...]")
+    if ("active_sets" in reducers or "contributions" in reducers) and int(chunk) < 1:
+        raise ValueError(f"chunk must be at least 1 token, got {chunk}")
+    if "contributions" in reducers:
+        if contribution not in CONTRIBUTION_VARIANTS:
+            raise ValueError(f"contribution must be one of {CONTRIBUTION_VARIANTS}, got {contribution!r}")
+        o.contribution_chunk = int(chunk)
+        o.contribution_variant = contribution
+        o.contribution_top = positive_int("contribution_top", contribution_top)
+        o.eta_rank = positive_int("eta_rank", eta_rank)
+        o.keep_top = bool(keep_top)
+    if not 0 <= logprobs <= 100:
+        raise ValueError(f"logprobs must be in [0, 100], got {logprobs}")
+    o.temperature, o.top_p, o.top_k, o.min_p = float(temperature), float(top_p), int(top_k), float(min_p)
+    o.seed = seed_value(seed)
+    o.seed_per_sample = bool(seed_per_sample)
+    o.ignore_eos = bool(ignore_eos)
+    o.stop = stop_list(stop)
+    o.forced = [int(t) for t in forced]
+    o.tap = bool(tap)
+    o.top_logprobs = int(logprobs)
+    o.counts = "counts" in reducers
+    o.active_threshold = float(active_threshold)
+    o.active_chunk = int(chunk) if "active_sets" in reducers else 0
+    o.watch = [(int(layer), int(i)) for layer, i in (watch or [])] if "watch" in reducers else []
+    o.rows = rows
+    o.norm_inputs = "ln2.hook_normalized" in hook_names
+    o.residuals = "hook_resid_post" in hook_names
+    o.neat = neat
+    return o
+
+
+def plan_cells(n: int, need: int, max_cells: int) -> int:
+    """Total KV cells for n per-sequence streams of `need` tokens; ContextError if over budget."""
+    per_seq = _pad256(need)
+    if n * per_seq > max_cells:
+        fit_n = max_cells // per_seq
+        fit_tokens = max_cells // n // 256 * 256
+        raise ContextError(
+            f"n={n} samples x {need} tokens (prompt + max_tokens, {per_seq} cells each after padding to 256) "
+            f"need {n * per_seq} KV cells, beyond max_sample_cells={max_cells}: at most n={fit_n} samples of "
+            f"this length fit, or {fit_tokens} tokens (prompt + max_tokens) per sample at n={n}; "
+            f"load with a larger max_sample_cells to allow more")
+    return n * per_seq
