@@ -51,8 +51,9 @@ def main() -> None:
             t, run = per_token(model, args.n, args.tokens, **kw)
             times[name].append(t)
             if name == "contributions":
-                shares.append(run._native.contrib_seconds[0] / run.decode_seconds)
-                h, m = run._native.contrib_cache
+                st = run.contribution_stats
+                shares.append(st["seconds"] / run.decode_seconds)
+                h, m = st["cache_hits"], st["cache_misses"]
                 hits.append(h / max(h + m, 1))
     print(f"## contribution cost: n={args.n}, {args.tokens} tokens per sample, {args.threads} threads, "
           f"{args.rounds} rounds")

@@ -295,9 +295,6 @@ PYBIND11_MODULE(_native, m) {
         return to_numpy(std::move(out), {sets.shape(0)}, py::dtype::of<int64_t>());
     }, py::arg("sets"), "Set bits per row.");
 
-    py::enum_<RowType>(m, "RowType").value("none", RowType::None).value("float32", RowType::Float32)
-        .value("float16", RowType::Float16);
-
     // One struct with every option of a run (the C++ SampleParams, RecordOptions and NEAT).
     py::class_<RunOptions>(m, "RunOptions")
         .def(py::init<>())

@@ -2,7 +2,7 @@
 // `neurotap neat calibrate` (or the shipped models/neat-smollm2-135m.json), and generate greedily
 // with NEAT ending the answer when its neurons say the reasoning is done. Only the core library.
 //
-//   neat_generate MODEL.gguf CALIBRATION.json "question" [max_tokens] [--no-neat]
+//   neat_generate MODEL.gguf CALIBRATION.json "question" [--max-tokens N] [--threads T] [--no-neat]
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -16,19 +16,26 @@
 #include "tapped_context.h"
 
 int main(int argc, char** argv) {
-    if (argc < 4) {
-        std::fprintf(stderr, "usage: %s MODEL.gguf CALIBRATION.json \"question\" [max_tokens] [--no-neat]\n", argv[0]);
+    int max_tokens = 256, threads = 0;
+    bool use_neat = true, ok = argc >= 4;
+    for (int i = 4; ok && i < argc; ++i) {
+        if (std::strcmp(argv[i], "--no-neat") == 0) use_neat = false;
+        else if (std::strcmp(argv[i], "--max-tokens") == 0 && i + 1 < argc) max_tokens = std::atoi(argv[++i]);
+        else if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = std::atoi(argv[++i]);
+        else ok = false;
+    }
+    if (!ok) {
+        std::fprintf(stderr, "usage: %s MODEL.gguf CALIBRATION.json \"question\" [--max-tokens N] [--threads T] [--no-neat]\n",
+                     argv[0]);
         return 2;
     }
-    const int max_tokens = argc > 4 && std::strcmp(argv[4], "--no-neat") != 0 ? std::atoi(argv[4]) : 256;
-    bool use_neat = true;
-    for (int i = 4; i < argc; ++i) use_neat = use_neat && std::strcmp(argv[i], "--no-neat") != 0;
     try {
         neurotap::install_log_capture(false);  // llama.cpp's log: errors only, in exception messages
         auto model = neurotap::Model::load(argv[1], 0);
         const neurotap::NeatConfig neat = neurotap::neat_config(neurotap::load_neat_calibration(argv[2]), *model);
         neurotap::ContextParams cp;
         cp.n_ctx = 2048;
+        cp.n_threads = threads;  // 0: all cores
         neurotap::TappedContext ctx(model, cp);
         const std::string chat = model->apply_chat_template({{"user", argv[3]}}, true);
         const auto prompt = model->tokenize(chat, false, true);

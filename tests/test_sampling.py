@@ -129,3 +129,49 @@ def test_stop_strings_end_each_sample(model):
         assert " " not in c.text and f.text.startswith(c.text)
         if " " in f.text:
             assert c.finish_reason == "stop" and c.n_tokens <= f.n_tokens
+
+
+def test_a_finished_run_gives_its_context_back_once(model):
+    """advance() and close() on a finished run must not hand its context to the pool again: two
+    later runs would then share one KV cache and draw wrong tokens."""
+    ref = [s.tokens for s in model.sample(PROMPT, n=2, max_tokens=24, seed=11)]
+    done = model.start_sampling(PROMPT, n=2, max_tokens=8, seed=3)
+    assert done.advance() == 0
+    assert done.advance() == 0 and done.advance(4) == 0  # finished: nothing decodes, nothing returns
+    done.close()
+    a = model.start_sampling(PROMPT, n=2, max_tokens=24, seed=11)
+    b = model.start_sampling(PROMPT, n=2, max_tokens=24, seed=11)
+    assert a._lease.ctx is not b._lease.ctx  # one context per run in flight
+    a.advance(12)
+    b.advance(12)
+    a.advance()
+    b.advance()
+    assert [s.tokens for s in a.samples()] == ref and [s.tokens for s in b.samples()] == ref
+
+
+def test_closing_a_live_run_stops_it_and_keeps_its_records(model):
+    with model.start_sampling(PROMPT, n=3, max_tokens=40, seed=2) as run:
+        run.advance(5)
+        assert run.n_live == 3
+    assert run.n_live == 0 and run.advance() == 0
+    for s in run.samples():
+        assert s.finish_reason in ("stopped", "eos", "stop") and s.n_tokens <= 5
+        assert s.active_counts.shape == (s.n_tokens, model.info.n_layers)
+
+
+def test_hooks_by_transformerlens_name(model):
+    """What the tap reads, by TransformerLens-style name, equals the arrays it comes from."""
+    g = model.generate(PROMPT, max_tokens=6, temperature=0, capture="float32",
+                       hooks=["blocks.{l}.hook_resid_post", "ln2.hook_normalized"])
+    L = model.info.n_layers
+    assert g.residuals.shape == g.norm_inputs.shape == (g.n_tokens, L, model.info.n_embd)
+    np.testing.assert_array_equal(g.cache["blocks.3.mlp.hook_post"], g.activations[:, 3])
+    np.testing.assert_array_equal(g.cache["blocks.29.hook_resid_post"], g.residuals[:, 29])
+    np.testing.assert_array_equal(g.cache.stack("ln2.hook_normalized"), g.norm_inputs)
+    assert len(g.cache) == 3 * L
+    plain = model.generate(PROMPT, max_tokens=6, temperature=0)
+    assert plain.tokens == g.tokens and plain.residuals is None and len(plain.cache) == 0
+    with pytest.raises(ValueError, match="unknown hook 'attn.hook_z'.*mlp.hook_post"):
+        model.generate(PROMPT, max_tokens=2, hooks=["attn.hook_z"])
+    s = model.sample(PROMPT, n=2, max_tokens=4, seed=1, capture="float16")[0]
+    assert s.cache.stack("mlp.hook_post").dtype == np.float16

@@ -7,6 +7,8 @@ import pytest
 import neurotap
 from neurotap.apps.cli import main
 from neurotap.apps.quantize import quantize
+from neurotap.methods import selection
+from neurotap.scoring.tasks import arith, format_prompt
 
 NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
 
@@ -46,10 +48,21 @@ def test_rank_models_with_labels(q8, tmp_path, capsys):
                "--max-tokens", "64", "--labels", "--out", str(out), "--quiet", "--threads", "2"])
     assert rc == 0
     rep = json.loads(out.read_text())
-    assert [v["nex_rank"] for v in sorted(rep["variants"], key=lambda v: -v["nex"])] == [1, 2]
+    assert sorted(v["nex_rank"] for v in rep["variants"]) == [1, 2]
     for v in rep["variants"]:
         assert v["responses"] == 6 and 0 <= v["nex"] <= 1 and 0 <= v["accuracy"] <= 1
         assert np.isclose(v["nex"], np.mean(v["nex_scores"]), atol=1e-4)
+    # The scores are those of the public API on the same tasks and seeds (the variant's own samples,
+    # NEX weights from all its responses), not a recomputation of the command's own arithmetic.
+    base = neurotap.load("smollm2-135m", n_ctx=512, n_threads=2)
+    responses = []
+    for i, task in enumerate(arith(2, 0)):
+        prompt = [{"role": "user", "content": format_prompt(task)}]
+        for s in base.sample(prompt, n=3, max_tokens=64, seed=i, reducers=("contributions",), chunk=1):
+            responses.append(selection.nex_input(s))
+    want = neurotap.nex.nex_scores(responses)
+    got = next(v for v in rep["variants"] if v["model"] == "smollm2-135m")
+    np.testing.assert_allclose(got["nex_scores"], want, atol=1e-5)
     assert "spearman_nex_vs_accuracy" in rep
     assert "Spearman" in capsys.readouterr().out
 

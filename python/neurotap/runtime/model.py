@@ -14,7 +14,7 @@ from .. import _native
 from ..core.progress import run_with_progress
 from .pool import ContextPool
 from .registry import default_model, resolve
-from .sampling import ActivationCache, Sample, SampleRun, cache_of, plan_cells, run_options
+from .sampling import Sample, SampleRun, TokenRecord, plan_cells, record_fields, run_options
 
 Messages = Sequence[Dict[str, str]]
 Prompt = Union[str, Messages, Sequence[int]]
@@ -48,35 +48,12 @@ class ModelInfo:
 
 
 @dataclass
-class Generation:
-    """One generated answer and its neuron record.
+class Generation(TokenRecord):
+    """One generated answer and its neuron record (a run of one; see TokenRecord for the record)."""
 
-    Row j of `active_counts` / `activations` belongs to generated token j: it is the FFN state
-    of the position that predicted token j (the prompt's last position for j = 0).
-    """
-
-    text: str
-    tokens: List[int]
-    prompt_tokens: List[int]
-    finish_reason: str  # "eos", "length", "stop", "cancelled" or "neat_exit"
-    active_counts: Optional[np.ndarray]  # int32 [n_tokens, n_layers]; None when tap=False
-    activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff]: blocks.{l}.mlp.hook_post
-    norm_inputs: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd]: blocks.{l}.ln2.hook_normalized
-    residuals: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_embd]: blocks.{l}.hook_resid_post
+    prompt_tokens: List[int] = field(default_factory=list)
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
-    eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
-    neat_events: List[tuple] = field(default_factory=list)  # with neat=: (token, action, similarity, magnitude)
-    neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def cache(self) -> ActivationCache:
-        """The captured tensors by TransformerLens-style name (blocks.{l}.mlp.hook_post, ...)."""
-        return cache_of(self.__dict__)
 
     @property
     def tokens_per_second(self) -> float:
@@ -203,12 +180,8 @@ class Model:
                               total=opts.max_tokens, desc="generating", enabled=progress)
             run.finish_live("cancelled")  # a cancelled run's sample ends here
             d = run.sample(0)
-        return Generation(
-            text=d["text"].decode("utf-8", errors="replace"), tokens=list(d["tokens"]), prompt_tokens=ids,
-            finish_reason=d["finish_reason"], active_counts=d["active_counts"] if tap else None,
-            activations=d["activations"], norm_inputs=d["norm_inputs"], residuals=d["residuals"],
-            prompt_seconds=run.prompt_seconds, decode_seconds=run.decode_seconds, eog_token=d["eog_token"],
-            neat_events=d.get("neat_events") or [], neat_exit_at=d.get("neat_exit_at", -1))
+        return Generation(prompt_tokens=ids, prompt_seconds=run.prompt_seconds, decode_seconds=run.decode_seconds,
+                          **record_fields(Generation, d))
 
     def trace(self, prompt: Prompt, tokens: Sequence[int], *, capture: Optional[str] = "float32",
               hooks: Sequence[str] = ()) -> Generation:

@@ -2,7 +2,7 @@
 record reduced natively as it streams (see cpp/run.h). A single generation is a run of one."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -71,29 +71,47 @@ def cache_of(d: Dict[str, Any]) -> ActivationCache:
 
 
 @dataclass
-class Sample:
-    """One answer of a run and what its reducers kept.
+class TokenRecord:
+    """What every run records of one sequence: its tokens and text, why it ended, and the neuron
+    record its reducers kept. Row j of the per-token arrays belongs to token j: the FFN state of the
+    position that predicted it (the prompt's last position for j = 0)."""
 
-    Row j of the per-token arrays belongs to token j (the position that predicted it). A set is a
-    bitset over all n_layers x n_ff neurons (bit layer * n_ff + i), packed little-endian in uint64
-    words; `*_sets[c]` holds the neurons of chunk c (tokens c*chunk .. c*chunk+chunk-1).
+    text: str = ""
+    tokens: List[int] = field(default_factory=list)
+    finish_reason: str = ""  # "eos", "length", "stop", "stopped", "cancelled", "neat_exit"; "" while live
+    eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
+    # Neurons with activation > active_threshold, per token and layer ("counts"; generate: tap on).
+    active_counts: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers]
+    # Full rows, with capture= / hooks= (see `cache`).
+    activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff]: blocks.{l}.mlp.hook_post
+    norm_inputs: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]: blocks.{l}.ln2.hook_normalized
+    residuals: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]: blocks.{l}.hook_resid_post
+    neat_events: list = field(default_factory=list)  # NEAT decisions: (token, action 0/1/2 = continue/ban/exit, similarity, magnitude)
+    neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def cache(self) -> ActivationCache:
+        """The captured tensors by TransformerLens-style name (blocks.{l}.mlp.hook_post, ...)."""
+        return cache_of(self.__dict__)
+
+
+@dataclass
+class Sample(TokenRecord):
+    """One answer of a parallel run and what its reducers kept.
+
+    A set is a bitset over all n_layers x n_ff neurons (bit layer * n_ff + i), packed little-endian
+    in uint64 words; `*_sets[c]` holds the neurons of chunk c (tokens c*chunk .. c*chunk+chunk-1).
     """
 
-    index: int
-    text: str
-    tokens: List[int]
-    finish_reason: str  # "eos", "length", "stop", "stopped", "cancelled", "neat_exit"; "" while live
-    eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
-    # "counts": neurons with activation > active_threshold, per token and layer.
-    active_counts: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers]
+    index: int = 0
     # "active_sets": per chunk, the neurons with activation > active_threshold on any of its tokens.
     active_sets: Optional[np.ndarray] = None  # uint64 [n_chunks, n_words]
     # "watch": the activations of the watched (layer, neuron) pairs.
     watched: Optional[np.ndarray] = None  # float32 [n_tokens, n_watched]
-    # "rows" / capture= / hooks=: the full rows (see `cache`).
-    activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff]
-    norm_inputs: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]
-    residuals: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]
     # logprobs=k
     token_logprob: Optional[np.ndarray] = None  # float32 [n_tokens]
     top_ids: Optional[np.ndarray] = None  # int32 [n_tokens, k]
@@ -107,16 +125,6 @@ class Sample:
     contribution_top_values: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, 64] with keep_top
     contribution_top_index: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers, 64]
     chunk: int = 0  # tokens per chunk of the sets
-    neat_events: Optional[list] = None  # with neat=: (token, action 0/1/2 = continue/ban/exit, similarity, magnitude)
-    neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def cache(self) -> ActivationCache:
-        return cache_of(self.__dict__)
 
     @staticmethod
     def _union(sets: Optional[np.ndarray], chunks: Optional[int], reducer: str) -> np.ndarray:
@@ -134,9 +142,16 @@ class Sample:
         return self._union(self.contribution_sets, chunks, "contributions")
 
 
+def record_fields(cls: type, d: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields of record class `cls` found in a native run's sample dict (text decoded)."""
+    out = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+    out["text"] = d["text"].decode("utf-8", errors="replace")
+    out["tokens"] = list(d["tokens"])
+    return out
+
+
 def sample_from(d: Dict[str, Any], chunk: int) -> Sample:
-    fields = {k: v for k, v in d.items() if k in Sample.__dataclass_fields__ and k not in ("text", "chunk")}
-    return Sample(text=d["text"].decode("utf-8", errors="replace"), chunk=chunk, **fields)
+    return Sample(chunk=chunk, **record_fields(Sample, d))
 
 
 def _native_attr(name: str, doc: str) -> property:
