@@ -38,7 +38,7 @@ py::dict info_dict(const ModelInfo& i) {
     d["architecture"] = i.architecture;
     d["description"] = i.description;
     d["act_name"] = i.act_name;
-    d["n_layers"] = i.n_layer;
+    d["n_layers"] = i.n_layers;
     d["n_ff"] = i.n_ff;
     d["n_embd"] = i.n_embd;
     d["n_vocab"] = i.n_vocab;
@@ -71,7 +71,7 @@ py::dict sample_dict(const Run& run, int i) {
     const SampleState& st = run.loop().sample(i);
     const ModelInfo& info = run.model_info();
     const auto n = static_cast<py::ssize_t>(st.tokens.size());
-    const py::ssize_t L = info.n_layer, F = info.n_ff;
+    const py::ssize_t L = info.n_layers, F = info.n_ff;
     py::dict d;
     d["index"] = i;
     d["tokens"] = st.tokens;
@@ -212,6 +212,13 @@ PYBIND11_MODULE(_native, m) {
             return Model::borrow(reinterpret_cast<llama_model*>(ptr), path);
         }, py::arg("llama_model_address"), py::arg("path"))
         .def_property_readonly("info", [](const Model& mo) { return info_dict(mo.info()); })
+        .def("close", [](Model& mo) {
+            py::gil_scoped_release nogil;  // waits for a decode in flight on another thread
+            mo.close();
+        }, "Free the contexts made on this model, then its weights if it owns them; later use raises.")
+        .def_property_readonly("closed", &Model::closed)
+        .def("check_file_unchanged", &Model::check_file_unchanged,
+             "RuntimeError when the file was replaced or changed on disk since it was loaded.")
         .def("tokenize", [](const Model& mo, const std::string& text, bool add_special, bool parse_special) {
             return mo.tokenize(text, add_special, parse_special);
         }, py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true)
@@ -258,7 +265,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_seq_max", [](const ContextHandle& c) { return c.tc->params().n_seq_max; })
         .def_property_readonly("tapped_tensors", [](ContextHandle& c) {
             std::vector<std::string> names;
-            for (int il = 0; il < c.tc->tap().n_layer(); ++il)
+            for (int il = 0; il < c.tc->tap().n_layers(); ++il)
                 names.push_back(c.tc->tap().act_name() + "-" + std::to_string(il));
             return names;
         })

@@ -101,12 +101,12 @@ inline float gelu(float x) {  // ggml's tanh approximation
 
 }  // namespace
 
-ContributionWeights::ContributionWeights(const GgufFile& file, int n_layer, int64_t n_ff, int64_t n_embd, int n_vocab)
-    : n_layer_(n_layer), n_ff_(n_ff), n_embd_(n_embd), n_vocab_(n_vocab) {
-    if (n_layer <= 0 || n_ff <= 0 || n_embd <= 0 || n_vocab <= 0)
+ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int64_t n_ff, int64_t n_embd, int n_vocab)
+    : n_layers_(n_layers), n_ff_(n_ff), n_embd_(n_embd), n_vocab_(n_vocab) {
+    if (n_layers <= 0 || n_ff <= 0 || n_embd <= 0 || n_vocab <= 0)
         throw ParamError("contribution weights need a positive model shape");
-    down_t_.resize(static_cast<size_t>(n_layer) * n_ff * n_embd);
-    for (int l = 0; l < n_layer; ++l) {
+    down_t_.resize(static_cast<size_t>(n_layers) * n_ff * n_embd);
+    for (int l = 0; l < n_layers; ++l) {
         const std::string name = "blk." + std::to_string(l) + ".ffn_down.weight";
         const TensorInfo* t = file.find_tensor(name);
         if (!t) throw ModelError("tensor '" + name + "' missing in " + file.path());
@@ -156,12 +156,12 @@ ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeigh
     if (p_.cache_bytes < 0) throw ParamError("cache_bytes must be >= 0");
 }
 
-void ContributionReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
-    if (n_layer != w_->n_layer() || n_ff != w_->n_ff())
+void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
+    if (n_layers != w_->n_layers() || n_ff != w_->n_ff())
         throw ParamError("contribution weights are for another model shape");
-    n_layer_ = n_layer;
+    n_layers_ = n_layers;
     n_ff_ = n_ff;
-    n_words_ = (n_layer * n_ff + 63) / 64;
+    n_words_ = (n_layers * n_ff + 63) / 64;
     k_ = static_cast<int>(std::min<int64_t>(p_.top_per_layer, n_ff));
     bufs_.clear();
     free_.clear();
@@ -172,9 +172,9 @@ void ContributionReducer::begin(int n_samples, int n_layer, int64_t n_ff, int) {
     count_.assign(n_samples, {});
     top_c_.assign(n_samples, {});
     top_i_.assign(n_samples, {});
-    kth_.assign(n_samples, std::vector<float>(static_cast<size_t>(n_layer), -INFINITY));
+    kth_.assign(n_samples, std::vector<float>(static_cast<size_t>(n_layers), -INFINITY));
     queue_.clear();
-    const size_t per_token = static_cast<size_t>(n_layer) * n_ff * sizeof(float);
+    const size_t per_token = static_cast<size_t>(n_layers) * n_ff * sizeof(float);
     cache_slots_ = static_cast<int>(std::min<int64_t>(p_.cache_bytes / static_cast<int64_t>(per_token), 1 << 20));
     max_queue_ = std::max<int64_t>(n_samples, std::min<int64_t>(p_.queue_bytes / static_cast<int64_t>(per_token), 1 << 20));
     cache_.clear();
@@ -190,7 +190,7 @@ int ContributionReducer::take_buffer() {
         free_.pop_back();
         return b;
     }
-    bufs_.emplace_back(static_cast<size_t>(n_layer_) * n_ff_, 0.0f);
+    bufs_.emplace_back(static_cast<size_t>(n_layers_) * n_ff_, 0.0f);
     return static_cast<int>(bufs_.size()) - 1;
 }
 
@@ -226,7 +226,7 @@ void ContributionReducer::sync() { flush(); }
 void ContributionReducer::fill_cache() {
     const int P = static_cast<int>(queue_.size());
     const int64_t E = w_->n_embd();
-    const int64_t total = static_cast<int64_t>(n_layer_) * n_ff_;
+    const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
     ++step_;
     slot_of_.resize(static_cast<size_t>(P));
     missing_.clear();
@@ -325,13 +325,13 @@ void ContributionReducer::flush() {
     fill_cache();  // every token of a step needs its slot at once, hence the floor above
     const auto t1 = std::chrono::steady_clock::now();
     dot_seconds_ += std::chrono::duration<double>(t1 - t0).count();
-    const int64_t total = static_cast<int64_t>(n_layer_) * n_ff_;
+    const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
     const int Q = static_cast<int>(queue_.size());
-    const int K = n_layer_ * k_;
+    const int K = n_layers_ * k_;
     top_q_c_.resize(static_cast<size_t>(Q) * K);
     top_q_i_.resize(static_cast<size_t>(Q) * K);
     eta_q_.resize(static_cast<size_t>(Q));
-    kth_q_.resize(static_cast<size_t>(Q) * n_layer_);
+    kth_q_.resize(static_cast<size_t>(Q) * n_layers_);
     // Per token selections are independent: spread them over the threads, then merge serially.
 #pragma omp parallel num_threads(p_.n_threads) if (Q > 1)
     {
@@ -344,8 +344,8 @@ void ContributionReducer::flush() {
             float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
             int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
             const float* guess = kth_[queue_[q].sample].data();  // read only here: tokens of a sample run in parallel
-            float* next = kth_q_.data() + static_cast<size_t>(q) * n_layer_;
-            for (int l = 0; l < n_layer_; ++l) {
+            float* next = kth_q_.data() + static_cast<size_t>(q) * n_layers_;
+            for (int l = 0; l < n_layers_; ++l) {
                 // c = a * d(y), one layer at a time in a buffer that stays in L1.
                 const float* a = a_all + static_cast<size_t>(l) * n_ff_;
                 const float* d = d_all + static_cast<size_t>(l) * n_ff_;
@@ -364,14 +364,14 @@ void ContributionReducer::flush() {
     }
     for (int q = 0; q < Q; ++q) {
         const int sample = queue_[q].sample, token = queue_[q].token;
-        std::copy_n(kth_q_.data() + static_cast<size_t>(q) * n_layer_, n_layer_, kth_[sample].data());
+        std::copy_n(kth_q_.data() + static_cast<size_t>(q) * n_layers_, n_layers_, kth_[sample].data());
         free_.push_back(queue_[q].buf);
         const float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
         const int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
         const float eta = eta_q_[q];
         uint64_t* w = slot(bits_[sample], static_cast<size_t>(token / p_.chunk), static_cast<size_t>(n_words_));
         int32_t active = 0;
-        for (int l = 0; l < n_layer_; ++l) {
+        for (int l = 0; l < n_layers_; ++l) {
             for (int r = 0; r < k_; ++r) {
                 const size_t at = static_cast<size_t>(l) * k_ + r;
                 if (!(tc[at] > eta)) break;  // descending within a layer
@@ -399,8 +399,8 @@ void ContributionReducer::finish(int sample, int n_tokens) {
     eta_[sample].resize(n);
     count_[sample].resize(n);
     if (p_.keep_top) {
-        top_c_[sample].resize(n * n_layer_ * k_);
-        top_i_[sample].resize(n * n_layer_ * k_);
+        top_c_[sample].resize(n * n_layers_ * k_);
+        top_i_[sample].resize(n * n_layers_ * k_);
     }
 }
 

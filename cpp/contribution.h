@@ -28,9 +28,9 @@ struct ModelInfo;
 // in its file encoding with rows dequantized on demand.
 class ContributionWeights {
 public:
-    ContributionWeights(const GgufFile& file, int n_layer, int64_t n_ff, int64_t n_embd, int n_vocab);
+    ContributionWeights(const GgufFile& file, int n_layers, int64_t n_ff, int64_t n_embd, int n_vocab);
 
-    int n_layer() const { return n_layer_; }
+    int n_layers() const { return n_layers_; }
     int64_t n_ff() const { return n_ff_; }
     int64_t n_embd() const { return n_embd_; }
     int n_vocab() const { return n_vocab_; }
@@ -44,7 +44,7 @@ public:
     void unembed_row(int32_t token, float* out) const;
 
 private:
-    int n_layer_;
+    int n_layers_;
     int64_t n_ff_, n_embd_;
     int n_vocab_;
     std::vector<float> down_t_;
@@ -81,7 +81,7 @@ DotsFn dots_kernel_generic();  // the portable one, for tests on CPUs where the 
 class ContributionReducer : public Reducer {
 public:
     ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p);
-    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void on_gate_row(int sample, int token, int layer, const float* g) override;
     unsigned tap_kinds() const override { return p_.gate_variant ? tap_bit(TapKind::Gate) : 0; }
@@ -116,7 +116,7 @@ private:
 
     std::shared_ptr<const ContributionWeights> w_;
     ContributionParams p_;
-    int n_layer_ = 0;
+    int n_layers_ = 0;
     int64_t n_ff_ = 0, n_words_ = 0;
     int k_ = 0;
     std::vector<std::vector<float>> bufs_;  // activation buffers (layers * n_ff each)

@@ -88,7 +88,7 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
     // Reducers first: one may reject the run (WatchReducer), and a throw from here on would leak
     // the samplers (the destructor does not run for a constructor that throws).
     for (Reducer* r : reducers_) {
-        r->begin(params_.n, info.n_layer, info.n_ff, params_.max_tokens);
+        r->begin(params_.n, info.n_layers, info.n_ff, params_.max_tokens);
         kinds_ |= r->tap_kinds();
     }
     for (int i = 0; i < params_.n; ++i) {
@@ -112,6 +112,16 @@ int DecodeLoop::n_live() const {
 }
 
 void DecodeLoop::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
+    // A NaN/inf anywhere (a flipped weight scale, corrupt metadata) is found where it starts: the
+    // first layer in graph order whose rows hold one. Reported after the decode (no throwing here).
+    if (kind == TapKind::Activation && (bad_layer_ < 0 || layer < bad_layer_)) {
+        const int64_t n = static_cast<int64_t>(n_rows) * width;
+        for (int64_t i = 0; i < n; ++i)
+            if (!std::isfinite(data[i])) {
+                bad_layer_ = layer;
+                break;
+            }
+    }
     auto offer = [&](int s, int t, const float* a) {
         for (Reducer* red : reducers_) {
             if (kind == TapKind::Activation) red->on_row(s, t, layer, a);
@@ -154,12 +164,27 @@ void DecodeLoop::record_logprobs(SampleState& st, const float* logits, llama_tok
     st.token_logprob.push_back(logits[chosen] - lse);
 }
 
+void DecodeLoop::check_finite(int n_rows) const {
+    const std::string why = " (the model's weights or metadata hold NaN/inf, or its values overflow): "
+                            "this model cannot be generated from";
+    if (bad_layer_ >= 0)
+        throw RuntimeError("non-finite activations from layer " + std::to_string(bad_layer_) + " (" +
+                           tc_.tap().act_name() + "-" + std::to_string(bad_layer_) + ")" + why);
+    const int V = tc_.model().info().n_vocab;
+    for (int r = 0; r < n_rows; ++r) {
+        const float* logits = llama_get_logits_ith(tc_.ctx(), r);
+        for (int i = 0; i < V; ++i)
+            if (std::isnan(logits[i]) || logits[i] == INFINITY)  // -inf is a legitimate ban
+                throw RuntimeError("non-finite logits" + why);
+    }
+}
+
 void DecodeLoop::end_sample(int s, Finish why) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     st.live = false;
     st.finish = why;
     st.finish_reason = finish_name(why);
-    llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, -1, -1);
+    if (!tc_.closed()) llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, -1, -1);
     for (Reducer* r : reducers_) r->finish(s, static_cast<int>(st.tokens.size()));
 }
 
@@ -202,8 +227,10 @@ void DecodeLoop::start() {
     const int np = static_cast<int>(prompt_.size());
     if (np > 1) tc_.decode_seq(prompt_.data(), np - 1, 0, 0, nullptr, false);
     broadcast_ = true;
+    bad_layer_ = -1;
     tc_.decode_seq(prompt_.data() + np - 1, 1, np - 1, 0, params_.tap ? this : nullptr);
     broadcast_ = false;
+    check_finite(1);
     llama_memory_t mem = llama_get_memory(tc_.ctx());
     for (int s = 1; s < params_.n; ++s)
         if (samples_[static_cast<size_t>(s)].live) llama_memory_seq_cp(mem, 0, s, -1, -1);
@@ -237,8 +264,10 @@ void DecodeLoop::step() {
         row_token_.push_back(j);  // this position predicts token j
     }
     if (b_tokens_.empty()) return;
+    bad_layer_ = -1;
     tc_.decode_rows(b_tokens_.data(), b_pos_.data(), b_seqs_.data(), static_cast<int>(b_tokens_.size()),
                     params_.tap ? this : nullptr);
+    check_finite(static_cast<int>(b_tokens_.size()));
     ++steps_;
     const auto t0 = std::chrono::steady_clock::now();
     for (int s : row_sample_) sample_and_commit(s);
@@ -249,25 +278,34 @@ void DecodeLoop::step() {
 int DecodeLoop::advance(int until, Progress* progress) {
     using clock = std::chrono::steady_clock;
     if (until <= 0) throw ParamError("advance: the token target must be positive");
+    if (!failed_.empty()) throw RuntimeError("this run failed earlier and cannot go on: " + failed_);
     until = std::min(until, params_.max_tokens);
-    if (!started_) {
-        start();
-        if (progress) progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);
-    }
+    if (n_live() == 0) return 0;  // ended: nothing decodes (the context may belong to another run now)
+    auto in_use = tc_.lock_use();  // Model::close waits for this advance
+    tc_.ctx();                     // closed: RuntimeError
     const auto t0 = clock::now();
-    for (;;) {
-        bool more = false;
-        for (const auto& st : samples_)
-            if (st.live && static_cast<int>(st.tokens.size()) < until) more = true;
-        if (!more) break;
-        if (progress && progress->cancel.load(std::memory_order_relaxed)) break;
-        step();
-        if (progress) {
-            progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);
-            progress->live.store(n_live(), std::memory_order_relaxed);
+    try {
+        if (!started_) {
+            start();
+            if (progress) progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);
         }
+        for (;;) {
+            bool more = false;
+            for (const auto& st : samples_)
+                if (st.live && static_cast<int>(st.tokens.size()) < until) more = true;
+            if (!more) break;
+            if (progress && progress->cancel.load(std::memory_order_relaxed)) break;
+            step();
+            if (progress) {
+                progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);
+                progress->live.store(n_live(), std::memory_order_relaxed);
+            }
+        }
+        for (Reducer* r : reducers_) r->sync();
+    } catch (const std::exception& e) {
+        failed_ = e.what();
+        throw;
     }
-    for (Reducer* r : reducers_) r->sync();
     decode_seconds_ += std::chrono::duration<double>(clock::now() - t0).count();
     return n_live();
 }

@@ -95,6 +95,8 @@ private:
     void sample_and_commit(int s);
     void end_sample(int s, Finish why);
     void record_logprobs(SampleState& st, const float* logits, llama_token chosen);
+    // RuntimeError naming the first layer (or the logits) where the last decode gave NaN/inf.
+    void check_finite(int n_rows) const;
 
     TappedContext& tc_;
     std::vector<llama_token> prompt_;
@@ -115,6 +117,8 @@ private:
     std::vector<llama_seq_id> b_seqs_;
     std::vector<std::pair<float, int32_t>> lp_scratch_;
 
+    std::string failed_;  // why an advance failed: the run cannot go on (its KV state is unknown)
+    int bad_layer_ = -1;  // first layer whose tapped rows held NaN/inf in the decode in flight
     int64_t tokens_sampled_ = 0;
     int steps_ = 0;
     double prompt_seconds_ = 0, decode_seconds_ = 0, sample_seconds_ = 0;

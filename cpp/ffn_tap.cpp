@@ -8,13 +8,13 @@
 
 namespace neurotap {
 
-FfnTap::FfnTap(std::string act_name, int n_layer, int64_t n_ff, int64_t n_embd)
-    : act_name_(std::move(act_name)), n_layer_(n_layer), n_ff_(n_ff), n_embd_(n_embd) {
-    rows_seen_[0].assign(n_layer_, 0);
-    rows_seen_[1].assign(n_layer_, 0);
-    rows_seen_[2].assign(n_layer_, 0);
-    rows_seen_[3].assign(n_layer_, 0);
-    discovered_.assign(n_layer_, 0);
+FfnTap::FfnTap(std::string act_name, int n_layers, int64_t n_ff, int64_t n_embd)
+    : act_name_(std::move(act_name)), n_layers_(n_layers), n_ff_(n_ff), n_embd_(n_embd) {
+    rows_seen_[0].assign(n_layers_, 0);
+    rows_seen_[1].assign(n_layers_, 0);
+    rows_seen_[2].assign(n_layers_, 0);
+    rows_seen_[3].assign(n_layers_, 0);
+    discovered_.assign(n_layers_, 0);
 }
 
 static int parse_layer(const char* s) {
@@ -32,14 +32,14 @@ int FfnTap::match(const char* name, TapKind* kind) const {
     if (std::strncmp(name, act_name_.c_str(), na) == 0 && name[na] == '-') {
         *kind = TapKind::Activation;
         const int il = parse_layer(name + na + 1);
-        return il < n_layer_ ? il : -1;
+        return il < n_layers_ ? il : -1;
     }
     auto other = [&](bool on, const std::string& prefix, TapKind k) {
         const size_t n = prefix.size();
         if (!on || std::strncmp(name, prefix.c_str(), n) != 0 || name[n] != '-') return -1;
         *kind = k;
         const int il = parse_layer(name + n + 1);
-        return il < n_layer_ ? il : -1;
+        return il < n_layers_ ? il : -1;
     };
     if (discovering_) return -1;  // discovery looks for the activation only
     const int il = other(kinds_ & tap_bit(TapKind::NormInput), norm_name_, TapKind::NormInput);
@@ -124,7 +124,7 @@ void FfnTap::disarm_and_check() {
     const std::string* names[4] = {&act_name_, &norm_name_, &gate_name_, &residual_name_};
     for (int k = 0; k < 4; ++k) {
         if (!(kinds & (1u << k))) continue;
-        for (int il = 0; il < n_layer_; ++il) {
+        for (int il = 0; il < n_layers_; ++il) {
             if (rows_seen_[k][il] != armed_rows_) {
                 throw RuntimeError("tap: layer " + std::to_string(il) + " delivered " +
                                    std::to_string(rows_seen_[k][il]) + " rows of " + *names[k] +
@@ -143,7 +143,7 @@ void FfnTap::begin_discovery() {
 std::vector<int> FfnTap::end_discovery() {
     discovering_ = false;
     std::vector<int> missing;
-    for (int il = 0; il < n_layer_; ++il)
+    for (int il = 0; il < n_layers_; ++il)
         if (!discovered_[il]) missing.push_back(il);
     return missing;
 }

@@ -35,7 +35,7 @@ public:
 class FfnTap {
 public:
     // act_name: graph name of the activation tensor without the layer suffix ("ffn_swiglu").
-    FfnTap(std::string act_name, int n_layer, int64_t n_ff, int64_t n_embd);
+    FfnTap(std::string act_name, int n_layers, int64_t n_ff, int64_t n_embd);
 
     // The ggml_backend_sched_eval_callback; user_data is the FfnTap.
     static bool callback(ggml_tensor* t, bool ask, void* user_data);
@@ -58,7 +58,7 @@ public:
     std::vector<int> end_discovery();
 
     const std::string& act_name() const { return act_name_; }
-    int n_layer() const { return n_layer_; }
+    int n_layers() const { return n_layers_; }
     int64_t n_ff() const { return n_ff_; }
     int64_t n_embd() const { return n_embd_; }
 
@@ -72,7 +72,7 @@ private:
     std::string norm_name_ = "ffn_norm";
     std::string gate_name_ = "ffn_gate";
     std::string residual_name_ = "l_out";
-    int n_layer_;
+    int n_layers_;
     int64_t n_ff_;
     int64_t n_embd_;
     unsigned kinds_ = kTapActivation;

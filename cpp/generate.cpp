@@ -36,7 +36,7 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     r.tokens = st.tokens;
     r.text = st.text;
     r.finish_reason = st.finish_reason;
-    r.n_layer = mi.n_layer;
+    r.n_layers = mi.n_layers;
     r.n_ff = mi.n_ff;
     r.n_embd = mi.n_embd;
     if (run.counts()) r.active_counts = run.counts()->counts(0);

@@ -27,15 +27,15 @@ struct GenerateResult {
     std::vector<llama_token> tokens;  // generated, end-of-generation token excluded
     std::string text;                 // raw bytes (UTF-8 of complete pieces), cut at a stop string
     std::string finish_reason;        // finish_name(): "eos", "length", "stop", "cancelled" or "neat_exit"
-    int n_layer = 0;
+    int n_layers = 0;
     int64_t n_ff = 0;
     int64_t n_embd = 0;
     // Per generated token j: the row of the position that predicts token j.
-    std::vector<int32_t> active_counts;  // [n_tokens, n_layer]; empty when tap=false
-    std::vector<float> acts_f32;         // [n_tokens, n_layer, n_ff] with RowType::Float32
+    std::vector<int32_t> active_counts;  // [n_tokens, n_layers]; empty when tap=false
+    std::vector<float> acts_f32;         // [n_tokens, n_layers, n_ff] with RowType::Float32
     std::vector<uint16_t> acts_f16;      // same, IEEE half, with RowType::Float16
-    std::vector<float> norm_inputs;      // [n_tokens, n_layer, n_embd] with capture_norm
-    std::vector<float> residuals;        // [n_tokens, n_layer, n_embd] with capture_residual
+    std::vector<float> norm_inputs;      // [n_tokens, n_layers, n_embd] with capture_norm
+    std::vector<float> residuals;        // [n_tokens, n_layers, n_embd] with capture_residual
     std::vector<NeatEvent> neat_events;  // every NEAT decision taken (line starts), in order
     int neat_exit_at = -1;               // token index where NEAT exited, -1 if it did not
     llama_token eog_token = -1;          // the end-of-generation token that ended it

@@ -1,5 +1,9 @@
 #include "model.h"
 
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <mutex>
 
@@ -7,6 +11,7 @@
 #include "errors.h"
 #include "gguf_file.h"
 #include "log_capture.h"
+#include "tapped_context.h"
 
 namespace neurotap {
 
@@ -34,19 +39,70 @@ static void ensure_backend() {
     std::call_once(once, [] { llama_backend_init(); });
 }
 
+struct FileId {
+    uint64_t size = 0, inode = 0;
+    int64_t mtime_ns = 0;
+};
+
+static FileId file_id(const std::string& path) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) throw ModelError("model file not found: " + path);
+    return {static_cast<uint64_t>(st.st_size), static_cast<uint64_t>(st.st_ino),
+            static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
+// Float hyperparameters llama.cpp divides by, takes roots or logs of: a NaN, an infinity, zero or
+// a negative value aborts or hangs inside llama.cpp, or silently yields NaN logits.
+static void check_hparams(const GgufFile& f, const std::string& a, const std::string& path) {
+    static const char* positive[] = {".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon",
+                                     ".rope.freq_base", ".rope.freq_scale", ".rope.scaling.factor",
+                                     ".attention.scale", ".final_logit_softcapping", ".attn_logit_softcapping"};
+    for (const char* k : positive) {
+        const std::string key = a + k;
+        if (!f.has_key(key)) continue;
+        double v;
+        try {
+            v = f.get_float(key);
+        } catch (const ModelError&) {
+            throw ModelError("metadata '" + key + "' of " + path + " is not a float");
+        }
+        if (!std::isfinite(v) || v <= 0)
+            throw ModelError("metadata '" + key + "' of " + path + " is " + std::to_string(v) +
+                             ": it must be a finite positive number (the file is corrupt)");
+    }
+    static const char* counts[] = {".context_length", ".embedding_length", ".feed_forward_length"};
+    for (const char* k : counts) {
+        const std::string key = a + k;
+        if (!f.has_key(key)) continue;
+        int64_t v = 0;
+        try {
+            v = f.get_int(key);
+        } catch (const ModelError&) {
+            continue;  // arrays (per-layer widths) are validated by llama.cpp's loader
+        }
+        if (v <= 0 || v > (int64_t{1} << 31))
+            throw ModelError("metadata '" + key + "' of " + path + " is " + std::to_string(v) + ": out of range");
+    }
+}
+
 // Reads what the tap needs from the file itself: architecture, layer count, FFN width.
 static ModelInfo inspect(const std::string& path) {
     GgufFile f(path);
     ModelInfo info;
     info.path = path;
+    const FileId id = file_id(path);
+    info.file_size = id.size;
+    info.file_inode = id.inode;
+    info.file_mtime_ns = id.mtime_ns;
     info.architecture = f.architecture();
     info.act_name = activation_tensor_for(info.architecture);
     const std::string a = info.architecture;
     if (f.has_key(a + ".expert_count") && f.get_int(a + ".expert_count") > 0)
         throw ModelError("unsupported model: '" + path + "' is a mixture-of-experts model; neurotap taps dense FFNs");
-    info.n_layer = static_cast<int>(f.get_int(a + ".block_count"));
-    if (info.n_layer <= 0 || info.n_layer > 1024) throw ModelError("implausible block_count in " + path);
-    for (int il = 0; il < info.n_layer; ++il) {
+    info.n_layers = static_cast<int>(f.get_int(a + ".block_count"));
+    if (info.n_layers <= 0 || info.n_layers > 1024) throw ModelError("implausible block_count in " + path);
+    check_hparams(f, a, path);
+    for (int il = 0; il < info.n_layers; ++il) {
         const std::string name = "blk." + std::to_string(il) + ".ffn_down.weight";
         const TensorInfo* t = f.find_tensor(name);
         if (!t) throw ModelError("tensor '" + name + "' missing in " + path);
@@ -69,15 +125,52 @@ static void fill_from_llama(ModelInfo& info, llama_model* m) {
     info.n_params = llama_model_n_params(m);
     info.size_bytes = llama_model_size(m);
     info.has_chat_template = llama_model_chat_template(m, nullptr) != nullptr;
-    if (llama_model_n_layer(m) != info.n_layer || llama_model_n_embd(m) != info.n_embd)
+    if (llama_model_n_layer(m) != info.n_layers || llama_model_n_embd(m) != info.n_embd)
         throw ModelError("llama.cpp and the GGUF file disagree on the model shape: " + info.path);
 }
 
 Model::Model(llama_model* m, bool owned, ModelInfo info)
     : model_(m), owned_(owned), vocab_(llama_model_get_vocab(m)), info_(std::move(info)) {}
 
-Model::~Model() {
+Model::~Model() { close(); }
+
+void Model::check_open() const {
+    if (closed_.load())
+        throw RuntimeError("the model " + info_.path + " was closed" +
+                           (owned_ ? "" : " (its llama_cpp.Llama was closed)") + ": load it again");
+}
+
+void Model::attach(TappedContext* tc) {
+    std::lock_guard<std::mutex> lock(contexts_mu_);
+    contexts_.push_back(tc);
+}
+
+void Model::detach(TappedContext* tc) {
+    std::lock_guard<std::mutex> lock(contexts_mu_);
+    contexts_.erase(std::remove(contexts_.begin(), contexts_.end(), tc), contexts_.end());
+}
+
+void Model::close() {
+    {
+        // Held throughout: a context being destroyed meanwhile waits in detach() until this is done.
+        std::lock_guard<std::mutex> lock(contexts_mu_);
+        if (closed_.exchange(true)) return;
+        for (TappedContext* tc : contexts_) tc->close();  // each waits for its decode in flight
+    }
     if (owned_ && model_) llama_model_free(model_);
+    model_ = nullptr;
+}
+
+void Model::check_file_unchanged() const {
+    FileId now;
+    try {
+        now = file_id(info_.path);
+    } catch (const ModelError&) {
+        throw RuntimeError("the model file " + info_.path + " was removed since it was loaded");
+    }
+    if (now.size != info_.file_size || now.inode != info_.file_inode || now.mtime_ns != info_.file_mtime_ns)
+        throw RuntimeError("the model file " + info_.path + " changed on disk since it was loaded: what is read "
+                           "from it now (contribution weights) would not match the loaded weights; load it again");
 }
 
 std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
@@ -111,14 +204,17 @@ std::shared_ptr<Model> Model::borrow(llama_model* m, const std::string& path) {
 std::shared_ptr<const ContributionWeights> Model::contribution_weights() const {
     std::lock_guard<std::mutex> lock(weights_mu_);
     if (!weights_) {
+        check_open();
+        check_file_unchanged();
         GgufFile f(info_.path);
-        weights_ = std::make_shared<const ContributionWeights>(f, info_.n_layer, info_.n_ff, info_.n_embd, info_.n_vocab);
+        weights_ = std::make_shared<const ContributionWeights>(f, info_.n_layers, info_.n_ff, info_.n_embd, info_.n_vocab);
     }
     return weights_;
 }
 
 std::vector<llama_token> Model::tokenize(const std::string& text, bool add_special, bool parse_special) const {
     if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw ParamError("prompt too long to tokenize");
+    check_open();
     std::vector<llama_token> out(text.size() + 8);
     int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
                                static_cast<int32_t>(out.size()), add_special, parse_special);
@@ -133,6 +229,7 @@ std::vector<llama_token> Model::tokenize(const std::string& text, bool add_speci
 }
 
 std::string Model::token_piece(llama_token tok) const {
+    check_open();
     char buf[256];
     int32_t n = llama_token_to_piece(vocab_, tok, buf, sizeof(buf), 0, false);
     if (n >= 0) return std::string(buf, static_cast<size_t>(n));
@@ -151,7 +248,7 @@ std::string Model::detokenize(const std::vector<llama_token>& toks) const {
 
 std::string Model::apply_chat_template(const std::vector<std::pair<std::string, std::string>>& messages,
                                        bool add_assistant) const {
-    const char* tmpl = llama_model_chat_template(model_, nullptr);
+    const char* tmpl = llama_model_chat_template(get(), nullptr);
     if (!tmpl) throw ParamError("model has no chat template: pass a plain prompt instead of messages");
     std::vector<llama_chat_message> msgs;
     size_t total = 0;

@@ -1,6 +1,7 @@
 // A GGUF model validated for tapping: llama_model (owned, or borrowed from llama_cpp.Llama),
 // its vocabulary, and which FFN activation tensor the tap reads.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -13,13 +14,14 @@
 namespace neurotap {
 
 class ContributionWeights;
+class TappedContext;
 
 struct ModelInfo {
     std::string path;
     std::string architecture;
     std::string description;  // llama_model_desc
     std::string act_name;     // activation tensor, without the "-<layer>" suffix
-    int n_layer = 0;
+    int n_layers = 0;
     int64_t n_ff = 0;
     int64_t n_embd = 0;
     int n_vocab = 0;
@@ -27,6 +29,11 @@ struct ModelInfo {
     uint64_t n_params = 0;
     uint64_t size_bytes = 0;
     bool has_chat_template = false;
+    // The file as it was at load: what is read from it later (contribution weights) must come
+    // from the same file, not one replaced on disk since.
+    uint64_t file_size = 0;
+    int64_t file_mtime_ns = 0;
+    uint64_t file_inode = 0;
 };
 
 // Activation tensor name for a supported architecture; throws ModelError otherwise.
@@ -43,9 +50,22 @@ public:
     Model(const Model&) = delete;
     Model& operator=(const Model&) = delete;
 
-    llama_model* get() const { return model_; }
-    const llama_vocab* vocab() const { return vocab_; }
+    // The llama.cpp handles; RuntimeError once the model is closed.
+    llama_model* get() const { check_open(); return model_; }
+    const llama_vocab* vocab() const { check_open(); return vocab_; }
     const ModelInfo& info() const { return info_; }
+
+    // Frees every context created on this model (waiting for a decode in flight), then the
+    // weights when this object owns them. Called for a borrowed model just before its owner
+    // (llama_cpp.Llama.close) frees it. Afterwards every use raises RuntimeError.
+    void close();
+    bool closed() const { return closed_.load(); }
+    void check_open() const;
+    // RuntimeError when the file at info().path is no longer the one loaded (replaced or changed).
+    void check_file_unchanged() const;
+    // Contexts register themselves so that close() can free them before the weights.
+    void attach(TappedContext* tc);
+    void detach(TappedContext* tc);
 
     std::vector<llama_token> tokenize(const std::string& text, bool add_special, bool parse_special) const;
     std::string token_piece(llama_token tok) const;
@@ -53,7 +73,7 @@ public:
     // Messages are (role, content). Uses the model's built-in chat template.
     std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>>& messages,
                                     bool add_assistant) const;
-    bool is_eog(llama_token tok) const { return llama_vocab_is_eog(vocab_, tok); }
+    bool is_eog(llama_token tok) const { return llama_vocab_is_eog(vocab(), tok); }
     // W_down columns and the unembedding for NAD contributions, read from the file on first use
     // and shared by every run afterwards.
     std::shared_ptr<const ContributionWeights> contribution_weights() const;
@@ -64,6 +84,9 @@ private:
     bool owned_;
     const llama_vocab* vocab_;
     ModelInfo info_;
+    std::atomic<bool> closed_{false};
+    std::mutex contexts_mu_;
+    std::vector<TappedContext*> contexts_;
     mutable std::mutex weights_mu_;
     mutable std::shared_ptr<const ContributionWeights> weights_;
 };

@@ -14,18 +14,18 @@
 
 namespace neurotap {
 
-NeatMonitor::NeatMonitor(NeatConfig config, int n_layer, int64_t n_ff, int n_vocab) : c_(std::move(config)) {
+NeatMonitor::NeatMonitor(NeatConfig config, int n_layers, int64_t n_ff, int n_vocab) : c_(std::move(config)) {
     if (c_.neurons.empty()) throw ParamError("NEAT needs at least one watched neuron");
     if (c_.reference.size() != c_.neurons.size())
         throw ParamError("NEAT reference has " + std::to_string(c_.reference.size()) + " values for " +
                          std::to_string(c_.neurons.size()) + " neurons");
-    by_layer_.assign(n_layer, {});
+    by_layer_.assign(n_layers, {});
     double rn = 0;
     for (size_t k = 0; k < c_.neurons.size(); ++k) {
         const auto [layer, idx] = c_.neurons[k];
-        if (layer < 0 || layer >= n_layer || idx < 0 || idx >= n_ff)
+        if (layer < 0 || layer >= n_layers || idx < 0 || idx >= n_ff)
             throw ParamError("NEAT neuron (" + std::to_string(layer) + ", " + std::to_string(idx) +
-                             ") is outside this model's " + std::to_string(n_layer) + " layers x " +
+                             ") is outside this model's " + std::to_string(n_layers) + " layers x " +
                              std::to_string(n_ff) + " neurons");
         if (!std::isfinite(c_.reference[k])) throw ParamError("NEAT reference holds a non-finite value");
         by_layer_[layer].push_back({static_cast<int>(k), idx});
@@ -40,8 +40,8 @@ NeatMonitor::NeatMonitor(NeatConfig config, int n_layer, int64_t n_ff, int n_voc
             if (t < 0 || t >= n_vocab) throw ParamError("NEAT token id out of range: " + std::to_string(t));
 }
 
-void NeatMonitor::begin(int n_samples, int n_layer, int64_t, int) {
-    if (n_layer != static_cast<int>(by_layer_.size())) throw ParamError("NEAT monitor built for another model");
+void NeatMonitor::begin(int n_samples, int n_layers, int64_t, int) {
+    if (n_layers != static_cast<int>(by_layer_.size())) throw ParamError("NEAT monitor built for another model");
     cur_.assign(n_samples, std::vector<float>(c_.neurons.size(), 0.0f));
 }
 

@@ -37,8 +37,8 @@ struct NeatEvent {
 // the tap like the others) and makes the decisions.
 class NeatMonitor : public Reducer {
 public:
-    NeatMonitor(NeatConfig config, int n_layer, int64_t n_ff, int n_vocab);  // ParamError if inconsistent
-    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    NeatMonitor(NeatConfig config, int n_layers, int64_t n_ff, int n_vocab);  // ParamError if inconsistent
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int, int) override {}
 

@@ -192,10 +192,10 @@ NeatCalibrationFile load_neat_calibration(const std::string& path) {
 
 NeatConfig neat_config(const NeatCalibrationFile& cal, const Model& model) {
     const ModelInfo& mi = model.info();
-    if (cal.architecture != mi.architecture || cal.n_layers != mi.n_layer || cal.n_ff != mi.n_ff)
+    if (cal.architecture != mi.architecture || cal.n_layers != mi.n_layers || cal.n_ff != mi.n_ff)
         throw ModelError("the NEAT calibration was made for " + cal.file + " (" + cal.architecture + ", " +
                          std::to_string(cal.n_layers) + " layers x " + std::to_string(cal.n_ff) + "), not " +
-                         mi.path + " (" + mi.architecture + ", " + std::to_string(mi.n_layer) + " x " +
+                         mi.path + " (" + mi.architecture + ", " + std::to_string(mi.n_layers) + " x " +
                          std::to_string(mi.n_ff) + "): calibrate this model with `neurotap neat calibrate`");
     NeatConfig cfg;
     cfg.neurons = cal.neurons;

@@ -22,7 +22,7 @@ class Reducer {
 public:
     virtual ~Reducer() = default;
     // Called once before the run.
-    virtual void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) = 0;
+    virtual void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) = 0;
     // Activations `a` (n_ff floats) of `layer` at the position that predicts token `token` of
     // sample `sample`. Rows of one token arrive layer by layer; tokens arrive in order.
     virtual void on_row(int sample, int token, int layer, const float* a) = 0;
@@ -51,7 +51,7 @@ public:
 class ActiveCountReducer : public Reducer {
 public:
     explicit ActiveCountReducer(float threshold = 0.0f) : thr_(threshold) {}
-    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;
     const std::vector<int32_t>& counts(int sample) const { return counts_[sample]; }  // [tokens, layers]
@@ -59,17 +59,17 @@ public:
 
 private:
     float thr_;
-    int n_layer_ = 0;
+    int n_layers_ = 0;
     int64_t n_ff_ = 0;
     std::vector<std::vector<int32_t>> counts_;
 };
 
 // Per chunk of `chunk` tokens: the set of active neurons (activation > threshold) on any token
-// of the chunk, as a bitset over all n_layer x n_ff neurons (bit layer*n_ff + i).
+// of the chunk, as a bitset over all n_layers x n_ff neurons (bit layer*n_ff + i).
 class ActiveSetReducer : public Reducer {
 public:
     ActiveSetReducer(int chunk, float threshold);
-    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void commit(int sample, int token, int32_t token_id) override;
     void finish(int sample, int n_tokens) override;
@@ -80,7 +80,7 @@ public:
 private:
     int chunk_;
     float thr_;
-    int n_layer_ = 0;
+    int n_layers_ = 0;
     int64_t n_ff_ = 0;
     int64_t n_words_ = 0;
     std::vector<std::vector<uint64_t>> bits_;
@@ -91,7 +91,7 @@ private:
 class WatchReducer : public Reducer {
 public:
     explicit WatchReducer(std::vector<std::pair<int, int>> neurons);  // (layer, index)
-    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;
     int n_watched() const { return static_cast<int>(neurons_.size()); }
@@ -107,7 +107,7 @@ private:
 class FullRowReducer : public Reducer {
 public:
     explicit FullRowReducer(bool half) : half_(half) {}
-    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;
     bool half() const { return half_; }
@@ -118,7 +118,7 @@ public:
 
 private:
     bool half_;
-    int n_layer_ = 0;
+    int n_layers_ = 0;
     int64_t n_ff_ = 0;
     std::vector<std::vector<float>> f32_;
     std::vector<std::vector<uint16_t>> f16_;
@@ -130,7 +130,7 @@ class HiddenRowReducer : public Reducer {
 public:
     explicit HiddenRowReducer(TapKind kind);  // NormInput or Residual
     unsigned tap_kinds() const override { return tap_bit(kind_); }
-    void begin(int n_samples, int n_layer, int64_t n_ff, int max_tokens) override;
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int, int, int, const float*) override {}
     void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) override;
     void finish(int sample, int n_tokens) override;
@@ -141,7 +141,7 @@ public:
 
 private:
     TapKind kind_;
-    int n_layer_ = 0;
+    int n_layers_ = 0;
     int64_t n_embd_ = 0;
     std::vector<std::vector<float>> rows_;
 };

@@ -38,7 +38,7 @@ Run::Run(TappedContext& tc, std::vector<llama_token> prompt, RunOptions options)
     }
     SampleParams sp = opts_.sampling;
     if (opts_.neat) {
-        neat_ = std::make_unique<NeatMonitor>(*opts_.neat, mi.n_layer, mi.n_ff, mi.n_vocab);
+        neat_ = std::make_unique<NeatMonitor>(*opts_.neat, mi.n_layers, mi.n_ff, mi.n_vocab);
         reds.push_back(neat_.get());
     }
     sp.neat = neat_.get();

@@ -11,7 +11,7 @@ namespace neurotap {
 TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& params)
     : model_(std::move(model)),
       params_(params),
-      tap_(model_->info().act_name, model_->info().n_layer, model_->info().n_ff, model_->info().n_embd) {
+      tap_(model_->info().act_name, model_->info().n_layers, model_->info().n_ff, model_->info().n_embd) {
     if (params_.n_ctx < 8) throw ParamError("n_ctx must be at least 8, got " + std::to_string(params_.n_ctx));
     if (params_.n_batch < 1) throw ParamError("n_batch must be positive");
     if (params_.n_seq_max < 1 || params_.n_seq_max > 256)
@@ -39,7 +39,11 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
         throw ContextError("llama.cpp could not create a context with n_ctx=" + std::to_string(params_.n_ctx) +
                            (why.empty() ? "" : ": " + why));
     }
+    // llama.cpp caps the batch at the context size it was asked for (before padding the
+    // context): decode in batches of what it really accepts, or a long prompt aborts inside it.
+    params_.n_batch = std::min<int>(params_.n_batch, static_cast<int>(llama_n_batch(ctx_)));
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
+    model_->attach(this);
 
     if (!params_.install_tap) return;
     // Load probe: prove the activation tensor exists in every layer of the real graph.
@@ -52,6 +56,8 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
         tap_.end_discovery();
         llama_batch_free(batch_);
         llama_free(ctx_);
+        ctx_ = nullptr;
+        model_->detach(this);
         throw;
     }
     std::vector<int> missing = tap_.end_discovery();
@@ -60,24 +66,40 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
         llama_batch_free(batch_);
         llama_free(ctx_);
         ctx_ = nullptr;
+        model_->detach(this);
         throw ModelError("unsupported model: the llama.cpp graph of '" + model_->info().architecture + "' has no " +
                          tap_.act_name() + "-<layer> tensor for " + std::to_string(missing.size()) + " of " +
-                         std::to_string(tap_.n_layer()) + " layers (first: " + std::to_string(missing[0]) + ")");
+                         std::to_string(tap_.n_layers()) + " layers (first: " + std::to_string(missing[0]) + ")");
     }
 }
 
 TappedContext::~TappedContext() {
-    if (ctx_) {
-        llama_batch_free(batch_);
-        llama_free(ctx_);
-    }
+    close();
+    model_->detach(this);
 }
 
-int TappedContext::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx_)); }
+void TappedContext::close() {
+    std::lock_guard<std::mutex> lock(use_mu_);
+    if (!ctx_) return;
+    llama_batch_free(batch_);
+    llama_free(ctx_);
+    ctx_ = nullptr;
+}
 
-void TappedContext::clear() { llama_memory_clear(llama_get_memory(ctx_), true); }
+llama_context* TappedContext::ctx() const {
+    if (!ctx_) {
+        model_->check_open();  // names the closed model when that is why
+        throw RuntimeError("the context was closed");
+    }
+    return ctx_;
+}
+
+int TappedContext::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx())); }
+
+void TappedContext::clear() { llama_memory_clear(llama_get_memory(ctx()), true); }
 
 void TappedContext::run_decode(int n_rows, RowSink* sink) {
+    ctx();  // closed: RuntimeError, never a decode on freed memory
     batch_.n_tokens = n_rows;
     if (sink) tap_.arm(n_rows, sink, sink->tap_kinds());
     const int32_t rc = llama_decode(ctx_, batch_);

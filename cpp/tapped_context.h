@@ -2,6 +2,7 @@
 // takes the callback at context creation), plus the batch plumbing every decode loop needs.
 #pragma once
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "ffn_tap.h"
@@ -29,7 +30,13 @@ public:
     TappedContext(const TappedContext&) = delete;
     TappedContext& operator=(const TappedContext&) = delete;
 
-    llama_context* ctx() const { return ctx_; }
+    // The llama.cpp context; RuntimeError once closed (its model was closed).
+    llama_context* ctx() const;
+    // Frees the llama.cpp context now, after a decode in flight ends (Model::close calls it).
+    void close();
+    bool closed() const { return ctx_ == nullptr; }
+    // Held by a decode loop for a whole advance, so that close() waits for it.
+    std::unique_lock<std::mutex> lock_use() { return std::unique_lock<std::mutex>(use_mu_); }
     const Model& model() const { return *model_; }
     FfnTap& tap() { return tap_; }
     const ContextParams& params() const { return params_; }
@@ -52,6 +59,7 @@ private:
     ContextParams params_;
     FfnTap tap_;
     llama_context* ctx_ = nullptr;
+    std::mutex use_mu_;
     llama_batch batch_{};
 };
 

@@ -109,7 +109,12 @@ def test_watch_reducer_gathers_the_watched_neurons(model):
 
 def test_request_beyond_the_cells_fails_before_decoding(model):
     with pytest.raises(neurotap.ContextError, match=r"at most n=\d+ samples"):
-        model.start_sampling(PROMPT, n=64, max_tokens=2000)
+        model.start_sampling(PROMPT, n=64, max_tokens=900)
+    # Each sample is bound by n_ctx like generate() (the fixture loads n_ctx=1024).
+    with pytest.raises(neurotap.ContextError, match="exceeds the context of 1024"):
+        model.start_sampling(PROMPT, n=2, max_tokens=2000)
+    with pytest.raises(neurotap.ContextError, match="exceeds the context of 1024"):
+        model.generate(PROMPT, max_tokens=2000)
 
 
 @pytest.mark.parametrize("kw,msg", [

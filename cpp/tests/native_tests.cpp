@@ -691,7 +691,7 @@ void test_tap_discovery() {
     std::vector<int> missing = tap.end_discovery();
     CHECK(missing == std::vector<int>{7});
 
-    // A second round starts from scratch; names outside [0, n_layer) are ignored.
+    // A second round starts from scratch; names outside [0, n_layers) are ignored.
     tap.begin_discovery();
     ask(tap, "ffn_swiglu-0");
     ask(tap, "ffn_swiglu-30");
@@ -727,7 +727,7 @@ void test_model_info() {
     const ModelInfo& i = model->info();
     CHECK(i.architecture == "llama");
     CHECK(i.act_name == "ffn_swiglu");
-    CHECK(i.n_layer == 30);
+    CHECK(i.n_layers == 30);
     CHECK(i.n_ff == 1536);
     CHECK(i.n_embd == 576);
     CHECK(i.n_vocab > 1000);
@@ -741,7 +741,7 @@ void test_generation() {
     auto model = shared_model();
     TappedContext tc(model, small_context());
     CHECK(tc.n_ctx() >= 512);
-    const int L = model->info().n_layer;
+    const int L = model->info().n_layers;
     const int64_t F = model->info().n_ff;
     const int64_t E = model->info().n_embd;
     const std::vector<llama_token> prompt =
@@ -763,7 +763,7 @@ void test_generation() {
     CHECK(a.acts_f32 == b.acts_f32);
 
     const size_t n = a.tokens.size();
-    CHECK(a.n_layer == L && a.n_ff == F && a.n_embd == E);
+    CHECK(a.n_layers == L && a.n_ff == F && a.n_embd == E);
     CHECK(a.active_counts.size() == n * L);
     CHECK(a.acts_f32.size() == n * L * F);
     CHECK(a.acts_f16.empty() && a.norm_inputs.empty());
@@ -978,26 +978,26 @@ void test_unsupported_models() {
 // in eight exactly at the threshold (not active: the comparison is strict).
 struct SynthRows {
     int n_tokens;
-    int n_layer;
+    int n_layers;
     int64_t n_ff;
     std::vector<float> v;
-    SynthRows(int T, int L, int64_t F, uint32_t seed, float thr) : n_tokens(T), n_layer(L), n_ff(F) {
+    SynthRows(int T, int L, int64_t F, uint32_t seed, float thr) : n_tokens(T), n_layers(L), n_ff(F) {
         std::mt19937 rng(seed);
         std::uniform_real_distribution<float> u(-1.0f, 1.0f);
         v.resize(static_cast<size_t>(T) * L * F);
         for (float& x : v) x = (rng() % 8 == 0) ? thr : u(rng);
     }
-    float* row(int t, int l) { return v.data() + (static_cast<size_t>(t) * n_layer + l) * n_ff; }
-    const float* row(int t, int l) const { return v.data() + (static_cast<size_t>(t) * n_layer + l) * n_ff; }
+    float* row(int t, int l) { return v.data() + (static_cast<size_t>(t) * n_layers + l) * n_ff; }
+    const float* row(int t, int l) const { return v.data() + (static_cast<size_t>(t) * n_layers + l) * n_ff; }
 };
 
 // The reference bitset of neurons active on tokens [t0, t1): bit layer*n_ff + i of
 // little-endian uint64 words.
 std::vector<uint64_t> reference_bits(const SynthRows& r, int t0, int t1, float thr) {
-    const int64_t n_bits = r.n_layer * r.n_ff;
+    const int64_t n_bits = r.n_layers * r.n_ff;
     std::vector<uint64_t> w(static_cast<size_t>((n_bits + 63) / 64), 0);
     for (int t = t0; t < t1; ++t)
-        for (int l = 0; l < r.n_layer; ++l)
+        for (int l = 0; l < r.n_layers; ++l)
             for (int64_t i = 0; i < r.n_ff; ++i)
                 if (r.row(t, l)[i] > thr) {
                     const int64_t bit = l * r.n_ff + i;
@@ -1277,7 +1277,7 @@ std::vector<float> teacher_forced_rows(TappedContext& single, const std::vector<
 
 void test_parallel_sampling() {
     auto model = shared_model();
-    const int L = model->info().n_layer;
+    const int L = model->info().n_layers;
     const int64_t F = model->info().n_ff;
     const int n = 6, max_tokens = 24;
     const uint32_t seed = 1234;
@@ -1413,7 +1413,7 @@ void test_parallel_sampling() {
 // advance() in steps, stop() mid-run, and the samples left alone are not disturbed.
 void test_parallel_control() {
     auto model = shared_model();
-    const int L = model->info().n_layer;
+    const int L = model->info().n_layers;
     const int64_t F = model->info().n_ff;
     const int n = 6, max_tokens = 24, keep = 3;
     const uint32_t seed = 777;
@@ -1540,8 +1540,8 @@ void test_parallel_errors() {
     EXPECT_THROW(ParamError, make(prompt, temp), "temperature -1");
     // A reducer that rejects the run (a watched neuron outside the model) after the samplers
     // were made: nothing may leak (LeakSanitizer checks).
-    WatchReducer outside({{0, 0}, {model->info().n_layer, 0}});
-    EXPECT_THROW(ParamError, make(prompt, sample_params(n, 8, 1), {&outside}), "watched layer == n_layer");
+    WatchReducer outside({{0, 0}, {model->info().n_layers, 0}});
+    EXPECT_THROW(ParamError, make(prompt, sample_params(n, 8, 1), {&outside}), "watched layer == n_layers");
 
     // After all that, the context still samples.
     DecodeLoop ok(tc, prompt, sample_params(n, 4, 1), {});
@@ -2033,7 +2033,7 @@ void test_nad_contributions() {
     const NadWeights w = write_nad_gguf(path, L, F, E, V, 11);
     GgufFile file(path);
     auto cw = std::make_shared<const ContributionWeights>(file, L, F, E, V);
-    CHECK(cw->n_layer() == L && cw->n_ff() == F && cw->n_embd() == E && cw->n_vocab() == V);
+    CHECK(cw->n_layers() == L && cw->n_ff() == F && cw->n_embd() == E && cw->n_vocab() == V);
     CHECK(cw->unembedding_name() == "token_embd.weight");
     CHECK(cw->memory_bytes() == (static_cast<size_t>(L) * F * E + static_cast<size_t>(V) * E) * sizeof(float));
     // The transposed columns.
@@ -2182,7 +2182,7 @@ void test_nad_contributions() {
         EXPECT_NO_THROW(red.commit(0, 0, V - 1), "commit(token id n_vocab - 1)");
         red.finish(0, 1);
         CHECK(red.tokens_processed() == 1 && red.eta(0).size() == 1u && red.n_active(0).size() == 1u);
-        EXPECT_THROW(ParamError, red.begin(1, L + 1, F, 4), "begin with another n_layer");
+        EXPECT_THROW(ParamError, red.begin(1, L + 1, F, 4), "begin with another n_layers");
         EXPECT_THROW(ParamError, red.begin(1, L, F - 1, 4), "begin with another n_ff");
     }
 
@@ -2219,10 +2219,10 @@ void test_nad_weights_errors() {
     EXPECT_THROW_MSG(ModelError, ContributionWeights(g, L, F + 1, E, V), "ffn_down.weight' has shape", "n_ff + 1");
     EXPECT_THROW_MSG(ModelError, ContributionWeights(g, L, F - 1, E, V), "ffn_down.weight' has shape", "n_ff - 1");
     EXPECT_THROW_MSG(ModelError, ContributionWeights(g, L, F, E + 1, V), "ffn_down.weight' has shape", "n_embd + 1");
-    EXPECT_THROW_MSG(ModelError, ContributionWeights(g, L + 1, F, E, V), "blk.3.ffn_down.weight' missing", "n_layer + 1");
+    EXPECT_THROW_MSG(ModelError, ContributionWeights(g, L + 1, F, E, V), "blk.3.ffn_down.weight' missing", "n_layers + 1");
     EXPECT_THROW_MSG(ModelError, ContributionWeights(g, L, F, E, V + 1), "unembedding", "n_vocab + 1");
     for (int bad : {0, -1})
-        EXPECT_THROW(ParamError, ContributionWeights(g, bad, F, E, V), "n_layer " + std::to_string(bad));
+        EXPECT_THROW(ParamError, ContributionWeights(g, bad, F, E, V), "n_layers " + std::to_string(bad));
     EXPECT_THROW(ParamError, ContributionWeights(g, L, 0, E, V), "n_ff 0");
     EXPECT_THROW(ParamError, ContributionWeights(g, L, F, 0, V), "n_embd 0");
     EXPECT_THROW(ParamError, ContributionWeights(g, L, F, E, 0), "n_vocab 0");
@@ -2486,6 +2486,43 @@ void test_nad_gate_variant() {
     check_nad_not_trivial(grefs, "gate GELU");
 }
 
+// Lifetimes: a model closed under its contexts (what llama_cpp.Llama.close does to a tapped model)
+// frees them first; every later use raises instead of touching freed memory (ASan watches). A tiny
+// context decodes a long prompt in the batches llama.cpp accepts.
+void test_model_lifetime() {
+    auto model = Model::load(g_model_path, 0);
+    const std::vector<llama_token> prompt = model->tokenize("The capital of France is", true, false);
+    auto tc = std::make_unique<TappedContext>(model, small_context());
+    GenerateResult before = generate(*tc, prompt, greedy(4), nullptr);
+    CHECK(before.tokens.size() == 4u);
+    SampleParams sp = sample_params(1, 16, 3);
+    DecodeLoop loop(*tc, prompt, sp, {});
+    loop.advance(2, nullptr);
+    model->close();
+    CHECK(model->closed() && tc->closed());
+    EXPECT_THROW_MSG(RuntimeError, generate(*tc, prompt, greedy(4), nullptr), "was closed", "generate after close");
+    EXPECT_THROW_MSG(RuntimeError, loop.advance(8, nullptr), "was closed", "advance after close");
+    EXPECT_THROW_MSG(RuntimeError, model->tokenize("Hi", true, false), "was closed", "tokenize after close");
+    EXPECT_THROW(RuntimeError, TappedContext(model, small_context()), "a new context after close");
+    EXPECT_NO_THROW(loop.stop({0}), "stopping after close frees nothing twice");
+    CHECK(loop.sample(0).tokens.size() == 2u);
+    model->close();  // twice: nothing
+    tc.reset();      // the context object outlives its llama context, and goes cleanly
+
+    auto m2 = Model::load(g_model_path, 0);
+    ContextParams tiny = small_context();
+    tiny.n_ctx = 32;  // padded to 256 by llama.cpp; its batch stays 32
+    TappedContext small(m2, tiny);
+    std::vector<llama_token> longer;
+    while (longer.size() < 120) longer.insert(longer.end(), prompt.begin(), prompt.end());
+    GenerateResult r;
+    EXPECT_NO_THROW(r = generate(small, longer, greedy(3), nullptr), "a prompt longer than the batch");
+    CHECK(r.tokens.size() == 3u);
+    while (longer.size() < 400) longer.insert(longer.end(), prompt.begin(), prompt.end());
+    EXPECT_THROW_MSG(ContextError, generate(small, longer, greedy(3), nullptr), "exceeds the context",
+                     "a prompt beyond the context");
+}
+
 // NEAT calibration files read natively: the shipped file gives a configuration for the real model,
 // and every truncation or corruption of it is a ModelError (never a crash, under the sanitizers).
 void test_neat_file() {
@@ -2497,7 +2534,7 @@ void test_neat_file() {
     NeatConfig cfg;
     EXPECT_NO_THROW(cfg = neat_config(cal, *model), "a configuration for the model it was made for");
     CHECK(!cfg.exit_tokens.empty() && !cfg.ban_tokens.empty());
-    EXPECT_NO_THROW(NeatMonitor(cfg, model->info().n_layer, model->info().n_ff, model->info().n_vocab),
+    EXPECT_NO_THROW(NeatMonitor(cfg, model->info().n_layers, model->info().n_ff, model->info().n_vocab),
                     "the monitor accepts it");
     NeatCalibrationFile other = cal;
     other.n_layers += 1;
@@ -2526,7 +2563,7 @@ void test_neat_file() {
         try {
             const NeatCalibrationFile c = load_neat_calibration(tmp);
             const NeatConfig nc = neat_config(c, *model);
-            NeatMonitor(nc, model->info().n_layer, model->info().n_ff, model->info().n_vocab);
+            NeatMonitor(nc, model->info().n_layers, model->info().n_ff, model->info().n_vocab);
         } catch (const ModelError&) {
         } catch (const ParamError&) {  // neurons outside the model: the monitor refuses them
         }
@@ -2586,6 +2623,7 @@ int main(int argc, char** argv) {
         {"decode_loop", "parallel_errors", test_parallel_errors},
         {"decode_loop", "parallel_logprobs", test_parallel_logprobs},
         {"neat", "neat_file", test_neat_file},
+        {"generate", "model_lifetime", test_model_lifetime},
     };
 
     int passed = 0, failed = 0;

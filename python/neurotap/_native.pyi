@@ -24,6 +24,14 @@ class Model:
         ...
     def apply_chat_template(self, messages: collections.abc.Sequence[tuple[str, str]], add_assistant: bool = True) -> str:
         ...
+    def check_file_unchanged(self) -> None:
+        """
+        RuntimeError when the file was replaced or changed on disk since it was loaded.
+        """
+    def close(self) -> None:
+        """
+        Free the contexts made on this model, then its weights if it owns them; later use raises.
+        """
     def detokenize(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> bytes:
         ...
     def is_eog(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool:
@@ -35,6 +43,9 @@ class Model:
     def token_text(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bytes:
         ...
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        ...
+    @property
+    def closed(self) -> bool:
         ...
     @property
     def info(self) -> dict:

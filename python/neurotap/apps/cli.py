@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..core.io import check_output
 from ..runtime.registry import default_model, known_models, resolve
 
 
@@ -104,13 +105,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _require_eval_extras(needs_sklearn=bool({"dbscan", "nex"} & set(methods)), needs_plot=bool(args.plot))
     if args.early_stop is not None and args.early_stop > args.max_tokens:
         raise ValueError(f"--early-stop {args.early_stop} is longer than --max-tokens {args.max_tokens}")
+    check_output(args.out, "--out")  # before an hour of sampling, not after it
+    if args.plot:
+        check_output(args.plot, "--plot")
     model = _load(args)
     report = evaluate(model, tasks, n=args.n, methods=methods, early_stop=args.early_stop,
                       max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, k=args.k, progress=not args.quiet, neat=args.neat)
+                      top_k=args.top_k, k=args.k, progress=not args.quiet, neat=_neat(args.neat, model),
+                      out=args.out, resume=args.resume)
     report["config"]["tasks"] = args.tasks
     save_report(report, args.out)
     print(format_table(report))
+    for f in report["failed_tasks"]:
+        print(f"[task {f['id']} failed: {f['error']}]")
     nr = report.get("neat_run")
     if nr:
         full = report["full_run"]["tokens"]
@@ -132,6 +139,7 @@ def cmd_rank_models(args: argparse.Namespace) -> int:
     from .rank import format_ranking, rank_models
 
     tasks = resolve_tasks(args.tasks, args.limit, args.task_seed)
+    check_output(args.out, "--out")
     for p in args.models:
         resolve(p)  # a missing file fails before any model loads
     rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
@@ -146,6 +154,8 @@ def cmd_nex(args: argparse.Namespace) -> int:
     from ..methods.selection import nex_input
     from ..scoring.nex import nex_scores, novelty, phases, plot_phases
 
+    if args.plot:
+        check_output(args.plot, "--plot")
     model = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     samples = model.sample(prompt, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
@@ -166,9 +176,48 @@ def cmd_nex(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_cache(args: argparse.Namespace) -> int:
+    from ..scoring.tasks import format_prompt, resolve_tasks
+    from .cache import check_cache_folder, export_cache
+
+    if (args.prompt is None) == (args.tasks is None):
+        raise ValueError("give either a prompt or --tasks")
+    if args.row < 1:
+        raise ValueError(f"--row must be at least 1 token, got {args.row}")
+    try:
+        check_cache_folder(args.out, args.overwrite, "--overwrite")  # before an hour of sampling, not after it
+    except FileExistsError as e:
+        raise ValueError(str(e)) from None
+    tasks = resolve_tasks(args.tasks, args.limit, args.task_seed) if args.tasks else None
+    model = _load(args)
+    opts = dict(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, reducers=("contributions",),
+                chunk=1, progress=None)
+    samples, pids, extra = [], [], []
+    if tasks is None:
+        prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+        got = model.sample(prompt, seed=args.seed, **opts)
+        samples += got
+        pids += ["0"] * len(got)
+        extra += [{"prompt": args.prompt}] * len(got)
+    else:
+        for i, task in enumerate(tasks):  # seeds as rank-models draws them
+            got = model.sample([{"role": "user", "content": format_prompt(task)}], seed=args.seed * 1_000_003 + i,
+                               **opts)
+            samples += got
+            pids += [task.id] * len(got)
+            extra += [{"question": task.question, "answer": task.answer}] * len(got)
+    path = export_cache(samples, args.out, n_ff=model.info.n_ff, row_tokens=args.row, problem_ids=pids, extra=extra,
+                        model_id=model.info.name, dataset_id=args.tasks or "prompt", overwrite=args.overwrite)
+    tokens = sum(s.n_tokens for s in samples)
+    print(f"[{len(samples)} responses ({len(set(pids))} problem{'s' if len(set(pids)) != 1 else ''}), {tokens} tokens, "
+          f"rows of {args.row} tokens | cache: {path}]")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize
 
+    check_output(args.out, "output model")
     out = quantize(args.model, args.out, args.type, threads=args.threads)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type.upper()})")
     return 0
@@ -179,6 +228,7 @@ def cmd_neat_calibrate(args: argparse.Namespace) -> int:
     from ..scoring.tasks import resolve_tasks
 
     tasks = resolve_tasks(args.tasks, args.problems, args.task_seed)
+    check_output(args.out, "--out")
     layers = None
     if args.layers:
         try:
@@ -268,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", default=None, help="PNG of accuracy against tokens per method")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--neat", default=None, help="also run every task with NEAT early exit (same seeds) and compare")
+    e.add_argument("--resume", action="store_true",
+                   help="keep the tasks already in --out (same configuration) and run the rest")
     e.set_defaults(func=cmd_eval)
 
     nt = sub.add_parser("neat", help="NEAT early exit: calibration")
@@ -311,6 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--plot", default=None, help="PNG of the best sample's novelty curve and phases")
     x.set_defaults(func=cmd_nex)
 
+    xc = sub.add_parser("export-cache", help="sample N answers and write their activated sets as a cache "
+                        "in the layout of NAD's and NEX's reference tools")
+    xc.add_argument("prompt", nargs="?", default=None, help="one prompt (or --tasks)")
+    _model_args(xc)
+    xc.add_argument("--tasks", default=None, help="a JSONL file or 'arith': one problem per task")
+    xc.add_argument("--limit", type=int, default=None, help="number of tasks (arith: default 50)")
+    xc.add_argument("--task-seed", type=int, default=0)
+    xc.add_argument("-n", "--n", type=int, default=8, help="samples per prompt")
+    xc.add_argument("--max-tokens", type=int, default=256)
+    xc.add_argument("--temperature", type=float, default=0.6)
+    xc.add_argument("--seed", type=int, default=0)
+    xc.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    xc.add_argument("--row", type=int, default=32, help="tokens per cache row (both tools: 32; 1: per token)")
+    xc.add_argument("--out", required=True, help="cache folder (written atomically)")
+    xc.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    xc.set_defaults(func=cmd_export_cache)
+
     q = sub.add_parser("quantize", help="write a re-quantized variant of a model (llama.cpp's quantizer)")
     q.add_argument("model", help="known name or .gguf path")
     q.add_argument("out", help="output .gguf path")
@@ -327,7 +396,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
         print(f"neurotap: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.io import atomic_path, write_atomic
+from ..core.io import atomic_path, check_output, write_atomic
 from ..methods.nad import check_early_stop, decision_chunk, early_stop_tokens, set_sizes, similarity
 from ..methods.neat import load_calibration
 from ..methods.selection import METHODS, TOP_LOGPROBS, check_methods, select
@@ -28,7 +28,7 @@ from ..scoring.stats import bootstrap_ci
 from ..scoring.tasks import DEFAULT_PROMPT, Task, format_prompt
 
 DEFAULT_METHODS = ("knn", "medoid", "dbscan", "minact", "majority", "avg", "random", "deepconf", "selfcert")
-# nex (issue 6) is opt-in: --methods ...,nex
+# nex is opt-in (--methods ...,nex): it needs per-token sets (chunk=1)
 
 
 def _task_seed(seed: int, index: int) -> int:
@@ -38,87 +38,140 @@ def _task_seed(seed: int, index: int) -> int:
 def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Sequence[str] = DEFAULT_METHODS,
              early_stop: Optional[int] = None, max_tokens: int = 256, seed: int = 0, temperature: float = 0.6,
              top_p: float = 0.95, top_k: int = 40, k: int = 3, template: str = DEFAULT_PROMPT,
-             progress: bool = True, neat: Any = None) -> Dict[str, Any]:
+             progress: bool = True, neat: Any = None, out: Optional[os.PathLike] = None,
+             resume: bool = False) -> Dict[str, Any]:
+    """Every method on every task; returns the report. With `out`, the report is written there
+    (atomically) after every task, so an interrupted or failing run keeps what it finished; with
+    `resume`, the tasks already in that report (same configuration) are not run again. A task that
+    fails (too long for the context, say) is reported with its error and the others go on."""
     methods = check_methods(list(methods), n)
-    # A wrong or corrupt NEAT file fails before any sampling.
+    # A wrong or corrupt NEAT file, or an output that cannot be written, fails before any sampling.
     neat_cal = load_calibration(neat, model) if neat is not None else None
     check_early_stop(early_stop, max_tokens)
     if not tasks:
         raise ValueError("no tasks to evaluate")
+    if out is not None:
+        check_output(out, "report")
     early = [m for m in methods if METHODS[m].early] if early_stop is not None else []
     chunk = decision_chunk(early_stop)
     if "nex" in methods:
         chunk = 1  # NEX reads per-token sets; NAD's chunk sets are their unions (same result)
     logprobs = TOP_LOGPROBS if any(METHODS[m].needs_logprobs for m in methods) else 0
-    sampling = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    reducers=("contributions",), chunk=chunk, logprobs=logprobs)
-    V = model.info.n_vocab
+    sampling: Dict[str, Any] = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    reducers=("contributions",), chunk=chunk, logprobs=logprobs)
+    config = dict(n=n, early_stop=early_stop, max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p,
+                  top_k=top_k, k=k, template=template, methods=list(methods),
+                  neat=None if neat_cal is None else neat_cal.model.get("sha256", "") + ":" + str(neat_cal.neurons))
+    done = _resumable_rows(out, config, model, tasks) if resume and out is not None else {}
 
     from tqdm.auto import tqdm
 
     rows: List[Dict[str, Any]] = []
-    full_tokens = full_seconds = es_seconds = 0.0
-    es_tokens: Dict[str, int] = {m: 0 for m in early}
-    diverged = 0
-    neat_tokens, neat_seconds = 0, 0.0
     bar = tqdm(tasks, desc=f"eval n={n}", unit="task", disable=not progress, dynamic_ncols=True)
     for ti, task in enumerate(bar):
-        prompt = [{"role": "user", "content": format_prompt(task, template)}]
-        s_seed = _task_seed(seed, ti)
-        t0 = time.perf_counter()
-        run = model.start_sampling(prompt, seed=s_seed, **sampling)
+        row = done.get(ti)
+        if row is None:
+            try:
+                row = _evaluate_task(model, task, ti, methods, early, early_stop, neat_cal, sampling, k=k, seed=seed,
+                                     template=template)
+            except (ValueError, RuntimeError) as e:  # this task only (ContextError is a ValueError)
+                row = {"id": task.id, "question": task.question, "answer": task.answer,
+                       "error": f"{type(e).__name__}: {e}"}
+        rows.append(row)
+        if out is not None:
+            save_report(_report(model, rows, methods, early, neat_cal is not None, config, len(tasks)), out)
+        ok = [r for r in rows if "error" not in r]
+        if ok:
+            bar.set_postfix(acc_avg=f"{np.mean([np.mean([x['correct'] for x in r['samples']]) for r in ok]):.2f}",
+                            failed=len(rows) - len(ok))
+    bar.close()
+    return _report(model, rows, methods, early, neat_cal is not None, config, len(tasks))
+
+
+def _resumable_rows(out: os.PathLike, config: Dict[str, Any], model: Model, tasks: Sequence[Task]
+                    ) -> Dict[int, Dict[str, Any]]:
+    """Finished rows of an earlier report at `out`, by task position; ValueError when that report
+    was made with another configuration, model or task list (mixing them would be meaningless)."""
+    path = Path(out)
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        old_config, old_rows = old["config"], old["tasks"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume: {path} is not a neurotap eval report ({e})") from None
+    diff = [key for key, v in config.items() if old_config.get(key) != v]
+    if diff or old.get("model", {}).get("path") != model.info.path:
+        raise ValueError(f"--resume: {path} was made with another configuration "
+                         f"({', '.join(diff) or 'model'} differ); use another --out or drop --resume")
+    rows = {}
+    for ti, row in enumerate(old_rows):
+        if ti >= len(tasks) or row.get("id") != tasks[ti].id:
+            raise ValueError(f"--resume: {path} holds other tasks (task {ti} is {row.get('id')!r})")
+        if "error" not in row:
+            rows[ti] = row
+    return rows
+
+
+def _evaluate_task(model: Model, task: Task, ti: int, methods: Sequence[str], early: Sequence[str],
+                   early_stop: Optional[int], neat_cal: Any, sampling: Dict[str, Any], *, k: int, seed: int,
+                   template: str) -> Dict[str, Any]:
+    """One task's row: every method's pick on one full run, the early-stopped run and the NEAT run,
+    with what each cost (`cost`)."""
+    V = model.info.n_vocab
+    prompt = [{"role": "user", "content": format_prompt(task, template)}]
+    s_seed = _task_seed(seed, ti)
+    cost: Dict[str, Any] = {}
+    t0 = time.perf_counter()
+    with model.start_sampling(prompt, seed=s_seed, **sampling) as run:
         run.advance()
         samples = run.samples()
-        full_seconds += time.perf_counter() - t0
-        full_tokens += run.tokens_sampled
-        row: Dict[str, Any] = {"id": task.id, "question": task.question, "answer": task.answer,
-                               **_judge(samples, task, methods, k=k, seed=s_seed, n_vocab=V)}
-        for rec, na in zip(row["samples"], set_sizes(samples)):
-            rec["set_size"] = int(na)
-        if early:
-            t1 = time.perf_counter()
-            es = model.start_sampling(prompt, seed=s_seed, **sampling)
+    cost["full_seconds"] = time.perf_counter() - t0
+    cost["full_tokens"] = run.tokens_sampled
+    row: Dict[str, Any] = {"id": task.id, "question": task.question, "answer": task.answer,
+                           **_judge(samples, task, methods, k=k, seed=s_seed, n_vocab=V)}
+    for rec, na in zip(row["samples"], set_sizes(samples)):
+        rec["set_size"] = int(na)
+    if early:
+        assert early_stop is not None
+        t1 = time.perf_counter()
+        with model.start_sampling(prompt, seed=s_seed, **sampling) as es:
             es.advance(early_stop)
             prefix = es.samples()
-            early_picks = {m: select(prefix, m, tokens=early_stop, k=k, seed=s_seed, n_vocab=V) for m in early}
+            early_picks: Dict[str, int] = {}
+            for m in early:
+                pick = select(prefix, m, tokens=early_stop, k=k, seed=s_seed, n_vocab=V)
+                assert pick is not None  # early methods always pick
+                early_picks[m] = pick
             es.keep(sorted(set(early_picks.values())))
             es.advance()
             final = es.samples()
-            es_seconds += time.perf_counter() - t1
-            row["early_picks"] = early_picks
-            row["early_tokens"] = {}
-            row["early_correct"] = {}
-            for m, p in early_picks.items():
-                toks = early_stop_tokens(prefix, final, p, early_stop)
-                es_tokens[m] += toks
-                row["early_tokens"][m] = toks
-                row["early_correct"][m] = is_correct(extract_answer(final[p].text), task.answer)
-                if final[p].tokens != samples[p].tokens:
-                    diverged += 1
-            row["similarity_early"] = np.round(similarity(prefix, early_stop), 4).tolist()
-        if neat_cal is not None:
-            t2 = time.perf_counter()
-            nr = model.start_sampling(prompt, seed=s_seed, neat=neat_cal, **sampling)
+        cost["early_seconds"] = time.perf_counter() - t1
+        row["early_picks"] = early_picks
+        row["early_tokens"] = {}
+        row["early_correct"] = {}
+        cost["diverged"] = 0
+        for m, p in early_picks.items():
+            row["early_tokens"][m] = early_stop_tokens(prefix, final, p, early_stop)
+            row["early_correct"][m] = is_correct(extract_answer(final[p].text), task.answer)
+            cost["diverged"] += final[p].tokens != samples[p].tokens
+        row["similarity_early"] = np.round(similarity(prefix, early_stop), 4).tolist()
+    if neat_cal is not None:
+        t2 = time.perf_counter()
+        with model.start_sampling(prompt, seed=s_seed, neat=neat_cal, **sampling) as nr:
             nr.advance()
             ns = nr.samples()
-            neat_seconds += time.perf_counter() - t2
-            neat_tokens += nr.tokens_sampled
-            row["neat"] = _judge(ns, task, methods, k=k, seed=s_seed, n_vocab=V)
-            for rec, s in zip(row["neat"]["samples"], ns):
-                rec["exit_at"] = s.neat_exit_at
-                rec["bans"] = sum(1 for e in s.neat_events if e[1] == 1)
-            # Identical to the run without NEAT up to each sample's first intervention.
-            row["neat"]["tokens_saved"] = int(run.tokens_sampled - nr.tokens_sampled)
-        row["similarity"] = np.round(similarity(samples), 4).tolist()
-        rows.append(row)
-        rate = full_tokens / full_seconds if full_seconds else 0.0
-        bar.set_postfix(tok_s=f"{rate:.0f}", acc_avg=f"{np.mean([np.mean([x['correct'] for x in r['samples']]) for r in rows]):.2f}")
-    bar.close()
-    return _report(model, tasks, rows, methods, early, n=n, early_stop=early_stop, max_tokens=max_tokens, seed=seed,
-                   temperature=temperature, top_p=top_p, top_k=top_k, k=k, template=template,
-                   full_tokens=int(full_tokens), full_seconds=full_seconds, es_tokens=es_tokens,
-                   es_seconds=es_seconds, diverged=diverged, neat_tokens=neat_tokens, neat_seconds=neat_seconds,
-                   neat_used=neat_cal is not None)
+        cost["neat_seconds"] = time.perf_counter() - t2
+        cost["neat_tokens"] = nr.tokens_sampled
+        row["neat"] = _judge(ns, task, methods, k=k, seed=s_seed, n_vocab=V)
+        for rec, s in zip(row["neat"]["samples"], ns):
+            rec["exit_at"] = s.neat_exit_at
+            rec["bans"] = sum(1 for e in s.neat_events if e[1] == 1)
+        # Identical to the run without NEAT up to each sample's first intervention.
+        row["neat"]["tokens_saved"] = int(run.tokens_sampled - nr.tokens_sampled)
+    row["similarity"] = np.round(similarity(samples), 4).tolist()
+    row["cost"] = cost
+    return row
 
 
 def _judge(samples, task: Task, methods: Sequence[str], *, k: int, seed: int, n_vocab: int) -> Dict[str, Any]:
@@ -142,43 +195,57 @@ def _score(judged: Dict[str, Any], method: str, answer: str) -> float:
     return float(pick is not None and judged["samples"][pick]["correct"])
 
 
-def _report(model, tasks, rows, methods, early, *, full_tokens, full_seconds, es_tokens, es_seconds, diverged,
-            neat_tokens=0, neat_seconds=0.0, neat_used=False, **config) -> Dict[str, Any]:
+def _report(model: Model, rows: List[Dict[str, Any]], methods: Sequence[str], early: Sequence[str], neat_used: bool,
+            config: Dict[str, Any], n_planned: int) -> Dict[str, Any]:
+    """The report of the rows so far (complete when every planned task has a row); accuracies
+    over the tasks that ran, failed tasks listed with their errors."""
+    ok = [r for r in rows if "error" not in r]
+    failed = [{"id": r["id"], "error": r["error"]} for r in rows if "error" in r]
+
+    def total(key: str) -> float:
+        return sum(r["cost"].get(key, 0) for r in ok)
+
     table: Dict[str, Dict[str, Any]] = {}
 
-    def entry(scores: List[float], tokens: int, seconds: float, note: str = "") -> Dict[str, Any]:
+    def entry(scores: List[float], tokens: float, seconds: float, note: str = "") -> Dict[str, Any]:
         lo, hi = bootstrap_ci(np.asarray(scores, dtype=float))
         d = {"accuracy": float(np.mean(scores)), "ci95": [lo, hi], "tokens": int(tokens),
-             "tokens_per_task": tokens / len(rows), "seconds": round(seconds, 2)}
+             "tokens_per_task": tokens / len(scores), "seconds": round(seconds, 2)}
         if note:
             d["note"] = note
         return d
 
-    for m in methods:
-        table[m] = entry([_score(r, m, r["answer"]) for r in rows], full_tokens, full_seconds)
-    if neat_used:
+    full_tokens, full_seconds = total("full_tokens"), total("full_seconds")
+    neat_tokens, neat_seconds = total("neat_tokens"), total("neat_seconds")
+    if ok:
         for m in methods:
-            table[f"{m}+neat"] = entry([_score(r["neat"], m, r["answer"]) for r in rows], neat_tokens, neat_seconds)
-    for m in early:
-        scores = [float(r["early_correct"][m]) for r in rows]
-        table[f"{m}@{config['early_stop']}"] = entry(
-            scores, es_tokens[m], es_seconds,
-            "seconds: the whole early-stopped run, shared by every early method (their picks continue together)")
+            table[m] = entry([_score(r, m, r["answer"]) for r in ok], full_tokens, full_seconds)
+        if neat_used:
+            for m in methods:
+                table[f"{m}+neat"] = entry([_score(r["neat"], m, r["answer"]) for r in ok], neat_tokens, neat_seconds)
+        for m in early:
+            table[f"{m}@{config['early_stop']}"] = entry(
+                [float(r["early_correct"][m]) for r in ok], sum(r["early_tokens"][m] for r in ok),
+                total("early_seconds"),
+                "seconds: the whole early-stopped run, shared by every early method (their picks continue together)")
     info = model.info
     return {
         "version": 1,
+        "complete": len(rows) == n_planned,
         "model": {"name": info.name, "path": info.path, "architecture": info.architecture, "n_layers": info.n_layers,
                   "n_ff": info.n_ff},
-        "config": {**config, "n_tasks": len(rows), "methods": list(methods)},
+        "config": {**config, "n_tasks": len(ok)},
         "methods": table,
-        "full_run": {"tokens": full_tokens, "seconds": round(full_seconds, 2)},
-        "early_run": {"tokens": {m: int(t) for m, t in es_tokens.items()}, "seconds": round(es_seconds, 2),
-                      "picks_diverged_from_full_run": diverged} if early else None,
+        "failed_tasks": failed,
+        "full_run": {"tokens": int(full_tokens), "seconds": round(full_seconds, 2)},
+        "early_run": {"tokens": {m: int(sum(r["early_tokens"][m] for r in ok)) for m in early},
+                      "seconds": round(total("early_seconds"), 2),
+                      "picks_diverged_from_full_run": int(total("diverged"))} if early else None,
         "neat_run": {"tokens": int(neat_tokens), "seconds": round(neat_seconds, 2),
                      "tokens_saved": int(full_tokens - neat_tokens),
-                     "exits": sum(1 for r in rows for s in r["neat"]["samples"] if s["exit_at"] >= 0),
-                     "bans": sum(s["bans"] for r in rows for s in r["neat"]["samples"]),
-                     "samples": sum(len(r["neat"]["samples"]) for r in rows)} if neat_used else None,
+                     "exits": sum(1 for r in ok for s in r["neat"]["samples"] if s["exit_at"] >= 0),
+                     "bans": sum(s["bans"] for r in ok for s in r["neat"]["samples"]),
+                     "samples": sum(len(r["neat"]["samples"]) for r in ok)} if neat_used else None,
         "tasks": rows,
     }
 

@@ -7,9 +7,22 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 
 
-def positive_int(name: str, value: Any) -> int:
+INT32_MAX = 2**31 - 1
+
+
+def positive_int(name: str, value: Any, limit: int = INT32_MAX) -> int:
+    """A positive integer no larger than `limit` (what the native core takes: a C int)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > limit:
+        raise ValueError(f"{name} must be at most {limit}, got {value}")
+    return int(value)
+
+
+def int_in(name: str, value: Any, lo: int, hi: int) -> int:
+    """An integer in [lo, hi)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value < hi:
+        raise ValueError(f"{name} {value!r} is out of range: it must be an integer in [{lo}, {hi})")
     return int(value)
 
 

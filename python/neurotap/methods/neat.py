@@ -81,6 +81,10 @@ class NeatCalibration:
     version: int = VERSION
 
     def native_config(self, model: Model) -> Any:
+        L, F = model.info.n_layers, model.info.n_ff
+        for layer, i in self.neurons:
+            if not (0 <= int(layer) < L and 0 <= int(i) < F):
+                raise ValueError(f"NEAT neuron ({layer}, {i}) is outside this model's {L} layers x {F} neurons")
         cfg = _native.NeatConfig()
         cfg.neurons = [(int(a), int(b)) for a, b in self.neurons]
         cfg.reference = [float(x) for x in self.reference]
@@ -109,6 +113,22 @@ def save_calibration(cal: NeatCalibration, path: Union[str, os.PathLike]) -> Non
     write_atomic(path, json.dumps(asdict(cal), indent=1).encode())
 
 
+def _shipped_for(model: Model) -> Path:
+    """The shipped calibration of a model known by name, or loaded by path from the same file."""
+    name = SHIPPED.get(model.info.name)
+    if name is not None:
+        return shipped_file(name)
+    sha = fingerprint(model)["sha256"]
+    for name in SHIPPED.values():
+        try:
+            if json.loads(shipped_file(name).read_text())["model"]["sha256"] == sha:
+                return shipped_file(name)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise ValueError(f"no shipped NEAT calibration for {model.info.name!r} (shipped: {', '.join(SHIPPED)}); "
+                     "make one with `neurotap neat calibrate`")
+
+
 def load_calibration(source: Any, model: Model) -> NeatCalibration:
     """A calibration object, a JSON path, or "default" (the shipped one for the model). Refuses a
     calibration made for another model file (its neurons would mean nothing here)."""
@@ -117,11 +137,7 @@ def load_calibration(source: Any, model: Model) -> NeatCalibration:
     else:
         path = Path(str(source))
         if str(source) == "default":
-            name = SHIPPED.get(model.info.name)
-            if name is None:
-                raise ValueError(f"no shipped NEAT calibration for {model.info.name!r} (shipped: "
-                                 f"{', '.join(SHIPPED)}); make one with `neurotap neat calibrate`")
-            path = shipped_file(name)
+            path = _shipped_for(model)
         if not path.is_file():
             raise FileNotFoundError(f"NEAT calibration file not found: {path}")
         where = str(path)
@@ -160,6 +176,8 @@ def _from_dict(d: Any, path: Path) -> NeatCalibration:
         raise bad(f"missing or malformed field: {e}") from None
     if not neurons or len(neurons) != len(reference):
         raise bad("neurons and reference must be non-empty and of equal length")
+    if any(not (0 <= x < 2**31) for pair in neurons for x in pair):
+        raise bad("a neuron's layer or index is negative or beyond 2**31")
     if not all(math.isfinite(x) for x in reference + [cal.exit_similarity, cal.ban_similarity, cal.magnitude]):
         raise bad("non-finite values")
     return cal

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import _native
+from ..core.errors import ContextError
+from ..core.params import int_in
 from ..core.progress import run_with_progress
 from .pool import ContextPool
 from .registry import default_model, resolve
@@ -107,6 +109,23 @@ class Model:
     def n_ctx(self) -> int:
         return self._ctx.n_ctx
 
+    def close(self) -> None:
+        """Frees the contexts (after a decode in flight ends) and, for a model loaded by
+        `neurotap.load`, the weights. Every later call raises a clear error. Runs in progress
+        fail at their next step; their finished records stay readable."""
+        self._pool.clear()
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._native.closed)
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         i = self.info
         return f"<neurotap.Model {i.name} {i.architecture} layers={i.n_layers} n_ff={i.n_ff} n_ctx={self.n_ctx}>"
@@ -140,9 +159,13 @@ class Model:
         """Token ids for a plain prompt, chat messages (chat template applied) or token ids."""
         if isinstance(prompt, str):
             return self.tokenize(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise TypeError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids, "
+                            f"not {type(prompt).__name__}")
         seq = list(prompt)
         if seq and all(isinstance(t, (int, np.integer)) for t in seq):
-            return [int(t) for t in seq]
+            V = self.info.n_vocab
+            return [int_in("prompt token id", t, 0, V) for t in seq]
         if seq and all(isinstance(m, dict) for m in seq):
             return self.tokenize(self.apply_chat_template(seq), add_special=False)
         raise TypeError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
@@ -224,6 +247,10 @@ class Model:
                            contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
                            neat=native_neat(neat, self))
         ids = self.prompt_tokens(prompt)
+        if len(ids) + opts.max_tokens > self.n_ctx:  # the same bound as generate(): n_ctx per sequence
+            raise ContextError(f"the prompt ({len(ids)} tokens) plus max_tokens ({opts.max_tokens}) exceeds the context "
+                               f"of {self.n_ctx} tokens; at most {max(0, self.n_ctx - len(ids))} new tokens fit. "
+                               "Load with a larger n_ctx or lower max_tokens.")
         lease = self._pool.acquire(opts.n, len(ids) + opts.max_tokens)
         try:
             native = _native.Run(lease.ctx, ids, opts)
@@ -265,11 +292,18 @@ def tap(llm: Any, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = Non
     """Tap a model already loaded by llama_cpp.Llama: its weights are shared, not loaded again;
     a new context with the tap (and the Llama's flash-attention setting) is created beside the
     Llama's own."""
-    addr = ctypes.cast(llm.model, ctypes.c_void_p).value
+    stack = getattr(llm, "_stack", None)
+    if not hasattr(llm, "model_path") or not hasattr(stack, "callback"):
+        raise TypeError(f"neurotap.tap takes a llama_cpp.Llama, not {type(llm).__name__}")
+    addr = ctypes.cast(llm.model, ctypes.c_void_p).value if llm._model.model is not None else None
     if not addr:
-        raise ValueError("the llama_cpp.Llama has no loaded model")
+        raise ValueError("the llama_cpp.Llama has no loaded model (was it closed?)")
     native = _native.Model.borrow(addr, str(llm.model_path))
     _native.set_verbose(False)  # importing llama_cpp installed its Python logger; keep Python out of decode
-    return Model(native, name=Path(llm.model_path).name, n_ctx=n_ctx or llm.n_ctx(),
-                 n_threads=n_threads or getattr(llm, "n_threads", None),
-                 flash_attn=int(llm.context_params.flash_attn_type) != 0, keepalive=llm)
+    model = Model(native, name=Path(llm.model_path).name, n_ctx=n_ctx or llm.n_ctx(),
+                  n_threads=n_threads or getattr(llm, "n_threads", None),
+                  flash_attn=int(llm.context_params.flash_attn_type) != 0, keepalive=llm)
+    # Llama.close() frees the weights through its exit stack, last registered first: this runs
+    # before that, so our contexts go while the weights still exist, and later calls raise.
+    stack.callback(native.close)
+    return model

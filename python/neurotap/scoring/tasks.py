@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .answers import extract_answer
+
 
 @dataclass(frozen=True)
 class Task:
@@ -48,6 +50,8 @@ def load_jsonl(path: Union[str, os.PathLike]) -> list[Task]:
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"task file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a JSONL task file")
     tasks: list[Task] = []
     first_line: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
@@ -65,6 +69,9 @@ def load_jsonl(path: Union[str, os.PathLike]) -> list[Task]:
                 raise ValueError(f"{where}: 'question' must be a string, got {type(obj['question']).__name__}")
             task = Task(id=_field(obj, "id", where), question=_field(obj, "question", where),
                         answer=_field(obj, "answer", where))
+            if extract_answer(task.answer) is None:
+                raise ValueError(f"{where}: answer {task.answer!r} holds no number: answers are checked "
+                                 "numerically (the last number of the reply)")
             if task.id in first_line:
                 raise ValueError(f"{where}: duplicate id '{task.id}' (first on line {first_line[task.id]})")
             first_line[task.id] = lineno
