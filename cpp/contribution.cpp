@@ -12,6 +12,11 @@
 #include <immintrin.h>
 #endif
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "errors.h"
 #include "ggml.h"
 
@@ -75,6 +80,20 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* col, const float
 }
 #endif
 
+void axpy_generic(float a, const float* x, float* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// Compiled for AVX2+FMA and chosen at run time, so the extension still runs on CPUs without them.
+__attribute__((target("avx2,fma"))) void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+    for (; j < n; ++j) y[j] += a * x[j];
+}
+#endif
+
 }  // namespace
 
 DotsFn dots_kernel_generic() { return &dots_generic; }
@@ -88,6 +107,20 @@ DotsFn dots_kernel() {
     return fn;
 #else
     return &dots_generic;
+#endif
+}
+
+AxpyFn axpy_kernel_generic() { return &axpy_generic; }
+
+AxpyFn axpy_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+    static const AxpyFn fn = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &axpy_avx2 : &axpy_generic;
+    }();
+    return fn;
+#else
+    return &axpy_generic;
 #endif
 }
 
@@ -105,7 +138,23 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int
     : n_layers_(n_layers), n_ff_(n_ff), n_embd_(n_embd), n_vocab_(n_vocab) {
     if (n_layers <= 0 || n_ff <= 0 || n_embd <= 0 || n_vocab <= 0)
         throw ParamError("contribution weights need a positive model shape");
-    down_t_.resize(static_cast<size_t>(n_layers) * n_ff * n_embd);
+    // Every tensor is checked before the file is mapped: shape, type, and that its bytes lie
+    // inside the file (GgufFile validated offsets and sizes against the file size).
+    auto tensor = [&](const TensorInfo* t) {
+        const auto* traits = ggml_get_type_traits(t->type);
+        if (t->type != GGML_TYPE_F32 && (!traits || !traits->to_float))
+            throw ModelError("tensor '" + t->name + "' has type " + ggml_type_name(t->type) +
+                             ", which cannot be dequantized (" + file.path() + ")");
+        Tensor out;
+        out.type = t->type;
+        out.row_bytes = ggml_row_size(t->type, t->ne[0]);
+        out.block = ggml_blck_size(t->type);
+        out.block_bytes = ggml_type_size(t->type);
+        if (out.row_bytes * static_cast<uint64_t>(t->ne[1]) != t->nbytes || t->ne[0] % out.block != 0)
+            throw ModelError("tensor '" + t->name + "' has an inconsistent size in " + file.path());
+        out.data = reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(t->file_offset));  // offset until mapped
+        return out;
+    };
     for (int l = 0; l < n_layers; ++l) {
         const std::string name = "blk." + std::to_string(l) + ".ffn_down.weight";
         const TensorInfo* t = file.find_tensor(name);
@@ -114,10 +163,7 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int
             throw ModelError("tensor '" + name + "' has shape " + std::to_string(t->ne[0]) + " x " +
                              std::to_string(t->ne[1]) + ", expected n_ff x n_embd = " + std::to_string(n_ff) +
                              " x " + std::to_string(n_embd) + " in " + file.path());
-        const std::vector<float> rows = file.read_rows(name, 0, n_embd);  // [n_embd][n_ff]
-        float* out = down_t_.data() + static_cast<size_t>(l) * n_ff * n_embd;
-        for (int64_t e = 0; e < n_embd; ++e)
-            for (int64_t i = 0; i < n_ff; ++i) out[i * n_embd + e] = rows[static_cast<size_t>(e * n_ff + i)];
+        down_.push_back(tensor(t));
     }
     // Tied embeddings (SmolLM2, Gemma) have no output.weight: the token embedding unembeds.
     unembed_name_ = file.find_tensor("output.weight") ? "output.weight" : "token_embd.weight";
@@ -127,23 +173,65 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int
         throw ModelError("unembedding '" + unembed_name_ + "' has shape " + std::to_string(t->ne[0]) + " x " +
                          std::to_string(t->ne[1]) + ", expected n_embd x n_vocab = " + std::to_string(n_embd) +
                          " x " + std::to_string(n_vocab) + " in " + file.path());
-    unembed_type_ = t->type;
-    const auto* traits = ggml_get_type_traits(t->type);
-    if (t->type != GGML_TYPE_F32 && (!traits || !traits->to_float))
-        throw ModelError("unembedding type " + std::string(ggml_type_name(t->type)) + " cannot be dequantized");
-    unembed_row_bytes_ = ggml_row_size(t->type, n_embd);
-    unembed_raw_ = file.read_raw(unembed_name_);
+    unembed_ = tensor(t);
+
+    const int fd = ::open(file.path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw ModelError("cannot open model file: " + file.path());
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != file.file_size()) {
+        ::close(fd);
+        throw ModelError("the model file " + file.path() + " changed while it was read");
+    }
+    map_size_ = static_cast<size_t>(st.st_size);
+    map_ = ::mmap(nullptr, map_size_, PROT_READ, MAP_SHARED, fd, 0);
+    ::close(fd);  // the mapping keeps the file (even if it is replaced on disk later)
+    if (map_ == MAP_FAILED) {
+        map_ = nullptr;
+        throw ModelError("cannot map model file: " + file.path());
+    }
+    ::madvise(map_, map_size_, MADV_RANDOM);  // rows are read in blocks; no read-ahead of the whole file
+    const uint8_t* base = static_cast<const uint8_t*>(map_);
+    for (Tensor& d : down_) d.data = base + reinterpret_cast<uintptr_t>(d.data);
+    unembed_.data = base + reinterpret_cast<uintptr_t>(unembed_.data);
 }
 
-size_t ContributionWeights::memory_bytes() const {
-    return down_t_.size() * sizeof(float) + unembed_raw_.size();
+ContributionWeights::~ContributionWeights() {
+    if (map_) ::munmap(map_, map_size_);
+}
+
+void ContributionWeights::dequantize(const Tensor& t, int64_t row, int64_t i0, int64_t i1, float* out) const {
+    const uint8_t* src = t.data + static_cast<size_t>(row) * t.row_bytes + static_cast<size_t>(i0 / t.block) * t.block_bytes;
+    if (t.type == GGML_TYPE_F32) std::memcpy(out, src, static_cast<size_t>(i1 - i0) * sizeof(float));
+    else ggml_get_type_traits(t.type)->to_float(src, out, i1 - i0);
+}
+
+void ContributionWeights::down_row(int layer, int64_t e, float* out) const {
+    if (layer < 0 || layer >= n_layers_ || e < 0 || e >= n_embd_) throw ParamError("down_row: out of range");
+    dequantize(down_[static_cast<size_t>(layer)], e, 0, n_ff_, out);
+}
+
+void ContributionWeights::project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd,
+                                  float* row) const {
+    const Tensor& t = down_[static_cast<size_t>(layer)];
+    if (i0 < 0 || i1 > n_ff_ || i0 >= i1 || i0 % t.block || (i1 % t.block && i1 != n_ff_))
+        throw ParamError("project: neuron range not on block boundaries");
+    const int64_t n = i1 - i0;
+    for (int m = 0; m < M; ++m) std::fill_n(D + static_cast<size_t>(m) * ldd, n, 0.0f);
+    const AxpyFn axpy = axpy_kernel();
+    // One pass over the rows of W_down: each dequantized slice is used by all M vectors while it
+    // is in L1, and the M x n accumulators stay in L2 (the caller picks n for that).
+    for (int64_t e = 0; e < n_embd_; ++e) {
+        dequantize(t, e, i0, i1, row);
+        for (int m = 0; m < M; ++m) {
+            const float u = U[static_cast<size_t>(m) * n_embd_ + e];
+            if (u != 0.0f) axpy(u, row, D + static_cast<size_t>(m) * ldd, n);
+        }
+    }
 }
 
 void ContributionWeights::unembed_row(int32_t token, float* out) const {
     if (token < 0 || token >= n_vocab_) throw ParamError("token id out of range: " + std::to_string(token));
-    const uint8_t* row = unembed_raw_.data() + static_cast<size_t>(token) * unembed_row_bytes_;
-    if (unembed_type_ == GGML_TYPE_F32) std::memcpy(out, row, static_cast<size_t>(n_embd_) * sizeof(float));
-    else ggml_get_type_traits(unembed_type_)->to_float(row, out, n_embd_);
+    dequantize(unembed_, token, 0, n_embd_, out);
 }
 
 ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p)
@@ -265,19 +353,27 @@ void ContributionReducer::fill_cache() {
     u_.resize(static_cast<size_t>(M) * E);
     for (int m = 0; m < M; ++m)
         w_->unembed_row(cache_token_[static_cast<size_t>(missing_[m])], u_.data() + static_cast<size_t>(m) * E);
-    const int64_t block = 64;
-    const int64_t n_blocks = (total + block - 1) / block;
-    const DotsFn dots = dots_kernel();
-#pragma omp parallel for schedule(static) num_threads(p_.n_threads) if (int64_t(M) * total > 200000)
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        float d[kMaxBatch];
-        for (int64_t g = b * block; g < std::min(total, (b + 1) * block); ++g) {
-            const int l = static_cast<int>(g / n_ff_);
-            const int64_t i = g % n_ff_;
+    // Work items: (layer, range of neurons), each range sized so that its M x range accumulators
+    // stay in L2 and a multiple of the quantization block; every item streams its slice of W_down once.
+    const int64_t bs = w_->block_size(0);
+    int64_t range = std::max<int64_t>(bs, (int64_t{32} << 10) / std::max(1, std::min(M, kMaxBatch)) / bs * bs);
+    range = std::min(range, (n_ff_ + bs - 1) / bs * bs);
+    const int64_t per_layer = (n_ff_ + range - 1) / range;
+    const int64_t items = static_cast<int64_t>(n_layers_) * per_layer;
+#pragma omp parallel num_threads(p_.n_threads) if (int64_t(M) * total > 200000)
+    {
+        std::vector<float> acc(static_cast<size_t>(std::min(M, kMaxBatch)) * range), row(static_cast<size_t>(range));
+#pragma omp for schedule(dynamic)
+        for (int64_t it = 0; it < items; ++it) {
+            const int l = static_cast<int>(it / per_layer);
+            const int64_t i0 = (it % per_layer) * range, i1 = std::min(n_ff_, i0 + range);
             for (int m0 = 0; m0 < M; m0 += kMaxBatch) {
                 const int mn = std::min(kMaxBatch, M - m0);
-                dots(w_->down_col(l, i), u_.data() + static_cast<size_t>(m0) * E, mn, E, d);
-                for (int m = 0; m < mn; ++m) cache_[static_cast<size_t>(missing_[m0 + m]) * total + g] = d[m];
+                w_->project(l, u_.data() + static_cast<size_t>(m0) * E, mn, i0, i1, acc.data(), range, row.data());
+                for (int m = 0; m < mn; ++m)
+                    std::copy_n(acc.data() + static_cast<size_t>(m) * range, i1 - i0,
+                                cache_.data() + static_cast<size_t>(missing_[m0 + m]) * total +
+                                    static_cast<size_t>(l) * n_ff_ + i0);
             }
         }
     }

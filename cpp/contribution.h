@@ -7,9 +7,10 @@
 // are kept, eta is the 500th largest of those, and a neuron is activated when it is among its
 // layer's top 64 and c > eta (appendix B).
 //
-// Exact: every c is computed (a second down projection, L x n_ff x n_embd MACs a token), batched
-// over the samples of a decode step so W_down streams from memory once per step, with an AVX2/FMA
-// kernel and the OpenMP threads ggml already runs.
+// Exact: every c is computed (a second down projection, L x n_ff x n_embd MACs a token) from the
+// quantized W_down of the file itself, dequantized block by block, batched over the queued tokens
+// so W_down streams from memory once per pass, with an AVX2/FMA kernel on the OpenMP threads ggml
+// already runs.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -23,35 +24,53 @@ namespace neurotap {
 
 struct ModelInfo;
 
-// What contributions need from the weights, read from the GGUF file: W_down columns stored
-// contiguously (transposed, f32, L x n_ff x n_embd floats) and the unembedding kept
-// in its file encoding with rows dequantized on demand.
+// What contributions need from the weights, read in place from the GGUF file, mapped read-only:
+// W_down and the unembedding stay in their file encoding (quantized) and pages of the file are
+// shared with the page cache (and with llama.cpp's own mapping), so this costs no private memory.
+// Rows are dequantized on the fly with ggml's own to_float, the values the model multiplies by.
 class ContributionWeights {
 public:
     ContributionWeights(const GgufFile& file, int n_layers, int64_t n_ff, int64_t n_embd, int n_vocab);
+    ~ContributionWeights();
+    ContributionWeights(const ContributionWeights&) = delete;
+    ContributionWeights& operator=(const ContributionWeights&) = delete;
 
     int n_layers() const { return n_layers_; }
     int64_t n_ff() const { return n_ff_; }
     int64_t n_embd() const { return n_embd_; }
     int n_vocab() const { return n_vocab_; }
     const std::string& unembedding_name() const { return unembed_name_; }
-    size_t memory_bytes() const;
+    size_t memory_bytes() const { return 0; }  // private memory: none (the file is mapped)
+    size_t mapped_bytes() const { return map_size_; }
+    ggml_type down_type(int layer) const { return down_[static_cast<size_t>(layer)].type; }
 
-    const float* down_col(int layer, int64_t i) const {
-        return down_t_.data() + (static_cast<size_t>(layer) * n_ff_ + i) * n_embd_;
-    }
+    // W_down row e of `layer` (the n_ff weights from every neuron to output dimension e), dequantized.
+    void down_row(int layer, int64_t e, float* out) const;
+    // D[m * ldd + (i - i0)] = sum_e U[m * n_embd + e] * W_down[e, i] for i in [i0, i1), m < M: the
+    // projections W_down^T u of M vectors onto a range of neurons (i0, i1 multiples of the block
+    // size, or i1 = n_ff). `row` is scratch of at least i1 - i0 floats.
+    void project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd, float* row) const;
+    int64_t block_size(int layer) const { return down_[static_cast<size_t>(layer)].block; }
     // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
     void unembed_row(int32_t token, float* out) const;
 
 private:
+    struct Tensor {
+        const uint8_t* data = nullptr;
+        ggml_type type = GGML_TYPE_F32;
+        size_t row_bytes = 0;
+        int64_t block = 1;
+        size_t block_bytes = 0;
+    };
+    void dequantize(const Tensor& t, int64_t row, int64_t i0, int64_t i1, float* out) const;
     int n_layers_;
     int64_t n_ff_, n_embd_;
     int n_vocab_;
-    std::vector<float> down_t_;
+    void* map_ = nullptr;
+    size_t map_size_ = 0;
+    std::vector<Tensor> down_;
+    Tensor unembed_;
     std::string unembed_name_;
-    ggml_type unembed_type_ = GGML_TYPE_F32;
-    size_t unembed_row_bytes_ = 0;
-    std::vector<uint8_t> unembed_raw_;
 };
 
 struct ContributionParams {
@@ -66,11 +85,16 @@ struct ContributionParams {
     int64_t queue_bytes = int64_t{64} << 20;  // activations of committed tokens awaiting one shared pass
 };
 
-// out[q] = col . U[q] for q < n: the contribution kernel (AVX2+FMA where the CPU has it).
+// out[q] = col . U[q] for q < n: dot products (NEAT's attribution; AVX2+FMA where the CPU has it).
 constexpr int kMaxBatch = 64;
 using DotsFn = void (*)(const float* col, const float* U, int n, int64_t E, float* out);
 DotsFn dots_kernel();
 DotsFn dots_kernel_generic();  // the portable one, for tests on CPUs where the other is chosen
+
+// y[j] += a * x[j] for j < n: the projection kernel (AVX2+FMA where the CPU has it).
+using AxpyFn = void (*)(float a, const float* x, float* y, int64_t n);
+AxpyFn axpy_kernel();
+AxpyFn axpy_kernel_generic();  // the portable one, for tests on CPUs where the other is chosen
 
 // Streams activations; a committed token is queued, and at the end of each decode step every
 // queued token's contributions are computed, all L x n_ff of them, exactly. c = a * d(y) with

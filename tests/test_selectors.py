@@ -2,6 +2,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,31 @@ def test_ties_go_to_the_lowest_index():
     assert selectors.select_minact([5, 3, 3, 4]) == 1
 
 
+def test_knn_ties_go_to_the_medoid():
+    # (Before: the lowest index, 0.) k = 1: 0 and 3 are each other's nearest, a tie the reference
+    # breaks by the medoid, and 3 is the closer to everyone else.
+    S = sim(5, {(0, 3): 0.75, (3, 1): 0.5, (3, 2): 0.5, (3, 4): 0.5}, base=0.125)
+    assert selectors.select_knn(S, k=1) == 3
+    # within np.isclose (rtol 1e-5) is a tie too: 0 scores 2^-20 more than 2, which is more central
+    e = 2.0 ** -20
+    near = {(0, 1): 0.5 + e, (0, 4): 0.5 + e, (2, 1): 0.5, (2, 4): 0.5, (2, 3): 0.375, (1, 4): 0.25}
+    assert selectors.knn_scores(sim(5, near, 0.125), k=2)[0] > selectors.knn_scores(sim(5, near, 0.125), k=2)[2]
+    assert selectors.select_knn(sim(5, near, 0.125), k=2) == 2
+    far = near | {(0, 1): 0.5 + 2.0 ** -12, (0, 4): 0.5 + 2.0 ** -12}  # beyond it: the best score
+    assert selectors.select_knn(sim(5, far, 0.125), k=2) == 0
+
+
+def test_ties_do_not_depend_on_summation_order():
+    # Rows 1 and 2 hold the same similarities in another order: summed as they come, 0.1 + 0.7 + 0.2
+    # and 0.2 + 0.7 + 0.1 differ in the last bit; sorted first they are equal, a tie -> lowest index.
+    S = sim(4, {(0, 1): 0.1, (1, 2): 0.7, (1, 3): 0.2, (0, 2): 0.2, (2, 3): 0.1, (0, 3): 0.05})
+    assert (0.1 + 0.7) + 0.2 != (0.2 + 0.7) + 0.1
+    scores = selectors.medoid_scores(S)
+    assert scores[1] == scores[2]
+    assert selectors.select_medoid(S) == 1
+    assert selectors.select_knn(S, k=3) == 1
+
+
 def test_k_larger_than_n_is_clipped():
     S = sim(3, {(0, 1): 0.2, (0, 2): 0.3, (1, 2): 0.9})
     np.testing.assert_allclose(selectors.knn_scores(S, k=10), [0.5, 1.1, 1.2])
@@ -90,6 +116,15 @@ def test_dbscan_largest_cluster_wins():
     assert list(selectors.dbscan_labels(S)) == [0, 0, 0, 1, 1, 1, 1]
     assert selectors.select_dbscan(S) == 3
     assert selectors.select_knn(S, k=2) == 0  # knn prefers the tight pair structure of A
+
+
+def test_dbscan_medoid_tie_is_the_lowest_index():
+    # Cluster {0..4}: 1..4 tie as its medoid, 0 is off-centre. The lowest index, 1 (the reference's
+    # code takes 4, the first tied one of its search from 0; its comment says the lowest index).
+    T = {(i, j): 0.75 for i in range(1, 5) for j in range(i + 1, 5)} | {(0, j): 0.625 for j in range(1, 5)}
+    S = sim(7, T, base=0.0625)
+    assert list(selectors.dbscan_labels(S)) == [0, 0, 0, 0, 0, -1, -1]
+    assert selectors.select_dbscan(S) == 1
 
 
 def test_dbscan_equal_clusters_tie_break():
@@ -144,6 +179,54 @@ def test_check_methods():
         selection.check_methods(["minact", "dbscan"], n=1)
     assert set(selection.METHODS) == {"knn", "medoid", "dbscan", "minact", "random", "deepconf",
                                       "selfcert", "majority", "avg", "nex"}
+
+
+# -- against the reference selectors -----------------------------------------------------------
+
+NAD_REF = np.load(Path(__file__).parent / "data" / "nad_selectors.npz")
+
+
+def _ref_cases():
+    ptr, S_all, offs = NAD_REF["ptr"], NAD_REF["S"], 0
+    for c, name in enumerate(NAD_REF["names"]):
+        n = int(ptr[c + 1] - ptr[c])
+        yield str(name), S_all[offs:offs + n * n].reshape(n, n), NAD_REF["sizes"][ptr[c]:ptr[c + 1]], \
+            int(NAD_REF["k"][c]), [int(x) for x in NAD_REF["picks"][c]]
+        offs += n * n
+
+
+def _dbscan_difference(S, got, want):
+    """Which kept rule explains a DBSCAN pick that differs from the reference's (None: none)."""
+    labels = selectors.dbscan_labels(S)
+    sizes = np.bincount(labels[labels >= 0])
+    if (sizes == sizes.max()).sum() > 1 and labels[got] != labels[want]:
+        return "equal clusters"  # neurotap: the tighter; the reference: the one holding the lowest index
+    members = np.flatnonzero(labels == labels[got])
+    scores = dict(zip(members, selectors.medoid_scores(S[np.ix_(members, members)])))
+    if labels[want] == labels[got] and scores[want] == scores[got] == max(scores.values()) and got < want:
+        return "medoid tie"  # neurotap: the lowest index; the reference: its search order
+    return None
+
+
+def test_picks_match_the_reference_selectors():
+    """NAD_Next's KNNMedoidSelector, MedoidSelector, DBSCANMedoidSelector and MinActivationSelector
+    on constructed tie cases and 120 random Jaccard matrices of small sets (tests/data/
+    make_nad_reference.py): kNN, medoid and MinAct picks are all equal; DBSCAN's differ only where
+    a documented rule of neurotap's applies."""
+    kept = {"equal clusters": 0, "medoid tie": 0}
+    n = 0
+    for name, S, sizes, k, (knn, medoid, dbscan, minact) in _ref_cases():
+        n += 1
+        assert selectors.select_knn(S, k) == knn, name
+        assert selectors.select_medoid(S) == medoid, name
+        assert selectors.select_minact(sizes) == minact, name
+        got = selectors.select_dbscan(S)
+        if got != dbscan:
+            why = _dbscan_difference(S, got, dbscan)
+            assert why is not None, (name, got, dbscan)
+            kept[why] += 1
+    assert n == 129
+    assert kept["equal clusters"] == 1 and kept["medoid tie"] == 4  # 124 of 129 DBSCAN picks equal
 
 
 # -- confidence --------------------------------------------------------------------------------

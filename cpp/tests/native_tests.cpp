@@ -2035,16 +2035,30 @@ void test_nad_contributions() {
     auto cw = std::make_shared<const ContributionWeights>(file, L, F, E, V);
     CHECK(cw->n_layers() == L && cw->n_ff() == F && cw->n_embd() == E && cw->n_vocab() == V);
     CHECK(cw->unembedding_name() == "token_embd.weight");
-    CHECK(cw->memory_bytes() == (static_cast<size_t>(L) * F * E + static_cast<size_t>(V) * E) * sizeof(float));
-    // The transposed columns.
+    // Read in place from the mapped file: no private copy.
+    CHECK(cw->memory_bytes() == 0 && cw->mapped_bytes() == fs::file_size(path));
+    // The rows, and projections of any neuron range (blocks of 1 for f32) equal to the sums by hand.
     {
         int bad = 0;
+        std::vector<float> wrow(static_cast<size_t>(F));
         for (int l = 0; l < L; ++l)
-            for (int64_t i = 0; i < F; ++i) {
-                for (int64_t e = 0; e < E; ++e)
-                    bad += cw->down_col(l, i)[e] != w.down[(static_cast<size_t>(l) * E + e) * F + i];
+            for (int64_t e = 0; e < E; ++e) {
+                cw->down_row(l, e, wrow.data());
+                for (int64_t i = 0; i < F; ++i) bad += wrow[i] != w.down[(static_cast<size_t>(l) * E + e) * F + i];
             }
-        CHECK_MSG(bad == 0, std::to_string(bad) + " W_down columns wrong");
+        CHECK_MSG(bad == 0, std::to_string(bad) + " W_down weights wrong");
+        std::vector<float> U(static_cast<size_t>(2 * E)), D(static_cast<size_t>(2 * F), -1.0f), scratch(static_cast<size_t>(F));
+        for (int64_t e = 0; e < 2 * E; ++e) U[e] = static_cast<float>((e % 5) - 2);
+        const int l = L - 1;
+        cw->project(l, U.data(), 2, 3, F, D.data(), F, scratch.data());  // neurons 3.. only, rows F apart
+        for (int m = 0; m < 2; ++m)
+            for (int64_t i = 3; i < F; ++i) {
+                double want = 0;
+                for (int64_t e = 0; e < E; ++e) want += double(U[m * E + e]) * w.down[(static_cast<size_t>(l) * E + e) * F + i];
+                bad += D[m * F + (i - 3)] != static_cast<float>(want);  // integer weights: exact
+            }
+        CHECK_MSG(bad == 0, std::to_string(bad) + " projections wrong");
+        EXPECT_THROW(ParamError, cw->project(l, U.data(), 2, 5, 2, D.data(), F, scratch.data()), "empty range");
         std::vector<float> row(static_cast<size_t>(E));
         cw->unembed_row(V - 1, row.data());
         CHECK(std::equal(row.begin(), row.end(), w.unembed.begin() + static_cast<size_t>(V - 1) * E));
@@ -2269,8 +2283,7 @@ void test_nad_untied_f16() {
     GgufFile file(path);
     auto cw = std::make_shared<const ContributionWeights>(file, L, F, E, V);
     CHECK(cw->unembedding_name() == "output.weight");
-    CHECK(cw->memory_bytes() == (static_cast<size_t>(L) * F * E) * sizeof(float) +
-                                    static_cast<size_t>(V) * E * sizeof(ggml_fp16_t));
+    CHECK(cw->memory_bytes() == 0);
     std::vector<float> row(static_cast<size_t>(E));
     cw->unembed_row(3, row.data());
     CHECK(std::equal(row.begin(), row.end(), w.unembed.begin() + 3 * E));

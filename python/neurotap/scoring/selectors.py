@@ -3,7 +3,18 @@
 Every agreement selector takes S, the N x N Jaccard similarity matrix of the samples'
 activated-neuron sets (S[i, i] = 1, symmetric), and returns the index of the chosen sample.
 Pure numpy (scikit-learn only for DBSCAN, imported lazily) so selection can be studied
-offline on saved matrices. Exact ties always go to the lowest index.
+offline on saved matrices.
+
+Tie rules are those of the authors' selectors (github.com/Chi-Shan0707/NAD_Next at bf0fafa2,
+nad/core/selectors/impl.py, which work on D = 1 - S; tests/test_selectors.py compares with picks
+that code made): kNN scores within np.isclose (rtol 1e-5) of the best tie and the medoid among
+them wins; medoid and MinAct take the lowest index. Ties are decided on exact values: sums are
+taken over sorted values, so the order of summation cannot split a tie, and on float64 S (the
+reference's D is float32, so distances closer than float32 resolution tie there, not here).
+Kept as neurotap's own (README, "Fidelity"): of equally large DBSCAN clusters the one whose medoid
+is the most central wins (the reference: the cluster holding the lowest index, which only sample
+order decides), and the cluster's medoid is its lowest index among equals (the reference's comment
+says so too, but its code takes the first in its search order).
 """
 from __future__ import annotations
 
@@ -13,6 +24,8 @@ import numpy as np
 
 _SYMMETRY_TOL = 1e-9
 _MIN_EPS = 1e-12  # sklearn rejects eps <= 0; all-identical samples give a 0 percentile
+#: kNN scores this close to the best tie (np.isclose's defaults, as the reference's kNN).
+KNN_TIE_RTOL, KNN_TIE_ATOL = 1e-5, 1e-8
 
 
 def check_similarity(S: np.ndarray, method: str) -> np.ndarray:
@@ -53,8 +66,14 @@ def medoid_scores(S: np.ndarray) -> np.ndarray:
 
 
 def select_knn(S: np.ndarray, k: int = 3) -> int:
-    """The sample most similar to its k nearest neighbours."""
-    return int(np.argmax(knn_scores(S, k)))
+    """The sample most similar to its k nearest neighbours. Mean scores within np.isclose of the
+    best (rtol 1e-5, atol 1e-8) tie, and the medoid among them wins, then the lowest index."""
+    mean = knn_scores(S, k) / min(int(k), np.asarray(S).shape[0] - 1)  # the reference compares means
+    best = int(np.argmax(mean))
+    ties = np.flatnonzero(np.isclose(mean, mean[best], rtol=KNN_TIE_RTOL, atol=KNN_TIE_ATOL))
+    if ties.size == 1:
+        return best
+    return int(ties[np.argmax(medoid_scores(S)[ties])])
 
 
 def select_medoid(S: np.ndarray) -> int:
@@ -66,6 +85,7 @@ def dbscan_labels(S: np.ndarray, eps_percentile: float = 30.0, min_samples: int 
     """DBSCAN cluster labels (-1 = noise) on D = 1 - S, eps = the given percentile of pairwise distances.
 
     A percentile rather than a fixed eps because similarity levels vary a lot across models and prompts.
+    Neighbours are those within D <= eps, the point itself counted, as the reference's DBSCAN.
     """
     if not 0.0 < eps_percentile <= 100.0:
         raise ValueError(f"eps_percentile must be in (0, 100], got {eps_percentile}")
@@ -88,7 +108,8 @@ def select_dbscan(S: np.ndarray, eps_percentile: float = 30.0, min_samples: int 
     """The medoid of the largest DBSCAN cluster; the global medoid when everything is noise.
 
     Equally large clusters: the one whose medoid has the highest within-cluster similarity sum,
-    then the lowest medoid index.
+    then the lowest medoid index (neurotap's rule; the reference takes the cluster holding the
+    lowest index). The medoid: the highest similarity sum within the cluster, the lowest index on ties.
     """
     labels = dbscan_labels(S, eps_percentile, min_samples)
     S = np.asarray(S, dtype=np.float64)
