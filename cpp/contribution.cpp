@@ -241,7 +241,9 @@ ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeigh
     if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
     if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
     if (p_.n_threads < 1) p_.n_threads = 1;
-    if (p_.cache_bytes < 0) throw ParamError("cache_bytes must be >= 0");
+    const int64_t auto_bytes = static_cast<int64_t>(w_->mapped_bytes() / 20);
+    if (p_.cache_bytes < 0) p_.cache_bytes = auto_bytes;
+    if (p_.queue_bytes < 0) p_.queue_bytes = auto_bytes;
 }
 
 void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {

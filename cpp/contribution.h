@@ -81,8 +81,11 @@ struct ContributionParams {
     bool gelu = false;         // the activation of the gate variant: GELU (GeGLU models) or SiLU
     bool keep_top = false;     // keep every token's per-layer top values (for verification)
     int n_threads = 1;         // OpenMP threads for the contribution pass
-    int64_t cache_bytes = int64_t{64} << 20;  // per-token-id projections W_down^T W_U[y] kept for reuse
-    int64_t queue_bytes = int64_t{64} << 20;  // activations of committed tokens awaiting one shared pass
+    // Private memory of the reducer, each < 0 for auto: 5% of the model file (so that the whole
+    // contribution mode stays within about 15% of the file at every model size, the activation
+    // rows of the samples in flight included).
+    int64_t cache_bytes = -1;  // per-token-id projections W_down^T W_U[y] kept for reuse
+    int64_t queue_bytes = -1;  // activations of committed tokens awaiting one shared pass
 };
 
 // out[q] = col . U[q] for q < n: dot products (NEAT's attribution; AVX2+FMA where the CPU has it).

@@ -1,0 +1,124 @@
+"""Write llama-architecture GGUFs with the shapes of 1-8B models and random Q4_0 weights, offline.
+
+Speed and memory are measured at the scale users run without downloading a model: the layer
+count, widths and head layout are those of the named model, the tokenizer (vocabulary, merges,
+chat template) is the default model's, and the weights are random Q4_0 blocks. Scales are chosen
+so that activations stay finite through every layer and the logits are flat enough that sampling
+gives varied tokens (the output projection is small).
+
+    .venv/bin/python benchmarks/make_shapes.py --shape 1b --out build/shapes/llama-1b-q4_0.gguf
+    .venv/bin/python benchmarks/make_shapes.py --shape all --out-dir build/shapes
+
+Needs the `gguf` package (a test dependency of neurotap).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+#: name -> (layers, n_embd, n_ff, heads, kv heads, context): the shapes users run.
+SHAPES = {
+    "1b": (16, 2048, 8192, 32, 8, 8192),    # Llama-3.2-1B
+    "4b": (36, 2560, 9728, 20, 4, 8192),    # Qwen3-4B's layers and widths (head size 128)
+    "8b": (32, 4096, 14336, 32, 8, 8192),   # Llama-3.1-8B
+}
+QK = 32  # values per Q4_0 block: an f16 scale then 16 bytes of 4-bit values (value = d * (q - 8))
+
+
+def q4_0(rng: np.random.Generator, rows: int, cols: int, std: float) -> np.ndarray:
+    """Random Q4_0 data for a [rows, cols] weight whose values have about `std` deviation."""
+    blocks = rows * cols // QK
+    out = np.empty((blocks, 18), np.uint8)
+    # q - 8 is uniform on [-8, 7]: standard deviation ~4.6, so d = std / 4.6.
+    d = np.full(blocks, std / 4.6, np.float16)
+    out[:, :2] = d.view(np.uint8).reshape(blocks, 2)
+    out[:, 2:] = rng.integers(0, 256, size=(blocks, 16), dtype=np.uint8)
+    return out.reshape(rows, cols // QK * 18)
+
+
+def write(shape: str, out: Path, seed: int = 0) -> Path:
+    import gguf
+
+    import neurotap
+
+    L, E, F, H, KV, ctx = SHAPES[shape]
+    src = gguf.GGUFReader(str(neurotap.resolve("smollm2-135m")))
+    rng = np.random.default_rng(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(f"neurotap random {shape} shape")
+    w.add_block_count(L)
+    w.add_context_length(ctx)
+    w.add_embedding_length(E)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(E // H)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    # The default model's tokenizer, key by key.
+    for key, field in src.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = field.types[-1]
+            vals = [field.parts[i] for i in field.data]
+            if sub == gguf.GGUFValueType.STRING:
+                w.add_array(key, [bytes(v).decode("utf-8") for v in vals])
+            else:
+                w.add_array(key, [v.tolist()[0] for v in vals])
+        elif vtype == gguf.GGUFValueType.STRING:
+            w.add_string(key, bytes(field.parts[field.data[0]]).decode("utf-8"))
+        else:
+            w.add_key_value(key, field.parts[field.data[0]].tolist()[0], vtype)
+    V = len(src.fields["tokenizer.ggml.tokens"].data)
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    ones = lambda n: np.ones(n, np.float32)  # noqa: E731  (RMSNorm gains)
+
+    def add_q(name: str, rows: int, cols: int, std: float) -> None:
+        w.add_tensor(name, q4_0(rng, rows, cols, std), raw_dtype=q4)  # shape from the byte rows
+
+    add_q("token_embd.weight", V, E, 1.0)
+    w.add_tensor("output_norm.weight", ones(E))
+    add_q("output.weight", V, E, 0.05 / np.sqrt(E))  # flat logits: sampling gives varied tokens
+    hd = E // H
+    for il in range(L):
+        p = f"blk.{il}."
+        w.add_tensor(p + "attn_norm.weight", ones(E))
+        add_q(p + "attn_q.weight", H * hd, E, 1 / np.sqrt(E))
+        add_q(p + "attn_k.weight", KV * hd, E, 1 / np.sqrt(E))
+        add_q(p + "attn_v.weight", KV * hd, E, 1 / np.sqrt(E))
+        add_q(p + "attn_output.weight", E, H * hd, 0.5 / np.sqrt(H * hd))
+        w.add_tensor(p + "ffn_norm.weight", ones(E))
+        add_q(p + "ffn_gate.weight", F, E, 1 / np.sqrt(E))
+        add_q(p + "ffn_up.weight", F, E, 1 / np.sqrt(E))
+        add_q(p + "ffn_down.weight", E, F, 0.5 / np.sqrt(F))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="1b", choices=[*SHAPES, "all"])
+    ap.add_argument("--out", default=None, help="output .gguf (one shape)")
+    ap.add_argument("--out-dir", default="build/shapes", help="folder for --shape all (or when --out is not given)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    for shape in (SHAPES if a.shape == "all" else [a.shape]):
+        out = Path(a.out) if a.out and a.shape != "all" else Path(a.out_dir) / f"llama-{shape}-q4_0.gguf"
+        path = write(shape, out, a.seed)
+        print(f"{shape}: {path} ({path.stat().st_size / 2**30:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
