@@ -46,6 +46,7 @@ py::dict info_dict(const ModelInfo& i) {
     d["n_params"] = i.n_params;
     d["size_bytes"] = i.size_bytes;
     d["has_chat_template"] = i.has_chat_template;
+    d["kv_bytes_per_cell"] = i.kv_bytes_per_cell;
     return d;
 }
 
@@ -217,6 +218,8 @@ PYBIND11_MODULE(_native, m) {
             mo.close();
         }, "Free the contexts made on this model, then its weights if it owns them; later use raises.")
         .def_property_readonly("closed", &Model::closed)
+        .def_property_readonly("contribution_weights_mapped", [](const Model& mo) { return mo.contribution_weights_loaded(); },
+                               "Bytes of the model file mapped for contributions (0 until the first contribution run).")
         .def("check_file_unchanged", &Model::check_file_unchanged,
              "RuntimeError when the file was replaced or changed on disk since it was loaded.")
         .def("tokenize", [](const Model& mo, const std::string& text, bool add_special, bool parse_special) {

@@ -102,6 +102,15 @@ static ModelInfo inspect(const std::string& path) {
     info.n_layers = static_cast<int>(f.get_int(a + ".block_count"));
     if (info.n_layers <= 0 || info.n_layers > 1024) throw ModelError("implausible block_count in " + path);
     check_hparams(f, a, path);
+    for (auto [key, dst] : {std::make_pair(a + ".attention.key_length", &info.head_dim_k),
+                            std::make_pair(a + ".attention.value_length", &info.head_dim_v)}) {
+        if (!f.has_key(key)) continue;
+        try {
+            *dst = f.get_int(key);
+        } catch (const ModelError&) {
+        }
+        if (*dst < 0 || *dst > 65536) throw ModelError("metadata '" + key + "' of " + path + " is out of range");
+    }
     for (int il = 0; il < info.n_layers; ++il) {
         const std::string name = "blk." + std::to_string(il) + ".ffn_down.weight";
         const TensorInfo* t = f.find_tensor(name);
@@ -122,6 +131,12 @@ static void fill_from_llama(ModelInfo& info, llama_model* m) {
     info.description = buf;
     info.n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(m));
     info.n_ctx_train = llama_model_n_ctx_train(m);
+    // Head sizes: the file's key/value lengths where it states them (Qwen3, Gemma), else n_embd / n_head.
+    const int n_head = std::max(1, llama_model_n_head(m));
+    const int64_t dk = info.head_dim_k > 0 ? info.head_dim_k : info.n_embd / n_head;
+    const int64_t dv = info.head_dim_v > 0 ? info.head_dim_v : info.n_embd / n_head;
+    info.kv_bytes_per_cell = static_cast<uint64_t>(info.n_layers) * std::max(0, llama_model_n_head_kv(m)) *
+                             static_cast<uint64_t>(dk + dv) * 2;
     info.n_params = llama_model_n_params(m);
     info.size_bytes = llama_model_size(m);
     info.has_chat_template = llama_model_chat_template(m, nullptr) != nullptr;
@@ -210,6 +225,11 @@ std::shared_ptr<const ContributionWeights> Model::contribution_weights() const {
         weights_ = std::make_shared<const ContributionWeights>(f, info_.n_layers, info_.n_ff, info_.n_embd, info_.n_vocab);
     }
     return weights_;
+}
+
+size_t Model::contribution_weights_loaded() const {
+    std::lock_guard<std::mutex> lock(weights_mu_);
+    return weights_ ? weights_->mapped_bytes() : 0;
 }
 
 std::vector<llama_token> Model::tokenize(const std::string& text, bool add_special, bool parse_special) const {

@@ -29,6 +29,9 @@ struct ModelInfo {
     uint64_t n_params = 0;
     uint64_t size_bytes = 0;
     bool has_chat_template = false;
+    // Bytes of K and V per KV cell (all layers, f16 cache): what a context's n_ctx costs.
+    uint64_t kv_bytes_per_cell = 0;
+    int64_t head_dim_k = 0, head_dim_v = 0;  // from the file when it states them (0: n_embd / n_head)
     // The file as it was at load: what is read from it later (contribution weights) must come
     // from the same file, not one replaced on disk since.
     uint64_t file_size = 0;
@@ -77,6 +80,8 @@ public:
     // W_down columns and the unembedding for NAD contributions, read from the file on first use
     // and shared by every run afterwards.
     std::shared_ptr<const ContributionWeights> contribution_weights() const;
+    // Bytes of the file mapped by the contribution weights, 0 until they are first used.
+    size_t contribution_weights_loaded() const;
 
 private:
     Model(llama_model* m, bool owned, ModelInfo info);

@@ -371,3 +371,24 @@ def test_memory_stays_flat_over_repeated_calls():
         grew = rss_mb() - before
         assert grew < 40, f"resident memory grew by {grew:.0f} MB over 300 calls"
     """, timeout=600)
+
+
+def test_memory_accounting_and_a_run_that_cannot_fit():
+    run_case("""
+        m = neurotap.load(MODEL, n_threads=2, n_ctx=512)
+        mem = m.memory()
+        assert mem["weights"] == m.info.size_bytes and mem["contribution_weights_mapped"] == 0
+        assert mem["kv"] == 512 * m.info.kv_bytes_per_cell > 0
+        with m.start_sampling("Hi", n=4, max_tokens=8, reducers=("contributions",)) as run:
+            run.advance()
+            held = m.memory()
+            assert held["kv"] == (512 + 4 * 256) * m.info.kv_bytes_per_cell  # the run's context, in use
+        assert held["contribution_weights_mapped"] == os.path.getsize(m.info.path)
+        # A full-row capture of long answers is refused before decoding, naming the part.
+        m2 = neurotap.load(MODEL, n_threads=2, n_ctx=256, max_sample_cells=1 << 24)
+        avail = neurotap.runtime.memory.available_bytes()
+        n = int(avail // (240 * 46080 * 4)) + 8   # float32 rows of 240 tokens each: more than fits
+        e = expect(neurotap.ContextError, "the largest part is records", m2.start_sampling, "Hi", n=n,
+                   max_tokens=240, capture="float32")
+        assert "at most n=" in str(e)
+    """)

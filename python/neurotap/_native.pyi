@@ -48,6 +48,11 @@ class Model:
     def closed(self) -> bool:
         ...
     @property
+    def contribution_weights_mapped(self) -> int:
+        """
+        Bytes of the model file mapped for contributions (0 until the first contribution run).
+        """
+    @property
     def info(self) -> dict:
         ...
 class Context:

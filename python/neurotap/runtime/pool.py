@@ -13,6 +13,7 @@ class Lease:
     def __init__(self, pool: "ContextPool", ctx: Any):
         self._pool: Optional[ContextPool] = pool
         self.ctx = ctx
+        pool._lent[id(ctx)] = ctx.n_ctx
 
     @property
     def released(self) -> bool:
@@ -21,6 +22,7 @@ class Lease:
     def release(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            pool._lent.pop(id(self.ctx), None)
             pool._give_back(self.ctx)
 
 
@@ -32,6 +34,7 @@ class ContextPool:
         self._create = create  # (n_seq, cells per sequence) -> a new context
         self._idle: Optional[Any] = None
         self._lock = threading.Lock()
+        self._lent: dict = {}  # id -> KV cells of the contexts runs hold now
 
     def acquire(self, n_seq: int, cells_per_seq: int) -> Lease:
         with self._lock:
@@ -43,6 +46,11 @@ class ContextPool:
     def _give_back(self, ctx: Any) -> None:
         with self._lock:
             self._idle = ctx
+
+    def cells(self) -> int:
+        """KV cells of the pool's contexts: the idle one kept for reuse and those lent to runs."""
+        with self._lock:
+            return (self._idle.n_ctx if self._idle is not None else 0) + sum(self._lent.values())
 
     def clear(self) -> None:
         with self._lock:
