@@ -331,6 +331,8 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, std::vector<llama_token> v) { o.sampling.forced = std::move(v); })
         .def_property("tap", [](const RunOptions& o) { return o.sampling.tap; },
                       [](RunOptions& o, bool v) { o.sampling.tap = v; })
+        .def_property("kv_tokens", [](const RunOptions& o) { return o.sampling.kv_tokens; },
+                      [](RunOptions& o, int v) { o.sampling.kv_tokens = v; })
         .def_property("top_logprobs", [](const RunOptions& o) { return o.sampling.top_logprobs; },
                       [](RunOptions& o, int v) { o.sampling.top_logprobs = v; })
         .def_property("counts", [](const RunOptions& o) { return o.record.counts; },
@@ -362,6 +364,11 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, bool v) { o.record.keep_top = v; })
         .def_readwrite("neat", &RunOptions::neat);
 
+    py::class_<Handoff>(m, "Handoff", "A live sample moved out of a run, to continue in another context.")
+        .def_property_readonly("n_tokens", [](const Handoff& h) { return h.tokens.size(); })
+        .def_property_readonly("index", [](const Handoff& h) { return h.index; })
+        .def_property_readonly("kv_bytes", [](const Handoff& h) { return h.kv.size(); });
+
     py::class_<RunHandle>(m, "Run")
         .def(py::init([](py::object ctx_obj, const std::vector<llama_token>& prompt, const RunOptions& options) {
             auto& c = ctx_obj.cast<ContextHandle&>();
@@ -371,6 +378,19 @@ PYBIND11_MODULE(_native, m) {
             h->run = std::make_unique<Run>(*c.tc, prompt, options);
             return h;
         }), py::arg("context"), py::arg("prompt"), py::arg("options"))
+        .def_static("continue_from", [](py::object ctx_obj, Handoff& from, const RunOptions& options) {
+            auto& c = ctx_obj.cast<ContextHandle&>();
+            auto h = std::make_unique<RunHandle>();
+            h->context_owner = ctx_obj;
+            py::gil_scoped_release nogil;
+            h->run = std::make_unique<Run>(*c.tc, std::move(from), options);
+            return h;
+        }, py::arg("context"), py::arg("handoff"), py::arg("options"),
+           "A run of one continuing a handed-off sample in `context` (its cells: prompt + max_tokens).")
+        .def("hand_off", [](RunHandle& h, int i) {
+            py::gil_scoped_release nogil;
+            return h.run->hand_off(i);
+        }, py::arg("index"), "Move live sample `index` out of this run (it ends here as 'stopped').")
         .def("advance", [](RunHandle& h, int until) {
             py::gil_scoped_release nogil;
             h.progress.cancel = false;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 
 #include "errors.h"
 
@@ -19,6 +20,24 @@ const char* finish_name(Finish f) {
         case Finish::NeatExit: return "neat_exit";
     }
     return "";
+}
+
+Handoff& Handoff::operator=(Handoff&& o) noexcept {
+    if (this != &o) {
+        if (sampler) llama_sampler_free(sampler);
+        prompt = std::move(o.prompt);
+        kv = std::move(o.kv);
+        tokens = std::move(o.tokens);
+        text = std::move(o.text);
+        sampler = o.sampler;
+        index = o.index;
+        o.sampler = nullptr;
+    }
+    return *this;
+}
+
+Handoff::~Handoff() {
+    if (sampler) llama_sampler_free(sampler);
 }
 
 bool NeatTrack::before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced) {
@@ -80,7 +99,10 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
         }
     } else {
         const int64_t per_seq = llama_n_ctx_seq(tc_.ctx());
-        if (np + params_.max_tokens > per_seq)
+        if (params_.kv_tokens < 0 || params_.kv_tokens > params_.max_tokens)
+            throw ParamError("kv_tokens must be in [0, max_tokens]");
+        const int64_t held = params_.kv_tokens > 0 ? params_.kv_tokens + 1 : params_.max_tokens;
+        if (np + held > per_seq)
             throw ContextError("n=" + std::to_string(params_.n) + " samples of prompt " + std::to_string(np) +
                                " + max_tokens " + std::to_string(params_.max_tokens) + " tokens need more than the " +
                                std::to_string(per_seq) + " cells per sequence of this context");
@@ -280,6 +302,9 @@ int DecodeLoop::advance(int until, Progress* progress) {
     if (until <= 0) throw ParamError("advance: the token target must be positive");
     if (!failed_.empty()) throw RuntimeError("this run failed earlier and cannot go on: " + failed_);
     until = std::min(until, params_.max_tokens);
+    if (params_.kv_tokens > 0 && until > params_.kv_tokens)
+        throw ParamError("this run holds KV cells for " + std::to_string(params_.kv_tokens) +
+                         " tokens per sample: hand a sample off to continue it further");
     if (n_live() == 0) return 0;  // ended: nothing decodes (the context may belong to another run now)
     auto in_use = tc_.lock_use();  // Model::close waits for this advance
     tc_.ctx();                     // closed: RuntimeError
@@ -308,6 +333,84 @@ int DecodeLoop::advance(int until, Progress* progress) {
     }
     decode_seconds_ += std::chrono::duration<double>(clock::now() - t0).count();
     return n_live();
+}
+
+// A sequence's KV state as the pinned llama.cpp writes it (llama_state_seq_get_data): an 8-byte
+// header (a tag, then the sequence id), the stream count, then per stream a cell count and, when
+// non-zero, that stream's cells. A per-sequence-stream cache writes one stream per sequence, all
+// empty but the sequence's own; a context with one stream reads only one. This keeps that stream
+// (and names sequence 0), after checking the layout is the one expected.
+static std::vector<uint8_t> single_stream_state(const std::vector<uint8_t>& state, uint32_t seq) {
+    auto u32 = [&](size_t at) {
+        if (at + 4 > state.size()) throw RuntimeError("KV state shorter than its header");
+        uint32_t v;
+        std::memcpy(&v, state.data() + at, 4);
+        return v;
+    };
+    constexpr size_t kHeader = 8;
+    if (u32(4) != seq) throw RuntimeError("KV state of another layout (its header does not name the sequence)");
+    const uint32_t n_stream = u32(kHeader);
+    if (seq >= n_stream) throw RuntimeError("KV state of another layout (no stream " + std::to_string(seq) + ")");
+    const size_t before = kHeader + 4 + 4 * size_t{seq}, after = 4 * size_t{n_stream - seq - 1};
+    if (state.size() < before + 4 + after) throw RuntimeError("KV state shorter than its streams");
+    for (uint32_t k = 0; k < seq; ++k)
+        if (u32(kHeader + 4 + 4 * size_t{k}) != 0) throw RuntimeError("KV state of another layout (another stream is not empty)");
+    for (size_t k = 0; k < after / 4; ++k)
+        if (u32(state.size() - 4 * (k + 1)) != 0) throw RuntimeError("KV state of another layout (a later stream is not empty)");
+    std::vector<uint8_t> out(state.begin(), state.begin() + kHeader + 4);
+    const uint32_t zero = 0, one = 1;
+    std::memcpy(out.data() + 4, &zero, 4);        // now the state of sequence 0
+    std::memcpy(out.data() + kHeader, &one, 4);   // of a one-stream cache
+    out.insert(out.end(), state.begin() + static_cast<std::ptrdiff_t>(before), state.end() - static_cast<std::ptrdiff_t>(after));
+    return out;
+}
+
+Handoff DecodeLoop::hand_off(int s) {
+    if (s < 0 || s >= params_.n) throw ParamError("sample index out of range: " + std::to_string(s));
+    SampleState& st = samples_[static_cast<size_t>(s)];
+    if (!st.live || !started_) throw ParamError("only a live sample of a started run can be handed off");
+    if (!params_.forced.empty() || params_.neat) throw ParamError("a teacher-forced or NEAT run cannot hand off");
+    auto in_use = tc_.lock_use();
+    Handoff h;
+    const size_t size = llama_state_seq_get_size(tc_.ctx(), s);
+    h.kv.resize(size);
+    if (llama_state_seq_get_data(tc_.ctx(), h.kv.data(), size, s) != size)
+        throw RuntimeError("could not read the KV state of sample " + std::to_string(s));
+    // Per-sequence streams: sequence s lives in stream s (one stream: nothing to cut).
+    if (!tc_.params().kv_unified) h.kv = single_stream_state(h.kv, static_cast<uint32_t>(s));
+    h.prompt = prompt_;
+    h.tokens = st.tokens;
+    h.text = st.text;
+    h.index = s;
+    std::swap(h.sampler, samplers_[static_cast<size_t>(s)]);  // its RNG goes on where it stands
+    samplers_[static_cast<size_t>(s)] = make_sampler_chain(params_.sampling, tc_.model().vocab());
+    in_use.unlock();
+    end_sample(s, Finish::Stopped);
+    return h;
+}
+
+DecodeLoop::DecodeLoop(TappedContext& tc, Handoff&& from, SampleParams params, std::vector<Reducer*> reducers)
+    : DecodeLoop(tc, from.prompt, [&] {
+          params.n = 1;
+          params.kv_tokens = 0;
+          return params;
+      }(), std::move(reducers)) {
+    if (!from.sampler) throw ParamError("the handoff was used already");
+    // What was decided on is recorded in the race; the winner's tail costs only its decoding.
+    if (!reducers_.empty() || params_.tap) throw ParamError("a handed-off sample continues with the tap off");
+    if (static_cast<int>(from.tokens.size()) >= params_.max_tokens)
+        throw ParamError("the handed-off sample already holds max_tokens tokens");
+    tc_.clear();
+    if (llama_state_seq_set_data(tc_.ctx(), from.kv.data(), from.kv.size(), 0) == 0)
+        throw RuntimeError("could not restore the handed-off KV state (another model or context layout?)");
+    llama_sampler_free(samplers_[0]);  // the fresh chain of the delegated constructor: the sample's own goes on
+    samplers_[0] = from.sampler;
+    from.sampler = nullptr;            // a handoff is used once
+    SampleState& st = samples_[0];
+    st.tokens = from.tokens;
+    st.text = from.text;
+    st.logits_row = 0;
+    started_ = true;  // the prompt and the tokens so far are in the cells; the next step decodes the last token
 }
 
 void DecodeLoop::stop(const std::vector<int>& which) {

@@ -31,6 +31,9 @@ struct SampleParams {
     bool tap = true;
     int top_logprobs = 0;          // > 0: record the top-k log-probabilities of every sampled position
     NeatMonitor* neat = nullptr;   // NEAT per sample; must also be among the reducers
+    // > 0: this context holds KV cells for only the first `kv_tokens` tokens of each sample (a
+    // race decided early, whose winner goes on elsewhere: see Handoff); advance stops there.
+    int kv_tokens = 0;
 };
 
 // The per-sequence NEAT state: decides at line starts, bans in place, and queues the exit tokens.
@@ -59,11 +62,32 @@ struct SampleState {
     NeatTrack neat;
 };
 
+struct SampleState;
+
+// A live sample moved out of a run to go on in another context: its KV cells (llama.cpp's
+// sequence state), tokens, text and its sampler chain with its RNG where it stands, so that it
+// draws exactly the tokens it would have drawn had it stayed (and the race's KV can be freed).
+struct Handoff {
+    std::vector<llama_token> prompt;
+    std::vector<uint8_t> kv;
+    std::vector<llama_token> tokens;
+    std::string text;
+    llama_sampler* sampler = nullptr;  // owned
+    int index = 0;                     // the sample's index in the run it came from
+    Handoff() = default;
+    Handoff(Handoff&& o) noexcept { *this = std::move(o); }
+    Handoff& operator=(Handoff&& o) noexcept;
+    ~Handoff();
+};
+
 class DecodeLoop : public RowSink {
 public:
     // Checks that the request fits the context (ContextError says what fits) and the parameters.
     DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
                std::vector<Reducer*> reducers);
+    // A run of one that continues a handed-off sample in this context (which must hold at least
+    // prompt + params.max_tokens cells); params.n must be 1, its sampler settings are the sample's.
+    DecodeLoop(TappedContext& tc, Handoff&& from, SampleParams params, std::vector<Reducer*> reducers);
     ~DecodeLoop() override;
     DecodeLoop(const DecodeLoop&) = delete;
     DecodeLoop& operator=(const DecodeLoop&) = delete;
@@ -75,6 +99,8 @@ public:
     void stop(const std::vector<int>& samples);
     // Ends every live sample with `why` (Cancelled after an interrupted advance, say).
     void finish_live(Finish why);
+    // Moves live sample `s` out (it ends here as "stopped", its cells freed), to go on elsewhere.
+    Handoff hand_off(int s);
 
     int n() const { return params_.n; }
     int n_live() const;

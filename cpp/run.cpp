@@ -45,4 +45,11 @@ Run::Run(TappedContext& tc, std::vector<llama_token> prompt, RunOptions options)
     loop_ = std::make_unique<DecodeLoop>(tc_, std::move(prompt), std::move(sp), std::move(reds));
 }
 
+Run::Run(TappedContext& tc, Handoff&& from, RunOptions options) : tc_(tc), opts_(std::move(options)) {
+    opts_.sampling.tap = false;
+    opts_.record = RecordOptions{};
+    opts_.neat.reset();
+    loop_ = std::make_unique<DecodeLoop>(tc_, std::move(from), opts_.sampling, std::vector<Reducer*>{});
+}
+
 }  // namespace neurotap

@@ -43,6 +43,10 @@ class Run {
 public:
     // Validates the options (ParamError / ContextError) before anything is decoded.
     Run(TappedContext& tc, std::vector<llama_token> prompt, RunOptions options);
+    // A run of one continuing a sample handed off by another run (no records: the tap is off).
+    Run(TappedContext& tc, Handoff&& from, RunOptions options);
+    // Moves live sample s out of this run (see DecodeLoop::hand_off).
+    Handoff hand_off(int s) { return loop_->hand_off(s); }
 
     int advance(int until, Progress* progress) { return loop_->advance(until, progress); }
     void stop(const std::vector<int>& samples) { loop_->stop(samples); }

@@ -144,3 +144,18 @@ def test_evaluate_with_neat_same_seeds(model, tmp_path, capsys):
     bad.write_text("{")
     assert main(["eval", "--tasks", "arith", "--neat", str(bad), "--out", str(tmp_path / "r.json"), "--quiet"]) == 2
     assert "bad.json" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_early_stop_holds_cells_for_the_race_only():
+    """Decided after 16 tokens, the race holds 16 tokens of KV per sample and the winner moves
+    into a context of its own: a best-of-8 whose full version does not fit the cell budget runs."""
+    import neurotap
+
+    m = neurotap.load("smollm2-135m", n_ctx=1024, n_threads=2, max_sample_cells=2048)
+    with pytest.raises(neurotap.ContextError, match="max_sample_cells=2048"):
+        nad.best_of_n(m, PROMPT, n=8, early_stop=None, max_tokens=600, ignore_eos=True)
+    r = nad.best_of_n(m, PROMPT, n=8, early_stop=16, max_tokens=600, seed=2, ignore_eos=True)
+    assert r.sample.n_tokens == 600 and r.sample.finish_reason == "length"
+    assert r.tokens_generated == 8 * 16 + (600 - 16)  # the losers stopped at the decision
+    assert m.memory()["kv"] <= (1024 + 8 * 256 + 768) * m.info.kv_bytes_per_cell  # no race context kept
+    m.close()

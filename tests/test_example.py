@@ -1,6 +1,7 @@
 """The embedded C++ example (examples/neat_generate.cpp): built by CMake against the llama.cpp of
 llama-cpp-python found as a system llama.cpp (find_package(llama), no Python in the core), run on
-the default model with the shipped NEAT calibration, it writes what Python's generate writes."""
+the default model with the shipped NEAT calibration, it writes what Python's generate writes with
+llama.cpp's built-in chat renderer (the C++ core has no Jinja)."""
 import os
 import re
 import shutil
@@ -47,7 +48,8 @@ def test_example_generates_what_python_generates(example, model, model_path, use
             *([] if use_neat else ["--no-neat"]))
     assert r.returncode == 0, r.stderr
     text, summary = r.stdout.rsplit("\n[", 1)
-    g = model.generate([{"role": "user", "content": QUESTION}], max_tokens=64, temperature=0,
+    g = model.generate(model.prompt_tokens([{"role": "user", "content": QUESTION}], chat_template="builtin"),
+                       max_tokens=64, temperature=0,
                        neat=neat.load_calibration("default", model) if use_neat else None)
     assert text == g.text
     m = re.match(r"(\d+) tokens \| finish: (\w+) \| NEAT: (\d+) decisions, (\d+) bans, exit at (-?\d+)", summary)

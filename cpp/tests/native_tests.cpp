@@ -1502,6 +1502,45 @@ void test_parallel_control() {
     }
 }
 
+// A race decided early hands its winner to a context of its own: the KV state moves (rewritten
+// from the race's per-sequence streams to one stream), the sampler goes on where it stood, and the
+// winner draws exactly what it draws when it never moves.
+void test_hand_off() {
+    auto model = shared_model();
+    const int n = 4, max_tokens = 40, race = 12, pick = 2;
+    const std::vector<llama_token> prompt = chat_prompt(*model, "Tell me a short story about a dragon.");
+    SampleParams sp = sample_params(n, max_tokens, 99);
+    sp.sampling.ignore_eos = true;
+    TappedContext full_ctx(model, parallel_context(n));
+    DecodeLoop ref(full_ctx, prompt, sp, {});
+    ref.advance(max_tokens, nullptr);
+
+    ContextParams small = parallel_context(n);
+    small.n_ctx = n * 256;  // room for the race only
+    TappedContext race_ctx(model, small);
+    SampleParams rp = sp;
+    rp.kv_tokens = race;
+    DecodeLoop r(race_ctx, prompt, rp, {});
+    EXPECT_THROW_MSG(ParamError, r.advance(race + 1, nullptr), "hand a sample off", "beyond the race");
+    r.advance(race, nullptr);
+    EXPECT_THROW(ParamError, r.hand_off(n), "hand_off(n)");
+    Handoff h = r.hand_off(pick);
+    CHECK(!r.sample(pick).live && r.sample(pick).finish_reason == "stopped");
+    EXPECT_THROW(ParamError, r.hand_off(pick), "a sample handed off twice");
+
+    ContextParams one = small_context();
+    TappedContext cont_ctx(model, one);
+    SampleParams cp = sp;
+    cp.tap = false;
+    DecodeLoop tail(cont_ctx, std::move(h), cp, {});
+    CHECK(tail.sample(0).tokens.size() == static_cast<size_t>(race));
+    tail.advance(max_tokens, nullptr);
+    CHECK(tail.sample(0).tokens == ref.sample(pick).tokens);
+    CHECK(tail.sample(0).text == ref.sample(pick).text);
+    CHECK(tail.tokens_sampled() == max_tokens - race);
+    EXPECT_THROW(ParamError, DecodeLoop(cont_ctx, std::move(h), cp, {}), "a used handoff");
+}
+
 void test_parallel_errors() {
     auto model = shared_model();
     const int n = 6;
@@ -2635,6 +2674,7 @@ int main(int argc, char** argv) {
         {"decode_loop", "parallel_control", test_parallel_control},
         {"decode_loop", "parallel_errors", test_parallel_errors},
         {"decode_loop", "parallel_logprobs", test_parallel_logprobs},
+        {"decode_loop", "hand_off", test_hand_off},
         {"neat", "neat_file", test_neat_file},
         {"generate", "model_lifetime", test_model_lifetime},
     };

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Context', 'ContextError', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'Run', 'RunOptions', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose']
+__all__: list[str] = ['Context', 'ContextError', 'Handoff', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'Run', 'RunOptions', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -165,6 +165,12 @@ class RunOptions:
     def forced(self, arg1: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
     @property
+    def kv_tokens(self) -> int:
+        ...
+    @kv_tokens.setter
+    def kv_tokens(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
     def max_tokens(self) -> int:
         ...
     @max_tokens.setter
@@ -230,7 +236,25 @@ class RunOptions:
     @watch.setter
     def watch(self, arg1: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]]) -> None:
         ...
+class Handoff:
+    """
+    A live sample moved out of a run, to continue in another context.
+    """
+    @property
+    def index(self) -> int:
+        ...
+    @property
+    def kv_bytes(self) -> int:
+        ...
+    @property
+    def n_tokens(self) -> int:
+        ...
 class Run:
+    @staticmethod
+    def continue_from(context: typing.Any, handoff: Handoff, options: RunOptions) -> Run:
+        """
+        A run of one continuing a handed-off sample in `context` (its cells: prompt + max_tokens).
+        """
     def __init__(self, context: typing.Any, prompt: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], options: RunOptions) -> None:
         ...
     def advance(self, until: typing.SupportsInt | typing.SupportsIndex) -> int:
@@ -239,6 +263,10 @@ class Run:
         ...
     def finish_live(self, why: str) -> None:
         ...
+    def hand_off(self, index: typing.SupportsInt | typing.SupportsIndex) -> Handoff:
+        """
+        Move live sample `index` out of this run (it ends here as 'stopped').
+        """
     def progress_live(self) -> int:
         ...
     def progress_tokens(self) -> int:

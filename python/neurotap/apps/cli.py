@@ -18,7 +18,8 @@ def _load(args: argparse.Namespace):
     t0 = time.perf_counter()
     if sys.stderr.isatty():
         print(f"loading {args.model} ...", file=sys.stderr, end="\r", flush=True)
-    model = load(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx)
+    model = load(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx,
+                 chat_template=getattr(args, "chat_template", None))
     if sys.stderr.isatty():
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s   ", file=sys.stderr)
     return model
@@ -81,6 +82,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"total neurons {i.total_neurons} ({i.n_layers} x {i.n_ff})\nparameters    {i.n_params}")
     print(f"tapped        {t[0]} ... {t[-1]} ({len(t)} tensors, one per layer)")
     print(f"chat template {'yes' if i.has_chat_template else 'no'}")
+    mem = model.memory()
+    print(f"memory        weights {mem['weights'] / 2**20:.0f} MiB | KV {mem['kv'] / 2**20:.0f} MiB "
+          f"({model.n_ctx} cells x {i.kv_bytes_per_cell} bytes) | mapped for contributions "
+          f"{mem['contribution_weights_mapped'] / 2**20:.0f} MiB (shared, not private)")
     return 0
 
 
@@ -142,8 +147,15 @@ def cmd_rank_models(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     for p in args.models:
         resolve(p)  # a missing file fails before any model loads
-    rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
-                      labels=args.labels, threads=args.threads, progress=not args.quiet, row=args.row)
+    from ..runtime import model as runtime_model
+
+    # rank_models loads each variant itself: the renderer is set for the models it loads.
+    saved, runtime_model.DEFAULT_CHAT_TEMPLATE = runtime_model.DEFAULT_CHAT_TEMPLATE, args.chat_template
+    try:
+        rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
+                          labels=args.labels, threads=args.threads, progress=not args.quiet, row=args.row)
+    finally:
+        runtime_model.DEFAULT_CHAT_TEMPLATE = saved
     write_atomic(args.out, json.dumps(rep, indent=1).encode())
     print(format_ranking(rep))
     print(f"[{len(tasks)} tasks x {args.n} samples per variant | report: {args.out}]")
@@ -164,7 +176,7 @@ def cmd_nex(args: argparse.Namespace) -> int:
     scores = nex_scores(responses)
     for s, (mass, toks), g in zip(samples, responses, scores):
         ph = "".join("E" if x else "x" for x in phases(mass, toks)) if len(toks) else ""
-        print(f"--- sample {s.index}: GMF {g:.3f} | {s.n_tokens} tokens | phases per 32-token row "
+        print(f"--- sample {s.index}: GMF {g:.3f} | {s.n_tokens} tokens | phases per non-empty 32-token row "
               f"(E explore, x exploit): {ph or '-'}")
         print(s.text)
     best = int(scores.argmax())
@@ -248,6 +260,22 @@ def cmd_neat_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    for module in ("fastapi", "uvicorn", "sse_starlette"):
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"neurotap serve needs {module}: pip install 'neurotap[server]'")
+    from .server import parse_neat_args, serve
+
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    model = _load(args)
+    serve(model, host=args.host, port=args.port, name=args.alias, neat=parse_neat_args(args.neat or [], model),
+          max_queue=args.max_queue)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     for name, entry in known_models().items():
         mark = " (default)" if name == default_model() else ""
@@ -265,6 +293,12 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens")
 
 
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", choices=("jinja", "builtin"), default="jinja",
+                   help="render chat prompts with the GGUF's Jinja template (default, as llama-cpp-python and "
+                        "llama-server) or llama.cpp's built-in renderer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="neurotap", description="Watch FFN neurons of GGUF models in llama.cpp.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -280,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--neat", default=None, help="NEAT early exit: a calibration file, or 'default' (shipped)")
+    _chat_args(g)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("sample", help="N samples of one prompt decoded in parallel, with neuron figures")
@@ -293,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    _chat_args(s)
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("info", help="architecture, layers and tapped tensors of a model")
@@ -320,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--neat", default=None, help="also run every task with NEAT early exit (same seeds) and compare")
     e.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --out (same configuration) and run the rest")
+    _chat_args(e)
     e.set_defaults(func=cmd_eval)
 
     nt = sub.add_parser("neat", help="NEAT early exit: calibration")
@@ -335,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=256)
     c.add_argument("--out", required=True)
     c.add_argument("--quiet", action="store_true")
+    _chat_args(c)
     c.set_defaults(func=cmd_neat_calibrate)
 
     r = sub.add_parser("rank-models", help="rank model variants by mean NEX score, without labels (or check with --labels)")
@@ -350,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", "-t", type=int, default=None)
     r.add_argument("--out", default="ranking.json")
     r.add_argument("--quiet", action="store_true")
+    _chat_args(r)
     r.set_defaults(func=cmd_rank_models)
 
     x = sub.add_parser("nex", help="NEX scores of N samples of one prompt, with a phase plot")
@@ -361,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--raw", action="store_true", help="do not apply the chat template")
     x.add_argument("--plot", default=None, help="PNG of the best sample's novelty curve and phases")
+    _chat_args(x)
     x.set_defaults(func=cmd_nex)
 
     xc = sub.add_parser("export-cache", help="sample N answers and write their activated sets as a cache "
@@ -386,6 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("type", help="e.g. Q8_0, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K")
     q.add_argument("--threads", "-t", type=int, default=None)
     q.set_defaults(func=cmd_quantize)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, n, NAD, NEAT, streaming)")
+    _model_args(sv, positional=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--alias", default=None, help="the model id the API reports (default: the model's name)")
+    sv.add_argument("--neat", action="append", metavar="NAME=PATH",
+                    help="a NEAT calibration requests may name (repeatable; 'default' is always offered)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests that may wait while one runs; more get 503 (default 64)")
+    _chat_args(sv)
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list known model names")
     m.set_defaults(func=cmd_models)

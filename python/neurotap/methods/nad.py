@@ -113,18 +113,32 @@ def best_of_n(model: Model, prompt: Prompt, *, n: int = 16, method: str = "knn",
         raise ValueError(f"method '{method}' cannot decide early; early-stopping methods: {', '.join(early_methods())}")
     t0 = time.perf_counter()
     logprobs = TOP_LOGPROBS if METHODS[method].needs_logprobs else 0
+    # Decided early, the race holds KV cells for early_stop tokens per sample only; the winner then
+    # moves into a context sized for its whole length and goes on alone, tap off: the losers and
+    # the contributions cost nothing after the decision.
+    # NEAT watches the winner's neurons to its end: with NEAT it goes on in the race's context.
+    hand_off = early_stop is not None and early_stop < max_tokens and sampling.get("neat") is None
     with model.start_sampling(prompt, n=n, max_tokens=max_tokens, seed=seed, reducers=("contributions",),
-                              chunk=decision_chunk(early_stop), logprobs=logprobs, **sampling) as run:
+                              chunk=decision_chunk(early_stop), logprobs=logprobs,
+                              kv_tokens=early_stop if hand_off else 0, **sampling) as run:
         run.advance(early_stop, progress=progress)
         candidates = run.samples()
         pick = select(candidates, method, tokens=early_stop, k=k, seed=seed or 0, n_vocab=model.info.n_vocab)
         S = similarity(candidates, early_stop) if n >= 2 else None
         if pick is None:  # majority with no majority: the first sample, flagged by the caller's answer check
             pick = 0
-        run.keep([pick])
-        run.advance(progress=progress)
-        winner = run.sample(pick)
         spent = run.tokens_sampled
+        if hand_off and candidates[pick].finish_reason == "":  # still live: it goes on alone
+            with run.continue_one(pick) as tail:
+                tail.advance(progress=progress)
+                winner = tail.sample(0)
+                spent += tail.tokens_sampled
+            winner.index = pick
+        else:
+            run.keep([pick])
+            run.advance(progress=progress)
+            winner = run.sample(pick)
+            spent = run.tokens_sampled
     return BestOfN(text=winner.text, index=pick, method=method, sample=winner, n=n, early_stop=early_stop,
                    tokens_generated=spent, seconds=time.perf_counter() - t0, similarity=S, candidates=candidates)
 

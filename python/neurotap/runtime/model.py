@@ -14,11 +14,16 @@ from .. import _native
 from ..core.errors import ContextError
 from ..core.params import int_in
 from ..core.progress import run_with_progress
+from .chat import ChatTemplate, check_chat_template, check_messages, load_template
+from .memory import check_fits, record_bytes_per_token, run_parts
 from .pool import ContextPool
 from .registry import default_model, resolve
 from .sampling import Sample, SampleRun, TokenRecord, plan_cells, record_fields, run_options
 
 Messages = Sequence[Dict[str, str]]
+#: The renderer `load` and `tap` give a model when chat_template is not named: "jinja" or "builtin".
+#: A process-wide setting for code that loads models itself (rank-models' --chat-template).
+DEFAULT_CHAT_TEMPLATE = "jinja"
 Prompt = Union[str, Messages, Sequence[int]]
 
 
@@ -43,6 +48,7 @@ class ModelInfo:
     size_bytes: int
     has_chat_template: bool
     tapped_tensors: List[str]
+    kv_bytes_per_cell: int = 0  # K and V of one KV cell, all layers (f16)
 
     @property
     def total_neurons(self) -> int:
@@ -87,8 +93,15 @@ class Model:
     """A GGUF model with the FFN tap installed. Create it with `neurotap.load` or `neurotap.tap`."""
 
     def __init__(self, native: "_native.Model", *, name: str, n_ctx: int, n_threads: Optional[int],
-                 flash_attn: bool = True, max_sample_cells: int = 32768, keepalive: Any = None):
+                 flash_attn: bool = True, max_sample_cells: int = 32768, keepalive: Any = None,
+                 chat_template: str = "jinja", chat_template_kwargs: Optional[Dict[str, Any]] = None):
         self._native = native
+        #: How chat messages become a prompt: "jinja" (the GGUF's template) or "builtin" (llama.cpp's).
+        self.chat_template = check_chat_template(chat_template)
+        #: Variables every Jinja rendering sees (e.g. {"enable_thinking": False}); per call ones win.
+        self.chat_template_kwargs: Dict[str, Any] = dict(chat_template_kwargs or {})
+        self._jinja: Optional[ChatTemplate] = None
+        self._jinja_lock = threading.Lock()
         self._keepalive = keepalive  # the llama_cpp.Llama whose weights we share, if any
         self.n_threads = n_threads or default_threads()
         self.flash_attn = bool(flash_attn)
@@ -102,7 +115,7 @@ class Model:
             name=name, path=i["path"], architecture=i["architecture"], description=i["description"],
             n_layers=i["n_layers"], n_ff=i["n_ff"], n_embd=i["n_embd"], n_vocab=i["n_vocab"],
             n_params=i["n_params"], size_bytes=i["size_bytes"], has_chat_template=i["has_chat_template"],
-            tapped_tensors=list(self._ctx.tapped_tensors),
+            tapped_tensors=list(self._ctx.tapped_tensors), kv_bytes_per_cell=i["kv_bytes_per_cell"],
         )
 
     @property
@@ -119,6 +132,14 @@ class Model:
     @property
     def closed(self) -> bool:
         return bool(self._native.closed)
+
+    def memory(self) -> Dict[str, int]:
+        """Bytes held now, by part: the weights (llama.cpp's buffers), the KV cells of every
+        context (generate's and the sampling pool's, idle or in use), and the model file mapped for
+        contributions (shared with the page cache: it costs no private memory)."""
+        kvb = self.info.kv_bytes_per_cell
+        return {"weights": int(self.info.size_bytes), "kv": int((self.n_ctx + self._pool.cells()) * kvb),
+                "contribution_weights_mapped": int(self._native.contribution_weights_mapped)}
 
     def __enter__(self) -> "Model":
         return self
@@ -145,18 +166,37 @@ class Model:
         """Whether the token ends generation (end of sequence or of turn)."""
         return bool(self._native.is_eog(int(token)))
 
-    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        pairs = []
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError("messages must be dicts with 'role' and 'content'")
-            pairs.append((str(m["role"]), str(m["content"])))
-        if not pairs:
-            raise ValueError("messages is empty")
-        return self._native.apply_chat_template(pairs, add_generation_prompt)
+    def _jinja_template(self) -> ChatTemplate:
+        with self._jinja_lock:  # read and compiled once, on first use
+            if self._jinja is None:
+                tmpl = load_template(self.info.path, self.info.n_vocab, self.token_text)
+                if tmpl is None:
+                    raise ValueError("model has no chat template: pass a plain prompt instead of messages")
+                self._jinja = tmpl
+            return self._jinja
 
-    def prompt_tokens(self, prompt: Prompt) -> List[int]:
-        """Token ids for a plain prompt, chat messages (chat template applied) or token ids."""
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True, *,
+                            chat_template: Optional[str] = None,
+                            chat_template_kwargs: Optional[Dict[str, Any]] = None) -> str:
+        """The prompt text of chat messages. chat_template="jinja" (default: the model's
+        `chat_template` attribute) renders the GGUF's `tokenizer.chat_template` with Jinja as
+        llama-cpp-python and llama-server do, with chat_template_kwargs as template variables;
+        "builtin" uses llama.cpp's own renderer (roles and string contents only)."""
+        mode = check_chat_template(chat_template or self.chat_template)
+        msgs = check_messages(messages)
+        if mode == "builtin":
+            if chat_template_kwargs:
+                raise ValueError("chat_template_kwargs need the Jinja renderer (chat_template='jinja')")
+            return self._native.apply_chat_template([(str(m["role"]), str(m["content"])) for m in msgs],
+                                                    add_generation_prompt)
+        kwargs = {**self.chat_template_kwargs, **(chat_template_kwargs or {})}
+        return self._jinja_template().render(msgs, add_generation_prompt, kwargs)
+
+    def prompt_tokens(self, prompt: Prompt, *, chat_template: Optional[str] = None,
+                      chat_template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
+        """Token ids for a plain prompt, chat messages (chat template applied) or token ids.
+        A rendered chat prompt is tokenized as llama-cpp-python's create_chat_completion does:
+        no BOS added (the template writes it), special tokens parsed."""
         if isinstance(prompt, str):
             return self.tokenize(prompt)
         if not isinstance(prompt, (list, tuple, np.ndarray)):
@@ -167,7 +207,8 @@ class Model:
             V = self.info.n_vocab
             return [int_in("prompt token id", t, 0, V) for t in seq]
         if seq and all(isinstance(m, dict) for m in seq):
-            return self.tokenize(self.apply_chat_template(seq), add_special=False)
+            text = self.apply_chat_template(seq, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
+            return self.tokenize(text, add_special=False)
         raise TypeError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
 
     # -- generation ----------------------------------------------------------------------
@@ -197,6 +238,7 @@ class Model:
                            active_threshold=active_threshold, capture=capture, hooks=hooks, tap=tap,
                            neat=native_neat(neat, self), forced=forced_ids, seed_per_sample=False)
         ids = self.prompt_tokens(prompt)
+        self._check_memory(opts, len(ids), new_context=False)  # full-row captures of long answers
         with self._lock:
             run = _native.Run(self._ctx, ids, opts)
             run_with_progress(lambda: run.advance(opts.max_tokens), run.progress_tokens, run.cancel,
@@ -212,6 +254,25 @@ class Model:
         that predicts tokens[j] after the prompt (teacher forcing; nothing is sampled)."""
         return self.generate(prompt, forced=tokens, capture=capture, hooks=hooks, temperature=0)
 
+    def run_memory(self, opts: Any, n_prompt: int, new_context: bool = True) -> Dict[str, int]:
+        """Bytes a run with these native options will need at its peak, by part (the KV cells of
+        the context it takes when `new_context`)."""
+        per_token = record_bytes_per_token(
+            self.info, counts=opts.counts, active_chunk=opts.active_chunk, contribution_chunk=opts.contribution_chunk,
+            keep_top=opts.keep_top, rows=opts.rows, norm_inputs=opts.norm_inputs, residuals=opts.residuals,
+            logprobs=opts.top_logprobs)
+        held = opts.kv_tokens + 1 if opts.kv_tokens else opts.max_tokens
+        parts = run_parts(self.info, n=opts.n, cells_per_seq=(n_prompt + held + 255) // 256 * 256,
+                          max_tokens=opts.kv_tokens or opts.max_tokens, per_token_record=per_token,
+                          contributions=opts.contribution_chunk > 0, file_bytes=os.path.getsize(self.info.path))
+        if not new_context:
+            del parts["kv"]
+        return parts
+
+    def _check_memory(self, opts: Any, n_prompt: int, new_context: bool = True) -> None:
+        check_fits(self.run_memory(opts, n_prompt, new_context), f"a run of n={opts.n} x {opts.max_tokens} tokens",
+                   opts.n)
+
     # -- parallel sampling ------------------------------------------------------------
     def _new_sampling_context(self, n: int, need: int) -> Any:
         """A context with n per-sequence KV streams of at least `need` cells each."""
@@ -226,7 +287,8 @@ class Model:
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
                        capture: Optional[str] = None, logprobs: int = 0, tap: bool = True,
                        ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
-                       eta_rank: int = 500, keep_top: bool = False, neat: Any = None) -> SampleRun:
+                       eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
+                       kv_tokens: int = 0) -> SampleRun:
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -238,7 +300,9 @@ class Model:
         activation, like the paper's code; keep_top=True also keeps each token's per-layer top
         `contribution_top` values; eta is the `eta_rank`-th largest of those). logprobs=k also
         records the top-k log-probabilities of each sampled position. ignore_eos=True bans
-        end-of-generation tokens (fixed-length runs, as llama.cpp's --ignore-eos).
+        end-of-generation tokens (fixed-length runs, as llama.cpp's --ignore-eos). kv_tokens=B
+        holds KV cells for the first B tokens of each sample only (a race decided after B tokens;
+        `run.continue_one(i)` moves the winner into a context of its own).
         """
         opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
@@ -246,18 +310,22 @@ class Model:
                            tap=tap, ignore_eos=ignore_eos, contribution=contribution,
                            contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
                            neat=native_neat(neat, self))
+        if kv_tokens:
+            opts.kv_tokens = int_in("kv_tokens", kv_tokens, 1, opts.max_tokens + 1)
         ids = self.prompt_tokens(prompt)
         if len(ids) + opts.max_tokens > self.n_ctx:  # the same bound as generate(): n_ctx per sequence
             raise ContextError(f"the prompt ({len(ids)} tokens) plus max_tokens ({opts.max_tokens}) exceeds the context "
                                f"of {self.n_ctx} tokens; at most {max(0, self.n_ctx - len(ids))} new tokens fit. "
                                "Load with a larger n_ctx or lower max_tokens.")
-        lease = self._pool.acquire(opts.n, len(ids) + opts.max_tokens)
+        self._check_memory(opts, len(ids))
+        # A race decided after kv_tokens holds cells for those only (plus the token in flight).
+        lease = self._pool.acquire(opts.n, len(ids) + (opts.kv_tokens + 1 if opts.kv_tokens else opts.max_tokens))
         try:
             native = _native.Run(lease.ctx, ids, opts)
         except BaseException:
             lease.release()
             raise
-        return SampleRun(lease, native, opts.max_tokens, int(chunk))
+        return SampleRun(lease, native, opts.max_tokens, int(chunk), pool=self._pool, options=opts)
 
     def sample(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, progress: Optional[bool] = False,
                **kwargs: Any) -> List[Sample]:
@@ -268,13 +336,18 @@ class Model:
 
 
 def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
-         n_ctx: int = 4096, flash_attn: bool = True, max_sample_cells: int = 32768) -> Model:
+         n_ctx: int = 4096, flash_attn: bool = True, max_sample_cells: int = 32768,
+         chat_template: Optional[str] = None, chat_template_kwargs: Optional[Dict[str, Any]] = None) -> Model:
     """Load a GGUF model by known name (see `neurotap models`) or path, with the tap installed.
 
     max_sample_cells bounds the KV cells a parallel sampling run may allocate (n samples x
     (prompt + max_tokens), each padded to 256); a larger request fails before decoding.
     flash_attn=True lets llama.cpp use flash attention where the backend has it (faster; its
     results differ from the plain attention path in the last bits, like llama.cpp's own -fa).
+    chat_template="jinja" (the default, DEFAULT_CHAT_TEMPLATE) renders chat messages with the GGUF's
+    Jinja template (as llama-cpp-python and llama-server), "builtin" with llama.cpp's built-in
+    renderer (the model's `chat_template` attribute, changeable later); chat_template_kwargs are
+    variables every Jinja rendering sees (e.g. {"enable_thinking": False}).
 
     Raises FileNotFoundError, ModelNotInstalledError (with the pip command), ValueError for an
     unknown name, or ModelError for a corrupt, truncated or unsupported file.
@@ -283,12 +356,15 @@ def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int
     path = resolve(name)
     if n_ctx < 8:
         raise ValueError(f"n_ctx must be at least 8, got {n_ctx}")
+    chat_template = check_chat_template(chat_template or DEFAULT_CHAT_TEMPLATE)
     native = _native.Model.load(str(path), int(n_gpu_layers))
     return Model(native, name=name if not str(name).endswith(".gguf") else Path(name).name, n_ctx=n_ctx,
-                 n_threads=n_threads, flash_attn=flash_attn, max_sample_cells=max_sample_cells)
+                 n_threads=n_threads, flash_attn=flash_attn, max_sample_cells=max_sample_cells,
+                 chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
 
 
-def tap(llm: Any, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None) -> Model:
+def tap(llm: Any, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
+        chat_template: Optional[str] = None, chat_template_kwargs: Optional[Dict[str, Any]] = None) -> Model:
     """Tap a model already loaded by llama_cpp.Llama: its weights are shared, not loaded again;
     a new context with the tap (and the Llama's flash-attention setting) is created beside the
     Llama's own."""
@@ -298,11 +374,13 @@ def tap(llm: Any, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = Non
     addr = ctypes.cast(llm.model, ctypes.c_void_p).value if llm._model.model is not None else None
     if not addr:
         raise ValueError("the llama_cpp.Llama has no loaded model (was it closed?)")
+    chat_template = check_chat_template(chat_template or DEFAULT_CHAT_TEMPLATE)
     native = _native.Model.borrow(addr, str(llm.model_path))
     _native.set_verbose(False)  # importing llama_cpp installed its Python logger; keep Python out of decode
     model = Model(native, name=Path(llm.model_path).name, n_ctx=n_ctx or llm.n_ctx(),
                   n_threads=n_threads or getattr(llm, "n_threads", None),
-                  flash_attn=int(llm.context_params.flash_attn_type) != 0, keepalive=llm)
+                  flash_attn=int(llm.context_params.flash_attn_type) != 0, keepalive=llm,
+                  chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
     # Llama.close() frees the weights through its exit stack, last registered first: this runs
     # before that, so our contexts go while the weights still exist, and later calls raise.
     stack.callback(native.close)

@@ -19,11 +19,13 @@ class Lease:
     def released(self) -> bool:
         return self._pool is None
 
-    def release(self) -> None:
+    def release(self, keep: bool = True) -> None:
+        """Gives the context back (keep=False: frees it instead of keeping it for reuse)."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool._lent.pop(id(self.ctx), None)
-            pool._give_back(self.ctx)
+            if keep:
+                pool._give_back(self.ctx)
 
 
 class ContextPool:

@@ -167,14 +167,18 @@ class SampleRun:
     run.advance()            # continue the kept sample to the end
 
     The run holds its context alone until every sample has ended (or `close()`), then gives it
-    back to the model's pool, once.
+    back to the model's pool, once. A run started with `kv_tokens=B` holds KV cells for B tokens per
+    sample only; `continue_one(i)` then moves sample i into a context of its own for the rest.
     """
 
-    def __init__(self, lease: Lease, native: Any, max_tokens: int, chunk: int = 32):
+    def __init__(self, lease: Lease, native: Any, max_tokens: int, chunk: int = 32, *, pool: Any = None,
+                 options: Any = None):
         self._lease = lease
         self._native = native
         self.chunk = chunk
         self.max_tokens = max_tokens
+        self._pool = pool
+        self._options = options
 
     n = _native_attr("n", "samples in the run")
     n_live = _native_attr("n_live", "samples still generating")
@@ -221,6 +225,24 @@ class SampleRun:
         if not self._lease.released:
             self._native.stop(list(range(self.n)))
             self._lease.release()
+
+    def continue_one(self, i: int) -> "SampleRun":
+        """Move live sample i into a context of its own, sized for its whole length, and end this
+        run (its other samples stop; its context is freed, not kept for reuse: a race's cells are
+        not needed again). The returned run of one continues sample i with the tap off and draws
+        exactly the tokens it would have drawn here; its samples hold the tokens from the start."""
+        if self._lease.released or self._pool is None:
+            raise ValueError("this run has ended (or was not started by a model): nothing to continue")
+        handoff = self._native.hand_off(int(i))
+        lease = self._pool.acquire(1, self.n_prompt + self.max_tokens)
+        try:
+            native = _native.Run.continue_from(lease.ctx, handoff, self._options)
+        except BaseException:
+            lease.release()
+            raise
+        self._native.stop(list(range(self.n)))
+        self._lease.release(keep=False)
+        return SampleRun(lease, native, self.max_tokens, self.chunk, pool=self._pool, options=self._options)
 
     def __enter__(self) -> "SampleRun":
         return self
