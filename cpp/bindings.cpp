@@ -392,10 +392,22 @@ PYBIND11_MODULE(_native, m) {
             return h.run->hand_off(i);
         }, py::arg("index"), "Move live sample `index` out of this run (it ends here as 'stopped').")
         .def("advance", [](RunHandle& h, int until) {
-            py::gil_scoped_release nogil;
             h.progress.cancel = false;
             h.progress.live = h.run->loop().n_live();
-            return h.run->advance(until, &h.progress);
+            // A Ctrl-C (SIGINT) pending for the main thread stops the loop at the next step; the
+            // KeyboardInterrupt it raised is kept and re-raised once the loop has stopped.
+            h.progress.should_stop = [] {
+                py::gil_scoped_acquire gil;
+                return PyErr_CheckSignals() != 0;
+            };
+            int live;
+            {
+                py::gil_scoped_release nogil;
+                live = h.run->advance(until, &h.progress);
+            }
+            h.progress.should_stop = nullptr;
+            if (PyErr_Occurred()) throw py::error_already_set();
+            return live;
         }, py::arg("until"))
         .def("stop", [](RunHandle& h, const std::vector<int>& which) { h.run->stop(which); })
         .def("finish_live", [](RunHandle& h, const std::string& why) {

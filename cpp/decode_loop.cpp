@@ -308,18 +308,19 @@ int DecodeLoop::advance(int until, Progress* progress) {
     if (n_live() == 0) return 0;  // ended: nothing decodes (the context may belong to another run now)
     auto in_use = tc_.lock_use();  // Model::close waits for this advance
     tc_.ctx();                     // closed: RuntimeError
-    const auto t0 = clock::now();
+    auto t0 = clock::now();
     try {
         if (!started_) {
-            start();
+            start();  // its time is prompt_seconds, not decode time
             if (progress) progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);
+            t0 = clock::now();
         }
         for (;;) {
             bool more = false;
             for (const auto& st : samples_)
                 if (st.live && static_cast<int>(st.tokens.size()) < until) more = true;
             if (!more) break;
-            if (progress && progress->cancel.load(std::memory_order_relaxed)) break;
+            if (progress && progress->stop_requested()) break;
             step();
             if (progress) {
                 progress->tokens.store(tokens_sampled_, std::memory_order_relaxed);

@@ -3,6 +3,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,12 @@ struct Progress {
     std::atomic<int64_t> tokens{0};
     std::atomic<int> live{0};  // sequences still generating
     std::atomic<bool> cancel{false};
+    // Asked between decode steps (never inside llama.cpp): true stops the loop as cancel does.
+    // The Python binding checks for a pending Ctrl-C here, so that native work can run on the
+    // caller's own thread (OpenMP's thread team is per calling thread: switching threads halves
+    // decode speed) and still stop within one step.
+    std::function<bool()> should_stop;
+    bool stop_requested() { return cancel.load(std::memory_order_relaxed) || (should_stop && should_stop()); }
 };
 
 }  // namespace neurotap

@@ -241,7 +241,7 @@ class Model:
         self._check_memory(opts, len(ids), new_context=False)  # full-row captures of long answers
         with self._lock:
             run = _native.Run(self._ctx, ids, opts)
-            run_with_progress(lambda: run.advance(opts.max_tokens), run.progress_tokens, run.cancel,
+            run_with_progress(lambda: run.advance(opts.max_tokens), run.progress_tokens,
                               total=opts.max_tokens, desc="generating", enabled=progress)
             run.finish_live("cancelled")  # a cancelled run's sample ends here
             d = run.sample(0)

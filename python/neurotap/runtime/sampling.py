@@ -199,8 +199,7 @@ class SampleRun:
         if self._lease.released:
             return 0  # ended or closed: nothing may decode in a context given back
         total = self.n_live * min(until, self.max_tokens)
-        n_live = run_with_progress(lambda: self._native.advance(until), self._native.progress_tokens,
-                                   self._native.cancel, total=max(total, 1), desc=f"sampling x{self.n}",
+        n_live = run_with_progress(lambda: self._native.advance(until), self._native.progress_tokens, total=max(total, 1), desc=f"sampling x{self.n}",
                                    enabled=progress, postfix=lambda: {"live": self._native.progress_live()})
         if n_live == 0:
             self._lease.release()
