@@ -107,7 +107,7 @@ def main() -> None:
         on_off[n] = statistics.median(x / y for x, y in zip(on, off))
         rows[n] = {
             "neurotap tap off": statistics.median(off),
-            "neurotap tap on (bitsets)": statistics.median(on),
+            "neurotap tap on (active sets)": statistics.median(on),
             "llama-cpp-python sequential": llama_cpp_python_rate(llm, ids, n, a.tokens),
         }
     cmd = None
