@@ -1,7 +1,5 @@
 #include "generate.h"
 
-#include "errors.h"
-
 namespace neurotap {
 
 RunOptions generate_options(const GenerateParams& p) {
@@ -24,7 +22,6 @@ RunOptions generate_options(const GenerateParams& p) {
 
 GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& prompt, const GenerateParams& params,
                         Progress* progress) {
-    if (params.max_tokens <= 0) throw ParamError("max_tokens must be positive, got " + std::to_string(params.max_tokens));
     Run run(tc, prompt, generate_options(params));
     if (progress) progress->tokens = 0;
     run.advance(params.max_tokens, progress);

@@ -147,15 +147,9 @@ def cmd_rank_models(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")
     for p in args.models:
         resolve(p)  # a missing file fails before any model loads
-    from ..runtime import model as runtime_model
-
-    # rank_models loads each variant itself: the renderer is set for the models it loads.
-    saved, runtime_model.DEFAULT_CHAT_TEMPLATE = runtime_model.DEFAULT_CHAT_TEMPLATE, args.chat_template
-    try:
-        rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
-                          labels=args.labels, threads=args.threads, progress=not args.quiet, row=args.row)
-    finally:
-        runtime_model.DEFAULT_CHAT_TEMPLATE = saved
+    rep = rank_models(args.models, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed,
+                      labels=args.labels, threads=args.threads, progress=not args.quiet, row=args.row,
+                      chat_template=args.chat_template)
     write_atomic(args.out, json.dumps(rep, indent=1).encode())
     print(format_ranking(rep))
     print(f"[{len(tasks)} tasks x {args.n} samples per variant | report: {args.out}]")

@@ -34,7 +34,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
 
 def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_tokens: int = 256, seed: int = 0,
                 labels: bool = False, threads: Optional[int] = None, temperature: float = 0.6,
-                template: str = DEFAULT_PROMPT, progress: bool = True, row: int = 32) -> Dict[str, Any]:
+                template: str = DEFAULT_PROMPT, progress: bool = True, row: int = 32,
+                chat_template: Optional[str] = None) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
     if row < 1:
@@ -46,7 +47,7 @@ def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_
     variants: List[Dict[str, Any]] = []
     for path in paths:
         t0 = time.perf_counter()
-        model = load(path, n_threads=threads)
+        model = load(path, n_threads=threads, chat_template=chat_template)
         responses, correct = [], []
         bar = tqdm(tasks, desc=Path(path).name, unit="task", disable=not progress, dynamic_ncols=True)
         for i, task in enumerate(bar):
