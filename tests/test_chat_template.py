@@ -207,13 +207,16 @@ def test_rank_models_loads_its_variants_with_the_chosen_renderer(model_path, tmp
     from neurotap.runtime import model as runtime_model
 
     seen = []
+    real_load = rank.load
 
-    def fake_rank_models(paths, tasks, **kw):
-        seen.extend(rank.load(p, n_ctx=64, n_threads=THREADS).chat_template for p in paths)
-        return {"variants": [{"model": p, "nex": 0.5, "nex_rank": i + 1} for i, p in enumerate(paths)]}
+    def recording_load(path, **kw):
+        m = real_load(path, **kw)
+        seen.append(m.chat_template)
+        return m
 
-    monkeypatch.setattr(rank, "rank_models", fake_rank_models)
-    args = ["rank-models", model_path, model_path, "--tasks", "arith", "--limit", "1", "--out", str(tmp_path / "r.json")]
+    monkeypatch.setattr(rank, "load", recording_load)
+    args = ["rank-models", model_path, model_path, "--tasks", "arith", "--limit", "1", "-n", "2",
+            "--max-tokens", "4", "--threads", str(THREADS), "--quiet", "--out", str(tmp_path / "r.json")]
     assert main(args + ["--chat-template", "builtin"]) == 0
     assert main(args) == 0
     assert seen == ["builtin", "builtin", "jinja", "jinja"]
