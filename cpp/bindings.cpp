@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <memory>
 
 #include "contribution.h"
@@ -15,6 +16,7 @@
 #include "log_capture.h"
 #include "model.h"
 #include "neat.h"
+#include "neureasoner.h"
 #include "run.h"
 #include "reducers.h"
 #include "tapped_context.h"
@@ -47,6 +49,8 @@ py::dict info_dict(const ModelInfo& i) {
     d["size_bytes"] = i.size_bytes;
     d["has_chat_template"] = i.has_chat_template;
     d["kv_bytes_per_cell"] = i.kv_bytes_per_cell;
+    d["n_head"] = i.n_head;
+    d["head_dim_v"] = i.head_dim_v > 0 ? i.head_dim_v : (i.n_head > 0 ? i.n_embd / i.n_head : 0);
     return d;
 }
 
@@ -132,6 +136,19 @@ py::dict sample_dict(const Run& run, int i) {
     if (run.neat()) {
         d["neat_events"] = neat_events(st.neat.events);
         d["neat_exit_at"] = st.neat.exit_at;
+    }
+    if (const NeuReasonerMonitor* nr = run.neureasoner()) {
+        py::list ev;
+        for (const NrEvent& e : st.nr.events)
+            ev.append(py::make_tuple(e.token, e.level, e.action, e.probability, e.rollback_to, e.seed));
+        d["neureasoner_events"] = ev;
+        d["neureasoner_exit_at"] = st.nr.exit_at;
+        d["neureasoner_signals"] = to_numpy(first(nr->signals(i), n * kNrLevels), {n, kNrLevels}, py::dtype::of<float>());
+        d["neureasoner_probs"] = to_numpy(first(nr->probs(i), n * kNrLevels), {n, kNrLevels}, py::dtype::of<float>());
+        if (nr->config().record) {
+            const py::ssize_t C = nr->n_components();
+            d["neureasoner_contributions"] = to_numpy(first(nr->recorded(i), n * C), {n, C}, py::dtype::of<float>());
+        }
     }
     if (run.options().sampling.top_logprobs > 0) {
         const py::ssize_t k = n ? static_cast<py::ssize_t>(st.top_ids.size()) / n : 0;
@@ -242,7 +259,11 @@ PYBIND11_MODULE(_native, m) {
         .def("token_text", [](const Model& mo, llama_token t) {
             if (t < 0 || t >= mo.info().n_vocab) throw ParamError("token id out of range: " + std::to_string(t));
             return py::bytes(llama_vocab_get_text(mo.vocab(), t));
-        });
+        })
+        .def("token_piece", [](const Model& mo, llama_token t) {
+            if (t < 0 || t >= mo.info().n_vocab) throw ParamError("token id out of range: " + std::to_string(t));
+            return py::bytes(mo.token_piece(t));
+        }, "The bytes a token adds to generated text (as the decode loop appends them).");
 
     py::class_<ContextHandle>(m, "Context")
         .def(py::init([](std::shared_ptr<Model> model, int n_ctx, int n_batch, int n_seq_max, int n_threads,
@@ -284,6 +305,56 @@ PYBIND11_MODULE(_native, m) {
         .def_readwrite("line_starts_only", &NeatConfig::line_starts_only)
         .def_readwrite("ban_tokens", &NeatConfig::ban_tokens)
         .def_readwrite("exit_tokens", &NeatConfig::exit_tokens);
+
+    py::class_<Mlp>(m, "Mlp", "scikit-learn's MLPClassifier (ReLU, one logistic output) behind a StandardScaler")
+        .def(py::init<>())
+        .def_readwrite("mean", &Mlp::mean)
+        .def_readwrite("scale", &Mlp::scale)
+        .def_readwrite("weights", &Mlp::weights)
+        .def_readwrite("biases", &Mlp::biases)
+        .def("probability", [](const Mlp& mlp, py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+            mlp.validate();
+            if (x.ndim() != 2 || x.shape(1) != mlp.n_inputs())
+                throw ParamError("probability expects [n, " + std::to_string(mlp.n_inputs()) + "] features");
+            std::vector<float> out(static_cast<size_t>(x.shape(0)));
+            for (py::ssize_t r = 0; r < x.shape(0); ++r) out[static_cast<size_t>(r)] = mlp.probability(x.data(r, 0));
+            return to_numpy(std::move(out), {x.shape(0)}, py::dtype::of<float>());
+        }, py::arg("features"), "P(failure) per row, as the run computes it.");
+
+    py::class_<NrLevelConfig>(m, "NeuReasonerLevel")
+        .def(py::init<>())
+        .def_readwrite("enabled", &NrLevelConfig::enabled)
+        .def_readwrite("components", &NrLevelConfig::components)
+        .def_readwrite("features", &NrLevelConfig::features)
+        .def_readwrite("mlp", &NrLevelConfig::mlp)
+        .def_readwrite("threshold", &NrLevelConfig::threshold)
+        .def_readwrite("action", &NrLevelConfig::action);
+
+    py::class_<NeuReasonerConfig>(m, "NeuReasonerConfig")
+        .def(py::init<>())
+        .def_readwrite("layer", &NeuReasonerConfig::layer)
+        .def_readwrite("window", &NeuReasonerConfig::window)
+        .def_readwrite("levels", &NeuReasonerConfig::levels)
+        .def_readwrite("record", &NeuReasonerConfig::record)
+        .def_readwrite("max_retries", &NeuReasonerConfig::max_retries)
+        .def_readwrite("max_actions", &NeuReasonerConfig::max_actions)
+        .def_readwrite("cooldown", &NeuReasonerConfig::cooldown)
+        .def_readwrite("exit_tokens", &NeuReasonerConfig::exit_tokens)
+        .def_readwrite("exit_line", &NeuReasonerConfig::exit_line)
+        .def_readwrite("redirect_tokens", &NeuReasonerConfig::redirect_tokens);
+
+    m.def("spectral_features", [](py::array_t<float, py::array::c_style | py::array::forcecast> signal, int window) {
+        if (signal.ndim() != 1) throw ParamError("spectral_features expects a 1-D signal");
+        const SpectralWindow spec(window);
+        const py::ssize_t T = signal.shape(0);
+        // Row t: the window ending at token t; NaN where fewer than `window` tokens precede it.
+        std::vector<float> out(static_cast<size_t>(T) * kNumSpectral, std::numeric_limits<float>::quiet_NaN());
+        for (py::ssize_t t = window - 1; t < T; ++t)
+            spec.features(signal.data(t - window + 1), out.data() + static_cast<size_t>(t) * kNumSpectral);
+        return to_numpy(std::move(out), {T, kNumSpectral}, py::dtype::of<float>());
+    }, py::arg("signal"), py::arg("window"),
+       "NeuReasoner's spectral features [T, 5] (high, low, dominant ratio, entropy, TV energy) of the "
+       "window ending at each token, exactly as a run computes them.");
 
     m.def("sample_seed", &sample_seed, py::arg("seed"), py::arg("index"));
 
@@ -362,7 +433,8 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, int v) { o.record.eta_rank = v; })
         .def_property("keep_top", [](const RunOptions& o) { return o.record.keep_top; },
                       [](RunOptions& o, bool v) { o.record.keep_top = v; })
-        .def_readwrite("neat", &RunOptions::neat);
+        .def_readwrite("neat", &RunOptions::neat)
+        .def_readwrite("neureasoner", &RunOptions::neureasoner);
 
     py::class_<Handoff>(m, "Handoff", "A live sample moved out of a run, to continue in another context.")
         .def_property_readonly("n_tokens", [](const Handoff& h) { return h.tokens.size(); })

@@ -1,6 +1,7 @@
 #include "decode_loop.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -18,6 +19,7 @@ const char* finish_name(Finish f) {
         case Finish::Stopped: return "stopped";
         case Finish::Cancelled: return "cancelled";
         case Finish::NeatExit: return "neat_exit";
+        case Finish::NeuReasonerExit: return "neureasoner_exit";
     }
     return "";
 }
@@ -81,10 +83,22 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
     const bool forcing = !params_.forced.empty();
     for (llama_token t : params_.forced)
         if (t < 0 || t >= info.n_vocab) throw ParamError("forced token id out of range: " + std::to_string(t));
-    if (forcing && static_cast<int>(params_.forced.size()) != params_.max_tokens)
-        throw ParamError("max_tokens must equal the number of forced tokens");
+    if (static_cast<int>(params_.forced.size()) > params_.max_tokens)
+        throw ParamError("more forced tokens (" + std::to_string(params_.forced.size()) + ") than max_tokens (" +
+                         std::to_string(params_.max_tokens) + ")");
     if (forcing && params_.neat) throw ParamError("NEAT cannot steer teacher-forced tokens");
     if (params_.neat && !params_.tap) throw ParamError("NEAT watches neurons: it needs the tap on");
+    if (params_.neureasoner && !params_.tap) throw ParamError("NeuReasoner watches neurons: it needs the tap on");
+    if (params_.neureasoner && params_.neureasoner->acts()) {
+        // Rollbacks and inserted tokens change the token stream: every record must be able to follow.
+        if (forcing) throw ParamError("NeuReasoner cannot correct teacher-forced tokens (record only: actions 'none')");
+        if (params_.neat) throw ParamError("NeuReasoner's corrections and NEAT cannot steer the same run");
+        if (params_.kv_tokens > 0) throw ParamError("NeuReasoner's corrections cannot run in an early-stopped race");
+        for (Reducer* r : reducers_)
+            if (!r->can_roll_back())
+                throw ParamError("NeuReasoner's rollbacks cannot be combined with chunked set records "
+                                 "(active sets, NAD contributions): record them in a run without corrections");
+    }
     const int64_t np = static_cast<int64_t>(prompt_.size());
     if (tc_.params().kv_unified) {
         // One stream: the prompt's cells are shared, each sample adds its own tokens.
@@ -112,6 +126,7 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
     for (Reducer* r : reducers_) {
         r->begin(params_.n, info.n_layers, info.n_ff, params_.max_tokens);
         kinds_ |= r->tap_kinds();
+        if (r->attention_layer() >= 0) attention_layer_ = r->attention_layer();
     }
     for (int i = 0; i < params_.n; ++i) {
         SamplingParams sp = params_.sampling;
@@ -213,16 +228,18 @@ void DecodeLoop::end_sample(int s, Finish why) {
 void DecodeLoop::sample_and_commit(int s) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     const int j = static_cast<int>(st.tokens.size());
-    const bool forcing = !params_.forced.empty();
+    const bool forcing = static_cast<size_t>(j) < params_.forced.size();  // then sampling goes on
     llama_token tok = 0;
-    const bool neat_token = params_.neat &&
+    const bool nr_token = st.nr.queued < st.nr.queue.size();  // an exit or a redirect being written
+    if (nr_token) tok = st.nr.queue[st.nr.queued++];
+    const bool neat_token = !nr_token && params_.neat &&
         st.neat.before_sample(*params_.neat, s, j, llama_get_logits_ith(tc_.ctx(), st.logits_row), &tok);
     if (forcing) tok = params_.forced[static_cast<size_t>(j)];
-    else if (!neat_token) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
+    else if (!neat_token && !nr_token) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
     ++tokens_sampled_;
     if (!forcing && tc_.model().is_eog(tok)) {
         st.eog_token = tok;
-        end_sample(s, neat_token ? Finish::NeatExit : Finish::Eos);
+        end_sample(s, neat_token ? Finish::NeatExit : nr_token && st.nr.exiting ? Finish::NeuReasonerExit : Finish::Eos);
         return;
     }
     if (params_.top_logprobs > 0) record_logprobs(st, llama_get_logits_ith(tc_.ctx(), st.logits_row), tok);
@@ -231,6 +248,7 @@ void DecodeLoop::sample_and_commit(int s) {
     const size_t before = st.text.size();
     const std::string piece = tc_.model().token_piece(tok);
     st.text += piece;
+    st.piece_end.push_back(static_cast<uint32_t>(st.text.size()));
     st.neat.line_start = !piece.empty() && piece.back() == '\n';
     const size_t stop_at = forcing ? std::string::npos : find_stop(st.text, before, params_.stop);
     if (stop_at != std::string::npos) {
@@ -238,7 +256,111 @@ void DecodeLoop::sample_and_commit(int s) {
         end_sample(s, Finish::Stop);
         return;
     }
-    if (static_cast<int>(st.tokens.size()) == params_.max_tokens) end_sample(s, Finish::Length);
+    if (static_cast<int>(st.tokens.size()) == params_.max_tokens) {
+        end_sample(s, Finish::Length);
+        return;
+    }
+    if (nr_token && st.nr.exiting && st.nr.queued == st.nr.queue.size()) st.nr.answer_from = st.text.size();
+    if (st.nr.exiting && !nr_token && params_.neureasoner->config().exit_line && piece.find('\n') != std::string::npos) {
+        // The answer line after the exit is written: the sample ends with it (the newline dropped).
+        const size_t cut = st.text.size() - (piece.size() - piece.find('\n'));
+        bool written = false;
+        for (size_t i = st.nr.answer_from; i < cut; ++i) written |= !std::isspace(static_cast<unsigned char>(st.text[i]));
+        if (written) {
+            st.text.resize(cut);
+            end_sample(s, Finish::NeuReasonerExit);
+            return;
+        }
+    }
+    if (params_.neureasoner && st.nr.queued == st.nr.queue.size() && !st.nr.exiting) neureasoner_act(s);
+}
+
+void DecodeLoop::neureasoner_act(int s) {
+    SampleState& st = samples_[static_cast<size_t>(s)];
+    NrTrack& nr = st.nr;
+    const NeuReasonerConfig& cfg = params_.neureasoner->config();
+    const int n = static_cast<int>(st.tokens.size());
+    if (n < nr.next_check) return;
+    float p = 0;
+    const int level = params_.neureasoner->detect(s, &p);
+    if (level < 0) return;
+    const int action = cfg.levels[static_cast<size_t>(level)].action;
+    NrEvent ev{n, level, action, p, -1, 0};
+    if (action == kNrNone) {
+        nr.events.push_back(ev);  // recorded, nothing done
+        return;
+    }
+    if (nr.actions >= cfg.max_actions) {
+        ev.action = kNrNone;
+        nr.events.push_back(ev);
+        nr.next_check = n + std::max(1, cfg.cooldown);
+        return;
+    }
+    if (action == kNrExit) {
+        nr.queue = cfg.exit_tokens;
+        nr.queued = 0;
+        nr.exiting = true;
+        nr.exit_at = n;
+        ++nr.actions;
+        nr.events.push_back(ev);
+        return;
+    }
+    // The current step: the tokens since the last line break before the newest token.
+    int r = 0;
+    for (int k = n - 1; k >= 1; --k) {
+        const uint32_t a = k >= 2 ? st.piece_end[static_cast<size_t>(k - 2)] : 0, b = st.piece_end[static_cast<size_t>(k - 1)];
+        if (b > a && std::memchr(st.text.data() + a, '\n', b - a)) {
+            r = k;
+            break;
+        }
+    }
+    if (action == kNrResample) {
+        if (nr.retry_step != r) nr.retry_step = r, nr.retries = 0;
+        if (nr.retries >= cfg.max_retries) {  // this step was resampled enough: let it stand
+            ev.action = kNrNone;
+            nr.events.push_back(ev);
+            nr.next_check = n + std::max(1, cfg.cooldown);
+            return;
+        }
+        ++nr.retries;
+    }
+    roll_back(s, r);
+    ev.rollback_to = r;
+    ev.seed = nr_seed_;
+    ++nr.actions;
+    nr.events.push_back(ev);
+    nr.next_check = r + cfg.cooldown;
+    if (action == kNrRedirect) {
+        nr.queue = cfg.redirect_tokens;
+        nr.queued = 0;
+        nr.next_check += static_cast<int>(cfg.redirect_tokens.size());
+    }
+}
+
+void DecodeLoop::roll_back(int s, int n) {
+    SampleState& st = samples_[static_cast<size_t>(s)];
+    st.tokens.resize(static_cast<size_t>(n));
+    st.piece_end.resize(static_cast<size_t>(n));
+    st.text.resize(n ? st.piece_end.back() : 0);
+    if (params_.top_logprobs > 0) {
+        const size_t k = static_cast<size_t>(std::min(params_.top_logprobs, tc_.model().info().n_vocab));
+        st.token_logprob.resize(static_cast<size_t>(n));
+        st.mean_logprob.resize(static_cast<size_t>(n));
+        st.top_ids.resize(static_cast<size_t>(n) * k);
+        st.top_logprobs.resize(static_cast<size_t>(n) * k);
+    }
+    // The cells from the position that predicts token n on: the next step decodes it again.
+    const int np = static_cast<int>(prompt_.size());
+    llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, np + n - 1, -1);
+    for (Reducer* r : reducers_) r->roll_back(s, n);
+    // A fresh sampler (its RNG and any penalty history restart) with a seed of its own, recorded:
+    // the continuation is the one a fresh run from the kept tokens with that seed draws.
+    SamplingParams sp = params_.sampling;
+    const uint32_t base = params_.seed_per_sample ? sample_seed(params_.sampling.seed, s) : params_.sampling.seed;
+    sp.seed = nr_seed_ = sample_seed(base, 1 + st.nr.reseeds++);
+    llama_sampler* fresh = make_sampler_chain(sp, tc_.model().vocab());
+    llama_sampler_free(samplers_[static_cast<size_t>(s)]);
+    samplers_[static_cast<size_t>(s)] = fresh;
 }
 
 void DecodeLoop::start() {
@@ -279,7 +401,8 @@ void DecodeLoop::step() {
         if (!st.live) continue;
         const int j = static_cast<int>(st.tokens.size());
         st.logits_row = static_cast<int>(b_tokens_.size());
-        b_tokens_.push_back(st.tokens.back());
+        // After a rollback to the start, the prompt's last token predicts the first one again.
+        b_tokens_.push_back(j > 0 ? st.tokens.back() : prompt_.back());
         b_pos_.push_back(np + j - 1);
         b_seqs_.push_back(s);
         row_sample_.push_back(s);
@@ -370,7 +493,8 @@ Handoff DecodeLoop::hand_off(int s) {
     if (s < 0 || s >= params_.n) throw ParamError("sample index out of range: " + std::to_string(s));
     SampleState& st = samples_[static_cast<size_t>(s)];
     if (!st.live || !started_) throw ParamError("only a live sample of a started run can be handed off");
-    if (!params_.forced.empty() || params_.neat) throw ParamError("a teacher-forced or NEAT run cannot hand off");
+    if (!params_.forced.empty() || params_.neat || params_.neureasoner)
+        throw ParamError("a teacher-forced, NEAT or NeuReasoner run cannot hand off");
     auto in_use = tc_.lock_use();
     Handoff h;
     const size_t size = llama_state_seq_get_size(tc_.ctx(), s);

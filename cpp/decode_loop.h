@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "neat.h"
+#include "neureasoner.h"
 #include "reducers.h"
 #include "sampling.h"
 #include "tapped_context.h"
@@ -15,8 +16,8 @@
 namespace neurotap {
 
 // Why a sample ended: the one list every run reports.
-enum class Finish : int { Live = 0, Eos, Length, Stop, Stopped, Cancelled, NeatExit };
-// "", "eos", "length", "stop", "stopped", "cancelled", "neat_exit".
+enum class Finish : int { Live = 0, Eos, Length, Stop, Stopped, Cancelled, NeatExit, NeuReasonerExit };
+// "", "eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit".
 const char* finish_name(Finish f);
 
 struct SampleParams {
@@ -25,12 +26,14 @@ struct SampleParams {
     SamplingParams sampling;       // sampling.seed is the run's seed
     bool seed_per_sample = true;   // sample i draws with sample_seed(seed, i); false: every one with seed
     std::vector<std::string> stop;
-    // Teacher forcing: when set, these tokens are fed instead of sampled (max_tokens is their
-    // count; an end-of-generation token among them is kept and stop strings are not applied).
+    // Teacher forcing: these tokens are fed first instead of sampled, one per step as generation
+    // decodes (an end-of-generation token among them is kept, stop strings are not applied to
+    // them); sampling goes on after them up to max_tokens.
     std::vector<llama_token> forced;
     bool tap = true;
     int top_logprobs = 0;          // > 0: record the top-k log-probabilities of every sampled position
     NeatMonitor* neat = nullptr;   // NEAT per sample; must also be among the reducers
+    NeuReasonerMonitor* neureasoner = nullptr;  // NeuReasoner per sample; also among the reducers
     // > 0: this context holds KV cells for only the first `kv_tokens` tokens of each sample (a
     // race decided early, whose winner goes on elsewhere: see Handoff); advance stops there.
     int kv_tokens = 0;
@@ -47,6 +50,21 @@ struct NeatTrack {
     bool before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced);
 };
 
+// The per-sequence NeuReasoner state: what was detected and done, the forced tokens queued (an
+// exit or a redirect) and the bounds on interventions.
+struct NrTrack {
+    std::vector<NrEvent> events;
+    std::vector<llama_token> queue;  // tokens to emit instead of sampling
+    size_t queued = 0;               // of queue, already emitted
+    bool exiting = false;            // the queue is the exit: its end-of-generation ends the sample
+    size_t answer_from = 0;          // text offset where the exit's queue ended
+    int exit_at = -1;
+    int actions = 0;
+    int next_check = 0;              // no detection acts before the sample holds this many tokens
+    int retry_step = -1, retries = 0;
+    int reseeds = 0;
+};
+
 struct SampleState {
     std::vector<llama_token> tokens;    // end-of-generation token excluded (unless forced)
     std::string text;                   // raw bytes, cut at a stop string
@@ -60,6 +78,8 @@ struct SampleState {
     std::vector<int32_t> top_ids;       // [tokens, top_logprobs]
     std::vector<float> top_logprobs;    // [tokens, top_logprobs]
     NeatTrack neat;
+    NrTrack nr;
+    std::vector<uint32_t> piece_end;    // text size after each token (a rollback cuts the text there)
 };
 
 struct SampleState;
@@ -113,6 +133,7 @@ public:
     double sample_seconds() const { return sample_seconds_; }  // part of decode_seconds spent sampling
 
     unsigned tap_kinds() const override { return kinds_; }
+    int attention_layer() const override { return attention_layer_; }
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
 
 private:
@@ -121,6 +142,10 @@ private:
     void sample_and_commit(int s);
     void end_sample(int s, Finish why);
     void record_logprobs(SampleState& st, const float* logits, llama_token chosen);
+    // NeuReasoner after sample s committed a token: acts on a detection.
+    void neureasoner_act(int s);
+    // Sample s goes on from its first n tokens: tokens, text, records and KV cells cut, sampler reseeded.
+    void roll_back(int s, int n);
     // RuntimeError naming the first layer (or the logits) where the last decode gave NaN/inf.
     void check_finite(int n_rows) const;
 
@@ -129,6 +154,8 @@ private:
     SampleParams params_;
     std::vector<Reducer*> reducers_;
     unsigned kinds_ = kTapActivation;
+    int attention_layer_ = -1;
+    uint32_t nr_seed_ = 0;  // the seed of the latest rollback's sampler
     std::vector<SampleState> samples_;
     std::vector<llama_sampler*> samplers_;
     bool started_ = false;

@@ -10,10 +10,7 @@ namespace neurotap {
 
 FfnTap::FfnTap(std::string act_name, int n_layers, int64_t n_ff, int64_t n_embd)
     : act_name_(std::move(act_name)), n_layers_(n_layers), n_ff_(n_ff), n_embd_(n_embd) {
-    rows_seen_[0].assign(n_layers_, 0);
-    rows_seen_[1].assign(n_layers_, 0);
-    rows_seen_[2].assign(n_layers_, 0);
-    rows_seen_[3].assign(n_layers_, 0);
+    for (auto& seen : rows_seen_) seen.assign(n_layers_, 0);
     discovered_.assign(n_layers_, 0);
 }
 
@@ -45,7 +42,11 @@ int FfnTap::match(const char* name, TapKind* kind) const {
     const int il = other(kinds_ & tap_bit(TapKind::NormInput), norm_name_, TapKind::NormInput);
     if (il >= 0) return il;
     const int ig = other(kinds_ & tap_bit(TapKind::Gate), gate_name_, TapKind::Gate);
-    return ig >= 0 ? ig : other(kinds_ & tap_bit(TapKind::Residual), residual_name_, TapKind::Residual);
+    if (ig >= 0) return ig;
+    const int ir = other(kinds_ & tap_bit(TapKind::Residual), residual_name_, TapKind::Residual);
+    if (ir >= 0) return ir;
+    const int ia = other(kinds_ & tap_bit(TapKind::Attention), attention_name_, TapKind::Attention);
+    return ia == attention_layer_ ? ia : -1;  // one layer: each asked node costs a sync
 }
 
 bool FfnTap::callback(ggml_tensor* t, bool ask, void* user_data) {
@@ -72,7 +73,9 @@ void FfnTap::on_data(const ggml_tensor* t) {
     TapKind kind;
     const int il = match(t->name, &kind);
     if (il < 0) return;
-    const int64_t width = kind == TapKind::NormInput || kind == TapKind::Residual ? n_embd_ : n_ff_;
+    const int64_t width = kind == TapKind::NormInput || kind == TapKind::Residual ? n_embd_
+                          : kind == TapKind::Attention                          ? attention_width_
+                                                                                : n_ff_;
     if (t->type != GGML_TYPE_F32 || t->ne[0] != width || t->ne[2] != 1 || t->ne[3] != 1 ||
         !ggml_is_contiguous(t)) {
         error_ = std::string("tapped tensor ") + t->name + " has an unexpected layout (type " +
@@ -104,12 +107,12 @@ void FfnTap::on_data(const ggml_tensor* t) {
 void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds) {
     sink_ = sink;
     kinds_ = kinds | kTapActivation;
+    attention_layer_ = sink ? sink->attention_layer() : -1;
+    if (attention_layer_ < 0 || attention_layer_ >= n_layers_ || attention_width_ <= 0)
+        kinds_ &= ~tap_bit(TapKind::Attention);
     armed_rows_ = n_rows;
     error_.clear();
-    std::fill(rows_seen_[0].begin(), rows_seen_[0].end(), 0);
-    std::fill(rows_seen_[1].begin(), rows_seen_[1].end(), 0);
-    std::fill(rows_seen_[2].begin(), rows_seen_[2].end(), 0);
-    std::fill(rows_seen_[3].begin(), rows_seen_[3].end(), 0);
+    for (auto& seen : rows_seen_) std::fill(seen.begin(), seen.end(), 0);
 }
 
 void FfnTap::disarm() {
@@ -121,10 +124,11 @@ void FfnTap::disarm_and_check() {
     const unsigned kinds = kinds_;
     disarm();
     if (!error_.empty()) throw RuntimeError(error_);
-    const std::string* names[4] = {&act_name_, &norm_name_, &gate_name_, &residual_name_};
-    for (int k = 0; k < 4; ++k) {
+    const std::string* names[kTapKinds] = {&act_name_, &norm_name_, &gate_name_, &residual_name_, &attention_name_};
+    for (int k = 0; k < kTapKinds; ++k) {
         if (!(kinds & (1u << k))) continue;
         for (int il = 0; il < n_layers_; ++il) {
+            if (k == static_cast<int>(TapKind::Attention) && il != attention_layer_) continue;
             if (rows_seen_[k][il] != armed_rows_) {
                 throw RuntimeError("tap: layer " + std::to_string(il) + " delivered " +
                                    std::to_string(rows_seen_[k][il]) + " rows of " + *names[k] +

@@ -16,8 +16,10 @@ struct ggml_tensor;
 namespace neurotap {
 
 // What the tap can read per layer. TransformerLens names: Activation = blocks.{l}.mlp.hook_post,
-// NormInput = blocks.{l}.ln2.hook_normalized, Residual = blocks.{l}.hook_resid_post.
-enum class TapKind : int { Activation = 0, NormInput = 1, Gate = 2, Residual = 3 };
+// NormInput = blocks.{l}.ln2.hook_normalized, Residual = blocks.{l}.hook_resid_post,
+// Attention = blocks.{l}.attn.hook_z (every head's output before W_O; one layer only).
+enum class TapKind : int { Activation = 0, NormInput = 1, Gate = 2, Residual = 3, Attention = 4 };
+constexpr int kTapKinds = 5;
 constexpr unsigned tap_bit(TapKind k) { return 1u << static_cast<int>(k); }
 constexpr unsigned kTapActivation = tap_bit(TapKind::Activation);
 
@@ -27,6 +29,8 @@ public:
     virtual ~RowSink() = default;
     // The kinds this sink wants for the decode it is armed for (the activation always).
     virtual unsigned tap_kinds() const { return kTapActivation; }
+    // The one layer whose attention output is read when TapKind::Attention is wanted.
+    virtual int attention_layer() const { return -1; }
     // rows [row0, row0 + n_rows) of the armed batch for `layer`; `data` holds n_rows rows of
     // `width` contiguous floats, valid only during the call.
     virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;
@@ -43,7 +47,8 @@ public:
     // Arms the tap for one llama_decode whose batch has n_rows rows, every one of which
     // requests logits (the last layer computes only those rows). `kinds` (tap_bit masks) says
     // what to read besides the activation: ffn_norm-<il>, ffn_gate-<il> (NAD's paper-code
-    // variant), l_out-<il> (NEAT's calibration). They hold for this decode only.
+    // variant), l_out-<il> (NEAT's calibration), kqv_out-<il> at the sink's attention_layer()
+    // only (NeuReasoner's heads). They hold for this decode only.
     void arm(int n_rows, RowSink* sink, unsigned kinds = kTapActivation);
     unsigned armed_kinds() const { return kinds_; }
     // Disarms; throws RuntimeError unless every tapped layer delivered exactly n_rows rows.
@@ -57,6 +62,8 @@ public:
     // Layers whose activation tensor was never seen during discovery.
     std::vector<int> end_discovery();
 
+    // Width of the attention output rows (n_head x head_dim_v); 0 leaves heads untappable.
+    void set_attention_width(int64_t w) { attention_width_ = w; }
     const std::string& act_name() const { return act_name_; }
     int n_layers() const { return n_layers_; }
     int64_t n_ff() const { return n_ff_; }
@@ -72,6 +79,9 @@ private:
     std::string norm_name_ = "ffn_norm";
     std::string gate_name_ = "ffn_gate";
     std::string residual_name_ = "l_out";
+    std::string attention_name_ = "kqv_out";
+    int attention_layer_ = -1;  // of the armed sink
+    int64_t attention_width_ = 0;
     int n_layers_;
     int64_t n_ff_;
     int64_t n_embd_;
@@ -79,7 +89,7 @@ private:
 
     RowSink* sink_ = nullptr;
     int armed_rows_ = 0;
-    std::vector<int> rows_seen_[4];  // per TapKind
+    std::vector<int> rows_seen_[kTapKinds];  // per TapKind
     bool discovering_ = false;
     std::vector<char> discovered_;
     std::vector<float> scratch_;  // staging for tensors in non-host (GPU) buffers

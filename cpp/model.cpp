@@ -133,6 +133,7 @@ static void fill_from_llama(ModelInfo& info, llama_model* m) {
     info.n_ctx_train = llama_model_n_ctx_train(m);
     // Head sizes: the file's key/value lengths where it states them (Qwen3, Gemma), else n_embd / n_head.
     const int n_head = std::max(1, llama_model_n_head(m));
+    info.n_head = llama_model_n_head(m);
     const int64_t dk = info.head_dim_k > 0 ? info.head_dim_k : info.n_embd / n_head;
     const int64_t dv = info.head_dim_v > 0 ? info.head_dim_v : info.n_embd / n_head;
     info.kv_bytes_per_cell = static_cast<uint64_t>(info.n_layers) * std::max(0, llama_model_n_head_kv(m)) *

@@ -32,6 +32,7 @@ struct ModelInfo {
     // Bytes of K and V per KV cell (all layers, f16 cache): what a context's n_ctx costs.
     uint64_t kv_bytes_per_cell = 0;
     int64_t head_dim_k = 0, head_dim_v = 0;  // from the file when it states them (0: n_embd / n_head)
+    int n_head = 0;                           // attention heads (query heads) per layer
     // The file as it was at load: what is read from it later (contribution weights) must come
     // from the same file, not one replaced on disk since.
     uint64_t file_size = 0;

@@ -45,6 +45,12 @@ public:
     virtual void sync() {}
     // The sample ends with n_tokens tokens: rows recorded for later tokens are dropped.
     virtual void finish(int sample, int n_tokens) = 0;
+    // NeuReasoner's rollback: the sample goes on from its first n_tokens tokens, as if the later
+    // ones had never been generated. Reducers whose records cannot be cut (chunk unions) say no.
+    virtual bool can_roll_back() const { return false; }
+    virtual void roll_back(int sample, int n_tokens) { (void)sample, (void)n_tokens; }
+    // The layer whose attention output (TapKind::Attention) this reducer reads, -1 for none.
+    virtual int attention_layer() const { return -1; }
 };
 
 // Per token and layer: the number of neurons whose activation exceeds a threshold.
@@ -54,6 +60,8 @@ public:
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
     const std::vector<int32_t>& counts(int sample) const { return counts_[sample]; }  // [tokens, layers]
     std::vector<int32_t> take_counts(int sample) { return std::move(counts_[sample]); }
 
@@ -94,6 +102,8 @@ public:
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
     int n_watched() const { return static_cast<int>(neurons_.size()); }
     const std::vector<float>& values(int sample) const { return values_[sample]; }  // [tokens, watched]
 
@@ -110,6 +120,8 @@ public:
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
     bool half() const { return half_; }
     const std::vector<float>& rows_f32(int sample) const { return f32_[sample]; }     // [tokens, layers, n_ff]
     const std::vector<uint16_t>& rows_f16(int sample) const { return f16_[sample]; }
@@ -134,6 +146,8 @@ public:
     void on_row(int, int, int, const float*) override {}
     void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) override;
     void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
     TapKind kind() const { return kind_; }
     int64_t width() const { return n_embd_; }
     const std::vector<float>& rows(int sample) const { return rows_[sample]; }  // [tokens, layers, n_embd]

@@ -12,8 +12,8 @@ Run::Run(TappedContext& tc, std::vector<llama_token> prompt, RunOptions options)
     std::vector<Reducer*> reds;
     if (static_cast<int>(r.rows) < 0 || static_cast<int>(r.rows) > 2)
         throw ParamError("rows must be 0 (none), 1 (float32) or 2 (float16)");
-    if (!tap && (r.rows != RowType::None || r.norm_inputs || r.residuals || opts_.neat))
-        throw ParamError("rows, norm inputs, residuals and NEAT read the tap: they need it on");
+    if (!tap && (r.rows != RowType::None || r.norm_inputs || r.residuals || opts_.neat || opts_.neureasoner))
+        throw ParamError("rows, norm inputs, residuals, NEAT and NeuReasoner read the tap: they need it on");
     if (r.contribution_chunk > 0 && r.contribution_variant != "down" && r.contribution_variant != "gate")
         throw ParamError("contribution variant must be 'down' (the down projection's input) or 'gate' "
                          "(act(gate), as in the paper's code), got '" + r.contribution_variant + "'");
@@ -42,6 +42,11 @@ Run::Run(TappedContext& tc, std::vector<llama_token> prompt, RunOptions options)
         reds.push_back(neat_.get());
     }
     sp.neat = neat_.get();
+    if (opts_.neureasoner) {
+        nr_ = std::make_unique<NeuReasonerMonitor>(*opts_.neureasoner, tc_.model());
+        reds.push_back(nr_.get());
+    }
+    sp.neureasoner = nr_.get();
     loop_ = std::make_unique<DecodeLoop>(tc_, std::move(prompt), std::move(sp), std::move(reds));
 }
 
@@ -49,6 +54,7 @@ Run::Run(TappedContext& tc, Handoff&& from, RunOptions options) : tc_(tc), opts_
     opts_.sampling.tap = false;
     opts_.record = RecordOptions{};
     opts_.neat.reset();
+    opts_.neureasoner.reset();
     loop_ = std::make_unique<DecodeLoop>(tc_, std::move(from), opts_.sampling, std::vector<Reducer*>{});
 }
 

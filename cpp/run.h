@@ -10,6 +10,7 @@
 #include "contribution.h"
 #include "decode_loop.h"
 #include "neat.h"
+#include "neureasoner.h"
 #include "reducers.h"
 #include "tapped_context.h"
 
@@ -37,6 +38,7 @@ struct RunOptions {
     SampleParams sampling;                    // n, max_tokens, sampler, stop, forced, tap, logprobs
     RecordOptions record;
     std::optional<NeatConfig> neat;           // NEAT early exit per sample (needs the tap)
+    std::optional<NeuReasonerConfig> neureasoner;  // NeuReasoner detection and correction (needs the tap)
 };
 
 class Run {
@@ -64,6 +66,7 @@ public:
     const HiddenRowReducer* residuals() const { return resid_.get(); }
     const ContributionReducer* contributions() const { return contrib_.get(); }
     const NeatMonitor* neat() const { return neat_.get(); }
+    const NeuReasonerMonitor* neureasoner() const { return nr_.get(); }
 
 private:
     TappedContext& tc_;
@@ -75,6 +78,7 @@ private:
     std::unique_ptr<HiddenRowReducer> norm_, resid_;
     std::unique_ptr<ContributionReducer> contrib_;
     std::unique_ptr<NeatMonitor> neat_;
+    std::unique_ptr<NeuReasonerMonitor> nr_;
     std::unique_ptr<DecodeLoop> loop_;  // last: destroyed first, before the reducers it feeds
 };
 

@@ -49,6 +49,8 @@ class ModelInfo:
     has_chat_template: bool
     tapped_tensors: List[str]
     kv_bytes_per_cell: int = 0  # K and V of one KV cell, all layers (f16)
+    n_head: int = 0  # attention (query) heads per layer
+    head_dim_v: int = 0  # each head's output width (before the output projection)
 
     @property
     def total_neurons(self) -> int:
@@ -89,6 +91,17 @@ def native_neat(neat: Any, model: "Model") -> Any:
                     "'default' with neurotap.neat.load_calibration(source, model)")
 
 
+def native_neureasoner(neureasoner: Any, model: "Model") -> Any:
+    """The native form of a resolved NeuReasoner configuration: a _native.NeuReasonerConfig, or an
+    object with native_config(model) (neurotap.neureasoner.NeuReasonerCalibration)."""
+    if neureasoner is None or isinstance(neureasoner, _native.NeuReasonerConfig):
+        return neureasoner
+    if hasattr(neureasoner, "native_config"):
+        return neureasoner.native_config(model)
+    raise TypeError(f"neureasoner= takes a NeuReasoner calibration object, not {type(neureasoner).__name__}; "
+                    "resolve a path with neurotap.neureasoner.load_calibration(source, model)")
+
+
 class Model:
     """A GGUF model with the FFN tap installed. Create it with `neurotap.load` or `neurotap.tap`."""
 
@@ -116,6 +129,7 @@ class Model:
             n_layers=i["n_layers"], n_ff=i["n_ff"], n_embd=i["n_embd"], n_vocab=i["n_vocab"],
             n_params=i["n_params"], size_bytes=i["size_bytes"], has_chat_template=i["has_chat_template"],
             tapped_tensors=list(self._ctx.tapped_tensors), kv_bytes_per_cell=i["kv_bytes_per_cell"],
+            n_head=i["n_head"], head_dim_v=i["head_dim_v"],
         )
 
     @property
@@ -161,6 +175,10 @@ class Model:
     def token_text(self, token: int) -> str:
         """The vocabulary entry of one token id (special tokens by name)."""
         return self._native.token_text(int(token)).decode("utf-8", errors="replace")
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes one token adds to generated text (a piece of a UTF-8 character, possibly)."""
+        return self._native.token_piece(int(token))
 
     def is_eog(self, token: int) -> bool:
         """Whether the token ends generation (end of sequence or of turn)."""
@@ -217,7 +235,7 @@ class Model:
                  stop: Optional[Union[str, Sequence[str]]] = None, capture: Optional[str] = None,
                  hooks: Sequence[str] = (), tap: bool = True, active_threshold: float = 0.0,
                  progress: Optional[bool] = False, forced: Optional[Sequence[int]] = None,
-                 neat: Any = None) -> Generation:
+                 prefix: Optional[Sequence[int]] = None, neat: Any = None, neureasoner: Any = None) -> Generation:
         """Generate from a prompt (str), chat messages (list of dicts) or token ids.
 
         temperature <= 0 decodes greedily; otherwise the sampler draws with `seed` itself.
@@ -225,18 +243,30 @@ class Model:
         also returns the activations [n_tokens, n_layers, n_ff] in that type; hooks= names more
         of what the tap reads ("mlp.hook_post", "ln2.hook_normalized", "hook_resid_post", or
         "blocks.{l}.<hook>"), all in `Generation.cache`. forced=token ids feeds those tokens
-        instead of sampling (teacher forcing; see `trace`). neat= a NEAT calibration
+        instead of sampling (teacher forcing; see `trace`); prefix=token ids are fed the same
+        way (one per step, as generation decodes them: not as part of the prompt, whose batched
+        decoding differs in the last bits) and sampling goes on after them, up to max_tokens
+        tokens in all. neat= a NEAT calibration
         (neurotap.neat.load_calibration) ends the reasoning when its neurons say it is done.
+        neureasoner= a NeuReasoner calibration (neurotap.neureasoner.load_calibration) watches its
+        detectors and corrects the failures they flag (see Generation.neureasoner_events).
         """
         forced_ids = [int(t) for t in forced] if forced is not None else []
         if forced is not None:
+            if prefix is not None:
+                raise ValueError("give forced= (every token) or prefix= (the first tokens), not both")
             if not forced_ids:
                 raise ValueError("forced must hold at least one token")
             max_tokens = len(forced_ids)
+        elif prefix is not None:
+            forced_ids = [int(t) for t in prefix]
+            if len(forced_ids) >= max_tokens:
+                raise ValueError(f"prefix holds {len(forced_ids)} tokens: max_tokens ({max_tokens}) must be larger")
         opts = run_options(n=1, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            min_p=min_p, seed=seed, stop=stop, reducers=("counts",) if tap else (),
                            active_threshold=active_threshold, capture=capture, hooks=hooks, tap=tap,
-                           neat=native_neat(neat, self), forced=forced_ids, seed_per_sample=False)
+                           neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self),
+                           forced=forced_ids, seed_per_sample=False)
         ids = self.prompt_tokens(prompt)
         self._check_memory(opts, len(ids), new_context=False)  # full-row captures of long answers
         with self._lock:
@@ -288,7 +318,7 @@ class Model:
                        capture: Optional[str] = None, logprobs: int = 0, tap: bool = True,
                        ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
                        eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
-                       kv_tokens: int = 0) -> SampleRun:
+                       neureasoner: Any = None, kv_tokens: int = 0) -> SampleRun:
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -302,14 +332,15 @@ class Model:
         records the top-k log-probabilities of each sampled position. ignore_eos=True bans
         end-of-generation tokens (fixed-length runs, as llama.cpp's --ignore-eos). kv_tokens=B
         holds KV cells for the first B tokens of each sample only (a race decided after B tokens;
-        `run.continue_one(i)` moves the winner into a context of its own).
+        `run.continue_one(i)` moves the winner into a context of its own). neat= and neureasoner=
+        steer every sample as in `generate`.
         """
         opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
                            active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs,
                            tap=tap, ignore_eos=ignore_eos, contribution=contribution,
                            contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
-                           neat=native_neat(neat, self))
+                           neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self))
         if kv_tokens:
             opts.kv_tokens = int_in("kv_tokens", kv_tokens, 1, opts.max_tokens + 1)
         ids = self.prompt_tokens(prompt)

@@ -78,7 +78,7 @@ class TokenRecord:
 
     text: str = ""
     tokens: List[int] = field(default_factory=list)
-    finish_reason: str = ""  # "eos", "length", "stop", "stopped", "cancelled", "neat_exit"; "" while live
+    finish_reason: str = ""  # "eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit"; "" while live
     eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
     # Neurons with activation > active_threshold, per token and layer ("counts"; generate: tap on).
     active_counts: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers]
@@ -88,6 +88,13 @@ class TokenRecord:
     residuals: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]: blocks.{l}.hook_resid_post
     neat_events: list = field(default_factory=list)  # NEAT decisions: (token, action 0/1/2 = continue/ban/exit, similarity, magnitude)
     neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
+    # NeuReasoner: detections and actions (token, level 0/1/2 = intra/inter/instance, action
+    # 0/1/2/3 = none/resample/redirect/exit, probability, tokens kept by the rollback or -1, new seed).
+    neureasoner_events: list = field(default_factory=list)
+    neureasoner_exit_at: int = -1  # tokens held when NeuReasoner ended the reasoning, -1 if it did not
+    neureasoner_signals: Optional[np.ndarray] = None  # float32 [n_tokens, 3]: each level's MoN signal
+    neureasoner_probs: Optional[np.ndarray] = None  # float32 [n_tokens, 3]: detector P(failure), NaN before a full window
+    neureasoner_contributions: Optional[np.ndarray] = None  # float32 [n_tokens, n_ff + n_head] (calibration record)
 
     @property
     def n_tokens(self) -> int:
@@ -261,7 +268,7 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
                 active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
                 capture: Optional[str] = None, hooks: Sequence[str] = (), logprobs: int = 0, tap: bool = True,
                 ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
-                eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
+                eta_rank: int = 500, keep_top: bool = False, neat: Any = None, neureasoner: Any = None,
                 forced: Sequence[int] = (), seed_per_sample: bool = True) -> Any:
     """Checks a run's parameters and returns the native options (one place for generate and sample)."""
     o = _native.RunOptions()
@@ -276,8 +283,9 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
         rows = 1
     if "rows" in reducers and rows == 0:
         rows = 1
-    if (rows or "ln2.hook_normalized" in hook_names or "hook_resid_post" in hook_names or neat is not None) and not tap:
-        raise ValueError("capture, hooks and neat read the tap: they need tap=True")
+    if (rows or "ln2.hook_normalized" in hook_names or "hook_resid_post" in hook_names or neat is not None
+            or neureasoner is not None) and not tap:
+        raise ValueError("capture, hooks, neat and neureasoner read the tap: they need tap=True")
     if "watch" in reducers and not watch:
         raise ValueError("the 'watch' reducer needs watch=[(layer, neuron), ...]")
     if ("active_sets" in reducers or "contributions" in reducers) and int(chunk) < 1:
@@ -308,6 +316,7 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
     o.norm_inputs = "ln2.hook_normalized" in hook_names
     o.residuals = "hook_resid_post" in hook_names
     o.neat = neat
+    o.neureasoner = neureasoner
     return o
 
 
