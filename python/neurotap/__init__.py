@@ -4,12 +4,12 @@ The package is layered; each layer imports only the ones below it:
     core      exceptions, parameter checks, atomic output, progress     (neurotap.core)
     runtime   models, tokenizing, generation, parallel sampling         (neurotap.runtime)
     scoring   selectors, confidence, answers, statistics, NEX, tasks    (neurotap.scoring)
-    methods   NAD, NEAT and the selection registry                      (neurotap.methods)
+    methods   NAD, NEAT, NeuReasoner and the selection registry         (neurotap.methods)
     apps      eval, rank-models, quantize, the command line             (neurotap.apps)
 This module only gathers the public names.
 """
 from .core.errors import ContextError, ModelError, ModelNotInstalledError, NativeError
-from .methods import nad, neat, selection
+from .methods import nad, neat, neureasoner, selection
 from .runtime.model import Generation, Model, ModelInfo, load, tap
 from .runtime.registry import default_model, known_models, resolve
 from .runtime.sampling import ActivationCache, Sample, SampleRun
@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "tap", "Model", "Sample", "SampleRun", "ModelInfo", "Generation", "ActivationCache", "resolve",
     "known_models", "default_model", "ModelError", "ContextError", "NativeError", "ModelNotInstalledError",
-    "nad", "neat", "nex", "selection",
+    "nad", "neat", "neureasoner", "nex", "selection",
 ]

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Context', 'ContextError', 'Handoff', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'Run', 'RunOptions', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose']
+__all__: list[str] = ['Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeuReasonerConfig', 'NeuReasonerLevel', 'Run', 'RunOptions', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -39,6 +39,10 @@ class Model:
     def neat_attribution(self, norm_weight: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], eps: typing.SupportsFloat | typing.SupportsIndex, h: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], a: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], cols: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], token: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex = 1) -> list[float]:
         """
         NEAT's exact scores: log p(token | h + a_c cols[c]) - log p(token | h), final RMSNorm + unembedding.
+        """
+    def token_piece(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bytes:
+        """
+        The bytes a token adds to generated text (as the decode loop appends them).
         """
     def token_text(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bytes:
         ...
@@ -116,12 +120,129 @@ class NeatConfig:
     @reference.setter
     def reference(self, arg0: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]) -> None:
         ...
+class Mlp:
+    """
+    scikit-learn's MLPClassifier (ReLU, one logistic output) behind a StandardScaler
+    """
+    def __init__(self) -> None:
+        ...
+    def probability(self, features: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> numpy.ndarray:
+        """
+        P(failure) per row, as the run computes it.
+        """
+    @property
+    def biases(self) -> list[list[float]]:
+        ...
+    @biases.setter
+    def biases(self, arg0: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]]) -> None:
+        ...
+    @property
+    def mean(self) -> list[float]:
+        ...
+    @mean.setter
+    def mean(self, arg0: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def scale(self) -> list[float]:
+        ...
+    @scale.setter
+    def scale(self, arg0: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def weights(self) -> list[list[float]]:
+        ...
+    @weights.setter
+    def weights(self, arg0: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]]) -> None:
+        ...
+class NeuReasonerLevel:
+    enabled: bool
+    mlp: Mlp
+    def __init__(self) -> None:
+        ...
+    @property
+    def action(self) -> int:
+        ...
+    @action.setter
+    def action(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def components(self) -> list[int]:
+        ...
+    @components.setter
+    def components(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def features(self) -> list[int]:
+        ...
+    @features.setter
+    def features(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def threshold(self) -> float:
+        ...
+    @threshold.setter
+    def threshold(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+class NeuReasonerConfig:
+    exit_line: bool
+    record: bool
+    def __init__(self) -> None:
+        ...
+    @property
+    def cooldown(self) -> int:
+        ...
+    @cooldown.setter
+    def cooldown(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def exit_tokens(self) -> list[int]:
+        ...
+    @exit_tokens.setter
+    def exit_tokens(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def layer(self) -> int:
+        ...
+    @layer.setter
+    def layer(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def levels(self) -> list[NeuReasonerLevel]:
+        ...
+    @levels.setter
+    def levels(self, arg0: collections.abc.Sequence[NeuReasonerLevel]) -> None:
+        ...
+    @property
+    def max_actions(self) -> int:
+        ...
+    @max_actions.setter
+    def max_actions(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_retries(self) -> int:
+        ...
+    @max_retries.setter
+    def max_retries(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def redirect_tokens(self) -> list[int]:
+        ...
+    @redirect_tokens.setter
+    def redirect_tokens(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def window(self) -> int:
+        ...
+    @window.setter
+    def window(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
 class RunOptions:
     contribution_variant: str
     counts: bool
     ignore_eos: bool
     keep_top: bool
     neat: NeatConfig | None
+    neureasoner: NeuReasonerConfig | None
     norm_inputs: bool
     residuals: bool
     seed_per_sample: bool
@@ -331,4 +452,8 @@ def sample_seed(seed: typing.SupportsInt | typing.SupportsIndex, index: typing.S
 def set_verbose(verbose: bool) -> None:
     """
     Forward llama.cpp's log to stderr (True) or keep only errors for exception messages.
+    """
+def spectral_features(signal: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], window: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+    """
+    NeuReasoner's spectral features [T, 5] (high, low, dominant ratio, entropy, TV energy) of the window ending at each token, exactly as a run computes them.
     """

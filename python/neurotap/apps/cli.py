@@ -34,12 +34,42 @@ def _neat(source: Optional[str], model):
     return load_calibration(source, model)
 
 
+def _parse_actions(text: Optional[str]) -> dict:
+    """--neureasoner-actions intra=resample,inter=none,instance=exit"""
+    from ..methods.neureasoner import ACTIONS, LEVELS
+
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        level, _, action = part.partition("=")
+        level, action = level.strip(), action.strip()
+        if level not in LEVELS or action not in ACTIONS:
+            raise ValueError(f"--neureasoner-actions takes LEVEL=ACTION pairs (levels {', '.join(LEVELS)}; "
+                             f"actions {', '.join(ACTIONS)}), got {part!r}")
+        out[level] = action
+    return out
+
+
+def _neureasoner(source: Optional[str], model, actions: Optional[str] = None):
+    """--neureasoner: a calibration file resolved for this model, with --neureasoner-actions applied."""
+    if source is None:
+        if actions:
+            raise ValueError("--neureasoner-actions needs --neureasoner")
+        return None
+    from ..methods.neureasoner import load_calibration
+
+    cal = load_calibration(source, model)
+    return cal.with_actions(**_parse_actions(actions)) if actions else cal
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     g = model.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, seed=args.seed, stop=args.stop or None, progress=None,
-                       neat=_neat(args.neat, model))
+                       neat=_neat(args.neat, model),
+                       neureasoner=_neureasoner(args.neureasoner, model, args.neureasoner_actions))
     print(g.text)
     total = model.info.total_neurons
     active = g.mean_active_per_token
@@ -51,6 +81,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         names = {0: "continue", 1: "ban", 2: "exit"}
         print(f"[NEAT: {len(ev)} decisions at line starts" +
               "".join(f" | token {t}: {names[a]} (sim {s:.2f}, mag {m:.2f})" for t, a, s, m in ev if a) + "]")
+    if args.neureasoner:
+        from ..methods.neureasoner import ACTIONS, LEVELS
+
+        ev = g.neureasoner_events
+        print(f"[NeuReasoner: {len(ev)} detections" + "".join(
+            f" | token {t}: {LEVELS[lv]} p={p:.2f} -> {ACTIONS[a]}" + (f" (back to {r})" if r >= 0 else "")
+            for t, lv, a, p, r, _ in ev) + "]")
     return 0
 
 
@@ -101,7 +138,7 @@ def _require_eval_extras(needs_sklearn: bool, needs_plot: bool) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..methods.selection import check_methods
-    from ..scoring.tasks import resolve_tasks
+    from ..scoring.tasks import resolve_tasks, resolve_template
     from .evaluate import evaluate, format_table, plot_report, save_report
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -113,11 +150,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")  # before an hour of sampling, not after it
     if args.plot:
         check_output(args.plot, "--plot")
+    template = resolve_template(args.template)
+    if args.neureasoner_actions and not args.neureasoner:
+        raise ValueError("--neureasoner-actions needs --neureasoner")
     model = _load(args)
     report = evaluate(model, tasks, n=args.n, methods=methods, early_stop=args.early_stop,
                       max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                       top_k=args.top_k, k=args.k, progress=not args.quiet, neat=_neat(args.neat, model),
-                      out=args.out, resume=args.resume)
+                      neureasoner=_neureasoner(args.neureasoner, model, args.neureasoner_actions),
+                      template=template, out=args.out, resume=args.resume)
     report["config"]["tasks"] = args.tasks
     save_report(report, args.out)
     print(format_table(report))
@@ -129,6 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"[NEAT: {nr['tokens']} tokens against {full} without it (same seeds): {nr['tokens_saved']} saved "
               f"({100 * nr['tokens_saved'] / max(full, 1):.1f}%) | {nr['exits']} of {nr['samples']} samples exited, "
               f"{nr['bans']} bans | compare the '+neat' rows with the plain ones]")
+    rr = report.get("neureasoner_run")
+    if rr:
+        acted = {lv: {a: c for a, c in ev.items() if c} for lv, ev in rr["events"].items()}
+        print(f"[NeuReasoner: {rr['kept_tokens']} tokens kept ({rr['sampled_tokens']} sampled, rollbacks included) "
+              f"against {rr['plain_kept_tokens']} without it (same seeds) | {rr['exits']} of {rr['samples']} samples "
+              f"exited | detections by level and action: {acted} | compare the '+neureasoner' rows with the plain ones]")
     print(f"[{len(tasks)} tasks | report: {args.out}]")
     if args.plot:
         plot_report(report, args.plot)
@@ -254,6 +301,28 @@ def cmd_neat_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_neureasoner_calibrate(args: argparse.Namespace) -> int:
+    from ..methods.neureasoner import calibrate, save_calibration, summary
+    from ..scoring.tasks import resolve_tasks, resolve_template
+
+    tasks = resolve_tasks(args.tasks, args.limit, args.task_seed)
+    check_output(args.out, "--out")
+    template = resolve_template(args.template)
+    actions = _parse_actions(args.actions)
+    model = _load(args)
+    cal = calibrate(model, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature,
+                    template=template, labeller=args.labeller, layer=args.layer, top_k=args.top_k,
+                    min_share=args.min_share, window=args.window, held_out=args.held_out, actions=actions,
+                    progress=not args.quiet)
+    save_calibration(cal, args.out)
+    d = cal.details
+    print(summary(cal))
+    print(f"[{d['traces']} traces ({d['tokens']} tokens) of {d['tasks']} tasks, {len(d['held_out_tasks'])} held out | "
+          f"layer {cal.layer}, window {cal.window}, top-K {cal.top_k} | failing tokens: "
+          + ", ".join(f"{k} {v}" for k, v in d["failing_tokens"].items()) + f" | written to {args.out}]")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -308,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--neat", default=None, help="NEAT early exit: a calibration file, or 'default' (shipped)")
+    g.add_argument("--neureasoner", default=None, help="NeuReasoner: a calibration file (neurotap neureasoner calibrate)")
+    g.add_argument("--neureasoner-actions", default=None, metavar="LEVEL=ACTION,...",
+                   help="override the calibration's actions, e.g. intra=resample,inter=none,instance=exit")
     _chat_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -348,10 +420,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", default=None, help="PNG of accuracy against tokens per method")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--neat", default=None, help="also run every task with NEAT early exit (same seeds) and compare")
+    e.add_argument("--neureasoner", default=None,
+                   help="also run every task with NeuReasoner's corrections (same seeds) and compare (avg, majority)")
+    e.add_argument("--neureasoner-actions", default=None, metavar="LEVEL=ACTION,...",
+                   help="override the calibration's actions, e.g. intra=resample,inter=none,instance=exit")
+    e.add_argument("--template", default="default",
+                   help="prompt: 'default' (one answer line), 'reasoning' (written steps) or a text with {question}")
     e.add_argument("--resume", action="store_true",
                    help="keep the tasks already in --out (same configuration) and run the rest")
     _chat_args(e)
     e.set_defaults(func=cmd_eval)
+
+    nrp = sub.add_parser("neureasoner", help="NeuReasoner: failure detectors and their calibration")
+    nrsub = nrp.add_subparsers(dest="neureasoner_command", required=True)
+    nc = nrsub.add_parser("calibrate", help="find each failure level's neurons and heads, train its detector, "
+                                            "score it on held-out traces, and write a calibration file")
+    _model_args(nc)
+    nc.add_argument("--tasks", required=True, help="a JSONL file or 'arith'")
+    nc.add_argument("--limit", type=int, default=24, help="number of tasks")
+    nc.add_argument("--task-seed", type=int, default=1, help="seed of the arith generator (default 1: not eval's 0)")
+    nc.add_argument("-n", "--n", type=int, default=4, help="sampled traces per task")
+    nc.add_argument("--max-tokens", type=int, default=256)
+    nc.add_argument("--temperature", type=float, default=0.7)
+    nc.add_argument("--seed", type=int, default=0)
+    nc.add_argument("--template", default="reasoning", help="prompt: 'reasoning', 'default' or a text with {question}")
+    nc.add_argument("--labeller", default="arith", help="failure labeller (neurotap.scoring.failures)")
+    nc.add_argument("--layer", type=int, default=None, help="layer watched (default: n_layers / 2)")
+    nc.add_argument("--top-k", type=int, default=32, help="top contributors per token for the MoN")
+    nc.add_argument("--min-share", type=float, default=0.5,
+                    help="share of a level's failing tokens a MoN component must be a top contributor of (1 = intersection)")
+    nc.add_argument("--window", type=int, default=32, help="tokens per spectral window")
+    nc.add_argument("--held-out", type=float, default=0.3, help="fraction of tasks whose traces score the detectors")
+    nc.add_argument("--actions", default=None, metavar="LEVEL=ACTION,...",
+                    help="default intra=resample,inter=redirect,instance=exit")
+    nc.add_argument("--out", required=True)
+    nc.add_argument("--quiet", action="store_true")
+    _chat_args(nc)
+    nc.set_defaults(func=cmd_neureasoner_calibrate)
 
     nt = sub.add_parser("neat", help="NEAT early exit: calibration")
     nsub = nt.add_subparsers(dest="neat_command", required=True)

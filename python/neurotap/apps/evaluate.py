@@ -21,6 +21,7 @@ import numpy as np
 from ..core.io import atomic_path, check_output, write_atomic
 from ..methods.nad import check_early_stop, decision_chunk, early_stop_tokens, set_sizes, similarity
 from ..methods.neat import load_calibration
+from ..methods.neureasoner import load_calibration as load_neureasoner
 from ..methods.selection import METHODS, TOP_LOGPROBS, check_methods, select
 from ..runtime.model import Model
 from ..scoring.answers import extract_answer, is_correct, majority_vote
@@ -38,7 +39,7 @@ def _task_seed(seed: int, index: int) -> int:
 def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Sequence[str] = DEFAULT_METHODS,
              early_stop: Optional[int] = None, max_tokens: int = 256, seed: int = 0, temperature: float = 0.6,
              top_p: float = 0.95, top_k: int = 40, k: int = 3, template: str = DEFAULT_PROMPT,
-             progress: bool = True, neat: Any = None, out: Optional[os.PathLike] = None,
+             progress: bool = True, neat: Any = None, neureasoner: Any = None, out: Optional[os.PathLike] = None,
              resume: bool = False) -> Dict[str, Any]:
     """Every method on every task; returns the report. With `out`, the report is written there
     (atomically) after every task, so an interrupted or failing run keeps what it finished; with
@@ -47,6 +48,7 @@ def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Seque
     methods = check_methods(list(methods), n)
     # A wrong or corrupt NEAT file, or an output that cannot be written, fails before any sampling.
     neat_cal = load_calibration(neat, model) if neat is not None else None
+    nr_cal = load_neureasoner(neureasoner, model) if neureasoner is not None else None
     check_early_stop(early_stop, max_tokens)
     if not tasks:
         raise ValueError("no tasks to evaluate")
@@ -61,7 +63,8 @@ def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Seque
                                     reducers=("contributions",), chunk=chunk, logprobs=logprobs)
     config = dict(n=n, early_stop=early_stop, max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p,
                   top_k=top_k, k=k, template=template, methods=list(methods),
-                  neat=None if neat_cal is None else neat_cal.model.get("sha256", "") + ":" + str(neat_cal.neurons))
+                  neat=None if neat_cal is None else neat_cal.model.get("sha256", "") + ":" + str(neat_cal.neurons),
+                  neureasoner=None if nr_cal is None else _nr_key(nr_cal))
     done = _resumable_rows(out, config, model, tasks) if resume and out is not None else {}
 
     from tqdm.auto import tqdm
@@ -73,19 +76,35 @@ def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Seque
         if row is None:
             try:
                 row = _evaluate_task(model, task, ti, methods, early, early_stop, neat_cal, sampling, k=k, seed=seed,
-                                     template=template)
+                                     template=template, nr_cal=nr_cal)
             except (ValueError, RuntimeError) as e:  # this task only (ContextError is a ValueError)
                 row = {"id": task.id, "question": task.question, "answer": task.answer,
                        "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
         if out is not None:
-            save_report(_report(model, rows, methods, early, neat_cal is not None, config, len(tasks)), out)
+            save_report(_report(model, rows, methods, early, neat_cal is not None, config, len(tasks),
+                                nr_cal is not None), out)
         ok = [r for r in rows if "error" not in r]
         if ok:
             bar.set_postfix(acc_avg=f"{np.mean([np.mean([x['correct'] for x in r['samples']]) for r in ok]):.2f}",
                             failed=len(rows) - len(ok))
     bar.close()
-    return _report(model, rows, methods, early, neat_cal is not None, config, len(tasks))
+    return _report(model, rows, methods, early, neat_cal is not None, config, len(tasks), nr_cal is not None)
+
+
+def _nr_key(cal: Any) -> str:
+    """What identifies a NeuReasoner configuration in a report (a resumed run must use the same)."""
+    import hashlib
+    import json as _json
+    from dataclasses import asdict
+
+    blob = _json.dumps({k: v for k, v in asdict(cal).items() if k != "details"}, sort_keys=True).encode()
+    return cal.model.get("sha256", "")[:16] + ":" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+# What a run with NeuReasoner's corrections can be judged by: its rollbacks cut tokens, so it keeps
+# no chunked neuron sets (the set-based selectors need a run without corrections).
+NR_METHODS = ("avg", "majority")
 
 
 def _resumable_rows(out: os.PathLike, config: Dict[str, Any], model: Model, tasks: Sequence[Task]
@@ -115,7 +134,7 @@ def _resumable_rows(out: os.PathLike, config: Dict[str, Any], model: Model, task
 
 def _evaluate_task(model: Model, task: Task, ti: int, methods: Sequence[str], early: Sequence[str],
                    early_stop: Optional[int], neat_cal: Any, sampling: Dict[str, Any], *, k: int, seed: int,
-                   template: str) -> Dict[str, Any]:
+                   template: str, nr_cal: Any = None) -> Dict[str, Any]:
     """One task's row: every method's pick on one full run, the early-stopped run and the NEAT run,
     with what each cost (`cost`)."""
     V = model.info.n_vocab
@@ -169,6 +188,21 @@ def _evaluate_task(model: Model, task: Task, ti: int, methods: Sequence[str], ea
             rec["bans"] = sum(1 for e in s.neat_events if e[1] == 1)
         # Identical to the run without NEAT up to each sample's first intervention.
         row["neat"]["tokens_saved"] = int(run.tokens_sampled - nr.tokens_sampled)
+    if nr_cal is not None:
+        t3 = time.perf_counter()
+        nr_sampling = {**sampling, "reducers": (), "logprobs": 0}
+        with model.start_sampling(prompt, seed=s_seed, neureasoner=nr_cal, **nr_sampling) as rr:
+            rr.advance()
+            rs = rr.samples()
+        cost["neureasoner_seconds"] = time.perf_counter() - t3
+        cost["neureasoner_tokens"] = sum(s.n_tokens for s in rs)  # kept tokens
+        cost["neureasoner_sampled"] = rr.tokens_sampled           # with the rolled-back ones
+        cost["full_kept_tokens"] = sum(s.n_tokens for s in samples)
+        row["neureasoner"] = _judge(rs, task, [m for m in methods if m in NR_METHODS], k=k, seed=s_seed, n_vocab=V)
+        for rec, s in zip(row["neureasoner"]["samples"], rs):
+            rec["events"] = [[int(e[0]), int(e[1]), int(e[2]), round(float(e[3]), 4), int(e[4])]
+                             for e in s.neureasoner_events]
+            rec["exit_at"] = s.neureasoner_exit_at
     row["similarity"] = np.round(similarity(samples), 4).tolist()
     row["cost"] = cost
     return row
@@ -196,7 +230,7 @@ def _score(judged: Dict[str, Any], method: str, answer: str) -> float:
 
 
 def _report(model: Model, rows: List[Dict[str, Any]], methods: Sequence[str], early: Sequence[str], neat_used: bool,
-            config: Dict[str, Any], n_planned: int) -> Dict[str, Any]:
+            config: Dict[str, Any], n_planned: int, nr_used: bool = False) -> Dict[str, Any]:
     """The report of the rows so far (complete when every planned task has a row); accuracies
     over the tasks that ran, failed tasks listed with their errors."""
     ok = [r for r in rows if "error" not in r]
@@ -223,6 +257,12 @@ def _report(model: Model, rows: List[Dict[str, Any]], methods: Sequence[str], ea
         if neat_used:
             for m in methods:
                 table[f"{m}+neat"] = entry([_score(r["neat"], m, r["answer"]) for r in ok], neat_tokens, neat_seconds)
+        if nr_used:
+            nr_tokens, nr_seconds = total("neureasoner_sampled"), total("neureasoner_seconds")
+            for m in methods:
+                if m in NR_METHODS:
+                    table[f"{m}+neureasoner"] = entry([_score(r["neureasoner"], m, r["answer"]) for r in ok], nr_tokens,
+                                                      nr_seconds, "tokens: sampled, rolled-back ones included")
         for m in early:
             table[f"{m}@{config['early_stop']}"] = entry(
                 [float(r["early_correct"][m]) for r in ok], sum(r["early_tokens"][m] for r in ok),
@@ -246,8 +286,24 @@ def _report(model: Model, rows: List[Dict[str, Any]], methods: Sequence[str], ea
                      "exits": sum(1 for r in ok for s in r["neat"]["samples"] if s["exit_at"] >= 0),
                      "bans": sum(s["bans"] for r in ok for s in r["neat"]["samples"]),
                      "samples": sum(len(r["neat"]["samples"]) for r in ok)} if neat_used else None,
+        "neureasoner_run": _nr_summary(ok, total) if nr_used else None,
         "tasks": rows,
     }
+
+
+def _nr_summary(ok: List[Dict[str, Any]], total: Any) -> Dict[str, Any]:
+    """What NeuReasoner did over the tasks: detections and actions by level, tokens against the plain run."""
+    from ..methods.neureasoner import ACTIONS, LEVELS
+
+    counts = {lv: {a: 0 for a in ACTIONS} for lv in LEVELS}
+    for r in ok:
+        for s in r["neureasoner"]["samples"]:
+            for e in s["events"]:
+                counts[LEVELS[e[1]]][ACTIONS[e[2]]] += 1
+    return {"kept_tokens": int(total("neureasoner_tokens")), "sampled_tokens": int(total("neureasoner_sampled")),
+            "plain_kept_tokens": int(total("full_kept_tokens")), "seconds": round(total("neureasoner_seconds"), 2),
+            "events": counts, "exits": sum(1 for r in ok for s in r["neureasoner"]["samples"] if s["exit_at"] >= 0),
+            "samples": sum(len(r["neureasoner"]["samples"]) for r in ok)}
 
 
 def format_table(report: Dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from .. import _native
 from ..core.io import write_atomic
 from ..runtime.model import Model
 from ..scoring.failures import LEVELS, get_labeller, token_ends
-from ..scoring.tasks import Task, format_prompt
+from ..scoring.tasks import REASONING_PROMPT, Task, format_prompt
 from .neat import fingerprint, termination_marker
 
 VERSION = 1
@@ -39,8 +39,7 @@ FEATURES = ("high_ratio", "low_ratio", "dominant_ratio", "spectral_entropy", "tv
 LEVEL_FEATURES = {"intra": (0, 3, 4), "inter": (2, 3), "instance": (1, 3)}
 ACTIONS = ("none", "resample", "redirect", "exit")
 DEFAULT_ACTIONS = {"intra": "resample", "inter": "redirect", "instance": "exit"}
-CALIBRATION_PROMPT = ("{question}\nSolve it step by step, writing one calculation per line, "
-                      "then end with the line: Answer: <number>")
+CALIBRATION_PROMPT = REASONING_PROMPT
 FINISHED_THINKING = "Okay, I have finished thinking."  # the paper's training-free instance-level repair
 REDIRECT_TEXT = "Let me redo this step carefully.\n"
 
@@ -92,6 +91,10 @@ class NeuReasonerCalibration:
         # Without an end-of-thinking marker the exit asks for the answer line: the sample ends with it.
         cfg.exit_line = termination_marker(model) is None
         cfg.redirect_tokens = model.tokenize(self.redirect_text, add_special=False) if self.redirect_text else []
+        info = model.info
+        if not 0 <= cfg.layer < info.n_layers:
+            raise ValueError(f"NeuReasoner layer {cfg.layer} is outside this model's {info.n_layers} layers")
+        _native.spectral_features(np.zeros(cfg.window, np.float32), cfg.window)  # the window's bounds
         levels = []
         for name in LEVELS:
             d = self.levels[name]
@@ -100,7 +103,17 @@ class NeuReasonerCalibration:
             if d.enabled:
                 lv.components = [int(c) for c in d.components]
                 lv.features = [int(f) for f in d.features]
+                n_comp = info.n_ff + info.n_head
+                if not lv.components or not all(0 <= c < n_comp for c in lv.components):
+                    raise ValueError(f"NeuReasoner {name} components must be in [0, {n_comp}): outside this model's "
+                                     f"{info.n_ff} neurons + {info.n_head} heads")
+                if not lv.features or not all(0 <= f < len(FEATURES) for f in lv.features):
+                    raise ValueError(f"NeuReasoner {name} features must be indices into {FEATURES}")
                 lv.mlp = native_mlp(d.mlp)
+                try:
+                    lv.mlp.probability(np.zeros((1, len(lv.features)), np.float32))  # shapes checked natively
+                except ValueError as e:
+                    raise ValueError(f"NeuReasoner {name} detector: {e}") from None
                 lv.threshold = float(d.threshold)
                 lv.action = ACTIONS.index(d.action)
             levels.append(lv)

@@ -21,6 +21,18 @@ class Task:
 # Measured on SmolLM2-135M-Instruct (12 arith tasks x 8 samples): this wording gives 15% correct
 # samples; "think step by step" gave 4% (the model rambles and never concludes).
 DEFAULT_PROMPT = "{question}\nReply with one line: Answer: <number>"
+#: Asks for written steps (what NeuReasoner watches and corrects), still ending on the answer line.
+REASONING_PROMPT = ("{question}\nSolve it step by step, writing one calculation per line, "
+                    "then end with the line: Answer: <number>")
+TEMPLATES = {"default": DEFAULT_PROMPT, "reasoning": REASONING_PROMPT}
+
+
+def resolve_template(template: str) -> str:
+    """A template name ("default", "reasoning") or a template containing {question}."""
+    t = TEMPLATES.get(template, template)
+    if "{question}" not in t:
+        raise ValueError(f"prompt template must be one of {', '.join(TEMPLATES)} or contain '{{question}}', got {template!r}")
+    return t
 
 
 def format_prompt(task: Task, template: str = DEFAULT_PROMPT) -> str:
