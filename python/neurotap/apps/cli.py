@@ -313,7 +313,7 @@ def cmd_neureasoner_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(model, tasks, n=args.n, max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature,
                     template=template, labeller=args.labeller, layer=args.layer, top_k=args.top_k,
                     min_share=args.min_share, window=args.window, held_out=args.held_out, actions=actions,
-                    progress=not args.quiet)
+                    min_auroc=args.min_auroc, progress=not args.quiet)
     save_calibration(cal, args.out)
     d = cal.details
     print(summary(cal))
@@ -453,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     nc.add_argument("--held-out", type=float, default=0.3, help="fraction of tasks whose traces score the detectors")
     nc.add_argument("--actions", default=None, metavar="LEVEL=ACTION,...",
                     help="default intra=resample,inter=redirect,instance=exit")
+    nc.add_argument("--min-auroc", type=float, default=0.6,
+                    help="a level whose held-out AUROC is lower detects and records but takes no action")
     nc.add_argument("--out", required=True)
     nc.add_argument("--quiet", action="store_true")
     _chat_args(nc)

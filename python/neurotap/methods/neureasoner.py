@@ -337,8 +337,11 @@ def calibrate(model: Model, tasks: Sequence[Task], *, n: int = 4, max_tokens: in
               temperature: float = 0.7, template: str = CALIBRATION_PROMPT, labeller: str = "arith",
               layer: Optional[int] = None, top_k: int = 32, min_share: float = 0.5, max_components: int = 32,
               window: int = 32, hidden: Tuple[int, ...] = (16,), held_out: float = 0.3,
-              actions: Optional[Dict[str, str]] = None, progress: bool = True) -> NeuReasonerCalibration:
-    """Traces, labels, MoN and detectors for every level, scored on held-out tasks' traces."""
+              actions: Optional[Dict[str, str]] = None, min_auroc: float = 0.6,
+              progress: bool = True) -> NeuReasonerCalibration:
+    """Traces, labels, MoN and detectors for every level, scored on held-out tasks' traces. A
+    level whose held-out AUROC is below `min_auroc` (or cannot be measured) keeps detecting and
+    recording but takes no action: a detector no better than chance must not rewrite answers."""
     if not 0 < held_out < 1:
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
     if len(tasks) < 2:
@@ -373,8 +376,14 @@ def calibrate(model: Model, tasks: Sequence[Task], *, n: int = 4, max_tokens: in
         scores = {"train": _scores(native.probability(X.astype(np.float32)), y, thr),
                   "held_out": _scores(native.probability(Xt.astype(np.float32)), yt, thr) if len(yt) else None,
                   "mon": mon}
+        auroc = (scores["held_out"] or {}).get("auroc")
+        action, reason = acts[level], ""
+        if action != "none" and (auroc is None or auroc < min_auroc):
+            action = "none"
+            reason = (f"acts only when asked (--actions): held-out AUROC "
+                      f"{'unmeasured' if auroc is None else f'{auroc:.3f}'} < {min_auroc}")
         levels[level] = LevelDetector(enabled=True, components=comps, features=feats, mlp=mlp, threshold=thr,
-                                      action=acts[level], scores=scores)
+                                      action=action, scores=scores, reason=reason)
     cfg = record_config(model, layer)
     details = {"tasks": len(ids), "held_out_tasks": sorted(held), "traces": len(traces),
                "tokens": int(sum(len(t.contributions) for t in traces)), "n": n, "max_tokens": max_tokens,
@@ -401,7 +410,8 @@ def summary(cal: NeuReasonerCalibration) -> str:
         auroc = h.get("auroc")
         lines.append(f"| {name} | {len(d.components) - heads} + {heads} | {d.threshold:.3f} | "
                      f"{h.get('tokens', 0)} ({h.get('positives', 0)}) | {h.get('precision', float('nan')):.3f} | "
-                     f"{h.get('recall', float('nan')):.3f} | {'-' if auroc is None else f'{auroc:.3f}'} | {d.action} |")
+                     f"{h.get('recall', float('nan')):.3f} | {'-' if auroc is None else f'{auroc:.3f}'} | {d.action}"
+                     + (f" ({d.reason})" if d.reason else "") + " |")
     return "\n".join(lines)
 
 
