@@ -56,6 +56,7 @@ def race_only(model, n: int, early: int, tokens: int, tail: int) -> None:
         t_race = time.perf_counter() - t0
         with run.continue_one(pick) as tail_run:
             tail_cells = model._pool.cells()
+            kv_bytes = (n_prompt + early) * kvb  # the handed-off sequence's cells
             t1 = time.perf_counter()
             tail_run.advance(early + tail)
             t_tail = time.perf_counter() - t1
@@ -67,7 +68,8 @@ def race_only(model, n: int, early: int, tokens: int, tail: int) -> None:
     print(f"  winner: a context of {tail_cells} cells ({tail_cells * kvb / 2**20:.0f} MiB) for prompt + {tokens}; "
           f"{kept - early} tokens in {t_tail:.1f} s ({t_tail / max(kept - early, 1) * 1e3:.1f} ms/token at the start)")
     print(f"  peak KV: {max(race_cells, tail_cells)} cells (the race's context is freed before the winner's is "
-          f"made); prompt + n x B + T = {ideal}; unpruned best-of-{n}: {n} x (prompt + {tokens}) = "
+          f"made; the winner's state, {kv_bytes / 2**20:.1f} MiB, goes over in memory); prompt + n x B + T = {ideal}; "
+          f"unpruned best-of-{n}: {n} x (prompt + {tokens}) = "
           f"{n * (n_prompt + tokens)} cells ({n * (n_prompt + tokens) * kvb / 2**30:.1f} GiB)")
 
 
@@ -83,7 +85,7 @@ def main() -> None:
     ap.add_argument("--tail", type=int, default=256)
     args = ap.parse_args()
     for path in args.models:
-        n_ctx = 256  # generate's context is not used here: runs take pool contexts of their own size
+        n_ctx = args.tokens + 512  # the per-sequence bound runs are checked against (their contexts are the pool's)
         with neurotap.load(path, n_threads=args.threads, n_ctx=n_ctx, max_sample_cells=1 << 20) as model:
             if args.race_only:
                 race_only(model, args.race_only, args.early_stop, args.tokens, args.tail)
