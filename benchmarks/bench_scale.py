@@ -16,10 +16,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
-import time
+
+from common import rows_per_model, save_rows
 
 
 def rss_anon_mb() -> float:
@@ -96,21 +95,15 @@ def main() -> None:
     rows = []
     print("| model | file GiB | n | ms/token off | ms/token contributions | ratio | extra private MB | share of file |")
     print("|---|---|---|---|---|---|---|---|")
-    for model in a.models:  # one process each: memory of one model does not carry into the next
-        r = subprocess.run([sys.executable, __file__, "--one", model, "--n", a.n, "--tokens", str(a.tokens),
-                            "--rounds", str(a.rounds), "--threads", str(a.threads)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(r.stderr[-3000:])
-        row = json.loads(r.stdout.strip().splitlines()[-1])
+    for model, row in zip(a.models, rows_per_model(__file__, a.models, ["--n", a.n, "--tokens", str(a.tokens),
+                                                                        "--rounds", str(a.rounds), "--threads", str(a.threads)])):
         rows.append(row)
         for n, v in row["by_n"].items():
             print(f"| {os.path.basename(model)} | {row['file_gib']} | {n} | {v['ms_per_token_off']} | "
                   f"{v['ms_per_token_contributions']} | {v['ratio_median_of_rounds']} | {v['extra_private_mb']} | "
                   f"{100 * v['extra_private_share_of_file']:.1f}% |", flush=True)
     if a.out:
-        from neurotap.core.io import write_atomic
-
-        write_atomic(a.out, json.dumps({"time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1).encode())
+        save_rows(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@
 #include "neureasoner.h"
 #include "run.h"
 #include "reducers.h"
+#include "set_record.h"
 #include "tapped_context.h"
 
 namespace py = pybind11;
@@ -32,6 +33,34 @@ py::array to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape, py::dtype
     auto* heap = new std::vector<T>(std::move(v));
     py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
     return py::array(dtype, shape, {}, heap->data(), owner);
+}
+
+// Chunks start .. stop-1 of a record as dense bitsets [stop - start, words].
+py::array dense_rows(const SetRecord& r, int64_t start, int64_t stop) {
+    const int64_t W = r.n_words();
+    std::vector<uint64_t> out(static_cast<size_t>((stop - start) * W), 0);
+    {
+        py::gil_scoped_release nogil;
+        SetDecoder d(r);
+        while (d.position() < start) d.skip();
+        for (int64_t c = start; c < stop; ++c) d.next_or(out.data() + static_cast<size_t>((c - start) * W));
+    }
+    return to_numpy(std::move(out), {static_cast<py::ssize_t>(stop - start), static_cast<py::ssize_t>(W)},
+                    py::dtype::of<uint64_t>());
+}
+
+// How many leading chunks `chunks` names: None for all, a negative count as in a slice.
+int64_t prefix(const SetRecord& r, std::optional<int64_t> chunks) {
+    const int64_t C = r.n_chunks();
+    const int64_t k = chunks.value_or(C);
+    return std::clamp<int64_t>(k < 0 ? C + k : k, 0, C);
+}
+
+// A record from outside the encoder is decoded once, so later reads cannot meet malformed bytes.
+void decode_all_checked(const SetRecord& r) {
+    SetDecoder d(r);
+    std::vector<uint32_t> keys;
+    while (d.position() < r.n_chunks()) d.next(keys);
 }
 
 py::dict info_dict(const ModelInfo& i) {
@@ -96,11 +125,8 @@ py::dict sample_dict(const Run& run, int i) {
         std::copy_n(src.begin(), std::min(src.size(), v.size()), v.begin());
         return v;
     };
-    // Committed tokens fill ceil(n / chunk) chunks of `words` words.
-    auto chunked = [&](const std::vector<uint64_t>& bits, py::ssize_t chunk, py::ssize_t words) {
-        const py::ssize_t chunks = (n + chunk - 1) / chunk;
-        return to_numpy(first(bits, chunks * words), {chunks, words}, py::dtype::of<uint64_t>());
-    };
+    // Committed tokens fill ceil(n / chunk) chunks.
+    auto chunks = [&](int64_t chunk) { return (static_cast<int64_t>(n) + chunk - 1) / chunk; };
     auto hidden = [&](const HiddenRowReducer* h) {
         if (!h) return py::object(py::none());
         const py::ssize_t E = info.n_embd;
@@ -109,8 +135,7 @@ py::dict sample_dict(const Run& run, int i) {
     d["active_counts"] = run.counts() ? py::object(copy(run.counts()->counts(i), {n, L}, py::dtype::of<int32_t>()))
                                       : py::object(py::none());
     d["active_sets"] = run.active_sets()
-                           ? py::object(chunked(run.active_sets()->sets(i), run.active_sets()->chunk(),
-                                                run.active_sets()->n_words()))
+                           ? py::cast(run.active_sets()->record(i, chunks(run.active_sets()->chunk())))
                            : py::object(py::none());
     d["watched"] = run.watch() ? py::object(copy(run.watch()->values(i),
                                                  {n, static_cast<py::ssize_t>(run.watch()->n_watched())},
@@ -124,7 +149,7 @@ py::dict sample_dict(const Run& run, int i) {
     d["norm_inputs"] = hidden(run.norm_inputs());
     d["residuals"] = hidden(run.residuals());
     if (const ContributionReducer* c = run.contributions()) {
-        d["contribution_sets"] = chunked(c->sets(i), c->params().chunk, c->n_words());
+        d["contribution_sets"] = py::cast(c->record(i, chunks(c->params().chunk)));
         d["contribution_eta"] = to_numpy(first(c->eta(i), n), {n}, py::dtype::of<float>());
         d["contribution_counts"] = to_numpy(first(c->n_active(i), n), {n}, py::dtype::of<int32_t>());
         if (c->params().keep_top) {
@@ -375,6 +400,133 @@ PYBIND11_MODULE(_native, m) {
         for (py::ssize_t i = 0; i < sets.shape(0); ++i) out[static_cast<size_t>(i)] = popcount(sets.data(i, 0), sets.shape(1));
         return to_numpy(std::move(out), {sets.shape(0)}, py::dtype::of<int64_t>());
     }, py::arg("sets"), "Set bits per row.");
+
+    // A sample's chunk sets, kept encoded (cpp/set_record.h); dense rows are decoded on demand.
+    py::class_<SetRecord>(m, "ChunkSets",
+        "Per-chunk neuron sets of one sample, kept compact (cpp/set_record.h). Indexing and numpy "
+        "conversion give dense uint64 bitsets as before (bit layer * n_ff + i, little-endian words); "
+        "keys() and union() read the compact form directly.")
+        .def(py::init([](int64_t n_bits, py::bytes data, std::vector<int64_t> offsets, std::vector<int32_t> counts,
+                         std::vector<int32_t> fresh) {
+            SetRecord r;
+            r.n_bits = n_bits;
+            const std::string s = data;
+            r.data.assign(s.begin(), s.end());
+            r.offsets = std::move(offsets);
+            r.counts = std::move(counts);
+            r.fresh = std::move(fresh);
+            r.validate();
+            decode_all_checked(r);
+            return r;
+        }), py::arg("n_bits"), py::arg("data"), py::arg("offsets"), py::arg("counts"), py::arg("fresh"),
+           "A record from its parts (as state() gives them); ValueError unless they are consistent.")
+        .def_static("from_dense", [](py::array_t<uint64_t, py::array::c_style | py::array::forcecast> sets, int64_t n_bits) {
+            if (sets.ndim() != 2) throw ParamError("from_dense expects a 2-D array of bitsets [chunks, words]");
+            const int64_t W = sets.shape(1);
+            if (n_bits < 0) n_bits = 64 * W;
+            if ((n_bits + 63) / 64 != W)
+                throw ParamError(std::to_string(W) + " words per set do not hold n_bits = " + std::to_string(n_bits));
+            SetRecord r;
+            r.n_bits = n_bits;
+            {
+                py::gil_scoped_release nogil;
+                SetEncoder enc(n_bits);
+                for (py::ssize_t c = 0; c < sets.shape(0); ++c) enc.append(sets.data(c, 0), r);
+            }
+            return r;
+        }, py::arg("sets"), py::arg("n_bits") = -1, "Encode dense bitsets [chunks, words] (n_bits: 64 * words by default).")
+        .def_property_readonly("n_bits", [](const SetRecord& r) { return r.n_bits; }, "keys per set: n_layers * n_ff")
+        .def_property_readonly("n_words", &SetRecord::n_words, "uint64 words of a dense row")
+        .def_property_readonly("shape", [](const SetRecord& r) { return py::make_tuple(r.n_chunks(), r.n_words()); },
+                               "(chunks, words): the shape of the dense form")
+        .def_property_readonly("nbytes", [](const SetRecord& r) { return r.bytes(); }, "bytes the record holds")
+        .def_property_readonly("counts", [](const SetRecord& r) {
+            return to_numpy(std::vector<int32_t>(r.counts), {static_cast<py::ssize_t>(r.counts.size())}, py::dtype::of<int32_t>());
+        }, "keys per chunk")
+        .def("__len__", [](const SetRecord& r) { return r.n_chunks(); })
+        .def("__getitem__", [](const SetRecord& r, int64_t c) {
+            if (c < 0) c += r.n_chunks();
+            if (c < 0 || c >= r.n_chunks()) throw py::index_error("chunk index out of range");
+            return py::array(dense_rows(r, c, c + 1).attr("reshape")(r.n_words()));
+        }, py::arg("chunk"), "Chunk c as a dense bitset (decodes chunks 0 .. c: iterate with a slice or keys()).")
+        .def("__getitem__", [](const SetRecord& r, const py::slice& sl) {
+            py::ssize_t start, stop, step, len;
+            if (!sl.compute(static_cast<py::ssize_t>(r.n_chunks()), &start, &stop, &step, &len)) throw py::error_already_set();
+            if (step == 1) return dense_rows(r, start, start + len);
+            py::object all = dense_rows(r, 0, r.n_chunks());
+            return py::array(all[py::object(sl)]);
+        }, py::arg("chunks"), "Dense bitsets [k, words] of a slice of chunks (decoded in one pass).")
+        .def("__array__", [](const SetRecord& r, py::object dtype, py::object copy) {
+            if (!copy.is_none() && !copy.cast<bool>()) throw ParamError("chunk sets are encoded: a dense array is always a copy");
+            py::array a = dense_rows(r, 0, r.n_chunks());
+            return dtype.is_none() ? a : py::array(a.attr("astype")(dtype));
+        }, py::arg("dtype") = py::none(), py::arg("copy") = py::none())
+        .def("to_dense", [](const SetRecord& r) { return dense_rows(r, 0, r.n_chunks()); },
+             "Every chunk as dense bitsets: uint64 [chunks, words].")
+        .def("keys", [](const SetRecord& r, int64_t start, std::optional<int64_t> stop) {
+            const int64_t C = r.n_chunks();
+            const int64_t e = std::clamp<int64_t>(stop.value_or(C), 0, C), b = std::clamp<int64_t>(start, 0, e);
+            std::vector<std::vector<uint32_t>> keys(static_cast<size_t>(e - b));
+            {
+                py::gil_scoped_release nogil;
+                SetDecoder d(r);
+                while (d.position() < b) d.skip();
+                for (auto& k : keys) d.next(k);
+            }
+            py::list out;
+            for (auto& k : keys) {
+                const auto len = static_cast<py::ssize_t>(k.size());
+                out.append(to_numpy(std::move(k), {len}, py::dtype::of<uint32_t>()));
+            }
+            return out;
+        }, py::arg("start") = 0, py::arg("stop") = py::none(),
+           "The keys (layer * n_ff + i) of chunks start .. stop-1, ascending, one uint32 array per chunk.")
+        .def("union", [](const SetRecord& r, std::optional<int64_t> chunks) {
+            std::vector<uint64_t> words;
+            {
+                py::gil_scoped_release nogil;
+                SetDecoder d(r);
+                for (int64_t c = prefix(r, chunks); c > 0; --c) d.skip();
+                words = d.seen();
+            }
+            const auto W = static_cast<py::ssize_t>(words.size());
+            return to_numpy(std::move(words), {W}, py::dtype::of<uint64_t>());
+        }, py::arg("chunks") = py::none(),
+           "The union of the first `chunks` chunks (all by default; a negative count as in a slice) as "
+           "dense uint64 words; read from the neurons each chunk adds, not from the chunks' own sets.")
+        .def("union_size", [](const SetRecord& r, std::optional<int64_t> chunks) { return r.union_size(prefix(r, chunks)); },
+             py::arg("chunks") = py::none(), "Keys in the union of the first `chunks` chunks, without decoding.")
+        .def("state", [](const SetRecord& r) {
+            auto arr = [](const auto& v) {
+                using T = typename std::decay_t<decltype(v)>::value_type;
+                return to_numpy(std::vector<T>(v), {static_cast<py::ssize_t>(v.size())}, py::dtype::of<T>());
+            };
+            return py::make_tuple(r.n_bits, py::bytes(reinterpret_cast<const char*>(r.data.data()), r.data.size()),
+                                  arr(r.offsets), arr(r.counts), arr(r.fresh));
+        }, "(n_bits, data, offsets, counts, fresh): the encoded parts (layout in cpp/set_record.h).")
+        .def("__eq__", [](const SetRecord& a, const SetRecord& b) { return a == b; }, py::is_operator())
+        .def("__repr__", [](const SetRecord& r) {
+            return "ChunkSets(" + std::to_string(r.n_chunks()) + " chunks of " + std::to_string(r.n_bits) + " keys, " +
+                   std::to_string(r.bytes()) + " bytes)";
+        })
+        .def(py::pickle(
+            [](const SetRecord& r) {
+                return py::make_tuple(r.n_bits, py::bytes(reinterpret_cast<const char*>(r.data.data()), r.data.size()),
+                                      r.offsets, r.counts, r.fresh);
+            },
+            [](const py::tuple& t) {
+                if (t.size() != 5) throw ParamError("ChunkSets state: expected 5 fields");
+                SetRecord r;
+                r.n_bits = t[0].cast<int64_t>();
+                const std::string s = t[1].cast<std::string>();
+                r.data.assign(s.begin(), s.end());
+                r.offsets = t[2].cast<std::vector<int64_t>>();
+                r.counts = t[3].cast<std::vector<int32_t>>();
+                r.fresh = t[4].cast<std::vector<int32_t>>();
+                r.validate();
+                decode_all_checked(r);
+                return r;
+            }));
 
     // One struct with every option of a run (the C++ SampleParams, RecordOptions and NEAT).
     py::class_<RunOptions>(m, "RunOptions")

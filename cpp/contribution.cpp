@@ -257,7 +257,7 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     free_.clear();
     cur_.assign(n_samples, 0);
     for (int i = 0; i < n_samples; ++i) cur_[i] = take_buffer();
-    bits_.assign(n_samples, {});
+    sets_.begin(n_samples, static_cast<int64_t>(n_layers) * n_ff);
     eta_.assign(n_samples, {});
     count_.assign(n_samples, {});
     top_c_.assign(n_samples, {});
@@ -467,7 +467,7 @@ void ContributionReducer::flush() {
         const float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
         const int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
         const float eta = eta_q_[q];
-        uint64_t* w = slot(bits_[sample], static_cast<size_t>(token / p_.chunk), static_cast<size_t>(n_words_));
+        uint64_t* w = sets_.chunk(sample, token / p_.chunk);
         int32_t active = 0;
         for (int l = 0; l < n_layers_; ++l) {
             for (int r = 0; r < k_; ++r) {
@@ -493,7 +493,7 @@ void ContributionReducer::flush() {
 void ContributionReducer::finish(int sample, int n_tokens) {
     flush();  // the sample's last token may still be queued
     const size_t n = static_cast<size_t>(n_tokens);
-    bits_[sample].resize((n + p_.chunk - 1) / p_.chunk * n_words_, 0);
+    sets_.finish(sample, static_cast<int64_t>((n + p_.chunk - 1) / p_.chunk));
     eta_[sample].resize(n);
     count_[sample].resize(n);
     if (p_.keep_top) {

@@ -19,6 +19,7 @@
 
 #include "gguf_file.h"
 #include "reducers.h"
+#include "set_record.h"
 
 namespace neurotap {
 
@@ -74,7 +75,7 @@ private:
 };
 
 struct ContributionParams {
-    int chunk = 32;            // tokens per bitset chunk
+    int chunk = 32;            // tokens per chunk of the activated sets
     int top_per_layer = 64;    // the paper's per-layer k
     int eta_rank = 500;        // eta = the eta_rank-th largest of the per-layer top values
     bool gate_variant = false; // a = act(gate) (the authors' code) instead of the down projection input
@@ -104,7 +105,8 @@ AxpyFn axpy_kernel_generic();  // the portable one, for tests on CPUs where the 
 // d(y) = W_down^T W_U[y] a function of the token id alone: d is cached per token id (LRU, within
 // cache_bytes) and computed in one pass over W_down for the step's new ids. (A Cauchy-Schwarz bound
 // |c_i| <= |a_i| ||W_down[:, i]|| ||W_U[y]|| was measured to prune only about a third of the neurons on
-// SmolLM2, so it is not used.) Activated neurons go into the token's chunk bitset.
+// SmolLM2, so it is not used.) Activated neurons go into the working bitset of the token's chunk,
+// encoded compactly once the chunk completes (set_record.h).
 class ContributionReducer : public Reducer {
 public:
     ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p);
@@ -119,7 +121,10 @@ public:
 
     const ContributionParams& params() const { return p_; }
     int64_t n_words() const { return n_words_; }
-    const std::vector<uint64_t>& sets(int sample) const { return bits_[sample]; }   // [chunks, words]
+    // The record of a sample's first n_chunks chunks (set_record.h).
+    SetRecord record(int sample, int64_t n_chunks) const { return sets_.snapshot(sample, n_chunks); }
+    // The chunks opened so far as dense bitsets [chunks, words] (decoded: for tests).
+    std::vector<uint64_t> sets(int sample) const { return sets_.dense(sample); }
     const std::vector<float>& eta(int sample) const { return eta_[sample]; }        // [tokens]
     const std::vector<int32_t>& n_active(int sample) const { return count_[sample]; }  // [tokens]
     // With keep_top: [tokens, layers, k] contributions (descending) and neuron indices.
@@ -151,7 +156,7 @@ private:
     std::vector<int> cur_;                  // [sample] -> the buffer its current rows go to
     std::vector<Queued> queue_;
     int64_t max_queue_ = 0;
-    std::vector<std::vector<uint64_t>> bits_;
+    SetRecorder sets_;  // activated sets per chunk, encoded as each chunk completes
     std::vector<std::vector<float>> eta_;
     std::vector<std::vector<int32_t>> count_;
     std::vector<std::vector<float>> top_c_;

@@ -31,7 +31,7 @@ void ActiveSetReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
     n_layers_ = n_layers;
     n_ff_ = n_ff;
     n_words_ = (n_layers * n_ff + 63) / 64;
-    bits_.assign(n_samples, {});
+    sets_.begin(n_samples, static_cast<int64_t>(n_layers) * n_ff);
     pending_.assign(n_samples, std::vector<uint64_t>(static_cast<size_t>(n_words_), 0));
 }
 
@@ -45,7 +45,7 @@ void ActiveSetReducer::on_row(int sample, int, int layer, const float* a) {
 }
 
 void ActiveSetReducer::commit(int sample, int token, int32_t) {
-    uint64_t* w = slot(bits_[sample], static_cast<size_t>(token / chunk_), static_cast<size_t>(n_words_));
+    uint64_t* w = sets_.chunk(sample, token / chunk_);
     auto& p = pending_[sample];
     for (int64_t k = 0; k < n_words_; ++k) w[k] |= p[k];
     std::fill(p.begin(), p.end(), 0);
@@ -53,7 +53,7 @@ void ActiveSetReducer::commit(int sample, int token, int32_t) {
 
 void ActiveSetReducer::finish(int sample, int n_tokens) {
     const size_t n_chunks = (static_cast<size_t>(n_tokens) + chunk_ - 1) / chunk_;
-    bits_[sample].resize(n_chunks * n_words_, 0);
+    sets_.finish(sample, static_cast<int64_t>(n_chunks));
     std::fill(pending_[sample].begin(), pending_[sample].end(), 0);
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ffn_tap.h"
+#include "set_record.h"
 
 namespace neurotap {
 
@@ -73,7 +74,7 @@ private:
 };
 
 // Per chunk of `chunk` tokens: the set of active neurons (activation > threshold) on any token
-// of the chunk, as a bitset over all n_layers x n_ff neurons (bit layer*n_ff + i).
+// of the chunk, over all n_layers x n_ff neurons (key layer*n_ff + i), kept encoded (set_record.h).
 class ActiveSetReducer : public Reducer {
 public:
     ActiveSetReducer(int chunk, float threshold);
@@ -83,7 +84,10 @@ public:
     void finish(int sample, int n_tokens) override;
     int64_t n_words() const { return n_words_; }
     int chunk() const { return chunk_; }
-    const std::vector<uint64_t>& sets(int sample) const { return bits_[sample]; }  // [chunks, words]
+    // The record of a sample's first n_chunks chunks.
+    SetRecord record(int sample, int64_t n_chunks) const { return sets_.snapshot(sample, n_chunks); }
+    // The chunks opened so far as dense bitsets [chunks, words] (decoded: for tests).
+    std::vector<uint64_t> sets(int sample) const { return sets_.dense(sample); }
 
 private:
     int chunk_;
@@ -91,7 +95,7 @@ private:
     int n_layers_ = 0;
     int64_t n_ff_ = 0;
     int64_t n_words_ = 0;
-    std::vector<std::vector<uint64_t>> bits_;
+    SetRecorder sets_;
     std::vector<std::vector<uint64_t>> pending_;  // the current token's bits, until committed
 };
 

@@ -34,6 +34,7 @@
 #include "neureasoner.h"
 #include "decode_loop.h"
 #include "reducers.h"
+#include "set_record.h"
 #include "tapped_context.h"
 
 using namespace neurotap;
@@ -1718,6 +1719,178 @@ void test_nad_jaccard() {
     EXPECT_THROW(ParamError, jaccard_matrix(pair, 1, -1), "jaccard words = -1");
 }
 
+// Compact chunk set records (set_record.h): every chunk decodes to the set it was given, in
+// order or by prefix unions, at every density; the spelled-out layout; malformed records refused.
+void test_set_records() {
+    std::mt19937_64 rng(16);
+    auto keys_of = [](const std::vector<uint64_t>& w) {
+        std::vector<uint32_t> k;
+        for (size_t i = 0; i < w.size() * 64; ++i)
+            if ((w[i / 64] >> (i % 64)) & 1) k.push_back(static_cast<uint32_t>(i));
+        return k;
+    };
+    for (int64_t n_bits : {1, 63, 64, 100, 4096, 46080}) {
+        const int64_t W = (n_bits + 63) / 64;
+        // Chunks of various densities; later ones drawn partly from the earlier ones (as NAD's are).
+        const double dens[] = {0.0, 1.0, 0.001, 0.01, 0.2, 0.6, 0.05, 0.0, 0.3, 0.002, 1.0, 0.5};
+        std::vector<std::vector<uint64_t>> sets;
+        std::vector<uint64_t> uni(static_cast<size_t>(W), 0);
+        for (double d : dens) {
+            std::vector<uint64_t> s(static_cast<size_t>(W), 0);
+            std::bernoulli_distribution pick(d), again(0.7);
+            for (int64_t k = 0; k < n_bits; ++k)
+                if (pick(rng) || (d > 0 && d < 0.5 && bit_at(uni.data(), k) && again(rng) && pick(rng)))
+                    s[static_cast<size_t>(k / 64)] |= uint64_t{1} << (k % 64);
+            if (d == 0.01) s[0] |= 1, s[static_cast<size_t>(W - 1)] |= uint64_t{1} << ((n_bits - 1) % 64);  // both ends
+            for (int64_t w = 0; w < W; ++w) uni[static_cast<size_t>(w)] |= s[static_cast<size_t>(w)];
+            sets.push_back(s);
+        }
+        const std::string tag = std::to_string(n_bits) + " bits";
+        SetRecord rec;
+        rec.n_bits = n_bits;
+        SetEncoder enc(n_bits);
+        for (const auto& s : sets) enc.append(s.data(), rec);
+        EXPECT_NO_THROW(rec.validate(), tag + ": validate");
+        CHECK_MSG(rec.n_chunks() == static_cast<int64_t>(sets.size()), tag);
+        int bad = 0, big = 0;
+        SetDecoder dec(rec);
+        std::vector<uint64_t> seen(static_cast<size_t>(W), 0);
+        std::vector<uint32_t> keys;
+        for (size_t c = 0; c < sets.size(); ++c) {
+            dec.next(keys);
+            bad += keys != keys_of(sets[c]);
+            bad += rec.counts[c] != static_cast<int32_t>(keys.size());
+            for (int64_t w = 0; w < W; ++w) seen[static_cast<size_t>(w)] |= sets[c][static_cast<size_t>(w)];
+            bad += dec.seen() != seen;
+            bad += rec.union_size(static_cast<int64_t>(c) + 1) != static_cast<int64_t>(keys_of(seen).size());
+            // Never more than the dense bitset and 3 bytes (a kind byte per list, a rounding byte).
+            big += rec.offsets[c + 1] - rec.offsets[c] > (n_bits + 7) / 8 + 3;
+        }
+        CHECK_MSG(bad == 0, tag + ": " + std::to_string(bad) + " chunks decode to other sets");
+        CHECK_MSG(big == 0, tag + ": " + std::to_string(big) + " chunks larger than their dense bitsets");
+        // Skipping (the union of a prefix) and OR-ing into words agree with reading every list.
+        for (size_t k = 0; k <= sets.size(); ++k) {
+            SetDecoder d(rec);
+            std::vector<uint64_t> want(static_cast<size_t>(W), 0), got(static_cast<size_t>(W), 0);
+            for (size_t c = 0; c < k; ++c) {
+                d.skip();
+                for (int64_t w = 0; w < W; ++w) want[static_cast<size_t>(w)] |= sets[c][static_cast<size_t>(w)];
+            }
+            CHECK_MSG(d.seen() == want, tag + ": union of " + std::to_string(k) + " chunks");
+            if (k < sets.size()) {
+                d.next_or(got.data());
+                CHECK_MSG(got == sets[k], tag + ": chunk " + std::to_string(k) + " after skips");
+            }
+        }
+        // A record continued by a fresh encoder equals one encoded in one go.
+        SetRecord half;
+        half.n_bits = n_bits;
+        SetEncoder e1(n_bits);
+        for (size_t c = 0; c < 5; ++c) e1.append(sets[c].data(), half);
+        SetEncoder e2(n_bits);
+        e2.resume(half);
+        for (size_t c = 5; c < sets.size(); ++c) e2.append(sets[c].data(), half);
+        CHECK_MSG(half == rec, tag + ": resumed encoding differs");
+    }
+
+    // Sparse sets at a large shape are far below their dense size: 300 keys of 458,752.
+    {
+        const int64_t n_bits = 458752, W = n_bits / 64;
+        std::vector<uint64_t> s(static_cast<size_t>(W), 0);
+        std::uniform_int_distribution<int64_t> key(0, n_bits - 1);
+        for (int i = 0; i < 300; ++i) {
+            const int64_t k = key(rng);
+            s[static_cast<size_t>(k / 64)] |= uint64_t{1} << (k % 64);
+        }
+        const int64_t n = popcount(s.data(), W);  // about 300 (draws may collide)
+        SetRecord r;
+        r.n_bits = n_bits;
+        SetEncoder e(n_bits);
+        e.append(s.data(), r);
+        e.append(s.data(), r);  // the same set again: n ranks among n, an n-bit bitmap
+        CHECK_MSG(r.offsets[1] < 2 * n, std::to_string(n) + " sparse keys take " + std::to_string(r.offsets[1]) + " bytes");
+        CHECK_MSG(r.offsets[2] - r.offsets[1] == 1 + (n + 7) / 8, "a repeated chunk is a bitmap of its union");
+    }
+
+    // The layout, spelled out (set_record.h). 100 bits; chunk 0 = {3, 10}: fresh ranks 3, 10, gaps
+    // 3 and 6, Rice b = 2 (7 bits): kind 3, bits 1|11 01|10 -> 0b1010111. Chunk 1 = {3, 50}: 50 is
+    // fresh, rank 48 among the 98 keys outside {3, 10}: b = 5, bits 01|00001 -> kind 6, 0b1000010;
+    // 3 is rank 0 of the union's 2 keys: a 1-byte bitmap (as short as its Rice code) -> kind 0, 0x01.
+    {
+        SetRecord r;
+        r.n_bits = 100;
+        SetEncoder e(100);
+        uint64_t a[2] = {(uint64_t{1} << 3) | (uint64_t{1} << 10), 0}, b[2] = {(uint64_t{1} << 3) | (uint64_t{1} << 50), 0};
+        e.append(a, r);
+        e.append(b, r);
+        CHECK(r.data == (std::vector<uint8_t>{0x03, 0x57, 0x06, 0x42, 0x00, 0x01}));
+        CHECK(r.offsets == (std::vector<int64_t>{0, 2, 6}));
+        CHECK(r.counts == (std::vector<int32_t>{2, 2}) && r.fresh == (std::vector<int32_t>{2, 1}));
+
+        // Malformed copies: refused by validate() or by the decoder, never read out of bounds.
+        auto decode_all = [](const SetRecord& x) {
+            x.validate();
+            SetDecoder d(x);
+            std::vector<uint32_t> k;
+            while (d.position() < x.n_chunks()) d.next(k);
+        };
+        EXPECT_NO_THROW(decode_all(r), "the spelled-out record");
+        SetRecord bad = r;
+        bad.offsets = {0, 2, 5};
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "offsets short of the data");
+        bad = r;
+        bad.data.pop_back(), bad.offsets.back() = 5;
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "a bitmap cut short");
+        bad = r;
+        bad.data[0] = 40;
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "an unknown kind");
+        bad = r;
+        bad.data[1] = 0x07;  // 1|11 then 0s to the end of the chunk: the second code never ends
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "a code past the chunk");
+        bad = r;
+        bad.counts[1] = 3;  // 2 seen keys claimed of a union of 2: the bitmap holds only 1
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "a count the bitmap does not hold");
+        bad = r;
+        bad.counts[0] = 3;  // 1 seen key in the first chunk: nothing was seen before it
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "seen keys in the first chunk");
+        bad = r;
+        bad.data[3] = 0xF8;  // 0001|1111 0: rank 3 * 32 + 15 = 111, beyond the 98 keys outside the union
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "a key outside its universe");
+        bad = r;
+        bad.fresh.pop_back();
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "malformed", "arrays of other lengths");
+        bad = r;
+        bad.data.push_back(0), bad.offsets.back() = 7;
+        EXPECT_THROW_MSG(ParamError, decode_all(bad), "left over", "a byte left over");
+        uint64_t stray[2] = {0, uint64_t{1} << 40};  // bit 104 of a 100-bit set
+        EXPECT_THROW_MSG(ParamError, e.append(stray, r), "beyond", "a key beyond n_bits");
+        EXPECT_THROW(ParamError, SetEncoder(-1), "negative n_bits");
+    }
+
+    // The recorder: chunks encoded as later ones open; snapshots see the open chunk; finish cuts.
+    {
+        SetRecorder rec;
+        rec.begin(2, 70);
+        rec.chunk(0, 0)[0] |= 5;
+        rec.chunk(0, 2)[1] |= 2;  // chunk 1 never written: empty
+        CHECK(rec.dense(0) == (std::vector<uint64_t>{5, 0, 0, 0, 0, 2}));
+        CHECK(rec.dense(1).empty());
+        const SetRecord s3 = rec.snapshot(0, 4);
+        CHECK(s3.n_chunks() == 4 && s3.counts == (std::vector<int32_t>{2, 0, 1, 0}));
+        CHECK(rec.snapshot(0, 1).counts == std::vector<int32_t>{2});
+        rec.chunk(0, 2)[0] |= 8;
+        rec.finish(0, 3);
+        CHECK(rec.dense(0) == (std::vector<uint64_t>{5, 0, 0, 0, 8, 2}));
+        EXPECT_THROW(RuntimeError, rec.chunk(0, 3), "a chunk after finish");
+        rec.finish(0, 2);  // a second finish cuts
+        CHECK(rec.dense(0) == (std::vector<uint64_t>{5, 0, 0, 0}));
+        rec.chunk(1, 1)[0] |= 1;
+        EXPECT_THROW(RuntimeError, rec.chunk(1, 0), "a chunk already encoded");
+        rec.finish(1, 3);
+        CHECK(rec.dense(1) == (std::vector<uint64_t>{0, 0, 1, 0, 0, 0}));
+    }
+}
+
 void test_nad_dots() {
     const DotsFn dots = dots_kernel();
     CHECK(dots != nullptr);
@@ -2831,6 +3004,7 @@ int main(int argc, char** argv) {
         {"gguf", "gguf_overflowing_shape", test_gguf_overflowing_shape},
         {"gguf", "unsupported_models", test_unsupported_models},
         {"reducers", "reducers_synthetic", test_reducers_synthetic},
+        {"reducers", "set_records", test_set_records},
         {"nad", "nad_jaccard", test_nad_jaccard},
         {"nad", "nad_dots", test_nad_dots},
         {"nad", "nad_contributions", test_nad_contributions},

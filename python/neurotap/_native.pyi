@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeuReasonerConfig', 'NeuReasonerLevel', 'Run', 'RunOptions', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
+__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeuReasonerConfig', 'NeuReasonerLevel', 'Run', 'RunOptions', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -236,6 +236,87 @@ class NeuReasonerConfig:
     @window.setter
     def window(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+class ChunkSets:
+    """
+    Per-chunk neuron sets of one sample, kept compact (cpp/set_record.h). Indexing and numpy conversion give dense uint64 bitsets as before (bit layer * n_ff + i, little-endian words); keys() and union() read the compact form directly.
+    """
+    __hash__: typing.ClassVar[None] = None
+    @staticmethod
+    def from_dense(sets: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], n_bits: typing.SupportsInt | typing.SupportsIndex = -1) -> ChunkSets:
+        """
+        Encode dense bitsets [chunks, words] (n_bits: 64 * words by default).
+        """
+    def __array__(self, dtype: typing.Any = None, copy: typing.Any = None) -> numpy.ndarray:
+        ...
+    def __eq__(self, arg0: ChunkSets) -> bool:
+        ...
+    @typing.overload
+    def __getitem__(self, chunk: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+        """
+        Chunk c as a dense bitset (decodes chunks 0 .. c: iterate with a slice or keys()).
+        """
+    @typing.overload
+    def __getitem__(self, chunks: slice) -> numpy.ndarray:
+        """
+        Dense bitsets [k, words] of a slice of chunks (decoded in one pass).
+        """
+    def __getstate__(self) -> tuple[int, bytes, list[int], list[int], list[int]]:
+        ...
+    def __init__(self, n_bits: typing.SupportsInt | typing.SupportsIndex, data: bytes, offsets: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], fresh: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        """
+        A record from its parts (as state() gives them); ValueError unless they are consistent.
+        """
+    def __len__(self) -> int:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, arg0: tuple) -> None:
+        ...
+    def keys(self, start: typing.SupportsInt | typing.SupportsIndex = 0, stop: typing.SupportsInt | typing.SupportsIndex | None = None) -> list:
+        """
+        The keys (layer * n_ff + i) of chunks start .. stop-1, ascending, one uint32 array per chunk.
+        """
+    def state(self) -> tuple[int, bytes, numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """
+        (n_bits, data, offsets, counts, fresh): the encoded parts (layout in cpp/set_record.h).
+        """
+    def to_dense(self) -> numpy.ndarray:
+        """
+        Every chunk as dense bitsets: uint64 [chunks, words].
+        """
+    def union(self, chunks: typing.SupportsInt | typing.SupportsIndex | None = None) -> numpy.ndarray:
+        """
+        The union of the first `chunks` chunks (all by default; a negative count as in a slice) as dense uint64 words; read from the neurons each chunk adds, not from the chunks' own sets.
+        """
+    def union_size(self, chunks: typing.SupportsInt | typing.SupportsIndex | None = None) -> int:
+        """
+        Keys in the union of the first `chunks` chunks, without decoding.
+        """
+    @property
+    def counts(self) -> numpy.ndarray:
+        """
+        keys per chunk
+        """
+    @property
+    def n_bits(self) -> int:
+        """
+        keys per set: n_layers * n_ff
+        """
+    @property
+    def n_words(self) -> int:
+        """
+        uint64 words of a dense row
+        """
+    @property
+    def nbytes(self) -> int:
+        """
+        bytes the record holds
+        """
+    @property
+    def shape(self) -> tuple[int, int]:
+        """
+        (chunks, words): the shape of the dense form
+        """
 class RunOptions:
     contribution_variant: str
     counts: bool

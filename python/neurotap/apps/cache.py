@@ -87,11 +87,12 @@ def _response_rows(sample: Sample, row_tokens: int) -> List[Tuple[np.ndarray, np
     if sample.contribution_sets is None or sample.chunk != 1:
         raise ValueError("a cache needs per-token activated sets: sample with reducers=('contributions',), chunk=1")
     T = sample.n_tokens
-    sets = sample.contribution_sets[:T]
+    keys = sample.contribution_sets.keys(0, T)  # per token, its sorted neuron keys
+    width = 64 * sample.contribution_sets.n_words
     out = []
     for a in range(0, T, row_tokens):
-        bits = np.unpackbits(sets[a:a + row_tokens].view(np.uint8), axis=1, bitorder="little")
-        count = bits.sum(axis=0, dtype=np.int64)
+        row = keys[a:a + row_tokens]
+        count = np.bincount(np.concatenate(row), minlength=width).astype(np.int64) if row else np.zeros(width, np.int64)
         nz = np.flatnonzero(count)
         out.append((nz, count[nz], min(row_tokens, T - a)))
     return out

@@ -103,11 +103,12 @@ def nex_input(sample: Sample, row: int = 32) -> Tuple[np.ndarray, np.ndarray]:
     if sample.contribution_sets is None or sample.chunk != 1:
         raise ValueError("nex needs per-token activated sets: sample with reducers=('contributions',), chunk=1")
     T = sample.n_tokens
-    bits = np.unpackbits(sample.contribution_sets[:T].view(np.uint8), axis=1, bitorder="little")  # [T, N]
+    keys = sample.contribution_sets.keys(0, T)  # per token, its sorted neuron keys
     R = (T + row - 1) // row
-    mass = np.zeros((R, bits.shape[1]), np.float32)
+    mass = np.zeros((R, 64 * sample.contribution_sets.n_words), np.float32)  # N: the dense width
     for r in range(R):
-        mass[r] = bits[r * row:(r + 1) * row].sum(axis=0)
+        if keys[r * row:(r + 1) * row]:
+            mass[r] = np.bincount(np.concatenate(keys[r * row:(r + 1) * row]), minlength=mass.shape[1])
     return mass, np.array([min(row, T - r * row) for r in range(R)], dtype=np.int64)
 
 

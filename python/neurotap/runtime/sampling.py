@@ -110,13 +110,18 @@ class TokenRecord:
 class Sample(TokenRecord):
     """One answer of a parallel run and what its reducers kept.
 
-    A set is a bitset over all n_layers x n_ff neurons (bit layer * n_ff + i), packed little-endian
-    in uint64 words; `*_sets[c]` holds the neurons of chunk c (tokens c*chunk .. c*chunk+chunk-1).
+    A set is over all n_layers x n_ff neurons (key layer * n_ff + i). `*_sets` are ChunkSets, kept
+    compact (each chunk as the neurons it adds and those it shares with earlier chunks, Rice-coded
+    or as bitmaps, whichever is smaller); `*_sets[c]` is chunk c (tokens c*chunk .. c*chunk+chunk-1)
+    as a dense bitset, packed little-endian in uint64 words (bit layer * n_ff + i), `*_sets[a:b]` and
+    np.asarray(*_sets) [chunks, n_words] of them; `keys(a, b)` gives each chunk's sorted keys and
+    `union(k)` the first k chunks' union without the dense form per chunk. A dense uint64
+    [n_chunks, n_words] array passed in is encoded (ChunkSets.from_dense).
     """
 
     index: int = 0
     # "active_sets": per chunk, the neurons with activation > active_threshold on any of its tokens.
-    active_sets: Optional[np.ndarray] = None  # uint64 [n_chunks, n_words]
+    active_sets: Optional[_native.ChunkSets] = None  # [n_chunks] sets
     # "watch": the activations of the watched (layer, neuron) pairs.
     watched: Optional[np.ndarray] = None  # float32 [n_tokens, n_watched]
     # logprobs=k
@@ -126,19 +131,24 @@ class Sample(TokenRecord):
     mean_logprob: Optional[np.ndarray] = None  # float32 [n_tokens] mean log p over the vocabulary
     # "contributions" (NAD): per chunk, the neurons activated by contribution (c > eta within the
     # layer's top 64) on any of its tokens; per token eta and how many were activated.
-    contribution_sets: Optional[np.ndarray] = None  # uint64 [n_chunks, n_words]
+    contribution_sets: Optional[_native.ChunkSets] = None  # [n_chunks] sets
     contribution_eta: Optional[np.ndarray] = None  # float32 [n_tokens]
     contribution_counts: Optional[np.ndarray] = None  # int32 [n_tokens]
     contribution_top_values: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, 64] with keep_top
     contribution_top_index: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers, 64]
     chunk: int = 0  # tokens per chunk of the sets
 
+    def __post_init__(self) -> None:
+        for name in ("active_sets", "contribution_sets"):
+            sets = getattr(self, name)
+            if sets is not None and not isinstance(sets, _native.ChunkSets):
+                setattr(self, name, _native.ChunkSets.from_dense(np.asarray(sets, dtype=np.uint64)))
+
     @staticmethod
-    def _union(sets: Optional[np.ndarray], chunks: Optional[int], reducer: str) -> np.ndarray:
+    def _union(sets: Optional[_native.ChunkSets], chunks: Optional[int], reducer: str) -> np.ndarray:
         if sets is None:
             raise ValueError(f"this run did not keep these sets (reducers must include {reducer!r})")
-        b = sets if chunks is None else sets[:chunks]
-        return np.bitwise_or.reduce(b, axis=0) if len(b) else np.zeros(sets.shape[1], np.uint64)
+        return sets.union(chunks)
 
     def active_set(self, chunks: Optional[int] = None) -> np.ndarray:
         """Neurons with activation > threshold on any of the first `chunks` chunks (all by default)."""
@@ -240,14 +250,16 @@ class SampleRun:
         if self._lease.released or self._pool is None:
             raise ValueError("this run has ended (or was not started by a model): nothing to continue")
         handoff = self._native.hand_off(int(i))
+        # The race's context goes first (the handoff holds the winner's KV state): at reasoning
+        # length the two contexts would otherwise be held together, the peak of both.
+        self._native.stop(list(range(self.n)))
+        self._lease.release(keep=False)
         lease = self._pool.acquire(1, self.n_prompt + self.max_tokens)
         try:
             native = _native.Run.continue_from(lease.ctx, handoff, self._options)
         except BaseException:
             lease.release()
             raise
-        self._native.stop(list(range(self.n)))
-        self._lease.release(keep=False)
         return SampleRun(lease, native, self.max_tokens, self.chunk, pool=self._pool, options=self._options)
 
     def __enter__(self) -> "SampleRun":
