@@ -281,15 +281,19 @@ void DecodeLoop::neureasoner_act(int s) {
     const NeuReasonerConfig& cfg = params_.neureasoner->config();
     const int n = static_cast<int>(st.tokens.size());
     if (n < nr.next_check) return;
+    // Detect-only levels are recorded; the first acting level that detects (instance, inter-step,
+    // intra-step) acts. A detect-only level never masks an acting one.
+    int level = -1;
     float p = 0;
-    const int level = params_.neureasoner->detect(s, &p);
+    for (int l : {kNrInstance, kNrInter, kNrIntra}) {
+        float q = 0;
+        if (!params_.neureasoner->detected(s, l, &q)) continue;
+        if (cfg.levels[static_cast<size_t>(l)].action == kNrNone) nr.events.push_back({n, l, kNrNone, q, -1, 0});
+        else if (level < 0) level = l, p = q;
+    }
     if (level < 0) return;
     const int action = cfg.levels[static_cast<size_t>(level)].action;
     NrEvent ev{n, level, action, p, -1, 0};
-    if (action == kNrNone) {
-        nr.events.push_back(ev);  // recorded, nothing done
-        return;
-    }
     if (nr.actions >= cfg.max_actions) {
         ev.action = kNrNone;
         nr.events.push_back(ev);

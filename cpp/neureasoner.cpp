@@ -294,18 +294,13 @@ void NeuReasonerMonitor::commit(int sample, int token, int32_t token_id) {
     }
 }
 
-int NeuReasonerMonitor::detect(int sample, float* p) const {
+bool NeuReasonerMonitor::detected(int sample, int level, float* p) const {
     const auto& prob = prob_[static_cast<size_t>(sample)];
-    if (prob.size() < kNrLevels) return -1;
-    const float* last = prob.data() + prob.size() - kNrLevels;
-    for (int l : {kNrInstance, kNrInter, kNrIntra}) {
-        const NrLevelConfig& lv = c_.levels[static_cast<size_t>(l)];
-        if (lv.enabled && last[l] >= lv.threshold) {  // NaN (window not full) never detects
-            *p = last[l];
-            return l;
-        }
-    }
-    return -1;
+    if (prob.size() < kNrLevels || level < 0 || level >= kNrLevels) return false;
+    const float q = prob[prob.size() - kNrLevels + static_cast<size_t>(level)];
+    const NrLevelConfig& lv = c_.levels[static_cast<size_t>(level)];
+    *p = q;
+    return lv.enabled && q >= lv.threshold;  // NaN (window not full) never detects
 }
 
 void NeuReasonerMonitor::roll_back(int sample, int n_tokens) {

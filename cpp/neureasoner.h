@@ -113,9 +113,8 @@ public:
     void roll_back(int sample, int n_tokens) override;
     void finish(int sample, int n_tokens) override;
 
-    // The first detecting level at the sample's last committed token (instance, inter, intra), or
-    // -1; its probability in *p.
-    int detect(int sample, float* p) const;
+    // Whether `level` detects at the sample's last committed token; its probability in *p.
+    bool detected(int sample, int level, float* p) const;
 
     const std::vector<float>& signals(int sample) const { return sig_[sample]; }    // [tokens, levels]
     const std::vector<float>& probs(int sample) const { return prob_[sample]; }     // [tokens, levels], NaN: none

@@ -124,6 +124,14 @@ def test_a_rollback_leaves_no_trace(model):
     assert fresh.text == s.text
 
 
+def test_a_detect_only_level_does_not_mask_an_acting_one(model):
+    cal = calibration(model, instance=always([11], "none"), intra=always([5], "resample"))
+    g = model.generate(PROMPT, max_tokens=60, temperature=0, neureasoner=cal)
+    assert sum(e[4] >= 0 and e[1] == 0 for e in g.neureasoner_events) == 3
+    assert any(e[1] == 2 and e[2] == 0 for e in g.neureasoner_events)  # recorded, nothing done
+    assert g.finish_reason == "length"
+
+
 def test_exit_ends_the_reasoning_with_the_answer_line(model):
     cal = calibration(model, instance=always([11], "exit"))
     g = model.generate(PROMPT, max_tokens=120, temperature=0, neureasoner=cal)
