@@ -21,6 +21,7 @@ import numpy as np
 from ..core.io import atomic_path, check_output, write_atomic
 from ..methods.nad import check_early_stop, decision_chunk, early_stop_tokens, set_sizes, similarity
 from ..methods.neat import load_calibration
+from ..methods.neureasoner import ACTIONS, LEVELS
 from ..methods.neureasoner import load_calibration as load_neureasoner
 from ..methods.selection import METHODS, TOP_LOGPROBS, check_methods, select
 from ..runtime.model import Model
@@ -95,10 +96,9 @@ def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Seque
 def _nr_key(cal: Any) -> str:
     """What identifies a NeuReasoner configuration in a report (a resumed run must use the same)."""
     import hashlib
-    import json as _json
     from dataclasses import asdict
 
-    blob = _json.dumps({k: v for k, v in asdict(cal).items() if k != "details"}, sort_keys=True).encode()
+    blob = json.dumps({k: v for k, v in asdict(cal).items() if k != "details"}, sort_keys=True).encode()
     return cal.model.get("sha256", "")[:16] + ":" + hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -293,8 +293,6 @@ def _report(model: Model, rows: List[Dict[str, Any]], methods: Sequence[str], ea
 
 def _nr_summary(ok: List[Dict[str, Any]], total: Any) -> Dict[str, Any]:
     """What NeuReasoner did over the tasks: detections and actions by level, tokens against the plain run."""
-    from ..methods.neureasoner import ACTIONS, LEVELS
-
     counts = {lv: {a: 0 for a in ACTIONS} for lv in LEVELS}
     for r in ok:
         for s in r["neureasoner"]["samples"]:

@@ -55,6 +55,26 @@ def fingerprint(model: Model) -> Dict[str, Any]:
     return fp
 
 
+def read_calibration_json(path: Path, method: str) -> Any:
+    """The JSON of a method's calibration file; FileNotFoundError or ValueError naming the method."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{method} calibration file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a {method} calibration file (corrupt or truncated JSON: {e})") from None
+
+
+def check_calibrated_for(made_for: Dict[str, Any], model: Model, where: str, command: str) -> None:
+    """ValueError naming both files when a calibration was made for another model file (its
+    neurons would mean nothing here)."""
+    fp = fingerprint(model)
+    if made_for.get("sha256") != fp["sha256"]:
+        raise ValueError(f"{where} was calibrated for another model ({made_for.get('file')}, "
+                         f"{made_for.get('architecture')}, sha256 {str(made_for.get('sha256'))[:12]}...), not "
+                         f"{fp['file']} (sha256 {fp['sha256'][:12]}...); calibrate this model with `{command}`")
+
+
 def termination_marker(model: Model) -> Optional[Tuple[str, int]]:
     """`</think>` where the vocabulary has it as one token; None otherwise: calibration then uses
     the end-of-generation token the model itself ends its answers with (end of turn or end of
@@ -138,20 +158,9 @@ def load_calibration(source: Any, model: Model) -> NeatCalibration:
         path = Path(str(source))
         if str(source) == "default":
             path = _shipped_for(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"NEAT calibration file not found: {path}")
         where = str(path)
-        try:
-            d = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a NEAT calibration file (corrupt or truncated JSON: {e})") from None
-        cal = _from_dict(d, path)
-    fp = fingerprint(model)
-    want = cal.model
-    if want.get("sha256") != fp["sha256"]:
-        raise ValueError(f"{where} was calibrated for another model ({want.get('file')}, {want.get('architecture')}, "
-                         f"sha256 {str(want.get('sha256'))[:12]}...), not {fp['file']} (sha256 {fp['sha256'][:12]}...); "
-                         f"calibrate this model with `neurotap neat calibrate`")
+        cal = _from_dict(read_calibration_json(path, "NEAT"), path)
+    check_calibrated_for(cal.model, model, where, "neurotap neat calibrate")
     return cal
 
 

@@ -31,7 +31,7 @@ from ..core.io import write_atomic
 from ..runtime.model import Model
 from ..scoring.failures import LEVELS, get_labeller, token_ends
 from ..scoring.tasks import REASONING_PROMPT, Task, format_prompt
-from .neat import fingerprint, termination_marker
+from .neat import check_calibrated_for, fingerprint, read_calibration_json, termination_marker
 
 VERSION = 1
 FEATURES = ("high_ratio", "low_ratio", "dominant_ratio", "spectral_entropy", "tv_energy")  # cpp SpectralFeature
@@ -159,19 +159,9 @@ def load_calibration(source: Any, model: Model) -> NeuReasonerCalibration:
         cal, where = source, "the given calibration"
     else:
         path = Path(str(source))
-        if not path.is_file():
-            raise FileNotFoundError(f"NeuReasoner calibration file not found: {path}")
         where = str(path)
-        try:
-            d = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a NeuReasoner calibration file (corrupt or truncated JSON: {e})") from None
-        cal = _from_dict(d, path)
-    fp = fingerprint(model)
-    if cal.model.get("sha256") != fp["sha256"]:
-        raise ValueError(f"{where} was calibrated for another model ({cal.model.get('file')}, sha256 "
-                         f"{str(cal.model.get('sha256'))[:12]}...), not {fp['file']} (sha256 {fp['sha256'][:12]}...); "
-                         "calibrate this model with `neurotap neureasoner calibrate`")
+        cal = _from_dict(read_calibration_json(path, "NeuReasoner"), path)
+    check_calibrated_for(cal.model, model, where, "neurotap neureasoner calibrate")
     cal.native_config(model)  # shapes, components and MLPs checked against this model now
     return cal
 

@@ -79,27 +79,25 @@ class Generation(TokenRecord):
         return float(self.active_counts.sum(axis=1).mean())
 
 
+def native_config(value: Any, model: "Model", native_type: type, param: str, name: str, how: str) -> Any:
+    """The native form of an already-resolved method configuration (neat=, neureasoner=): the
+    native struct itself, or an object with native_config(model) (a calibration object). The
+    runtime does not read files or look up shipped calibrations: the methods' load_calibration does."""
+    if value is None or isinstance(value, native_type):
+        return value
+    if hasattr(value, "native_config"):
+        return value.native_config(model)
+    raise TypeError(f"{param}= takes a {name} calibration object, not {type(value).__name__}; {how}")
+
+
 def native_neat(neat: Any, model: "Model") -> Any:
-    """The native form of an already-resolved NEAT configuration: a _native.NeatConfig, or an object
-    with native_config(model) (neurotap.neat.NeatCalibration). The runtime does not read files or
-    look up shipped calibrations: neurotap.neat.load_calibration does."""
-    if neat is None or isinstance(neat, _native.NeatConfig):
-        return neat
-    if hasattr(neat, "native_config"):
-        return neat.native_config(model)
-    raise TypeError(f"neat= takes a NEAT calibration object, not {type(neat).__name__}; resolve a path or "
-                    "'default' with neurotap.neat.load_calibration(source, model)")
+    return native_config(neat, model, _native.NeatConfig, "neat", "NEAT",
+                         "resolve a path or 'default' with neurotap.neat.load_calibration(source, model)")
 
 
 def native_neureasoner(neureasoner: Any, model: "Model") -> Any:
-    """The native form of a resolved NeuReasoner configuration: a _native.NeuReasonerConfig, or an
-    object with native_config(model) (neurotap.neureasoner.NeuReasonerCalibration)."""
-    if neureasoner is None or isinstance(neureasoner, _native.NeuReasonerConfig):
-        return neureasoner
-    if hasattr(neureasoner, "native_config"):
-        return neureasoner.native_config(model)
-    raise TypeError(f"neureasoner= takes a NeuReasoner calibration object, not {type(neureasoner).__name__}; "
-                    "resolve a path with neurotap.neureasoner.load_calibration(source, model)")
+    return native_config(neureasoner, model, _native.NeuReasonerConfig, "neureasoner", "NeuReasoner",
+                         "resolve a path with neurotap.neureasoner.load_calibration(source, model)")
 
 
 class Model:
