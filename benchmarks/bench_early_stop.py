@@ -13,6 +13,13 @@ time per token of both phases.
     python benchmarks/make_shapes.py --shape 1b
     python benchmarks/bench_early_stop.py --models build/shapes/llama-1b-q4_0.gguf --tokens 4096 --rounds 2
     python benchmarks/bench_early_stop.py --models build/shapes/llama-1b-q4_0.gguf --race-only 64 --tokens 16384 --tail 256
+
+With --best-only: one best_of_n run alone (no plain generation), reporting its wall time and the
+process's peak memory: peak resident set (VmHWM: weights read through mmap included) and peak
+private memory (RssAnon: KV cells, compute buffers, records, contribution state). This is the
+"16 GB laptop" check: best_of_n(n=16, early_stop=32, max_tokens=8192) at the 8B shape.
+
+    python benchmarks/bench_early_stop.py --models build/shapes/llama-8b-q4_0.gguf --best-only --tokens 8192
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import time
 from pathlib import Path
 
 import neurotap
+from common import PeakAnon, status_mb
 from neurotap import nad
 
 PROMPT = [{"role": "user", "content": "Tom has 23 apples and buys 45 more. How many apples does Tom have now? "
@@ -41,6 +49,17 @@ def best_of(model, n: int, early: int, tokens: int) -> float:
     r = nad.best_of_n(model, PROMPT, n=n, early_stop=early, max_tokens=tokens, seed=7, ignore_eos=True)
     assert r.sample.n_tokens == tokens, r.sample.n_tokens
     return time.perf_counter() - t0
+
+
+def best_only(model, n: int, early: int, tokens: int) -> None:
+    with PeakAnon() as p:
+        t0 = time.perf_counter()
+        r = nad.best_of_n(model, PROMPT, n=n, early_stop=early, max_tokens=tokens, seed=7, ignore_eos=True)
+        wall = time.perf_counter() - t0
+    assert r.sample.n_tokens == tokens, r.sample.n_tokens
+    print(f"| {Path(model.info.path).name} | {model.info.size_bytes / 2**30:.2f} GiB | n={n} early_stop={early} | "
+          f"{tokens} | {wall:.0f} s ({wall / tokens * 1e3:.0f} ms/token) | {status_mb('VmHWM') / 1024:.2f} GiB | "
+          f"{p.peak / 1024:.2f} GiB |", flush=True)
 
 
 def race_only(model, n: int, early: int, tokens: int, tail: int) -> None:
@@ -83,10 +102,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--race-only", type=int, default=0, metavar="N")
     ap.add_argument("--tail", type=int, default=256)
+    ap.add_argument("--best-only", action="store_true")
     args = ap.parse_args()
     for path in args.models:
         n_ctx = args.tokens + 512  # the per-sequence bound runs are checked against (their contexts are the pool's)
         with neurotap.load(path, n_threads=args.threads, n_ctx=n_ctx, max_sample_cells=1 << 20) as model:
+            if args.best_only:
+                print("| model | weights | run | tokens | wall time | peak resident (VmHWM) | peak private (RssAnon) |")
+                best_only(model, args.n, args.early_stop, args.tokens)
+                continue
             if args.race_only:
                 race_only(model, args.race_only, args.early_stop, args.tokens, args.tail)
                 continue

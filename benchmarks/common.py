@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, Iterator, List, Sequence
 
@@ -22,3 +23,40 @@ def save_rows(path: str, rows: List[Dict[str, Any]]) -> None:
     from neurotap.core.io import write_atomic
 
     write_atomic(path, json.dumps({"time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1).encode())
+
+
+def status_mb(field: str) -> float:
+    """A field of /proc/self/status in MiB (RssAnon: private resident memory; VmHWM: peak resident)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def rss_anon_mb() -> float:
+    return status_mb("RssAnon")
+
+
+class PeakAnon:
+    """Polls RssAnon (peak: private memory) and VmRSS (peak_rss: resident, mapped weights included)
+    every 20 ms while a run is in flight."""
+
+    def __enter__(self) -> "PeakAnon":
+        self.peak, self.peak_rss, self._stop = rss_anon_mb(), status_mb("VmRSS"), threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _read(self) -> None:
+        self.peak = max(self.peak, rss_anon_mb())
+        self.peak_rss = max(self.peak_rss, status_mb("VmRSS"))
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            self._read()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self._read()

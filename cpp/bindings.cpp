@@ -552,6 +552,10 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, std::vector<std::string> v) { o.sampling.stop = std::move(v); })
         .def_property("forced", [](const RunOptions& o) { return o.sampling.forced; },
                       [](RunOptions& o, std::vector<llama_token> v) { o.sampling.forced = std::move(v); })
+        .def_property("forced_per_sample", [](const RunOptions& o) { return o.sampling.forced_per_sample; },
+                      [](RunOptions& o, std::vector<std::vector<llama_token>> v) {
+                          o.sampling.forced_per_sample = std::move(v);
+                      })
         .def_property("tap", [](const RunOptions& o) { return o.sampling.tap; },
                       [](RunOptions& o, bool v) { o.sampling.tap = v; })
         .def_property("kv_tokens", [](const RunOptions& o) { return o.sampling.kv_tokens; },

@@ -25,6 +25,12 @@ namespace neurotap {
 
 struct ModelInfo;
 
+// Dequantizes n values (a multiple of 32) of Q4_0 or Q8_0 blocks to exactly what ggml's to_float
+// gives (each value is q * d, one rounding), with AVX2 where the CPU has it: ggml's own to_float is
+// scalar, and a pass over W_down dequantizes all of it. Null for other types (ggml's is used).
+using DequantFn = void (*)(const void* blocks, float* out, int64_t n);
+DequantFn dequant_kernel(ggml_type type);
+
 // What contributions need from the weights, read in place from the GGUF file, mapped read-only:
 // W_down and the unembedding stay in their file encoding (quantized) and pages of the file are
 // shared with the page cache (and with llama.cpp's own mapping), so this costs no private memory.
@@ -49,7 +55,7 @@ public:
     void down_row(int layer, int64_t e, float* out) const;
     // D[m * ldd + (i - i0)] = sum_e U[m * n_embd + e] * W_down[e, i] for i in [i0, i1), m < M: the
     // projections W_down^T u of M vectors onto a range of neurons (i0, i1 multiples of the block
-    // size, or i1 = n_ff). `row` is scratch of at least i1 - i0 floats.
+    // size, or i1 = n_ff). `row` is scratch of at least 4 (i1 - i0) floats.
     void project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd, float* row) const;
     int64_t block_size(int layer) const { return down_[static_cast<size_t>(layer)].block; }
     // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
@@ -62,6 +68,7 @@ private:
         size_t row_bytes = 0;
         int64_t block = 1;
         size_t block_bytes = 0;
+        DequantFn fast = nullptr;  // an AVX2 dequantizer equal to ggml's to_float, where there is one
     };
     void dequantize(const Tensor& t, int64_t row, int64_t i0, int64_t i1, float* out) const;
     int n_layers_;
@@ -95,10 +102,13 @@ using DotsFn = void (*)(const float* col, const float* U, int n, int64_t E, floa
 DotsFn dots_kernel();
 DotsFn dots_kernel_generic();  // the portable one, for tests on CPUs where the other is chosen
 
-// y[j] += a * x[j] for j < n: the projection kernel (AVX2+FMA where the CPU has it).
-using AxpyFn = void (*)(float a, const float* x, float* y, int64_t n);
-AxpyFn axpy_kernel();
-AxpyFn axpy_kernel_generic();  // the portable one, for tests on CPUs where the other is chosen
+// y[j] += a[0] x[j] + a[1] x[ldx + j] + a[2] x[2 ldx + j] + a[3] x[3 ldx + j] for j < n, added in
+// that order (as four axpys would): the projection kernel, four rows of W_down
+// per load and store of the accumulators (AVX2+FMA where the CPU has it).
+using Axpy4Fn = void (*)(const float* a, const float* x, int64_t ldx, float* y, int64_t n);
+Axpy4Fn axpy4_kernel();
+Axpy4Fn axpy4_kernel_generic();  // the portable one, for tests on CPUs where the other is chosen
+
 
 // Streams activations; a committed token is queued, and at the end of each decode step every
 // queued token's contributions are computed, all L x n_ff of them, exactly. c = a * d(y) with
@@ -143,6 +153,7 @@ private:
         int buf;  // index in bufs_ of the token's activations
     };
     int take_buffer();
+    float* row_buffer(int sample);  // the sample's buffer for this step's rows, taken on first use
     void flush();
     void fill_cache();
 
@@ -153,7 +164,7 @@ private:
     int k_ = 0;
     std::vector<std::vector<float>> bufs_;  // activation buffers (layers * n_ff each)
     std::vector<int> free_;                 // unused buffers
-    std::vector<int> cur_;                  // [sample] -> the buffer its current rows go to
+    std::vector<int> cur_;                  // [sample] -> the buffer its current rows go to (-1: none yet)
     std::vector<Queued> queue_;
     int64_t max_queue_ = 0;
     SetRecorder sets_;  // activated sets per chunk, encoded as each chunk completes

@@ -80,12 +80,22 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
     if (params_.n > tc_.params().n_batch)
         throw ParamError("n=" + std::to_string(params_.n) + " exceeds the context's batch of " +
                          std::to_string(tc_.params().n_batch));
-    const bool forcing = !params_.forced.empty();
-    for (llama_token t : params_.forced)
-        if (t < 0 || t >= info.n_vocab) throw ParamError("forced token id out of range: " + std::to_string(t));
-    if (static_cast<int>(params_.forced.size()) > params_.max_tokens)
-        throw ParamError("more forced tokens (" + std::to_string(params_.forced.size()) + ") than max_tokens (" +
-                         std::to_string(params_.max_tokens) + ")");
+    if (!params_.forced_per_sample.empty()) {
+        if (!params_.forced.empty()) throw ParamError("give one forced stream for every sample or one per sample, not both");
+        if (params_.forced_per_sample.size() != static_cast<size_t>(params_.n))
+            throw ParamError("forced streams per sample: " + std::to_string(params_.forced_per_sample.size()) +
+                             " streams for n=" + std::to_string(params_.n) + " samples");
+    }
+    bool forcing = false;
+    for (int s = 0; s < params_.n; ++s) {
+        const std::vector<llama_token>& f = forced_tokens(params_, s);
+        forcing = forcing || !f.empty();
+        for (llama_token t : f)
+            if (t < 0 || t >= info.n_vocab) throw ParamError("forced token id out of range: " + std::to_string(t));
+        if (static_cast<int>(f.size()) > params_.max_tokens)
+            throw ParamError("more forced tokens (" + std::to_string(f.size()) + ") than max_tokens (" +
+                             std::to_string(params_.max_tokens) + ")");
+    }
     if (forcing && params_.neat) throw ParamError("NEAT cannot steer teacher-forced tokens");
     if (params_.neat && !params_.tap) throw ParamError("NEAT watches neurons: it needs the tap on");
     if (params_.neureasoner && !params_.tap) throw ParamError("NeuReasoner watches neurons: it needs the tap on");
@@ -228,13 +238,14 @@ void DecodeLoop::end_sample(int s, Finish why) {
 void DecodeLoop::sample_and_commit(int s) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     const int j = static_cast<int>(st.tokens.size());
-    const bool forcing = static_cast<size_t>(j) < params_.forced.size();  // then sampling goes on
+    const std::vector<llama_token>& forced = forced_tokens(params_, s);
+    const bool forcing = static_cast<size_t>(j) < forced.size();  // then sampling goes on
     llama_token tok = 0;
     const bool nr_token = st.nr.queued < st.nr.queue.size();  // an exit or a redirect being written
     if (nr_token) tok = st.nr.queue[st.nr.queued++];
     const bool neat_token = !nr_token && params_.neat &&
         st.neat.before_sample(*params_.neat, s, j, llama_get_logits_ith(tc_.ctx(), st.logits_row), &tok);
-    if (forcing) tok = params_.forced[static_cast<size_t>(j)];
+    if (forcing) tok = forced[static_cast<size_t>(j)];
     else if (!neat_token && !nr_token) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
     ++tokens_sampled_;
     if (!forcing && tc_.model().is_eog(tok)) {
@@ -497,7 +508,7 @@ Handoff DecodeLoop::hand_off(int s) {
     if (s < 0 || s >= params_.n) throw ParamError("sample index out of range: " + std::to_string(s));
     SampleState& st = samples_[static_cast<size_t>(s)];
     if (!st.live || !started_) throw ParamError("only a live sample of a started run can be handed off");
-    if (!params_.forced.empty() || params_.neat || params_.neureasoner)
+    if (!params_.forced.empty() || !params_.forced_per_sample.empty() || params_.neat || params_.neureasoner)
         throw ParamError("a teacher-forced, NEAT or NeuReasoner run cannot hand off");
     auto in_use = tc_.lock_use();
     Handoff h;

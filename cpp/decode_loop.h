@@ -30,6 +30,9 @@ struct SampleParams {
     // decodes (an end-of-generation token among them is kept, stop strings are not applied to
     // them); sampling goes on after them up to max_tokens.
     std::vector<llama_token> forced;
+    // Per-sample teacher forcing (one stream per sample, n of them; their lengths may differ):
+    // sample i is fed forced_per_sample[i] instead of `forced` (then samples up to max_tokens).
+    std::vector<std::vector<llama_token>> forced_per_sample;
     bool tap = true;
     int top_logprobs = 0;          // > 0: record the top-k log-probabilities of every sampled position
     NeatMonitor* neat = nullptr;   // NEAT per sample; must also be among the reducers
@@ -49,6 +52,11 @@ struct NeatTrack {
     // Before token j is sampled: true with *forced set when the token is NEAT's, not the sampler's.
     bool before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced);
 };
+
+// The teacher-forced tokens of sample s: its own stream, or the run's one stream for every sample.
+inline const std::vector<llama_token>& forced_tokens(const SampleParams& p, int s) {
+    return p.forced_per_sample.empty() ? p.forced : p.forced_per_sample[static_cast<size_t>(s)];
+}
 
 // The per-sequence NeuReasoner state: what was detected and done, the forced tokens queued (an
 // exit or a redirect) and the bounds on interventions.

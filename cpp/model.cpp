@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <mutex>
 
@@ -37,6 +38,22 @@ std::string activation_tensor_for(const std::string& arch) {
 static void ensure_backend() {
     static std::once_flag once;
     std::call_once(once, [] { llama_backend_init(); });
+}
+
+// Whether the CPU backend would put weights in its AMX buffer (llama.cpp built with -march=native
+// on a CPU with AMX-INT8, e.g. Sapphire Rapids). llama.cpp's AMX matmul segfaults there in the
+// first decode (ggml-org/llama.cpp#20824, closed unfixed; seen here with SmolLM2 Q8_0), so such
+// machines load without the extra buffer types (no AMX, no CPU weight repacking) instead.
+static bool cpu_offers_amx_buffer() {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!cpu) return false;
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu);
+    auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts"));
+    if (!get_extra) return false;
+    for (ggml_backend_buffer_type_t* b = get_extra(cpu); b && *b; ++b)
+        if (std::strcmp(ggml_backend_buft_name(*b), "AMX") == 0) return true;
+    return false;
 }
 
 struct FileId {
@@ -194,6 +211,8 @@ std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
     ModelInfo info = inspect(path);
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = n_gpu_layers;
+    static const bool amx = cpu_offers_amx_buffer();
+    if (amx) mp.use_extra_bufts = false;
     take_logged_errors();
     llama_model* m = llama_model_load_from_file(path.c_str(), mp);
     if (!m) {
@@ -212,6 +231,11 @@ std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
 std::shared_ptr<Model> Model::borrow(llama_model* m, const std::string& path) {
     if (!m) throw ModelError("the llama_cpp.Llama object has no loaded model");
     ensure_backend();
+    if (cpu_offers_amx_buffer())
+        throw ModelError("this llama.cpp build puts weights in AMX buffers, whose matmul segfaults "
+                         "(ggml-org/llama.cpp#20824), and a llama_cpp.Llama loads them there: use neurotap.load(), "
+                         "which loads without them, or rebuild llama-cpp-python with "
+                         "CMAKE_ARGS=\"-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8\"");
     ModelInfo info = inspect(path);
     fill_from_llama(info, m);
     return std::shared_ptr<Model>(new Model(m, false, std::move(info)));

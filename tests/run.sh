@@ -8,6 +8,11 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
+# llama.cpp's AMX matmul (compiled in by -march=native on CPUs with AMX-INT8, e.g. Sapphire
+# Rapids) segfaults in the first decode (ggml-org/llama.cpp#20824): build llama.cpp without it.
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+    export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
+fi
 .venv/bin/python -m pip install --quiet ".[test]"
 .venv/bin/python -m pytest -q tests
 PYTHON="$PWD/.venv/bin/python" bash cpp/tests/run_sanitized.sh

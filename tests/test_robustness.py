@@ -22,7 +22,7 @@ gguf = pytest.importorskip("gguf")
 
 MODEL = str(neurotap.resolve("smollm2-135m"))
 HEADER = f"""
-import os, sys, time, json, threading
+import os, sys, time, json, threading, types
 import numpy as np
 import neurotap
 MODEL = {MODEL!r}
@@ -391,4 +391,16 @@ def test_memory_accounting_and_a_run_that_cannot_fit():
         e = expect(neurotap.ContextError, "the largest part is records", m2.start_sampling, "Hi", n=n,
                    max_tokens=240, capture="float32")
         assert "at most n=" in str(e)
+        # NAD's set records are accounted at their compact size (below the dense bitsets), and a real
+        # run's records stay within that estimate.
+        per_token = neurotap.runtime.memory.record_bytes_per_token(
+            m.info, counts=False, active_chunk=0, contribution_chunk=32, keep_top=False, rows=0,
+            norm_inputs=False, residuals=False, logprobs=0)
+        shape_8b = types.SimpleNamespace(n_layers=32, n_ff=14336, n_embd=4096)
+        est_8b = neurotap.runtime.memory.record_bytes_per_token(
+            shape_8b, counts=False, active_chunk=0, contribution_chunk=32, keep_top=False, rows=0,
+            norm_inputs=False, residuals=False, logprobs=0)
+        assert est_8b < 300 < 8 * (32 * 14336 // 64) / 32  # compact estimate, not the 1,792 B dense bitsets
+        for s in m.sample("Tell me about the sea.", n=2, max_tokens=256, reducers=("contributions",), ignore_eos=True):
+            assert s.contribution_sets.nbytes / 256 + 8 <= per_token, s.contribution_sets.nbytes
     """)

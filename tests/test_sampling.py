@@ -97,6 +97,28 @@ def test_stop_some_and_continue_one(model):
     assert kept.tokens == full[keep].tokens
 
 
+def test_per_sample_teacher_forcing_reproduces_a_sampled_run(model):
+    """Each sample fed its own token stream: the tokens, and the NAD sets computed from them, are
+    those of the run that sampled the streams (the benchmarks feed real text to other models so)."""
+    kw = dict(n=4, max_tokens=20, temperature=1.0, top_p=1.0, seed=3, reducers=("contributions",), ignore_eos=True)
+    sampled = model.sample(PROMPT, **kw)
+    streams = [s.tokens for s in sampled]
+    assert len({tuple(t) for t in streams}) > 1
+    forced = model.sample(PROMPT, **{**kw, "seed": 99}, forced=streams)
+    for a, b in zip(sampled, forced):
+        assert b.tokens == a.tokens
+        assert b.contribution_sets == a.contribution_sets
+    # Shorter streams: sampling goes on after them, up to max_tokens.
+    part = model.sample(PROMPT, **kw, forced=[t[:5] for t in streams])
+    assert [s.tokens[:5] for s in part] == [t[:5] for t in streams] and all(s.n_tokens == 20 for s in part)
+    with pytest.raises(ValueError, match="3 token streams for n=4"):
+        model.start_sampling(PROMPT, **kw, forced=streams[:3])
+    with pytest.raises(ValueError, match="more forced tokens"):
+        model.start_sampling(PROMPT, **{**kw, "max_tokens": 10}, forced=streams)
+    with pytest.raises(ValueError, match="out of range"):
+        model.start_sampling(PROMPT, **kw, forced=[[0], [1], [-1], [2]])
+
+
 def test_watch_reducer_gathers_the_watched_neurons(model):
     watch = [(0, 5), (29, 1535), (12, 700)]
     run = model.start_sampling(PROMPT, n=2, max_tokens=6, seed=1, reducers=("watch",), watch=watch,

@@ -1954,6 +1954,58 @@ void test_nad_dots() {
     }
 }
 
+// The projection's kernels: the AVX2 dequantizers give exactly ggml's to_float values, and the
+// four-row axpy adds in the generic kernel's order.
+void test_nad_projection_kernels() {
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::uniform_real_distribution<float> scale(-3.0f, 3.0f);
+    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0}) {
+        const DequantFn fast = dequant_kernel(type);
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_cpu_init();
+        CHECK(!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c") || fast != nullptr);
+#endif
+        if (!fast) continue;
+        const int64_t n = 32 * 37;
+        const size_t bytes = ggml_row_size(type, n);
+        std::vector<uint8_t> blocks(bytes);
+        for (auto& b : blocks) b = static_cast<uint8_t>(byte(rng));
+        const size_t bsz = ggml_type_size(type);
+        for (size_t b = 0; b < bytes / bsz; ++b) {  // finite scales, a zero and a subnormal among them
+            const float d = b == 3 ? 0.0f : b == 5 ? 3e-6f : scale(rng);
+            const ggml_fp16_t h = ggml_fp32_to_fp16(d);
+            std::memcpy(blocks.data() + b * bsz, &h, sizeof h);
+        }
+        std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n), -1.0f);
+        ggml_get_type_traits(type)->to_float(blocks.data(), want.data(), n);
+        fast(blocks.data(), got.data(), n);
+        int bad = 0;
+        for (int64_t i = 0; i < n; ++i) bad += std::memcmp(&want[i], &got[i], sizeof(float)) != 0;
+        CHECK_MSG(bad == 0, std::string(ggml_type_name(type)) + ": " + std::to_string(bad) + " values differ from to_float");
+    }
+    CHECK(dequant_kernel(GGML_TYPE_F16) == nullptr);
+    // axpy4: every length around the vector width, the chosen kernel against an FMA reference.
+    std::uniform_real_distribution<float> val(-1.0f, 1.0f);
+    for (const Axpy4Fn kernel : {axpy4_kernel(), axpy4_kernel_generic()}) {
+        for (int64_t n : {0, 1, 7, 8, 9, 31, 64, 100}) {
+            const int64_t ldx = n + 3;
+            std::vector<float> x(static_cast<size_t>(4 * ldx)), y(static_cast<size_t>(n) + 1), ref;
+            for (auto& v : x) v = val(rng);
+            for (auto& v : y) v = val(rng);
+            const float a[4] = {val(rng), val(rng), 0.0f, val(rng)};
+            ref = y;
+            for (int64_t j = 0; j < n; ++j)
+                for (int k = 0; k < 4; ++k) ref[j] = ref[j] + a[k] * x[static_cast<size_t>(k * ldx + j)];
+            kernel(a, x.data(), ldx, y.data(), n);
+            int bad = 0;
+            for (int64_t j = 0; j < n; ++j) bad += !(std::fabs(y[j] - ref[j]) <= 1e-5f);
+            CHECK_MSG(bad == 0, std::to_string(bad) + " of " + std::to_string(n) + " axpy4 sums off");
+            CHECK(y[static_cast<size_t>(n)] == ref[static_cast<size_t>(n)]);  // nothing past n written
+        }
+    }
+}
+
 // Weights of a tiny llama-like model, as written to the file (and so as the reducer sees them).
 struct NadWeights {
     int L = 0;
@@ -2260,7 +2312,7 @@ void test_nad_contributions() {
                 for (int64_t i = 0; i < F; ++i) bad += wrow[i] != w.down[(static_cast<size_t>(l) * E + e) * F + i];
             }
         CHECK_MSG(bad == 0, std::to_string(bad) + " W_down weights wrong");
-        std::vector<float> U(static_cast<size_t>(2 * E)), D(static_cast<size_t>(2 * F), -1.0f), scratch(static_cast<size_t>(F));
+        std::vector<float> U(static_cast<size_t>(2 * E)), D(static_cast<size_t>(2 * F), -1.0f), scratch(static_cast<size_t>(4 * F));
         for (int64_t e = 0; e < 2 * E; ++e) U[e] = static_cast<float>((e % 5) - 2);
         const int l = L - 1;
         cw->project(l, U.data(), 2, 3, F, D.data(), F, scratch.data());  // neurons 3.. only, rows F apart
@@ -3007,6 +3059,7 @@ int main(int argc, char** argv) {
         {"reducers", "set_records", test_set_records},
         {"nad", "nad_jaccard", test_nad_jaccard},
         {"nad", "nad_dots", test_nad_dots},
+        {"nad", "nad_projection_kernels", test_nad_projection_kernels},
         {"nad", "nad_contributions", test_nad_contributions},
         {"nad", "nad_weights_errors", test_nad_weights_errors},
         {"nad", "nad_untied_f16", test_nad_untied_f16},

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 GIB = 2**30
+CONTRIBUTION_SET_BYTES_PER_TOKEN = 218
 
 
 def available_bytes() -> Optional[int]:
@@ -32,7 +33,10 @@ def record_bytes_per_token(info, *, counts: bool, active_chunk: int, contributio
     if active_chunk:
         b += 8 * words / active_chunk
     if contribution_chunk:
-        b += 8 * words / contribution_chunk + 8 + (8 * L * 64 if keep_top else 0)
+        # Compact set records (cpp/set_record.h): a chunk never exceeds its dense bitset, and NAD's
+        # sets, mostly neurons seen in earlier chunks, measured 56-109 bytes per token at every
+        # shape from 135M to 8B (benchmarks/bench_records.py); 2 x 109 leaves a margin.
+        b += min(8 * words / contribution_chunk, CONTRIBUTION_SET_BYTES_PER_TOKEN) + 8 + (8 * L * 64 if keep_top else 0)
     if rows:
         b += L * F * (4 if rows == 1 else 2)
     b += 4 * L * E * (int(norm_inputs) + int(residuals))

@@ -316,7 +316,8 @@ class Model:
                        capture: Optional[str] = None, logprobs: int = 0, tap: bool = True,
                        ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
                        eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
-                       neureasoner: Any = None, kv_tokens: int = 0) -> SampleRun:
+                       neureasoner: Any = None, kv_tokens: int = 0,
+                       forced: Optional[Sequence[Sequence[int]]] = None) -> SampleRun:
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -331,7 +332,9 @@ class Model:
         end-of-generation tokens (fixed-length runs, as llama.cpp's --ignore-eos). kv_tokens=B
         holds KV cells for the first B tokens of each sample only (a race decided after B tokens;
         `run.continue_one(i)` moves the winner into a context of its own). neat= and neureasoner=
-        steer every sample as in `generate`.
+        steer every sample as in `generate`. forced=[tokens of sample 0, ..., of sample n-1]
+        teacher-forces each sample with its own token stream (then it samples up to max_tokens):
+        real text fed through a model, as `generate(forced=)` does for one sequence.
         """
         opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
@@ -339,6 +342,11 @@ class Model:
                            tap=tap, ignore_eos=ignore_eos, contribution=contribution,
                            contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
                            neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self))
+        if forced is not None:
+            streams = [[int(t) for t in f] for f in forced]
+            if len(streams) != opts.n:
+                raise ValueError(f"forced holds {len(streams)} token streams for n={opts.n} samples: give one per sample")
+            opts.forced_per_sample = streams
         if kv_tokens:
             opts.kv_tokens = int_in("kv_tokens", kv_tokens, 1, opts.max_tokens + 1)
         ids = self.prompt_tokens(prompt)
