@@ -121,6 +121,37 @@ __attribute__((target("avx2,fma"))) void axpy4_avx2(const float* a, const float*
     }
 }
 
+// Two accumulator rows at once (y0 with a0, y1 with a1): each load of x feeds two FMAs, so the
+// kernel is bound by the FMA units rather than by loads. Same order of additions as axpy4.
+__attribute__((target("avx2,fma"))) void axpy4x2_avx2(const float* a0s, const float* a1s, const float* x, int64_t ldx,
+                                                      float* y0, float* y1, int64_t n) {
+    const float *x0 = x, *x1 = x + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+    const __m256 a00 = _mm256_set1_ps(a0s[0]), a01 = _mm256_set1_ps(a0s[1]), a02 = _mm256_set1_ps(a0s[2]),
+                 a03 = _mm256_set1_ps(a0s[3]);
+    const __m256 a10 = _mm256_set1_ps(a1s[0]), a11 = _mm256_set1_ps(a1s[1]), a12 = _mm256_set1_ps(a1s[2]),
+                 a13 = _mm256_set1_ps(a1s[3]);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 r0 = _mm256_loadu_ps(x0 + j), r1 = _mm256_loadu_ps(x1 + j), r2 = _mm256_loadu_ps(x2 + j),
+                     r3 = _mm256_loadu_ps(x3 + j);
+        __m256 v = _mm256_loadu_ps(y0 + j), w = _mm256_loadu_ps(y1 + j);
+        v = _mm256_fmadd_ps(a00, r0, v);
+        w = _mm256_fmadd_ps(a10, r0, w);
+        v = _mm256_fmadd_ps(a01, r1, v);
+        w = _mm256_fmadd_ps(a11, r1, w);
+        v = _mm256_fmadd_ps(a02, r2, v);
+        w = _mm256_fmadd_ps(a12, r2, w);
+        v = _mm256_fmadd_ps(a03, r3, v);
+        w = _mm256_fmadd_ps(a13, r3, w);
+        _mm256_storeu_ps(y0 + j, v);
+        _mm256_storeu_ps(y1 + j, w);
+    }
+    if (j < n) {
+        axpy4_avx2(a0s, x + j, ldx, y0 + j, n - j);
+        axpy4_avx2(a1s, x + j, ldx, y1 + j, n - j);
+    }
+}
+
 // q * d per value, as ggml's dequantize_row_q4_0 (elements 0-15 the low nibbles, 16-31 the high).
 __attribute__((target("avx2,fma,f16c"))) void dequant_q4_0_avx2(const void* blocks, float* out, int64_t n) {
     const uint8_t* b = static_cast<const uint8_t*>(blocks);
@@ -179,6 +210,27 @@ DotsFn dots_kernel() {
 }
 
 Axpy4Fn axpy4_kernel_generic() { return &axpy4_generic; }
+
+namespace {
+void axpy4x2_generic(const float* a0, const float* a1, const float* x, int64_t ldx, float* y0, float* y1, int64_t n) {
+    axpy4_generic(a0, x, ldx, y0, n);
+    axpy4_generic(a1, x, ldx, y1, n);
+}
+}  // namespace
+
+Axpy4x2Fn axpy4x2_kernel_generic() { return &axpy4x2_generic; }
+
+Axpy4x2Fn axpy4x2_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+    static const Axpy4x2Fn fn = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &axpy4x2_avx2 : &axpy4x2_generic;
+    }();
+    return fn;
+#else
+    return &axpy4x2_generic;
+#endif
+}
 
 Axpy4Fn axpy4_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -299,6 +351,7 @@ void ContributionWeights::project(int layer, const float* U, int M, int64_t i0, 
     const int64_t n = i1 - i0;
     for (int m = 0; m < M; ++m) std::fill_n(D + static_cast<size_t>(m) * ldd, n, 0.0f);
     const Axpy4Fn axpy4 = axpy4_kernel();
+    const Axpy4x2Fn axpy4x2 = axpy4x2_kernel();
     // One pass over the rows of W_down, four at a time: each dequantized slice is used by all M
     // vectors while it is in cache, and the M x n accumulators (in L2: the caller picks n for that)
     // are loaded and stored once per four rows.
@@ -306,9 +359,19 @@ void ContributionWeights::project(int layer, const float* U, int M, int64_t i0, 
         const int rows = static_cast<int>(std::min<int64_t>(4, n_embd_ - e));
         for (int k = 0; k < rows; ++k) dequantize(t, e + k, i0, i1, row + k * n);
         for (int k = rows; k < 4; ++k) std::fill_n(row + k * n, n, 0.0f);
-        for (int m = 0; m < M; ++m) {
-            float u[4] = {0, 0, 0, 0};
-            for (int k = 0; k < rows; ++k) u[k] = U[static_cast<size_t>(m) * n_embd_ + e + k];
+        auto coefs = [&](int m, float* u) {
+            for (int k = 0; k < 4; ++k) u[k] = k < rows ? U[static_cast<size_t>(m) * n_embd_ + e + k] : 0.0f;
+        };
+        int m = 0;
+        for (; m + 2 <= M; m += 2) {
+            float u0[4], u1[4];
+            coefs(m, u0);
+            coefs(m + 1, u1);
+            axpy4x2(u0, u1, row, n, D + static_cast<size_t>(m) * ldd, D + static_cast<size_t>(m + 1) * ldd, n);
+        }
+        if (m < M) {
+            float u[4];
+            coefs(m, u);
             axpy4(u, row, n, D + static_cast<size_t>(m) * ldd, n);
         }
     }

@@ -108,6 +108,10 @@ DotsFn dots_kernel_generic();  // the portable one, for tests on CPUs where the 
 using Axpy4Fn = void (*)(const float* a, const float* x, int64_t ldx, float* y, int64_t n);
 Axpy4Fn axpy4_kernel();
 Axpy4Fn axpy4_kernel_generic();  // the portable one, for tests on CPUs where the other is chosen
+// axpy4 for two accumulator rows at once (y0 with a0, y1 with a1), sharing the loads of x.
+using Axpy4x2Fn = void (*)(const float* a0, const float* a1, const float* x, int64_t ldx, float* y0, float* y1, int64_t n);
+Axpy4x2Fn axpy4x2_kernel();
+Axpy4x2Fn axpy4x2_kernel_generic();
 
 
 // Streams activations; a committed token is queued, and at the end of each decode step every

@@ -2004,6 +2004,25 @@ void test_nad_projection_kernels() {
             CHECK(y[static_cast<size_t>(n)] == ref[static_cast<size_t>(n)]);  // nothing past n written
         }
     }
+    // axpy4x2 equals two axpy4 calls of the same kernel family, bit for bit.
+    for (const auto& [pair, single] : {std::pair{axpy4x2_kernel(), axpy4_kernel()},
+                                       std::pair{axpy4x2_kernel_generic(), axpy4_kernel_generic()}}) {
+        for (int64_t n : {0, 3, 8, 13, 64, 77}) {
+            const int64_t ldx = n + 1;
+            std::vector<float> x(static_cast<size_t>(4 * ldx) + 1);
+            for (auto& v : x) v = val(rng);
+            std::vector<float> y0(static_cast<size_t>(n) + 1), y1(y0.size());
+            for (auto& v : y0) v = val(rng);
+            for (auto& v : y1) v = val(rng);
+            std::vector<float> r0 = y0, r1 = y1;
+            const float a0[4] = {val(rng), val(rng), val(rng), val(rng)}, a1[4] = {val(rng), 0.0f, val(rng), val(rng)};
+            pair(a0, a1, x.data(), ldx, y0.data(), y1.data(), n);
+            single(a0, x.data(), ldx, r0.data(), n);
+            single(a1, x.data(), ldx, r1.data(), n);
+            CHECK(y0 == r0);
+            CHECK(y1 == r1);
+        }
+    }
 }
 
 // Weights of a tiny llama-like model, as written to the file (and so as the reducer sees them).
