@@ -14,5 +14,12 @@ if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
 fi
 .venv/bin/python -m pip install --quiet ".[test]"
+if [ -n "${CMAKE_ARGS:-}" ] && grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+    # A llama-cpp-python wheel from pip's cache may have been built with AMX before: rebuild it.
+    LIB="$(.venv/bin/python -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("llama_cpp").origin), "lib"))')"
+    if grep -qs ggml_backend_amx_mul_mat "$LIB"/libggml-cpu.so*; then
+        .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps "$(.venv/bin/python -c 'import importlib.metadata as m; print("llama-cpp-python==" + m.version("llama-cpp-python"))')"
+    fi
+fi
 .venv/bin/python -m pytest -q tests
 PYTHON="$PWD/.venv/bin/python" bash cpp/tests/run_sanitized.sh
