@@ -92,6 +92,11 @@ void axpy4_generic(const float* a, const float* x, int64_t ldx, float* y, int64_
     }
 }
 
+void axpy4x2_generic(const float* a0, const float* a1, const float* x, int64_t ldx, float* y0, float* y1, int64_t n) {
+    axpy4_generic(a0, x, ldx, y0, n);
+    axpy4_generic(a1, x, ldx, y1, n);
+}
+
 // ggml's block layouts (ggml-common.h): an fp16 scale, then the quants.
 constexpr int64_t kQ4_0Bytes = 2 + 16, kQ8_0Bytes = 2 + 32;
 
@@ -184,11 +189,17 @@ __attribute__((target("avx2,fma,f16c"))) void dequant_q8_0_avx2(const void* bloc
     }
 }
 
-bool has_avx2_fma_f16c() {
+// What the CPU runs, read once: the extension is built for any x86-64 and picks its kernels here.
+bool has_avx2_fma() {
     static const bool yes = [] {
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }();
+    return yes;
+}
+
+bool has_avx2_fma_f16c() {
+    static const bool yes = has_avx2_fma() && __builtin_cpu_supports("f16c");
     return yes;
 }
 #endif
@@ -199,11 +210,7 @@ DotsFn dots_kernel_generic() { return &dots_generic; }
 
 DotsFn dots_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-    static const DotsFn fn = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &dots_avx2 : &dots_generic;
-    }();
-    return fn;
+    return has_avx2_fma() ? &dots_avx2 : &dots_generic;
 #else
     return &dots_generic;
 #endif
@@ -211,22 +218,11 @@ DotsFn dots_kernel() {
 
 Axpy4Fn axpy4_kernel_generic() { return &axpy4_generic; }
 
-namespace {
-void axpy4x2_generic(const float* a0, const float* a1, const float* x, int64_t ldx, float* y0, float* y1, int64_t n) {
-    axpy4_generic(a0, x, ldx, y0, n);
-    axpy4_generic(a1, x, ldx, y1, n);
-}
-}  // namespace
-
 Axpy4x2Fn axpy4x2_kernel_generic() { return &axpy4x2_generic; }
 
 Axpy4x2Fn axpy4x2_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-    static const Axpy4x2Fn fn = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &axpy4x2_avx2 : &axpy4x2_generic;
-    }();
-    return fn;
+    return has_avx2_fma() ? &axpy4x2_avx2 : &axpy4x2_generic;
 #else
     return &axpy4x2_generic;
 #endif
@@ -234,11 +230,7 @@ Axpy4x2Fn axpy4x2_kernel() {
 
 Axpy4Fn axpy4_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-    static const Axpy4Fn fn = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &axpy4_avx2 : &axpy4_generic;
-    }();
-    return fn;
+    return has_avx2_fma() ? &axpy4_avx2 : &axpy4_generic;
 #else
     return &axpy4_generic;
 #endif

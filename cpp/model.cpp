@@ -45,15 +45,18 @@ static void ensure_backend() {
 // first decode (ggml-org/llama.cpp#20824, closed unfixed; seen here with SmolLM2 Q8_0), so such
 // machines load without the extra buffer types (no AMX, no CPU weight repacking) instead.
 static bool cpu_offers_amx_buffer() {
-    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    if (!cpu) return false;
-    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu);
-    auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
-        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts"));
-    if (!get_extra) return false;
-    for (ggml_backend_buffer_type_t* b = get_extra(cpu); b && *b; ++b)
-        if (std::strcmp(ggml_backend_buft_name(*b), "AMX") == 0) return true;
-    return false;
+    static const bool offers = [] {
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (!cpu) return false;
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu);
+        auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
+            ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts"));
+        if (!get_extra) return false;
+        for (ggml_backend_buffer_type_t* b = get_extra(cpu); b && *b; ++b)
+            if (std::strcmp(ggml_backend_buft_name(*b), "AMX") == 0) return true;
+        return false;
+    }();  // the backend's buffer types do not change while the process runs
+    return offers;
 }
 
 struct FileId {
@@ -211,8 +214,7 @@ std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
     ModelInfo info = inspect(path);
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = n_gpu_layers;
-    static const bool amx = cpu_offers_amx_buffer();
-    if (amx) mp.use_extra_bufts = false;
+    if (cpu_offers_amx_buffer()) mp.use_extra_bufts = false;
     take_logged_errors();
     llama_model* m = llama_model_load_from_file(path.c_str(), mp);
     if (!m) {
