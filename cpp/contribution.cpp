@@ -97,6 +97,10 @@ void axpy4x2_generic(const float* a0, const float* a1, const float* x, int64_t l
     axpy4_generic(a1, x, ldx, y1, n);
 }
 
+// Floats between the 16-neuron column blocks of a packed panel of kc rows: padded by one row, or
+// at kc = 64 the blocks would be 4 KiB apart and all fall in the same L1 set as they are written.
+constexpr int64_t panel_stride(int kc) { return 16 * static_cast<int64_t>(kc) + 16; }
+
 // ggml's block layouts (ggml-common.h): an fp16 scale, then the quants.
 constexpr int64_t kQ4_0Bytes = 2 + 16, kQ8_0Bytes = 2 + 32;
 
@@ -157,34 +161,84 @@ __attribute__((target("avx2,fma"))) void axpy4x2_avx2(const float* a0s, const fl
     }
 }
 
-// q * d per value, as ggml's dequantize_row_q4_0 (elements 0-15 the low nibbles, 16-31 the high).
-__attribute__((target("avx2,fma,f16c"))) void dequant_q4_0_avx2(const void* blocks, float* out, int64_t n) {
+// The projection's register-blocked kernel (see PanelFn): MR accumulator rows of 16 neurons stay in
+// registers over the kc rows of a packed panel, each weight load feeding MR FMAs.
+template <int MR>
+__attribute__((target("avx2,fma"), always_inline)) inline void panel_tile(const float* U, int64_t ldu, const float* p,
+                                                                         int kc, float* D, int64_t ldd) {
+    __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+        acc0[m] = _mm256_loadu_ps(D + m * ldd);
+        acc1[m] = _mm256_loadu_ps(D + m * ldd + 8);
+    }
+    for (int k = 0; k < kc; ++k, p += 16) {
+        const __m256 w0 = _mm256_loadu_ps(p), w1 = _mm256_loadu_ps(p + 8);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+            const __m256 b = _mm256_broadcast_ss(U + m * ldu + k);
+            acc0[m] = _mm256_fmadd_ps(b, w0, acc0[m]);
+            acc1[m] = _mm256_fmadd_ps(b, w1, acc1[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+        _mm256_storeu_ps(D + m * ldd, acc0[m]);
+        _mm256_storeu_ps(D + m * ldd + 8, acc1[m]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) void panel_avx2(const float* U, int64_t ldu, int M, const float* P, int kc,
+                                                    int64_t n, float* D, int64_t ldd) {
+    for (int64_t j = 0; j < n; j += 16) {
+        const float* p = P + (j / 16) * panel_stride(kc);
+        float* d = D + j;
+        int m = 0;
+        for (; m + 6 <= M; m += 6) panel_tile<6>(U + m * ldu, ldu, p, kc, d + m * ldd, ldd);
+        switch (M - m) {
+            case 5: panel_tile<5>(U + m * ldu, ldu, p, kc, d + m * ldd, ldd); break;
+            case 4: panel_tile<4>(U + m * ldu, ldu, p, kc, d + m * ldd, ldd); break;
+            case 3: panel_tile<3>(U + m * ldu, ldu, p, kc, d + m * ldd, ldd); break;
+            case 2: panel_tile<2>(U + m * ldu, ldu, p, kc, d + m * ldd, ldd); break;
+            case 1: panel_tile<1>(U + m * ldu, ldu, p, kc, d + m * ldd, ldd); break;
+            default: break;
+        }
+    }
+}
+
+// q * d per value, as ggml's dequantize_row_q4_0 (elements 0-15 the low nibbles, 16-31 the high),
+// value i to out[(i / 16) * stride + i % 16].
+__attribute__((target("avx2,fma,f16c"))) void dequant_q4_0_avx2(const void* blocks, float* out, int64_t n,
+                                                               int64_t stride) {
     const uint8_t* b = static_cast<const uint8_t*>(blocks);
     const __m128i low4 = _mm_set1_epi8(0x0f);
     const __m256i eight = _mm256_set1_epi32(8);
-    for (int64_t i = 0; i < n; i += 32, b += kQ4_0Bytes, out += 32) {
+    for (int64_t i = 0; i < n; i += 32, b += kQ4_0Bytes, out += 2 * stride) {
         uint16_t h;
         std::memcpy(&h, b, 2);
         const __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
         const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
         const __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
         const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        float* const dst[4] = {out, out + 8, out + stride, out + stride + 8};
         for (int k = 0; k < 4; ++k) {
             const __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[k]), eight);
-            _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+            _mm256_storeu_ps(dst[k], _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
         }
     }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void dequant_q8_0_avx2(const void* blocks, float* out, int64_t n) {
+__attribute__((target("avx2,fma,f16c"))) void dequant_q8_0_avx2(const void* blocks, float* out, int64_t n,
+                                                               int64_t stride) {
     const uint8_t* b = static_cast<const uint8_t*>(blocks);
-    for (int64_t i = 0; i < n; i += 32, b += kQ8_0Bytes, out += 32) {
+    for (int64_t i = 0; i < n; i += 32, b += kQ8_0Bytes, out += 2 * stride) {
         uint16_t h;
         std::memcpy(&h, b, 2);
         const __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+        float* const dst[4] = {out, out + 8, out + stride, out + stride + 8};
         for (int k = 0; k < 4; ++k) {
             const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * k));
-            _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+            _mm256_storeu_ps(dst[k], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
         }
     }
 }
@@ -217,6 +271,14 @@ DotsFn dots_kernel() {
 }
 
 Axpy4Fn axpy4_kernel_generic() { return &axpy4_generic; }
+
+PanelFn panel_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+    return has_avx2_fma() ? &panel_avx2 : nullptr;
+#else
+    return nullptr;
+#endif
+}
 
 Axpy4x2Fn axpy4x2_kernel_generic() { return &axpy4x2_generic; }
 
@@ -326,7 +388,7 @@ ContributionWeights::~ContributionWeights() {
 void ContributionWeights::dequantize(const Tensor& t, int64_t row, int64_t i0, int64_t i1, float* out) const {
     const uint8_t* src = t.data + static_cast<size_t>(row) * t.row_bytes + static_cast<size_t>(i0 / t.block) * t.block_bytes;
     if (t.type == GGML_TYPE_F32) std::memcpy(out, src, static_cast<size_t>(i1 - i0) * sizeof(float));
-    else if (t.fast && (i1 - i0) % 32 == 0) t.fast(src, out, i1 - i0);
+    else if (t.fast && (i1 - i0) % 32 == 0) t.fast(src, out, i1 - i0, 16);
     else ggml_get_type_traits(t.type)->to_float(src, out, i1 - i0);
 }
 
@@ -336,17 +398,59 @@ void ContributionWeights::down_row(int layer, int64_t e, float* out) const {
 }
 
 void ContributionWeights::project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd,
-                                  float* row) const {
+                                  float* scratch) const {
     const Tensor& t = down_[static_cast<size_t>(layer)];
     if (i0 < 0 || i1 > n_ff_ || i0 >= i1 || i0 % t.block || (i1 % t.block && i1 != n_ff_))
         throw ParamError("project: neuron range not on block boundaries");
+    for (int m = 0; m < M; ++m) std::fill_n(D + static_cast<size_t>(m) * ldd, i1 - i0, 0.0f);
+    const Tile tile = project_tile(M);
+    for (int64_t s0 = i0; s0 < i1; s0 += tile.cols) {
+        const int64_t s1 = std::min(i1, s0 + tile.cols);
+        project_slice(t, U, M, s0, s1, D + (s0 - i0), ldd, tile.rows, scratch);
+    }
+}
+
+// Measured at the 1B shape (2 cores): one pass for M = 1 takes 0.047 s in slices of 1024 neurons
+// and 0.027 s in slices of 8192 (whole rows of the file's pages), while M = 64 takes 0.218 s in
+// 1024 x 64 tiles and 0.284 s in 8192 x 16 ones. Accumulators M x cols within 64 Ki floats, the
+// panel rows x cols within 128 Ki floats (half of L2).
+ContributionWeights::Tile ContributionWeights::project_tile(int M) {
+    int64_t cols = 8192;
+    while (cols > 1024 && static_cast<int64_t>(std::max(M, 1)) * cols > 65536) cols /= 2;
+    return {std::min<int64_t>(128, 131072 / cols), cols};
+}
+
+// Each value's sum runs over e = 0, 1, ... in order, one FMA a term, in both kernels, so the
+// panel kernel gives the same bits as axpy4.
+void ContributionWeights::project_slice(const Tensor& t, const float* U, int M, int64_t i0, int64_t i1, float* D,
+                                        int64_t ldd, int64_t rows, float* scratch) const {
     const int64_t n = i1 - i0;
-    for (int m = 0; m < M; ++m) std::fill_n(D + static_cast<size_t>(m) * ldd, n, 0.0f);
+    if (const PanelFn panel = panel_kernel(); panel && n % 16 == 0) {
+        // Rows e0 .. e0 + kc of the slice, dequantized and packed 16 neurons wide: panel
+        // [n / 16][kc][16] (kc x n floats, in L2), then every vector's sums in registers over them.
+        float* packed = scratch;
+        float* row = scratch + (n / 16) * panel_stride(static_cast<int>(rows));
+        for (int64_t e0 = 0; e0 < n_embd_; e0 += rows) {
+            const int kc = static_cast<int>(std::min<int64_t>(rows, n_embd_ - e0));
+            for (int k = 0; k < kc; ++k) {
+                if (t.fast && n % 32 == 0) {  // straight into the panel
+                    t.fast(t.data + static_cast<size_t>(e0 + k) * t.row_bytes + static_cast<size_t>(i0 / t.block) * t.block_bytes,
+                           packed + 16 * k, n, panel_stride(kc));
+                    continue;
+                }
+                dequantize(t, e0 + k, i0, i1, row);
+                for (int64_t j = 0; j < n; j += 16)
+                    std::memcpy(packed + (j / 16) * panel_stride(kc) + 16 * k, row + j, 16 * sizeof(float));
+            }
+            panel(U + e0, n_embd_, M, packed, kc, n, D, ldd);
+        }
+        return;
+    }
     const Axpy4Fn axpy4 = axpy4_kernel();
     const Axpy4x2Fn axpy4x2 = axpy4x2_kernel();
+    float* row = scratch;
     // One pass over the rows of W_down, four at a time: each dequantized slice is used by all M
-    // vectors while it is in cache, and the M x n accumulators (in L2: the caller picks n for that)
-    // are loaded and stored once per four rows.
+    // vectors while it is in cache, and the M x n accumulators are loaded and stored once per four rows.
     for (int64_t e = 0; e < n_embd_; e += 4) {
         const int rows = static_cast<int>(std::min<int64_t>(4, n_embd_ - e));
         for (int k = 0; k < rows; ++k) dequantize(t, e + k, i0, i1, row + k * n);
@@ -403,13 +507,21 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     top_i_.assign(n_samples, {});
     kth_.assign(n_samples, std::vector<float>(static_cast<size_t>(n_layers), -INFINITY));
     queue_.clear();
+    held_ = 0;
+    sel_c_.clear();
+    sel_i_.clear();
+    sel_eta_.clear();
+    sel_kth_.clear();
     const size_t per_token = static_cast<size_t>(n_layers) * n_ff * sizeof(float);
     cache_slots_ = static_cast<int>(std::min<int64_t>(p_.cache_bytes / static_cast<int64_t>(per_token), 1 << 20));
-    max_queue_ = std::max<int64_t>(n_samples, std::min<int64_t>(p_.queue_bytes / static_cast<int64_t>(per_token), 1 << 20));
+    queue_budget_ = std::max<int64_t>(p_.queue_bytes, static_cast<int64_t>(n_samples) * static_cast<int64_t>(per_token));
     cache_.clear();
-    // Reserved once: growing slot by slot would reallocate, copying the cache and holding up to 3x
-    // its size at once. Reserved pages not yet written cost no resident memory.
-    cache_.reserve(static_cast<size_t>(cache_slots_) * static_cast<size_t>(n_layers) * static_cast<size_t>(n_ff));
+    // Reserved once, for as many slots as a pass can need (one per held token, should that exceed
+    // the budget): growing would reallocate, copying the cache and holding up to 3x its size at
+    // once (and 0.12 s at the 1B shape). Reserved pages not yet written cost no resident memory.
+    const int64_t max_held = queue_budget_ / static_cast<int64_t>(per_token) + n_samples;
+    cache_.reserve(static_cast<size_t>(std::max<int64_t>(cache_slots_, max_held)) * static_cast<size_t>(n_layers) *
+                   static_cast<size_t>(n_ff));
     cache_token_.clear();
     cache_used_.clear();
     cache_index_.clear();
@@ -444,37 +556,66 @@ void ContributionReducer::on_gate_row(int sample, int, int layer, const float* g
 
 void ContributionReducer::commit(int sample, int token, int32_t token_id) {
     if (token_id < 0 || token_id >= w_->n_vocab()) throw ParamError("token id out of range: " + std::to_string(token_id));
-    // The token's activations stay in their buffer until the flush; the sample writes a fresh one.
-    // Its next buffer is taken when its next rows come, after this step's flush has freed the
-    // queue's: taking it now would hold n more rows at the peak (11.8 MB of the default model's
-    // 93 MB file at n = 64).
+    // The token's activations stay in their buffer until it is selected; the sample writes a fresh
+    // one. Its next buffer is taken when its next rows come, after this step's selections have
+    // freed the queue's: taking it now would hold n more rows at the peak (11.8 MB of the default
+    // model's 93 MB file at n = 64).
     row_buffer(sample);
-    queue_.push_back({sample, token, token_id, cur_[sample]});
+    queue_.push_back({sample, token, token_id, cur_[sample], -1});
     cur_[sample] = -1;
+    ++held_;
 }
 
-// Flushing every step would stream W_down from memory for the one or two new token ids of a step;
-// queued tokens share one pass (more ids per pass, fewer passes), up to queue_bytes of activations.
-// (Flushing before the queue passes its budget instead, at the default model's n = 16, cut the
-// contribution mode's private memory from 15.7% to 11.3% of the file but made the pass 1.2-1.3x
-// slower: each pass dequantizes all of W_down, whatever the number of ids it projects.)
+int64_t ContributionReducer::queued_bytes() const {
+    const int64_t selected = static_cast<int64_t>(queue_.size()) - held_;
+    return held_ * n_layers_ * n_ff_ * static_cast<int64_t>(sizeof(float)) +
+           selected * n_layers_ * (k_ * 8 + 4) + selected * 4;
+}
+
+// A pass over W_down dequantizes all of it, whatever the number of ids it projects, so a pass
+// should carry many new ids. When the queue fills its budget, the tokens whose projection is
+// already cached (most of them on real text: 84% at n = 16) are selected, freeing their
+// activations; the pass waits until the tokens still missing theirs fill half the budget. On real
+// text at the 1B shape that is 3 passes for 512 tokens instead of 8. Selections are recorded in
+// token order at the pass, since a sample's chunks are encoded in order. (Flushing every step
+// instead, at the default model's n = 16, cut the contribution mode's private memory from 15.7% to
+// 11.3% of the file but made the pass 1.2-1.3x slower.)
 void ContributionReducer::end_step() {
-    if (static_cast<int64_t>(queue_.size()) >= max_queue_) flush();
+    if (queued_bytes() < queue_budget_) return;
+    select_hits();
+    if (2 * queued_bytes() >= queue_budget_) flush();
 }
 
 void ContributionReducer::sync() { flush(); }
 
-// Slot of token y's cached projection d(y) = W_down^T W_U[y] (all layers), computing the missing
-// ones: a contribution is c = a * d(y), and d depends on the token only, not on the context, so
-// tokens that recur across samples and steps (most of them) cost one multiply per neuron.
-void ContributionReducer::fill_cache() {
-    const int P = static_cast<int>(queue_.size());
+void ContributionReducer::select_hits() {
+    const auto t0 = std::chrono::steady_clock::now();
+    ++step_;
+    slot_of_.resize(queue_.size());
+    which_.clear();
+    for (size_t q = 0; q < queue_.size(); ++q) {
+        if (queue_[q].buf < 0) continue;
+        const auto it = cache_index_.find(queue_[q].token_id);
+        if (it == cache_index_.end()) continue;
+        slot_of_[q] = it->second;
+        cache_used_[static_cast<size_t>(it->second)] = step_;
+        ++hits_;
+        which_.push_back(static_cast<int>(q));
+    }
+    select(which_);
+    seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Slot of the cached projection d(y) = W_down^T W_U[y] (all layers) of each queued token in
+// `which`, computing the missing ones: a contribution is c = a * d(y), and d depends on the token
+// only, not on the context, so tokens that recur across samples and steps (most of them) cost one
+// multiply per neuron.
+void ContributionReducer::fill_cache(const std::vector<int>& which) {
     const int64_t E = w_->n_embd();
     const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
     ++step_;
-    slot_of_.resize(static_cast<size_t>(P));
     missing_.clear();
-    for (int q = 0; q < P; ++q) {
+    for (const int q : which) {
         const int32_t y = queue_[q].token_id;
         auto it = cache_index_.find(y);
         if (it != cache_index_.end()) {
@@ -483,7 +624,7 @@ void ContributionReducer::fill_cache() {
             ++hits_;
             continue;
         }
-        // A free slot, or the least recently used one not needed by this step.
+        // A free slot, or the least recently used one not needed by this pass.
         int slot = -1;
         if (static_cast<int>(cache_token_.size()) < cache_slots_) {
             slot = static_cast<int>(cache_token_.size());
@@ -509,16 +650,16 @@ void ContributionReducer::fill_cache() {
     u_.resize(static_cast<size_t>(M) * E);
     for (int m = 0; m < M; ++m)
         w_->unembed_row(cache_token_[static_cast<size_t>(missing_[m])], u_.data() + static_cast<size_t>(m) * E);
-    // Work items: (layer, range of neurons), each range sized so that its M x range accumulators
-    // stay in L2 and a multiple of the quantization block; every item streams its slice of W_down once.
+    // Work items: (layer, slice of neurons), a slice being project()'s unit (its M x slice
+    // accumulators stay in L2); every item streams its slice of W_down once.
     const int64_t bs = w_->block_size(0);
-    int64_t range = std::max<int64_t>(bs, (int64_t{32} << 10) / std::max(1, std::min(M, kMaxBatch)) / bs * bs);
-    range = std::min({range, std::max<int64_t>(bs, 8192 / bs * bs), (n_ff_ + bs - 1) / bs * bs});  // 4 rows in L2
+    const int64_t range = std::min(std::max(bs, ContributionWeights::project_tile(std::min(M, kMaxBatch)).cols),
+                                   (n_ff_ + bs - 1) / bs * bs);
     const int64_t per_layer = (n_ff_ + range - 1) / range;
     const int64_t items = static_cast<int64_t>(n_layers_) * per_layer;
 #pragma omp parallel num_threads(p_.n_threads) if (int64_t(M) * total > 200000)
     {
-        std::vector<float> acc(static_cast<size_t>(std::min(M, kMaxBatch)) * range), row(4 * static_cast<size_t>(range));
+        std::vector<float> acc(static_cast<size_t>(std::min(M, kMaxBatch)) * range), row(ContributionWeights::kProjectScratch);
 #pragma omp for schedule(dynamic)
         for (int64_t it = 0; it < items; ++it) {
             const int l = static_cast<int>(it / per_layer);
@@ -570,33 +711,33 @@ static float layer_top(const float* c, int64_t n, int k, float guess, std::vecto
     return kth;
 }
 
-void ContributionReducer::flush() {
-    if (queue_.empty()) return;
-    const auto t0 = std::chrono::steady_clock::now();
-    if (cache_slots_ < static_cast<int>(queue_.size())) cache_slots_ = static_cast<int>(queue_.size());
-    fill_cache();  // every token of a step needs its slot at once, hence the floor above
-    const auto t1 = std::chrono::steady_clock::now();
-    dot_seconds_ += std::chrono::duration<double>(t1 - t0).count();
+// Selects the queued tokens in `which` (their activations held, their projections cached in
+// slot_of_): contributions, each layer's top k, eta; frees their activations.
+void ContributionReducer::select(const std::vector<int>& which) {
+    const int W = static_cast<int>(which.size());
+    if (W == 0) return;
     const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
-    const int Q = static_cast<int>(queue_.size());
     const int K = n_layers_ * k_;
-    top_q_c_.resize(static_cast<size_t>(Q) * K);
-    top_q_i_.resize(static_cast<size_t>(Q) * K);
-    eta_q_.resize(static_cast<size_t>(Q));
-    kth_q_.resize(static_cast<size_t>(Q) * n_layers_);
-    // Per token selections are independent: spread them over the threads, then merge serially.
-#pragma omp parallel num_threads(p_.n_threads) if (Q > 1)
+    const size_t base = sel_eta_.size();
+    sel_c_.resize((base + W) * K);
+    sel_i_.resize((base + W) * K);
+    sel_eta_.resize(base + W);
+    sel_kth_.resize((base + W) * n_layers_);
+    // Per token selections are independent: spread them over the threads.
+#pragma omp parallel num_threads(p_.n_threads) if (W > 1)
     {
         std::vector<float> scratch, c(static_cast<size_t>(n_ff_));
         std::vector<int32_t> idx;
 #pragma omp for schedule(dynamic)
-        for (int q = 0; q < Q; ++q) {
+        for (int j = 0; j < W; ++j) {
+            const int q = which[j];
+            const size_t at = base + j;
             const float* a_all = bufs_[queue_[q].buf].data();
             const float* d_all = cache_.data() + static_cast<size_t>(slot_of_[q]) * total;
-            float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
-            int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
+            float* tc = sel_c_.data() + at * K;
+            int32_t* ti = sel_i_.data() + at * K;
             const float* guess = kth_[queue_[q].sample].data();  // read only here: tokens of a sample run in parallel
-            float* next = kth_q_.data() + static_cast<size_t>(q) * n_layers_;
+            float* next = sel_kth_.data() + at * n_layers_;
             for (int l = 0; l < n_layers_; ++l) {
                 // c = a * d(y), one layer at a time in a buffer that stays in L1.
                 const float* a = a_all + static_cast<size_t>(l) * n_ff_;
@@ -611,16 +752,42 @@ void ContributionReducer::flush() {
             const int rank = std::min(p_.eta_rank, K);
             scratch.assign(tc, tc + K);
             std::nth_element(scratch.begin(), scratch.begin() + (rank - 1), scratch.end(), std::greater<float>());
-            eta_q_[q] = scratch[rank - 1];
+            sel_eta_[at] = scratch[rank - 1];
         }
     }
-    for (int q = 0; q < Q; ++q) {
-        const int sample = queue_[q].sample, token = queue_[q].token;
-        std::copy_n(kth_q_.data() + static_cast<size_t>(q) * n_layers_, n_layers_, kth_[sample].data());
-        free_.push_back(queue_[q].buf);
-        const float* tc = top_q_c_.data() + static_cast<size_t>(q) * K;
-        const int32_t* ti = top_q_i_.data() + static_cast<size_t>(q) * K;
-        const float eta = eta_q_[q];
+    for (int j = 0; j < W; ++j) {
+        Queued& e = queue_[which[j]];
+        e.sel = static_cast<int>(base) + j;
+        std::copy_n(sel_kth_.data() + (base + j) * n_layers_, n_layers_, kth_[e.sample].data());
+        free_.push_back(e.buf);
+        e.buf = -1;
+        --held_;
+    }
+}
+
+void ContributionReducer::flush() {
+    if (queue_.empty()) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    slot_of_.resize(queue_.size());
+    which_.clear();
+    for (size_t q = 0; q < queue_.size(); ++q)
+        if (queue_[q].buf >= 0) which_.push_back(static_cast<int>(q));
+    // Every waiting token's id needs its slot at once.
+    ids_.clear();
+    for (const int q : which_) ids_.push_back(queue_[q].token_id);
+    std::sort(ids_.begin(), ids_.end());
+    const int distinct = static_cast<int>(std::unique(ids_.begin(), ids_.end()) - ids_.begin());
+    if (cache_slots_ < distinct) cache_slots_ = distinct;
+    fill_cache(which_);
+    const auto t1 = std::chrono::steady_clock::now();
+    dot_seconds_ += std::chrono::duration<double>(t1 - t0).count();
+    select(which_);
+    const int K = n_layers_ * k_;
+    for (const Queued& e : queue_) {
+        const int sample = e.sample, token = e.token;
+        const float* tc = sel_c_.data() + static_cast<size_t>(e.sel) * K;
+        const int32_t* ti = sel_i_.data() + static_cast<size_t>(e.sel) * K;
+        const float eta = sel_eta_[static_cast<size_t>(e.sel)];
         uint64_t* w = sets_.chunk(sample, token / p_.chunk);
         int32_t active = 0;
         for (int l = 0; l < n_layers_; ++l) {
@@ -641,6 +808,11 @@ void ContributionReducer::flush() {
         tokens_ += 1;
     }
     queue_.clear();
+    held_ = 0;
+    sel_c_.clear();
+    sel_i_.clear();
+    sel_eta_.clear();
+    sel_kth_.clear();
     seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 

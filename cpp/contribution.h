@@ -28,7 +28,9 @@ struct ModelInfo;
 // Dequantizes n values (a multiple of 32) of Q4_0 or Q8_0 blocks to exactly what ggml's to_float
 // gives (each value is q * d, one rounding), with AVX2 where the CPU has it: ggml's own to_float is
 // scalar, and a pass over W_down dequantizes all of it. Null for other types (ggml's is used).
-using DequantFn = void (*)(const void* blocks, float* out, int64_t n);
+// Value i goes to out[(i / 16) * stride + i % 16]: stride 16 writes a row, a larger one the
+// 16-neuron column blocks of the projection's packed panel.
+using DequantFn = void (*)(const void* blocks, float* out, int64_t n, int64_t stride);
 DequantFn dequant_kernel(ggml_type type);
 
 // What contributions need from the weights, read in place from the GGUF file, mapped read-only:
@@ -55,8 +57,16 @@ public:
     void down_row(int layer, int64_t e, float* out) const;
     // D[m * ldd + (i - i0)] = sum_e U[m * n_embd + e] * W_down[e, i] for i in [i0, i1), m < M: the
     // projections W_down^T u of M vectors onto a range of neurons (i0, i1 multiples of the block
-    // size, or i1 = n_ff). `row` is scratch of at least 4 (i1 - i0) floats.
-    void project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd, float* row) const;
+    // size, or i1 = n_ff). `scratch` holds at least kProjectScratch floats.
+    void project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd, float* scratch) const;
+    // The slices project() works in for M vectors: `cols` neurons (a multiple of every block size)
+    // by `rows` rows of W_down at a time. Few vectors: wide slices, so W_down streams through whole
+    // pages; many: narrow ones, so their M x cols accumulators stay in cache.
+    struct Tile {
+        int64_t rows, cols;
+    };
+    static Tile project_tile(int M);
+    static constexpr int64_t kProjectScratch = 131072 + 8192 + 8192;  // a panel, its padding, a row
     int64_t block_size(int layer) const { return down_[static_cast<size_t>(layer)].block; }
     // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
     void unembed_row(int32_t token, float* out) const;
@@ -71,6 +81,8 @@ private:
         DequantFn fast = nullptr;  // an AVX2 dequantizer equal to ggml's to_float, where there is one
     };
     void dequantize(const Tensor& t, int64_t row, int64_t i0, int64_t i1, float* out) const;
+    void project_slice(const Tensor& t, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd,
+                       int64_t rows, float* scratch) const;
     int n_layers_;
     int64_t n_ff_, n_embd_;
     int n_vocab_;
@@ -112,12 +124,19 @@ Axpy4Fn axpy4_kernel_generic();  // the portable one, for tests on CPUs where th
 using Axpy4x2Fn = void (*)(const float* a0, const float* a1, const float* x, int64_t ldx, float* y0, float* y1, int64_t n);
 Axpy4x2Fn axpy4x2_kernel();
 Axpy4x2Fn axpy4x2_kernel_generic();
+// D[m * ldd + j] += U[m * ldu + k] * P[(j / 16) * (16 kc + 16) + 16 k + j % 16] for k = 0 .. kc - 1 in that
+// order, one FMA each, for m < M and j < n (a multiple of 16): the projection's kernel where the CPU
+// has AVX2+FMA (null elsewhere). Rows of W_down packed 16 neurons wide (P) let the accumulators
+// of MR vectors stay in registers over kc rows, so it is bound by the FMA units, not by loads and
+// stores of accumulators as axpy4 is. Gives the bits of axpy4 (AVX2) over the same rows.
+using PanelFn = void (*)(const float* U, int64_t ldu, int M, const float* P, int kc, int64_t n, float* D, int64_t ldd);
+PanelFn panel_kernel();
 
-
-// Streams activations; a committed token is queued, and at the end of each decode step every
-// queued token's contributions are computed, all L x n_ff of them, exactly. c = a * d(y) with
-// d(y) = W_down^T W_U[y] a function of the token id alone: d is cached per token id (LRU, within
-// cache_bytes) and computed in one pass over W_down for the step's new ids. (A Cauchy-Schwarz bound
+// Streams activations; a committed token is queued with its activations, and its contributions are
+// computed, all L x n_ff of them, exactly. c = a * d(y) with d(y) = W_down^T W_U[y] a function of
+// the token id alone: d is cached per token id (LRU, within cache_bytes). When the queue fills
+// queue_bytes, the tokens whose d is cached are selected and their activations freed; the others
+// wait for one pass over W_down that computes d for all their ids at once. (A Cauchy-Schwarz bound
 // |c_i| <= |a_i| ||W_down[:, i]|| ||W_U[y]|| was measured to prune only about a third of the neurons on
 // SmolLM2, so it is not used.) Activated neurons go into the working bitset of the token's chunk,
 // encoded compactly once the chunk completes (set_record.h).
@@ -154,12 +173,16 @@ private:
     struct Queued {
         int sample, token;
         int32_t token_id;
-        int buf;  // index in bufs_ of the token's activations
+        int buf;      // index in bufs_ of the token's activations, -1 once selected
+        int sel = -1;  // index of its selection in the sel_ arrays, once selected
     };
     int take_buffer();
     float* row_buffer(int sample);  // the sample's buffer for this step's rows, taken on first use
     void flush();
-    void fill_cache();
+    void select_hits();
+    int64_t queued_bytes() const;  // held activations and pending selections
+    void fill_cache(const std::vector<int>& which);
+    void select(const std::vector<int>& which);
 
     std::shared_ptr<const ContributionWeights> w_;
     ContributionParams p_;
@@ -169,8 +192,9 @@ private:
     std::vector<std::vector<float>> bufs_;  // activation buffers (layers * n_ff each)
     std::vector<int> free_;                 // unused buffers
     std::vector<int> cur_;                  // [sample] -> the buffer its current rows go to (-1: none yet)
-    std::vector<Queued> queue_;
-    int64_t max_queue_ = 0;
+    std::vector<Queued> queue_;  // committed tokens, in order, until their selections are recorded
+    int64_t held_ = 0;           // of which still holding activations
+    int64_t queue_budget_ = 0;   // bytes of held activations and pending selections before a pass
     SetRecorder sets_;  // activated sets per chunk, encoded as each chunk completes
     std::vector<std::vector<float>> eta_;
     std::vector<std::vector<int32_t>> count_;
@@ -179,9 +203,10 @@ private:
     std::vector<std::vector<float>> kth_;  // [sample][layer] a guess below the next token's k-th value
     // Scratch.
     std::vector<float> u_;                // [missing, n_embd]
-    std::vector<float> top_q_c_;          // [queued, layers * k]
-    std::vector<int32_t> top_q_i_;
-    std::vector<float> eta_q_, kth_q_;
+    std::vector<float> sel_c_;            // [selected, layers * k]: each selected token's top values
+    std::vector<int32_t> sel_i_;          // and their neurons
+    std::vector<float> sel_eta_, sel_kth_;  // [selected], [selected, layers]
+    std::vector<int> which_;
     int64_t tokens_ = 0;
     double seconds_ = 0, dot_seconds_ = 0;
     // d(y) = W_down^T W_U[y] per token id, least recently used evicted first.
@@ -191,6 +216,7 @@ private:
     std::vector<int64_t> cache_used_;     // slot -> last step that used it
     std::unordered_map<int32_t, int> cache_index_;
     std::vector<int> slot_of_, missing_;
+    std::vector<int32_t> ids_;
     int64_t step_ = 0, hits_ = 0, misses_ = 0;
 };
 

@@ -214,7 +214,7 @@ void NeuReasonerMonitor::begin(int n_samples, int, int64_t n_ff, int) {
     u_.resize(static_cast<size_t>(n_embd_));
     proj_.resize(static_cast<size_t>(std::max(n_ff_, heads_ ? n_head_ * head_dim_ : 0)));
     contrib_.resize(static_cast<size_t>(n_components()));
-    scratch_.resize(4 * static_cast<size_t>(n_ff_));  // project() dequantizes 4 rows at a time
+    scratch_.resize(ContributionWeights::kProjectScratch);
     window_.resize(static_cast<size_t>(c_.window));
     feats_.resize(kNumSpectral);
     in_.resize(kNumSpectral);

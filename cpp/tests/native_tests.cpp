@@ -1979,10 +1979,19 @@ void test_nad_projection_kernels() {
         }
         std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n), -1.0f);
         ggml_get_type_traits(type)->to_float(blocks.data(), want.data(), n);
-        fast(blocks.data(), got.data(), n);
+        fast(blocks.data(), got.data(), n, 16);
         int bad = 0;
         for (int64_t i = 0; i < n; ++i) bad += std::memcmp(&want[i], &got[i], sizeof(float)) != 0;
         CHECK_MSG(bad == 0, std::string(ggml_type_name(type)) + ": " + std::to_string(bad) + " values differ from to_float");
+        // Into 16-value column blocks `stride` floats apart (the packed panel), nothing else written.
+        const int64_t stride = 16 * 3 + 5;
+        std::vector<float> packed(static_cast<size_t>(n / 16 * stride), -7.0f);
+        fast(blocks.data(), packed.data(), n, stride);
+        bad = 0;
+        for (int64_t i = 0; i < n; ++i) bad += std::memcmp(&want[i], &packed[(i / 16) * stride + i % 16], sizeof(float)) != 0;
+        for (int64_t g = 0; g < n / 16; ++g)
+            for (int64_t j = 16; j < stride; ++j) bad += packed[g * stride + j] != -7.0f;
+        CHECK_MSG(bad == 0, std::string(ggml_type_name(type)) + ": " + std::to_string(bad) + " strided values wrong");
     }
     CHECK(dequant_kernel(GGML_TYPE_F16) == nullptr);
     // axpy4: every length around the vector width, the chosen kernel against an FMA reference.
@@ -2021,6 +2030,33 @@ void test_nad_projection_kernels() {
             single(a1, x.data(), ldx, r1.data(), n);
             CHECK(y0 == r0);
             CHECK(y1 == r1);
+        }
+    }
+    // The panel kernel gives the bits of axpy4 over the same rows (each sum over the rows in order,
+    // one FMA a term) for every count of vectors around its tile of 6, and writes only its n columns.
+    if (const PanelFn panel = panel_kernel()) {
+        const Axpy4Fn axpy4 = axpy4_kernel();
+        for (int kc : {1, 4, 7, 64}) {
+            for (int M : {1, 2, 5, 6, 7, 13}) {
+                const int64_t n = 48, ldd = n + 3, stride = 16 * kc + 16, ldu = kc + 2;
+                std::vector<float> rows(static_cast<size_t>(kc + 3) * n), P(static_cast<size_t>(n / 16 * stride));
+                std::vector<float> U(static_cast<size_t>(M) * ldu), D(static_cast<size_t>(M) * ldd);
+                for (auto& v : rows) v = val(rng);
+                for (auto& v : U) v = val(rng);
+                for (auto& v : D) v = val(rng);
+                for (int k = 0; k < kc; ++k)
+                    for (int64_t j = 0; j < n; ++j) P[(j / 16) * stride + 16 * k + j % 16] = rows[static_cast<size_t>(k) * n + j];
+                std::vector<float> ref = D;
+                for (int m = 0; m < M; ++m)
+                    for (int k = 0; k < kc; k += 4) {  // axpy4 takes 4 rows: pad with zero coefficients
+                        float a[4];
+                        for (int r = 0; r < 4; ++r) a[r] = k + r < kc ? U[static_cast<size_t>(m) * ldu + k + r] : 0.0f;
+                        axpy4(a, rows.data() + static_cast<size_t>(k) * n, n, ref.data() + static_cast<size_t>(m) * ldd, n);
+                    }
+                panel(U.data(), ldu, M, P.data(), kc, n, D.data(), ldd);
+                CHECK_MSG(std::memcmp(D.data(), ref.data(), D.size() * sizeof(float)) == 0,
+                          "panel != axpy4 at kc " + std::to_string(kc) + ", M " + std::to_string(M));
+            }
         }
     }
 }
@@ -2331,7 +2367,7 @@ void test_nad_contributions() {
                 for (int64_t i = 0; i < F; ++i) bad += wrow[i] != w.down[(static_cast<size_t>(l) * E + e) * F + i];
             }
         CHECK_MSG(bad == 0, std::to_string(bad) + " W_down weights wrong");
-        std::vector<float> U(static_cast<size_t>(2 * E)), D(static_cast<size_t>(2 * F), -1.0f), scratch(static_cast<size_t>(4 * F));
+        std::vector<float> U(static_cast<size_t>(2 * E)), D(static_cast<size_t>(2 * F), -1.0f), scratch(ContributionWeights::kProjectScratch);
         for (int64_t e = 0; e < 2 * E; ++e) U[e] = static_cast<float>((e % 5) - 2);
         const int l = L - 1;
         cw->project(l, U.data(), 2, 3, F, D.data(), F, scratch.data());  // neurons 3.. only, rows F apart
@@ -2401,6 +2437,22 @@ void test_nad_contributions() {
         ContributionParams pc = p;
         pc.chunk = chunk;
         check_nad_run(cw, w, pc, samples, "chunk " + std::to_string(chunk));
+    }
+
+    // Budgets: no cache and no queue (a pass every step); a cache of 2 ids and queues of 6 and 40
+    // tokens (the tokens whose projection is cached are selected early while the others wait,
+    // across chunk boundaries, and ids are evicted); the automatic ones. The same exact results.
+    {
+        const std::vector<NadSample> many = {nad_sample(23, false, L, F, V, 104), nad_sample(17, true, L, F, V, 105),
+                                             nad_sample(20, false, L, F, V, 106)};
+        const int64_t row = L * F * static_cast<int64_t>(sizeof(float));
+        for (const auto& [cache, queue] : {std::pair<int64_t, int64_t>{0, 0}, {2 * row, 6 * row}, {2 * row, 40 * row}, {-1, -1}}) {
+            ContributionParams pb = p;
+            pb.cache_bytes = cache;
+            pb.queue_bytes = queue;
+            const auto r = check_nad_run(cw, w, pb, many, "cache " + std::to_string(cache) + " B, queue " + std::to_string(queue) + " B");
+            check_nad_not_trivial(r, "budgets");
+        }
     }
 
     // Gate rows are ignored without gate_variant (run_nad offers huge ones around every row): shown
