@@ -32,6 +32,7 @@ struct ModelInfo;
 // 16-neuron column blocks of the projection's packed panel.
 using DequantFn = void (*)(const void* blocks, float* out, int64_t n, int64_t stride);
 DequantFn dequant_kernel(ggml_type type);
+std::vector<DequantFn> dequant_kernels(ggml_type type);  // every one the CPU runs, the chosen one first
 
 // What contributions need from the weights, read in place from the GGUF file, mapped read-only:
 // W_down and the unembedding stay in their file encoding (quantized) and pages of the file are
@@ -66,7 +67,7 @@ public:
         int64_t rows, cols;
     };
     static Tile project_tile(int M);
-    static constexpr int64_t kProjectScratch = 131072 + 8192 + 8192;  // a panel, its padding, a row
+    static constexpr int64_t kProjectScratch = 131072 + 8192 + 8192 + 16;  // a panel, its padding, a row, alignment
     int64_t block_size(int layer) const { return down_[static_cast<size_t>(layer)].block; }
     // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
     void unembed_row(int32_t token, float* out) const;
@@ -126,11 +127,12 @@ Axpy4x2Fn axpy4x2_kernel();
 Axpy4x2Fn axpy4x2_kernel_generic();
 // D[m * ldd + j] += U[m * ldu + k] * P[(j / 16) * (16 kc + 16) + 16 k + j % 16] for k = 0 .. kc - 1 in that
 // order, one FMA each, for m < M and j < n (a multiple of 16): the projection's kernel where the CPU
-// has AVX2+FMA (null elsewhere). Rows of W_down packed 16 neurons wide (P) let the accumulators
-// of MR vectors stay in registers over kc rows, so it is bound by the FMA units, not by loads and
-// stores of accumulators as axpy4 is. Gives the bits of axpy4 (AVX2) over the same rows.
+// has AVX-512 or AVX2+FMA (null elsewhere). Rows of W_down packed 16 neurons wide (P) let the
+// accumulators of MR vectors stay in registers over kc rows, so it is bound by the FMA units, not
+// by loads and stores of accumulators as axpy4 is. Gives the bits of axpy4 (AVX2) over the same rows.
 using PanelFn = void (*)(const float* U, int64_t ldu, int M, const float* P, int kc, int64_t n, float* D, int64_t ldd);
 PanelFn panel_kernel();
+std::vector<PanelFn> panel_kernels();  // every one the CPU runs, the chosen one first (for tests)
 
 // Streams activations; a committed token is queued with its activations, and its contributions are
 // computed, all L x n_ff of them, exactly. c = a * d(y) with d(y) = W_down^T W_U[y] a function of

@@ -1961,12 +1961,14 @@ void test_nad_projection_kernels() {
     std::uniform_int_distribution<int> byte(0, 255);
     std::uniform_real_distribution<float> scale(-3.0f, 3.0f);
     for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0}) {
-        const DequantFn fast = dequant_kernel(type);
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_cpu_init();
-        CHECK(!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c") || fast != nullptr);
+        CHECK(!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c") || dequant_kernel(type) != nullptr);
 #endif
-        if (!fast) continue;
+        CHECK(dequant_kernels(type).empty() ? dequant_kernel(type) == nullptr : dequant_kernel(type) == dequant_kernels(type).front());
+    }
+    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0})
+      for (const DequantFn fast : dequant_kernels(type)) {  // each kernel the CPU runs, not only the chosen one
         const int64_t n = 32 * 37;
         const size_t bytes = ggml_row_size(type, n);
         std::vector<uint8_t> blocks(bytes);
@@ -2034,11 +2036,12 @@ void test_nad_projection_kernels() {
     }
     // The panel kernel gives the bits of axpy4 over the same rows (each sum over the rows in order,
     // one FMA a term) for every count of vectors around its tile of 6, and writes only its n columns.
-    if (const PanelFn panel = panel_kernel()) {
+    CHECK(panel_kernels().empty() ? panel_kernel() == nullptr : panel_kernel() == panel_kernels().front());
+    for (const PanelFn panel : panel_kernels()) {
         const Axpy4Fn axpy4 = axpy4_kernel();
         for (int kc : {1, 4, 7, 64}) {
             for (int M : {1, 2, 5, 6, 7, 13}) {
-                const int64_t n = 48, ldd = n + 3, stride = 16 * kc + 16, ldu = kc + 2;
+                const int64_t n = 80, ldd = n + 3, stride = 16 * kc + 16, ldu = kc + 2;  // 2 x 32 + 16 neurons
                 std::vector<float> rows(static_cast<size_t>(kc + 3) * n), P(static_cast<size_t>(n / 16 * stride));
                 std::vector<float> U(static_cast<size_t>(M) * ldu), D(static_cast<size_t>(M) * ldd);
                 for (auto& v : rows) v = val(rng);
