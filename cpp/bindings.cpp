@@ -382,6 +382,10 @@ PYBIND11_MODULE(_native, m) {
        "window ending at each token, exactly as a run computes them.");
 
     m.def("sample_seed", &sample_seed, py::arg("seed"), py::arg("index"));
+    m.def("contribution_budget", &ContributionReducer::auto_budget, py::arg("file_bytes"), py::arg("n_samples"),
+          py::arg("n_layers"), py::arg("n_ff"),
+          "Bytes of the contribution reducer's projection cache, and of its queue, for n samples: 5% of "
+          "the file, less where the samples' activation rows in flight take much of it.");
 
     m.def("jaccard", [](py::array_t<uint64_t, py::array::c_style | py::array::forcecast> sets) {
         if (sets.ndim() != 2) throw ParamError("jaccard expects a 2-D array of bitsets [n, words]");

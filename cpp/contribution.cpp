@@ -81,6 +81,16 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* col, const float
 }
 #endif
 
+int64_t products_generic(const float* a, const float* d, int64_t n, float guess, float* c, int32_t* idx) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = a[i] * d[i];
+        c[i] = std::isnan(v) ? -INFINITY : v;  // NaN (inf activations, inf x 0) would break the ordering
+        if (c[i] >= guess) idx[m++] = static_cast<int32_t>(i);
+    }
+    return m;
+}
+
 void axpy4_generic(const float* a, const float* x, int64_t ldx, float* y, int64_t n) {
     const float *x0 = x, *x1 = x + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
     for (int64_t j = 0; j < n; ++j) {
@@ -345,6 +355,29 @@ __attribute__((target("avx512f,f16c"))) void dequant_q8_0_avx512(const void* blo
     }
 }
 
+// The fused products and candidates of a layer (see ProductsFn), 8 at a time.
+__attribute__((target("avx2,fma"))) int64_t products_avx2(const float* a, const float* d, int64_t n, float guess,
+                                                          float* c, int32_t* idx) {
+    const __m256 g = _mm256_set1_ps(guess), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t m = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(d + i));
+        v = _mm256_blendv_ps(v, ninf, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        _mm256_storeu_ps(c + i, v);
+        unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, g, _CMP_GE_OQ)));
+        while (bits) {
+            idx[m++] = static_cast<int32_t>(i + __builtin_ctz(bits));
+            bits &= bits - 1;
+        }
+    }
+    for (; i < n; ++i) {
+        const float v = a[i] * d[i];
+        c[i] = std::isnan(v) ? -INFINITY : v;
+        if (c[i] >= guess) idx[m++] = static_cast<int32_t>(i);
+    }
+    return m;
+}
+
 // What the CPU runs, read once: the extension is built for any x86-64 and picks its kernels here.
 bool has_avx2_fma() {
     static const bool yes = [] {
@@ -373,6 +406,16 @@ DotsFn dots_kernel() {
 }
 
 Axpy4Fn axpy4_kernel_generic() { return &axpy4_generic; }
+
+ProductsFn products_kernel_generic() { return &products_generic; }
+
+ProductsFn products_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+    return has_avx2_fma() ? &products_avx2 : &products_generic;
+#else
+    return &products_generic;
+#endif
+}
 
 PanelFn panel_kernel() {
     const std::vector<PanelFn> all = panel_kernels();
@@ -604,9 +647,11 @@ ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeigh
     if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
     if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
     if (p_.n_threads < 1) p_.n_threads = 1;
-    const int64_t auto_bytes = static_cast<int64_t>(w_->mapped_bytes() / 20);
-    if (p_.cache_bytes < 0) p_.cache_bytes = auto_bytes;
-    if (p_.queue_bytes < 0) p_.queue_bytes = auto_bytes;
+}
+
+int64_t ContributionReducer::auto_budget(int64_t file_bytes, int n_samples, int n_layers, int64_t n_ff) {
+    const int64_t rows = static_cast<int64_t>(n_samples) * n_layers * n_ff * static_cast<int64_t>(sizeof(float));
+    return std::min(file_bytes / 20, std::max<int64_t>(0, (file_bytes * 12 / 100 - rows) / 2));
 }
 
 void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
@@ -632,8 +677,12 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     sel_eta_.clear();
     sel_kth_.clear();
     const size_t per_token = static_cast<size_t>(n_layers) * n_ff * sizeof(float);
-    cache_slots_ = static_cast<int>(std::min<int64_t>(p_.cache_bytes / static_cast<int64_t>(per_token), 1 << 20));
-    queue_budget_ = std::max<int64_t>(p_.queue_bytes, static_cast<int64_t>(n_samples) * static_cast<int64_t>(per_token));
+    const int64_t share = auto_budget(static_cast<int64_t>(w_->mapped_bytes()), n_samples, n_layers, n_ff);
+    cache_slots_ = static_cast<int>(
+        std::min<int64_t>((p_.cache_bytes < 0 ? share : p_.cache_bytes) / static_cast<int64_t>(per_token), 1 << 20));
+    // No floor: a budget below one step's tokens selects and passes every step (W_down is small
+    // where the rows of a step are large against the file).
+    queue_budget_ = p_.queue_bytes < 0 ? share : p_.queue_bytes;
     cache_.clear();
     // Reserved once, for as many slots as a pass can need (one per held token, should that exceed
     // the budget): growing would reallocate, copying the cache and holding up to 3x its size at
@@ -796,33 +845,29 @@ void ContributionReducer::fill_cache(const std::vector<int>& which) {
 }
 
 // The exact top k of one layer's contributions c (n values): descending, ties by lower index.
-// `guess` is a value believed to lie below the k-th largest (the same layer's k-th value on the
-// sample's previous token, halved): when at least k values exceed it, the top k are among them
-// and only those are ranked; otherwise every value is. Exact either way; returns the k-th value.
-static float layer_top(const float* c, int64_t n, int k, float guess, std::vector<float>& scratch,
-                       std::vector<int32_t>& idx, float* top_c, int32_t* top_i) {
-    idx.clear();
-    if (std::isfinite(guess))
-        for (int64_t i = 0; i < n; ++i)
-            if (c[i] >= guess) idx.push_back(static_cast<int32_t>(i));
-    if (static_cast<int>(idx.size()) < k) {
-        idx.resize(static_cast<size_t>(n));
-        std::iota(idx.begin(), idx.end(), 0);
+// idx (room for n) holds the m candidates c[i] >= guess, ascending, guess being a value believed
+// to lie below the k-th largest (the same layer's k-th value on the sample's previous token,
+// halved): when m >= k the top k are among them and only those are ranked; otherwise every value
+// is. Exact either way; returns the k-th value.
+static float layer_top(const float* c, int64_t n, int k, int32_t* idx, int64_t m, std::vector<float>& scratch,
+                       float* top_c, int32_t* top_i) {
+    if (m < k) {
+        std::iota(idx, idx + n, 0);
+        m = n;
     }
-    scratch.resize(idx.size());
-    for (size_t j = 0; j < idx.size(); ++j) scratch[j] = c[idx[j]];
+    scratch.resize(static_cast<size_t>(m));
+    for (int64_t j = 0; j < m; ++j) scratch[j] = c[idx[j]];
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
     const float kth = scratch[k - 1];
     // Candidates above the k-th value, then ties at it by lowest index (idx is ascending).
-    size_t w = 0, ties = 0;
-    for (size_t j = 0; j < idx.size(); ++j)
+    int64_t w = 0, ties = 0;
+    for (int64_t j = 0; j < m; ++j)
         if (c[idx[j]] > kth) idx[w++] = idx[j];
-    const size_t above = w;
-    for (int64_t i = 0; i < n && above + ties < static_cast<size_t>(k); ++i)
-        if (c[i] == kth) scratch[ties++] = static_cast<float>(i);  // reuse scratch for tie indices
-    for (size_t t = 0; t < ties; ++t) idx[w++] = static_cast<int32_t>(scratch[t]);
-    idx.resize(w);
-    std::sort(idx.begin(), idx.end(), [c](int32_t x, int32_t y) { return c[x] != c[y] ? c[x] > c[y] : x < y; });
+    const int64_t above = w;
+    for (int64_t i = 0; i < n && above + ties < k; ++i)
+        if (c[i] == kth) scratch[ties++] = static_cast<float>(i);  // reuse scratch for tie indices (exact below 2^24)
+    for (int64_t t = 0; t < ties; ++t) idx[w++] = static_cast<int32_t>(scratch[t]);
+    std::sort(idx, idx + w, [c](int32_t x, int32_t y) { return c[x] != c[y] ? c[x] > c[y] : x < y; });
     for (int r = 0; r < k; ++r) {
         top_c[r] = c[idx[r]];
         top_i[r] = idx[r];
@@ -846,7 +891,8 @@ void ContributionReducer::select(const std::vector<int>& which) {
 #pragma omp parallel num_threads(p_.n_threads) if (W > 1)
     {
         std::vector<float> scratch, c(static_cast<size_t>(n_ff_));
-        std::vector<int32_t> idx;
+        std::vector<int32_t> idx(static_cast<size_t>(n_ff_));
+        const ProductsFn products = products_kernel();
 #pragma omp for schedule(dynamic)
         for (int j = 0; j < W; ++j) {
             const int q = which[j];
@@ -858,14 +904,12 @@ void ContributionReducer::select(const std::vector<int>& which) {
             const float* guess = kth_[queue_[q].sample].data();  // read only here: tokens of a sample run in parallel
             float* next = sel_kth_.data() + at * n_layers_;
             for (int l = 0; l < n_layers_; ++l) {
-                // c = a * d(y), one layer at a time in a buffer that stays in L1.
+                // c = a * d(y), one layer at a time in a buffer that stays in L1, and the candidates.
                 const float* a = a_all + static_cast<size_t>(l) * n_ff_;
                 const float* d = d_all + static_cast<size_t>(l) * n_ff_;
-                for (int64_t i = 0; i < n_ff_; ++i) {
-                    const float v = a[i] * d[i];
-                    c[i] = std::isnan(v) ? -INFINITY : v;  // NaN (inf activations, inf x 0) would break the ordering
-                }
-                const float kth = layer_top(c.data(), n_ff_, k_, guess[l], scratch, idx, tc + l * k_, ti + l * k_);
+                const int64_t m = std::isfinite(guess[l]) ? products(a, d, n_ff_, guess[l], c.data(), idx.data())
+                                                          : products(a, d, n_ff_, INFINITY, c.data(), idx.data());
+                const float kth = layer_top(c.data(), n_ff_, k_, idx.data(), m, scratch, tc + l * k_, ti + l * k_);
                 next[l] = kth > 0 ? 0.5f * kth : -INFINITY;  // a positive guess prunes; otherwise rank all
             }
             const int rank = std::min(p_.eta_rank, K);

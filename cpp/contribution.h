@@ -102,9 +102,8 @@ struct ContributionParams {
     bool gelu = false;         // the activation of the gate variant: GELU (GeGLU models) or SiLU
     bool keep_top = false;     // keep every token's per-layer top values (for verification)
     int n_threads = 1;         // OpenMP threads for the contribution pass
-    // Private memory of the reducer, each < 0 for auto: 5% of the model file (so that the whole
-    // contribution mode stays within about 15% of the file at every model size, the activation
-    // rows of the samples in flight included).
+    // Private memory of the reducer, each < 0 for auto (ContributionReducer::auto_budget): 5% of
+    // the model file, less where the activation rows of the samples in flight take much of it.
     int64_t cache_bytes = -1;  // per-token-id projections W_down^T W_U[y] kept for reuse
     int64_t queue_bytes = -1;  // activations of committed tokens awaiting one shared pass
 };
@@ -130,6 +129,12 @@ Axpy4x2Fn axpy4x2_kernel_generic();
 // has AVX-512 or AVX2+FMA (null elsewhere). Rows of W_down packed 16 neurons wide (P) let the
 // accumulators of MR vectors stay in registers over kc rows, so it is bound by the FMA units, not
 // by loads and stores of accumulators as axpy4 is. Gives the bits of axpy4 (AVX2) over the same rows.
+// c[i] = a[i] * d[i] for i < n (NaN as -inf: it would break the ordering), and the indices with
+// c[i] >= guess written to idx, ascending; returns their number. One pass for a layer's
+// contributions and the candidates of its top k (AVX2 where the CPU has it).
+using ProductsFn = int64_t (*)(const float* a, const float* d, int64_t n, float guess, float* c, int32_t* idx);
+ProductsFn products_kernel();
+ProductsFn products_kernel_generic();  // the portable one, for tests
 using PanelFn = void (*)(const float* U, int64_t ldu, int M, const float* P, int kc, int64_t n, float* D, int64_t ldd);
 PanelFn panel_kernel();
 std::vector<PanelFn> panel_kernels();  // every one the CPU runs, the chosen one first (for tests)
@@ -155,6 +160,10 @@ public:
     void finish(int sample, int n_tokens) override;
 
     const ContributionParams& params() const { return p_; }
+    // The automatic cache and queue budget (each) for n samples: 5% of the file, or half of what
+    // the rows in flight (n x L x n_ff floats) leave of 12% of it, if less (so that the whole mode
+    // stays within about 15% of the file; at n = 64 the default model's rows alone are 12.7%).
+    static int64_t auto_budget(int64_t file_bytes, int n_samples, int n_layers, int64_t n_ff);
     int64_t n_words() const { return n_words_; }
     // The record of a sample's first n_chunks chunks (set_record.h).
     SetRecord record(int sample, int64_t n_chunks) const { return sets_.snapshot(sample, n_chunks); }

@@ -2036,6 +2036,24 @@ void test_nad_projection_kernels() {
     }
     // The panel kernel gives the bits of axpy4 over the same rows (each sum over the rows in order,
     // one FMA a term) for every count of vectors around its tile of 6, and writes only its n columns.
+    // The fused products and candidates: the chosen kernel as the portable one, NaN and inf included.
+    for (int64_t n : {0, 5, 8, 29, 200}) {
+        std::vector<float> a(static_cast<size_t>(n)), d(a.size());
+        for (auto& v : a) v = val(rng);
+        for (auto& v : d) v = val(rng);
+        if (n > 20) a[3] = INFINITY, d[3] = 0.0f, a[17] = NAN, a[19] = -INFINITY;  // inf x 0 and NaN: -inf
+        for (float guess : {-INFINITY, 0.0f, 0.25f, INFINITY}) {
+            std::vector<float> c0(a.size() + 1, 9.0f), c1 = c0;
+            std::vector<int32_t> i0(a.size() + 1, -5), i1 = i0;
+            const int64_t m0 = products_kernel_generic()(a.data(), d.data(), n, guess, c0.data(), i0.data());
+            const int64_t m1 = products_kernel()(a.data(), d.data(), n, guess, c1.data(), i1.data());
+            CHECK(m0 == m1 && i0 == i1 && std::memcmp(c0.data(), c1.data(), c0.size() * sizeof(float)) == 0);
+            int64_t want = 0;
+            for (int64_t i = 0; i < n; ++i) want += c0[i] >= guess;
+            CHECK(m0 == want);
+            if (n > 20) CHECK(c0[3] == -INFINITY && c0[17] == -INFINITY);
+        }
+    }
     CHECK(panel_kernels().empty() ? panel_kernel() == nullptr : panel_kernel() == panel_kernels().front());
     for (const PanelFn panel : panel_kernels()) {
         const Axpy4Fn axpy4 = axpy4_kernel();

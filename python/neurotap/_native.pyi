@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeuReasonerConfig', 'NeuReasonerLevel', 'Run', 'RunOptions', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
+__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeuReasonerConfig', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -512,6 +512,10 @@ class Run:
     @property
     def tokens_sampled(self) -> int:
         ...
+def contribution_budget(file_bytes: typing.SupportsInt | typing.SupportsIndex, n_samples: typing.SupportsInt | typing.SupportsIndex, n_layers: typing.SupportsInt | typing.SupportsIndex, n_ff: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Bytes of the contribution reducer's projection cache, and of its queue, for n samples: 5% of the file, less where the samples' activation rows in flight take much of it.
+    """
 def gguf_float(path: str, key: str) -> float:
     """
     A float metadata value of a GGUF file.

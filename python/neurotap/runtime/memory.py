@@ -51,8 +51,12 @@ def run_parts(info, *, n: int, cells_per_seq: int, max_tokens: int, per_token_re
     parts = {"kv": int(n * cells_per_seq * info.kv_bytes_per_cell),
              "records": int(n * max_tokens * per_token_record)}
     if contributions:
-        # Cache and queue budgets (5% of the file each) and each sample's row buffer in flight.
-        parts["contribution state"] = int(2 * file_bytes / 20 + 2 * n * info.n_layers * info.n_ff * 4)
+        from .. import _native
+
+        # Cache and queue budgets (the reducer's own figure), the rows of the samples in flight, and
+        # as many again: a step's rows before they are selected, or cache slots past the budget.
+        budget = _native.contribution_budget(file_bytes, n, info.n_layers, info.n_ff)
+        parts["contribution state"] = int(2 * budget + 2 * n * info.n_layers * info.n_ff * 4)
     return parts
 
 
