@@ -7,6 +7,7 @@
 #include <cstring>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <numeric>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -113,7 +114,7 @@ void axpy4x2_generic(const float* a0, const float* a1, const float* x, int64_t l
 constexpr int64_t panel_stride(int kc) { return 16 * static_cast<int64_t>(kc) + 16; }
 
 // ggml's block layouts (ggml-common.h): an fp16 scale, then the quants.
-constexpr int64_t kQ4_0Bytes = 2 + 16, kQ8_0Bytes = 2 + 32;
+constexpr int64_t kQ4_0Bytes = 2 + 16, kQ4_1Bytes = 2 + 2 + 16, kQ8_0Bytes = 2 + 32;
 // How far ahead of the block being dequantized its row is prefetched: a pass reads W_down from
 // memory (the file's pages), and without it the loads stalled (a Q4_0 pass at the 4B shape took
 // 0.36 s on one thread, 0.29 s with it).
@@ -378,6 +379,48 @@ __attribute__((target("avx2,fma"))) int64_t products_avx2(const float* a, const 
     return m;
 }
 
+// q * d + m per value, as ggml's dequantize_row_q4_1 (two roundings: ggml-base is built for the
+// baseline ISA, so its C is not contracted to an FMA; contraction is off here for the same sums;
+// the weights check every fast kernel against to_float at load and fall back if one differs).
+__attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"))) void dequant_q4_1_avx2(const void* blocks,
+                                                                                            float* out, int64_t n,
+                                                                                            int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    for (int64_t i = 0; i < n; i += 32, b += kQ4_1Bytes, out += 2 * stride) {
+        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch, _MM_HINT_T0);
+        uint16_t h[2];
+        std::memcpy(h, b, 4);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(h[0])), m = _mm256_set1_ps(_cvtsh_ss(h[1]));
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));
+        const __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        float* const dst[4] = {out, out + 8, out + stride, out + stride + 8};
+        for (int k = 0; k < 4; ++k) {
+            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k])), d);
+            _mm256_storeu_ps(dst[k], _mm256_add_ps(v, m));
+        }
+    }
+}
+
+__attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequant_q4_1_avx512(const void* blocks,
+                                                                                             float* out, int64_t n,
+                                                                                             int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m512i low4 = _mm512_set1_epi32(0x0f);
+    for (int64_t i = 0; i < n; i += 32, b += kQ4_1Bytes, out += 2 * stride) {
+        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch, _MM_HINT_T0);
+        uint16_t h[2];
+        std::memcpy(h, b, 4);
+        const __m512 d = _mm512_set1_ps(_cvtsh_ss(h[0])), m = _mm512_set1_ps(_cvtsh_ss(h[1]));
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d);
+        _mm512_storeu_ps(out, _mm512_add_ps(lo, m));
+        _mm512_storeu_ps(out + stride, _mm512_add_ps(hi, m));
+    }
+}
+
 // What the CPU runs, read once: the extension is built for any x86-64 and picks its kernels here.
 bool has_avx2_fma() {
     static const bool yes = [] {
@@ -449,9 +492,40 @@ Axpy4Fn axpy4_kernel() {
 #endif
 }
 
+// Whether `fast` gives exactly ggml's to_float values on blocks of every byte value and a spread
+// of scales (zero, subnormal, negative, large): the kernels follow ggml's C, but a build of ggml
+// that contracted q * d + m to an FMA would round differently, and exactness comes first.
+static bool same_as_ggml(ggml_type type, DequantFn fast) {
+    const int64_t n = 32 * 64;
+    const size_t bytes = ggml_row_size(type, n), bsz = ggml_type_size(type);
+    std::vector<uint8_t> blocks(bytes);
+    uint32_t x = 12345;
+    for (auto& b : blocks) b = static_cast<uint8_t>((x = x * 1664525u + 1013904223u) >> 24);
+    const float scales[] = {0.0f, 3e-6f, -0.75f, 1.0f, 123.5f, -6e-5f, 0.0138f, 2.5f};
+    for (size_t k = 0; k < bytes / bsz; ++k) {
+        const ggml_fp16_t d = ggml_fp32_to_fp16(scales[k % 8]), m = ggml_fp32_to_fp16(scales[(k / 8 + 3) % 8]);
+        std::memcpy(blocks.data() + k * bsz, &d, sizeof d);
+        if (type == GGML_TYPE_Q4_1) std::memcpy(blocks.data() + k * bsz + 2, &m, sizeof m);
+    }
+    std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n));
+    ggml_get_type_traits(type)->to_float(blocks.data(), want.data(), n);
+    fast(blocks.data(), got.data(), n, 16);
+    return std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0;
+}
+
 DequantFn dequant_kernel(ggml_type type) {
-    const std::vector<DequantFn> all = dequant_kernels(type);
-    return all.empty() ? nullptr : all.front();
+    static std::mutex mu;
+    static std::unordered_map<int, DequantFn> chosen;  // checked once per type
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = chosen.find(static_cast<int>(type));
+    if (it != chosen.end()) return it->second;
+    DequantFn pick = nullptr;
+    for (const DequantFn f : dequant_kernels(type))
+        if (same_as_ggml(type, f)) {
+            pick = f;
+            break;
+        }
+    return chosen[static_cast<int>(type)] = pick;
 }
 
 std::vector<DequantFn> dequant_kernels(ggml_type type) {
@@ -459,10 +533,12 @@ std::vector<DequantFn> dequant_kernels(ggml_type type) {
 #if defined(__x86_64__) || defined(__i386__)
     if (has_avx512f() && has_avx2_fma_f16c()) {
         if (type == GGML_TYPE_Q4_0) all.push_back(&dequant_q4_0_avx512);
+        if (type == GGML_TYPE_Q4_1) all.push_back(&dequant_q4_1_avx512);
         if (type == GGML_TYPE_Q8_0) all.push_back(&dequant_q8_0_avx512);
     }
     if (has_avx2_fma_f16c()) {
         if (type == GGML_TYPE_Q4_0) all.push_back(&dequant_q4_0_avx2);
+        if (type == GGML_TYPE_Q4_1) all.push_back(&dequant_q4_1_avx2);
         if (type == GGML_TYPE_Q8_0) all.push_back(&dequant_q8_0_avx2);
     }
 #endif

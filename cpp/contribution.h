@@ -25,11 +25,12 @@ namespace neurotap {
 
 struct ModelInfo;
 
-// Dequantizes n values (a multiple of 32) of Q4_0 or Q8_0 blocks to exactly what ggml's to_float
-// gives (each value is q * d, one rounding), with AVX2 where the CPU has it: ggml's own to_float is
-// scalar, and a pass over W_down dequantizes all of it. Null for other types (ggml's is used).
-// Value i goes to out[(i / 16) * stride + i % 16]: stride 16 writes a row, a larger one the
-// 16-neuron column blocks of the projection's packed panel.
+// Dequantizes n values (a multiple of 32) of Q4_0, Q4_1 or Q8_0 blocks to exactly what ggml's
+// to_float gives, with AVX-512 or AVX2 where the CPU has them: ggml's own to_float is scalar,
+// and a pass over W_down dequantizes all of it. dequant_kernel() picks the first of
+// dequant_kernels() that equals to_float on a test set of blocks (checked once per type), or null
+// (ggml's is used). Value i goes to out[(i / 16) * stride + i % 16]: stride 16 writes a row, a
+// larger one the 16-neuron column blocks of the projection's packed panel.
 using DequantFn = void (*)(const void* blocks, float* out, int64_t n, int64_t stride);
 DequantFn dequant_kernel(ggml_type type);
 std::vector<DequantFn> dequant_kernels(ggml_type type);  // every one the CPU runs, the chosen one first

@@ -375,10 +375,13 @@ def test_memory_stays_flat_over_repeated_calls():
 
 def test_memory_accounting_and_a_run_that_cannot_fit():
     run_case("""
-        m = neurotap.load(MODEL, n_threads=2, n_ctx=512)
+        m = neurotap.load(MODEL, n_threads=2, n_ctx=500)
         mem = m.memory()
         assert mem["weights"] == m.info.size_bytes and mem["contribution_weights_mapped"] == 0
-        assert mem["kv"] == 512 * m.info.kv_bytes_per_cell > 0
+        assert mem["kv"] == 0 and m.n_ctx == 512   # generate's context is made on first use
+        assert m.info.tapped_tensors[0] == "ffn_swiglu-0" and len(m.info.tapped_tensors) == m.info.n_layers
+        m.generate("Hi", max_tokens=2)
+        assert m.memory()["kv"] == 512 * m.info.kv_bytes_per_cell > 0 and m.n_ctx == 512  # as llama.cpp padded it
         with m.start_sampling("Hi", n=4, max_tokens=8, reducers=("contributions",)) as run:
             run.advance()
             held = m.memory()

@@ -1960,14 +1960,15 @@ void test_nad_projection_kernels() {
     std::mt19937 rng(7);
     std::uniform_int_distribution<int> byte(0, 255);
     std::uniform_real_distribution<float> scale(-3.0f, 3.0f);
-    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0}) {
+    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0}) {
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_cpu_init();
         CHECK(!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c") || dequant_kernel(type) != nullptr);
 #endif
+        // The chosen one is the first that passed its check against to_float (here: the first).
         CHECK(dequant_kernels(type).empty() ? dequant_kernel(type) == nullptr : dequant_kernel(type) == dequant_kernels(type).front());
     }
-    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q8_0})
+    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0})
       for (const DequantFn fast : dequant_kernels(type)) {  // each kernel the CPU runs, not only the chosen one
         const int64_t n = 32 * 37;
         const size_t bytes = ggml_row_size(type, n);
@@ -1978,6 +1979,10 @@ void test_nad_projection_kernels() {
             const float d = b == 3 ? 0.0f : b == 5 ? 3e-6f : scale(rng);
             const ggml_fp16_t h = ggml_fp32_to_fp16(d);
             std::memcpy(blocks.data() + b * bsz, &h, sizeof h);
+            if (type == GGML_TYPE_Q4_1) {  // and the offset m, finite
+                const ggml_fp16_t m = ggml_fp32_to_fp16(b == 7 ? 0.0f : scale(rng));
+                std::memcpy(blocks.data() + b * bsz + 2, &m, sizeof m);
+            }
         }
         std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n), -1.0f);
         ggml_get_type_traits(type)->to_float(blocks.data(), want.data(), n);

@@ -51,7 +51,7 @@ def forced_logprobs(model: Model, prompt: Sequence[int], tokens: Sequence[int]) 
                        stop=None, reducers=(), tap=False, logprobs=1, forced=[int(t) for t in tokens],
                        seed_per_sample=False)
     with model._lock:  # generate's single-sequence context (the runtime offers no logprobs for forced runs)
-        run = _native.Run(model._ctx, list(prompt), opts)
+        run = _native.Run(model._generate_context(), list(prompt), opts)
         run.advance(len(tokens))
         d = run.sample(0)
     return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"])[:, 0]

@@ -116,8 +116,10 @@ class Model:
         self._keepalive = keepalive  # the llama_cpp.Llama whose weights we share, if any
         self.n_threads = n_threads or default_threads()
         self.flash_attn = bool(flash_attn)
-        self._ctx = _native.Context(native, n_ctx=n_ctx, n_seq_max=1, n_threads=self.n_threads,
-                                    flash_attn=self.flash_attn)
+        # generate()'s single-sequence context, made on first use: a model that only samples in
+        # parallel (best_of_n, the server's n > 1) never holds its KV (1 GiB at an 8B shape, n_ctx 8,704).
+        self._n_ctx = int(n_ctx)
+        self._ctx: Optional[_native.Context] = None
         self._lock = threading.Lock()  # generate() uses the one single-sequence context
         self.max_sample_cells = int(max_sample_cells)
         self._pool = ContextPool(self._new_sampling_context)
@@ -126,13 +128,23 @@ class Model:
             name=name, path=i["path"], architecture=i["architecture"], description=i["description"],
             n_layers=i["n_layers"], n_ff=i["n_ff"], n_embd=i["n_embd"], n_vocab=i["n_vocab"],
             n_params=i["n_params"], size_bytes=i["size_bytes"], has_chat_template=i["has_chat_template"],
-            tapped_tensors=list(self._ctx.tapped_tensors), kv_bytes_per_cell=i["kv_bytes_per_cell"],
+            tapped_tensors=[f"{i['act_name']}-{il}" for il in range(i["n_layers"])],
+            kv_bytes_per_cell=i["kv_bytes_per_cell"],
             n_head=i["n_head"], head_dim_v=i["head_dim_v"],
         )
 
     @property
     def n_ctx(self) -> int:
-        return self._ctx.n_ctx
+        """Tokens of generate()'s context (per sequence, the bound of every run): the n_ctx given
+        at load, padded by llama.cpp to a multiple of 256."""
+        return self._ctx.n_ctx if self._ctx is not None else (self._n_ctx + 255) // 256 * 256
+
+    def _generate_context(self) -> "_native.Context":
+        """generate()'s context, made on first use; call with self._lock held."""
+        if self._ctx is None:
+            self._ctx = _native.Context(self._native, n_ctx=self._n_ctx, n_seq_max=1, n_threads=self.n_threads,
+                                        flash_attn=self.flash_attn)
+        return self._ctx
 
     def close(self) -> None:
         """Frees the contexts (after a decode in flight ends) and, for a model loaded by
@@ -147,10 +159,11 @@ class Model:
 
     def memory(self) -> Dict[str, int]:
         """Bytes held now, by part: the weights (llama.cpp's buffers), the KV cells of every
-        context (generate's and the sampling pool's, idle or in use), and the model file mapped for
-        contributions (shared with the page cache: it costs no private memory)."""
+        context (generate's, once it ran, and the sampling pool's, idle or in use), and the model
+        file mapped for contributions (shared with the page cache: it costs no private memory)."""
         kvb = self.info.kv_bytes_per_cell
-        return {"weights": int(self.info.size_bytes), "kv": int((self.n_ctx + self._pool.cells()) * kvb),
+        held = (self._ctx.n_ctx if self._ctx is not None else 0) + self._pool.cells()
+        return {"weights": int(self.info.size_bytes), "kv": int(held * kvb),
                 "contribution_weights_mapped": int(self._native.contribution_weights_mapped)}
 
     def __enter__(self) -> "Model":
@@ -266,9 +279,13 @@ class Model:
                            neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self),
                            forced=forced_ids, seed_per_sample=False)
         ids = self.prompt_tokens(prompt)
-        self._check_memory(opts, len(ids), new_context=False)  # full-row captures of long answers
+        # Full-row captures of long answers, and generate's own context the first time.
+        parts = self.run_memory(opts, len(ids), new_context=False)
+        if self._ctx is None:
+            parts["kv"] = self.n_ctx * self.info.kv_bytes_per_cell
+        check_fits(parts, f"a run of n=1 x {opts.max_tokens} tokens", 1)
         with self._lock:
-            run = _native.Run(self._ctx, ids, opts)
+            run = _native.Run(self._generate_context(), ids, opts)
             run_with_progress(lambda: run.advance(opts.max_tokens), run.progress_tokens,
                               total=opts.max_tokens, desc="generating", enabled=progress)
             run.finish_live("cancelled")  # a cancelled run's sample ends here
