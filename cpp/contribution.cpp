@@ -82,14 +82,19 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* col, const float
 }
 #endif
 
-int64_t products_generic(const float* a, const float* d, int64_t n, float guess, float* c, int32_t* idx) {
-    int64_t m = 0;
-    for (int64_t i = 0; i < n; ++i) {
+// Neurons i0 .. n of the fused products and candidates (see ProductsFn), m candidates found so far.
+int64_t products_from(const float* a, const float* d, int64_t i0, int64_t n, float guess, float* c, int32_t* idx,
+                      int64_t m) {
+    for (int64_t i = i0; i < n; ++i) {
         const float v = a[i] * d[i];
         c[i] = std::isnan(v) ? -INFINITY : v;  // NaN (inf activations, inf x 0) would break the ordering
         if (c[i] >= guess) idx[m++] = static_cast<int32_t>(i);
     }
     return m;
+}
+
+int64_t products_generic(const float* a, const float* d, int64_t n, float guess, float* c, int32_t* idx) {
+    return products_from(a, d, 0, n, guess, c, idx, 0);
 }
 
 void axpy4_generic(const float* a, const float* x, int64_t ldx, float* y, int64_t n) {
@@ -371,12 +376,7 @@ __attribute__((target("avx2,fma"))) int64_t products_avx2(const float* a, const 
             bits &= bits - 1;
         }
     }
-    for (; i < n; ++i) {
-        const float v = a[i] * d[i];
-        c[i] = std::isnan(v) ? -INFINITY : v;
-        if (c[i] >= guess) idx[m++] = static_cast<int32_t>(i);
-    }
-    return m;
+    return products_from(a, d, i, n, guess, c, idx, m);
 }
 
 // q * d + m per value, as ggml's dequantize_row_q4_1 (two roundings: ggml-base is built for the
@@ -438,31 +438,29 @@ bool has_avx2_fma_f16c() {
 
 }  // namespace
 
+// The AVX2+FMA kernel `name`_avx2 where the CPU has them, else the portable `name`_generic.
+#if defined(__x86_64__) || defined(__i386__)
+#define AVX2_OR_GENERIC(name) (has_avx2_fma() ? &name##_avx2 : &name##_generic)
+#else
+#define AVX2_OR_GENERIC(name) (&name##_generic)
+#endif
+
 DotsFn dots_kernel_generic() { return &dots_generic; }
 
-DotsFn dots_kernel() {
-#if defined(__x86_64__) || defined(__i386__)
-    return has_avx2_fma() ? &dots_avx2 : &dots_generic;
-#else
-    return &dots_generic;
-#endif
-}
+DotsFn dots_kernel() { return AVX2_OR_GENERIC(dots); }
 
 Axpy4Fn axpy4_kernel_generic() { return &axpy4_generic; }
 
 ProductsFn products_kernel_generic() { return &products_generic; }
 
-ProductsFn products_kernel() {
-#if defined(__x86_64__) || defined(__i386__)
-    return has_avx2_fma() ? &products_avx2 : &products_generic;
-#else
-    return &products_generic;
-#endif
-}
+ProductsFn products_kernel() { return AVX2_OR_GENERIC(products); }
 
-PanelFn panel_kernel() {
-    const std::vector<PanelFn> all = panel_kernels();
-    return all.empty() ? nullptr : all.front();
+PanelFn panel_kernel() {  // once: project() asks for every slice
+    static const PanelFn chosen = [] {
+        const std::vector<PanelFn> all = panel_kernels();
+        return all.empty() ? nullptr : all.front();
+    }();
+    return chosen;
 }
 
 std::vector<PanelFn> panel_kernels() {
@@ -476,21 +474,9 @@ std::vector<PanelFn> panel_kernels() {
 
 Axpy4x2Fn axpy4x2_kernel_generic() { return &axpy4x2_generic; }
 
-Axpy4x2Fn axpy4x2_kernel() {
-#if defined(__x86_64__) || defined(__i386__)
-    return has_avx2_fma() ? &axpy4x2_avx2 : &axpy4x2_generic;
-#else
-    return &axpy4x2_generic;
-#endif
-}
+Axpy4x2Fn axpy4x2_kernel() { return AVX2_OR_GENERIC(axpy4x2); }
 
-Axpy4Fn axpy4_kernel() {
-#if defined(__x86_64__) || defined(__i386__)
-    return has_avx2_fma() ? &axpy4_avx2 : &axpy4_generic;
-#else
-    return &axpy4_generic;
-#endif
-}
+Axpy4Fn axpy4_kernel() { return AVX2_OR_GENERIC(axpy4); }
 
 // Whether `fast` gives exactly ggml's to_float values on blocks of every byte value and a spread
 // of scales (zero, subnormal, negative, large): the kernels follow ggml's C, but a build of ggml
@@ -819,9 +805,9 @@ int64_t ContributionReducer::queued_bytes() const {
 // A pass over W_down dequantizes all of it, whatever the number of ids it projects, so a pass
 // should carry many new ids. When the queue fills its budget, the tokens whose projection is
 // already cached (most of them on real text: 84% at n = 16) are selected, freeing their
-// activations; the pass waits until the tokens still missing theirs fill half the budget. On real
-// text at the 1B shape that is 3 passes for 512 tokens instead of 8. Selections are recorded in
-// token order at the pass, since a sample's chunks are encoded in order. (Flushing every step
+// activations; the pass waits until the tokens still missing theirs fill half the budget, so it
+// carries more new ids than flushing the whole queue did. Selections are recorded in token order
+// at the pass, since a sample's chunks are encoded in order. (Flushing every step
 // instead, at the default model's n = 16, cut the contribution mode's private memory from 15.7% to
 // 11.3% of the file but made the pass 1.2-1.3x slower.)
 void ContributionReducer::end_step() {
@@ -983,8 +969,9 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 // c = a * d(y), one layer at a time in a buffer that stays in L1, and the candidates.
                 const float* a = a_all + static_cast<size_t>(l) * n_ff_;
                 const float* d = d_all + static_cast<size_t>(l) * n_ff_;
-                const int64_t m = std::isfinite(guess[l]) ? products(a, d, n_ff_, guess[l], c.data(), idx.data())
-                                                          : products(a, d, n_ff_, INFINITY, c.data(), idx.data());
+                // No finite guess: no candidates, so layer_top ranks every value.
+                const float g = std::isfinite(guess[l]) ? guess[l] : INFINITY;
+                const int64_t m = products(a, d, n_ff_, g, c.data(), idx.data());
                 const float kth = layer_top(c.data(), n_ff_, k_, idx.data(), m, scratch, tc + l * k_, ti + l * k_);
                 next[l] = kth > 0 ? 0.5f * kth : -INFINITY;  // a positive guess prunes; otherwise rank all
             }

@@ -9,8 +9,8 @@
 //
 // Exact: every c is computed (a second down projection, L x n_ff x n_embd MACs a token) from the
 // quantized W_down of the file itself, dequantized block by block, batched over the queued tokens
-// so W_down streams from memory once per pass, with an AVX2/FMA kernel on the OpenMP threads ggml
-// already runs.
+// so W_down streams from memory once per pass, with AVX-512 or AVX2/FMA kernels on the OpenMP
+// threads ggml already runs.
 #pragma once
 #include <cstdint>
 #include <memory>

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+from .. import _native
+
 GIB = 2**30
 CONTRIBUTION_SET_BYTES_PER_TOKEN = 218
 
@@ -51,8 +53,6 @@ def run_parts(info, *, n: int, cells_per_seq: int, max_tokens: int, per_token_re
     parts = {"kv": int(n * cells_per_seq * info.kv_bytes_per_cell),
              "records": int(n * max_tokens * per_token_record)}
     if contributions:
-        from .. import _native
-
         # Cache and queue budgets (the reducer's own figure), the rows of the samples in flight, and
         # as many again: a step's rows before they are selected, or cache slots past the budget.
         budget = _native.contribution_budget(file_bytes, n, info.n_layers, info.n_ff)
