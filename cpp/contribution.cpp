@@ -1,6 +1,7 @@
 #include "contribution.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -746,12 +747,9 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     // where the rows of a step are large against the file).
     queue_budget_ = p_.queue_bytes < 0 ? share : p_.queue_bytes;
     cache_.clear();
-    // Reserved once, for as many slots as a pass can need (one per held token, should that exceed
-    // the budget): growing would reallocate, copying the cache and holding up to 3x its size at
+    // Reserved once: growing would reallocate, copying the cache and holding up to 3x its size at
     // once (and 0.12 s at the 1B shape). Reserved pages not yet written cost no resident memory.
-    const int64_t max_held = queue_budget_ / static_cast<int64_t>(per_token) + n_samples;
-    cache_.reserve(static_cast<size_t>(std::max<int64_t>(cache_slots_, max_held)) * static_cast<size_t>(n_layers) *
-                   static_cast<size_t>(n_ff));
+    cache_.reserve(static_cast<size_t>(cache_slots_) * static_cast<size_t>(n_layers) * static_cast<size_t>(n_ff));
     cache_token_.clear();
     cache_used_.clear();
     cache_index_.clear();
@@ -822,88 +820,76 @@ void ContributionReducer::select_hits() {
     const auto t0 = std::chrono::steady_clock::now();
     ++step_;
     slot_of_.resize(queue_.size());
+    row_of_.resize(queue_.size());
     which_.clear();
     for (size_t q = 0; q < queue_.size(); ++q) {
         if (queue_[q].buf < 0) continue;
         const auto it = cache_index_.find(queue_[q].token_id);
         if (it == cache_index_.end()) continue;
         slot_of_[q] = it->second;
+        row_of_[q] = -1;
         cache_used_[static_cast<size_t>(it->second)] = step_;
         ++hits_;
         which_.push_back(static_cast<int>(q));
     }
+    missing_ids_.clear();
+    missing_slot_.clear();
     select(which_);
     seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Slot of the cached projection d(y) = W_down^T W_U[y] (all layers) of each queued token in
-// `which`, computing the missing ones: a contribution is c = a * d(y), and d depends on the token
-// only, not on the context, so tokens that recur across samples and steps (most of them) cost one
-// multiply per neuron.
-void ContributionReducer::fill_cache(const std::vector<int>& which) {
-    const int64_t E = w_->n_embd();
-    const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
+// The source of each queued token's projection d(y) = W_down^T W_U[y] (all layers), for the
+// tokens in `which`: its cache slot (slot_of_), and, for an id not cached, a row of this pass's
+// projections (row_of_; missing_ids_ lists the pass's ids in row order, missing_slot_ the slot each
+// one is then cached in, -1 when every slot is taken by this pass: the cache never outgrows its
+// budget, however many distinct ids a pass carries). A contribution is c = a * d(y), and d depends
+// on the token only, not on the context, so tokens that recur across samples and steps (most of
+// them) cost one multiply per neuron.
+void ContributionReducer::assign_sources(const std::vector<int>& which) {
     ++step_;
-    missing_.clear();
+    missing_ids_.clear();
+    missing_slot_.clear();
+    pass_row_.clear();
     for (const int q : which) {
         const int32_t y = queue_[q].token_id;
-        auto it = cache_index_.find(y);
-        if (it != cache_index_.end()) {
+        row_of_[q] = -1;
+        slot_of_[q] = -1;
+        if (const auto it = cache_index_.find(y); it != cache_index_.end()) {
             slot_of_[q] = it->second;
             cache_used_[static_cast<size_t>(it->second)] = step_;
             ++hits_;
             continue;
         }
-        // A free slot, or the least recently used one not needed by this pass.
+        if (const auto it = pass_row_.find(y); it != pass_row_.end()) {  // an id already new in this pass
+            row_of_[q] = it->second;
+            ++hits_;
+            continue;
+        }
+        // A free slot, or the least recently used one not needed by this pass, or none.
         int slot = -1;
         if (static_cast<int>(cache_token_.size()) < cache_slots_) {
             slot = static_cast<int>(cache_token_.size());
             cache_token_.push_back(y);
             cache_used_.push_back(step_);
-            cache_.resize(cache_token_.size() * static_cast<size_t>(total));
         } else {
             int64_t oldest = INT64_MAX;
             for (int k = 0; k < cache_slots_; ++k)
                 if (cache_used_[static_cast<size_t>(k)] < oldest && cache_used_[static_cast<size_t>(k)] != step_)
                     oldest = cache_used_[static_cast<size_t>(k)], slot = k;
-            cache_index_.erase(cache_token_[static_cast<size_t>(slot)]);
-            cache_token_[static_cast<size_t>(slot)] = y;
-            cache_used_[static_cast<size_t>(slot)] = step_;
-        }
-        cache_index_[y] = slot;
-        slot_of_[q] = slot;
-        missing_.push_back(slot);
-        ++misses_;
-    }
-    const int M = static_cast<int>(missing_.size());
-    if (M == 0) return;
-    u_.resize(static_cast<size_t>(M) * E);
-    for (int m = 0; m < M; ++m)
-        w_->unembed_row(cache_token_[static_cast<size_t>(missing_[m])], u_.data() + static_cast<size_t>(m) * E);
-    // Work items: (layer, slice of neurons), a slice being project()'s unit (its M x slice
-    // accumulators stay in L2); every item streams its slice of W_down once.
-    const int64_t bs = w_->block_size(0);
-    const int64_t range = std::min(std::max(bs, ContributionWeights::project_tile(std::min(M, kMaxBatch)).cols),
-                                   (n_ff_ + bs - 1) / bs * bs);
-    const int64_t per_layer = (n_ff_ + range - 1) / range;
-    const int64_t items = static_cast<int64_t>(n_layers_) * per_layer;
-#pragma omp parallel num_threads(p_.n_threads) if (int64_t(M) * total > 200000)
-    {
-        std::vector<float> acc(static_cast<size_t>(std::min(M, kMaxBatch)) * range), row(ContributionWeights::kProjectScratch);
-#pragma omp for schedule(dynamic)
-        for (int64_t it = 0; it < items; ++it) {
-            const int l = static_cast<int>(it / per_layer);
-            const int64_t i0 = (it % per_layer) * range, i1 = std::min(n_ff_, i0 + range);
-            for (int m0 = 0; m0 < M; m0 += kMaxBatch) {
-                const int mn = std::min(kMaxBatch, M - m0);
-                w_->project(l, u_.data() + static_cast<size_t>(m0) * E, mn, i0, i1, acc.data(), range, row.data());
-                for (int m = 0; m < mn; ++m)
-                    std::copy_n(acc.data() + static_cast<size_t>(m) * range, i1 - i0,
-                                cache_.data() + static_cast<size_t>(missing_[m0 + m]) * total +
-                                    static_cast<size_t>(l) * n_ff_ + i0);
+            if (slot >= 0) {
+                cache_index_.erase(cache_token_[static_cast<size_t>(slot)]);
+                cache_token_[static_cast<size_t>(slot)] = y;
+                cache_used_[static_cast<size_t>(slot)] = step_;
             }
         }
+        if (slot >= 0) cache_index_[y] = slot;
+        row_of_[q] = static_cast<int>(missing_ids_.size());
+        pass_row_[y] = row_of_[q];
+        missing_ids_.push_back(y);
+        missing_slot_.push_back(slot);
+        ++misses_;
     }
+    cache_.resize(cache_token_.size() * static_cast<size_t>(n_layers_) * static_cast<size_t>(n_ff_));
 }
 
 // The exact top k of one layer's contributions c (n values): descending, ties by lower index.
@@ -937,50 +923,79 @@ static float layer_top(const float* c, int64_t n, int k, int32_t* idx, int64_t m
     return kth;
 }
 
-// Selects the queued tokens in `which` (their activations held, their projections cached in
-// slot_of_): contributions, each layer's top k, eta; frees their activations.
+// Selects the queued tokens in `which` (their activations held, their projections' sources
+// assigned): contributions, each layer's top k, eta; frees their activations. One layer at a time
+// per thread: the layer's new projections (W_down's rows for the layer streamed once per 64 ids),
+// cached where they have a slot, then every token's products and top k at that layer; only one
+// layer's projections of the pass's new ids are held per thread.
 void ContributionReducer::select(const std::vector<int>& which) {
     const int W = static_cast<int>(which.size());
     if (W == 0) return;
+    const int64_t E = w_->n_embd();
     const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
+    const int M = static_cast<int>(missing_ids_.size());
+    u_.resize(static_cast<size_t>(M) * E);
+    for (int m = 0; m < M; ++m) w_->unembed_row(missing_ids_[static_cast<size_t>(m)], u_.data() + static_cast<size_t>(m) * E);
     const int K = n_layers_ * k_;
     const size_t base = sel_eta_.size();
     sel_c_.resize((base + W) * K);
     sel_i_.resize((base + W) * K);
     sel_eta_.resize(base + W);
     sel_kth_.resize((base + W) * n_layers_);
-    // Per token selections are independent: spread them over the threads.
-#pragma omp parallel num_threads(p_.n_threads) if (W > 1)
+    const int threads = (static_cast<int64_t>(M + W) * total > 200000) ? p_.n_threads : 1;
+    if (static_cast<int>(scratch_.size()) < threads) scratch_.resize(static_cast<size_t>(threads));
+    std::atomic<int> next_scratch{0};
+    std::atomic<int64_t> project_ns{0};
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        std::vector<float> scratch, c(static_cast<size_t>(n_ff_));
-        std::vector<int32_t> idx(static_cast<size_t>(n_ff_));
+        Scratch& s = scratch_[static_cast<size_t>(next_scratch.fetch_add(1))];
+        s.proj.resize(static_cast<size_t>(M) * n_ff_);
+        s.row.resize(ContributionWeights::kProjectScratch);
+        s.c.resize(static_cast<size_t>(n_ff_));
+        s.idx.resize(static_cast<size_t>(n_ff_));
         const ProductsFn products = products_kernel();
 #pragma omp for schedule(dynamic)
-        for (int j = 0; j < W; ++j) {
-            const int q = which[j];
-            const size_t at = base + j;
-            const float* a_all = bufs_[queue_[q].buf].data();
-            const float* d_all = cache_.data() + static_cast<size_t>(slot_of_[q]) * total;
-            float* tc = sel_c_.data() + at * K;
-            int32_t* ti = sel_i_.data() + at * K;
-            const float* guess = kth_[queue_[q].sample].data();  // read only here: tokens of a sample run in parallel
-            float* next = sel_kth_.data() + at * n_layers_;
-            for (int l = 0; l < n_layers_; ++l) {
-                // c = a * d(y), one layer at a time in a buffer that stays in L1, and the candidates.
-                const float* a = a_all + static_cast<size_t>(l) * n_ff_;
-                const float* d = d_all + static_cast<size_t>(l) * n_ff_;
-                // No finite guess: no candidates, so layer_top ranks every value.
-                const float g = std::isfinite(guess[l]) ? guess[l] : INFINITY;
-                const int64_t m = products(a, d, n_ff_, g, c.data(), idx.data());
-                const float kth = layer_top(c.data(), n_ff_, k_, idx.data(), m, scratch, tc + l * k_, ti + l * k_);
-                next[l] = kth > 0 ? 0.5f * kth : -INFINITY;  // a positive guess prunes; otherwise rank all
+        for (int l = 0; l < n_layers_; ++l) {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int m0 = 0; m0 < M; m0 += kMaxBatch) {
+                const int mn = std::min(kMaxBatch, M - m0);
+                w_->project(l, u_.data() + static_cast<size_t>(m0) * E, mn, 0, n_ff_,
+                            s.proj.data() + static_cast<size_t>(m0) * n_ff_, n_ff_, s.row.data());
             }
+            for (int m = 0; m < M; ++m)
+                if (const int slot = missing_slot_[static_cast<size_t>(m)]; slot >= 0)
+                    std::copy_n(s.proj.data() + static_cast<size_t>(m) * n_ff_, n_ff_,
+                                cache_.data() + static_cast<size_t>(slot) * total + static_cast<size_t>(l) * n_ff_);
+            project_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+            for (int j = 0; j < W; ++j) {
+                const int q = which[j];
+                const size_t at = base + j;
+                // c = a * d(y) in a buffer that stays in L1, and the candidates.
+                const float* a = bufs_[queue_[q].buf].data() + static_cast<size_t>(l) * n_ff_;
+                const float* d = row_of_[q] >= 0 ? s.proj.data() + static_cast<size_t>(row_of_[q]) * n_ff_
+                                                 : cache_.data() + static_cast<size_t>(slot_of_[q]) * total +
+                                                       static_cast<size_t>(l) * n_ff_;
+                // kth_ is read only here and written after the pass.
+                const float guess = kth_[queue_[q].sample][static_cast<size_t>(l)];
+                // No finite guess: no candidates, so layer_top ranks every value.
+                const float g = std::isfinite(guess) ? guess : INFINITY;
+                const int64_t mc = products(a, d, n_ff_, g, s.c.data(), s.idx.data());
+                const float kth = layer_top(s.c.data(), n_ff_, k_, s.idx.data(), mc, s.top,
+                                            sel_c_.data() + at * K + l * k_, sel_i_.data() + at * K + l * k_);
+                // A positive guess prunes; otherwise rank all.
+                sel_kth_[at * n_layers_ + l] = kth > 0 ? 0.5f * kth : -INFINITY;
+            }
+        }
+#pragma omp for
+        for (int j = 0; j < W; ++j) {
+            const size_t at = base + j;
             const int rank = std::min(p_.eta_rank, K);
-            scratch.assign(tc, tc + K);
-            std::nth_element(scratch.begin(), scratch.begin() + (rank - 1), scratch.end(), std::greater<float>());
-            sel_eta_[at] = scratch[rank - 1];
+            s.top.assign(sel_c_.data() + at * K, sel_c_.data() + (at + 1) * K);
+            std::nth_element(s.top.begin(), s.top.begin() + (rank - 1), s.top.end(), std::greater<float>());
+            sel_eta_[at] = s.top[rank - 1];
         }
     }
+    dot_seconds_ += static_cast<double>(project_ns.load()) * 1e-9 / threads;
     for (int j = 0; j < W; ++j) {
         Queued& e = queue_[which[j]];
         e.sel = static_cast<int>(base) + j;
@@ -995,18 +1010,11 @@ void ContributionReducer::flush() {
     if (queue_.empty()) return;
     const auto t0 = std::chrono::steady_clock::now();
     slot_of_.resize(queue_.size());
+    row_of_.resize(queue_.size());
     which_.clear();
     for (size_t q = 0; q < queue_.size(); ++q)
         if (queue_[q].buf >= 0) which_.push_back(static_cast<int>(q));
-    // Every waiting token's id needs its slot at once.
-    ids_.clear();
-    for (const int q : which_) ids_.push_back(queue_[q].token_id);
-    std::sort(ids_.begin(), ids_.end());
-    const int distinct = static_cast<int>(std::unique(ids_.begin(), ids_.end()) - ids_.begin());
-    if (cache_slots_ < distinct) cache_slots_ = distinct;
-    fill_cache(which_);
-    const auto t1 = std::chrono::steady_clock::now();
-    dot_seconds_ += std::chrono::duration<double>(t1 - t0).count();
+    assign_sources(which_);
     select(which_);
     const int K = n_layers_ * k_;
     for (const Queued& e : queue_) {

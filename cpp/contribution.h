@@ -144,7 +144,9 @@ std::vector<PanelFn> panel_kernels();  // every one the CPU runs, the chosen one
 // computed, all L x n_ff of them, exactly. c = a * d(y) with d(y) = W_down^T W_U[y] a function of
 // the token id alone: d is cached per token id (LRU, within cache_bytes). When the queue fills
 // queue_bytes, the tokens whose d is cached are selected and their activations freed; the others
-// wait for one pass over W_down that computes d for all their ids at once. (A Cauchy-Schwarz bound
+// wait for one pass over W_down that computes d for all their ids at once, a layer at a time: ids
+// beyond the cache's free slots are projected for the pass alone, so the cache never outgrows its
+// budget and only one layer of the new projections is held per thread. (A Cauchy-Schwarz bound
 // |c_i| <= |a_i| ||W_down[:, i]|| ||W_U[y]|| was measured to prune only about a third of the neurons on
 // SmolLM2, so it is not used.) Activated neurons go into the working bitset of the token's chunk,
 // encoded compactly once the chunk completes (set_record.h).
@@ -178,6 +180,7 @@ public:
     int64_t tokens_processed() const { return tokens_; }
     double seconds() const { return seconds_; }          // time in the contribution pass
     double dot_seconds() const { return dot_seconds_; }  // of which the dot products and products
+    int64_t cache_bytes() const { return static_cast<int64_t>(cache_.capacity() * sizeof(float)); }
     int64_t cache_hits() const { return hits_; }
     int64_t cache_misses() const { return misses_; }
 
@@ -193,7 +196,7 @@ private:
     void flush();
     void select_hits();
     int64_t queued_bytes() const;  // held activations and pending selections
-    void fill_cache(const std::vector<int>& which);
+    void assign_sources(const std::vector<int>& which);
     void select(const std::vector<int>& which);
 
     std::shared_ptr<const ContributionWeights> w_;
@@ -227,8 +230,16 @@ private:
     std::vector<int32_t> cache_token_;    // slot -> token id
     std::vector<int64_t> cache_used_;     // slot -> last step that used it
     std::unordered_map<int32_t, int> cache_index_;
-    std::vector<int> slot_of_, missing_;
-    std::vector<int32_t> ids_;
+    std::vector<int> slot_of_, row_of_;   // [queued] a token's cache slot, its row in the pass's projections
+    std::vector<int32_t> missing_ids_;    // the pass's ids not cached before it, in row order
+    std::vector<int> missing_slot_;       // and the slot each is cached in (-1: none free)
+    std::unordered_map<int32_t, int> pass_row_;
+    struct Scratch {  // one thread's
+        std::vector<float> proj;  // [missing ids, n_ff]: one layer's new projections
+        std::vector<float> row, c, top;
+        std::vector<int32_t> idx;
+    };
+    std::vector<Scratch> scratch_;
     int64_t step_ = 0, hits_ = 0, misses_ = 0;
 };
 

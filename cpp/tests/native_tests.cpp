@@ -2478,6 +2478,10 @@ void test_nad_contributions() {
             pb.queue_bytes = queue;
             const auto r = check_nad_run(cw, w, pb, many, "cache " + std::to_string(cache) + " B, queue " + std::to_string(queue) + " B");
             check_nad_not_trivial(r, "budgets");
+            // The cache holds at most its budget, however many distinct ids a pass carries.
+            ContributionReducer red(cw, pb);
+            run_nad(red, many, L, F);
+            if (cache >= 0) CHECK_MSG(red.cache_bytes() <= cache, "cache of " + std::to_string(red.cache_bytes()) + " B over its budget");
         }
     }
 
