@@ -746,6 +746,12 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     // No floor: a budget below one step's tokens selects and passes every step (W_down is small
     // where the rows of a step are large against the file).
     queue_budget_ = p_.queue_bytes < 0 ? share : p_.queue_bytes;
+    // A pass holds, per token it selects, its top values and (per thread) one layer of its
+    // projection: within the queue's budget, in passes of 16 tokens where that is empty (the
+    // default model at n = 64, where the rows in flight alone take 12% of the file).
+    const int64_t pass_bytes = static_cast<int64_t>(n_layers) * k_ * 8 + 4 +
+                               static_cast<int64_t>(p_.n_threads) * n_ff * 4 + w_->n_embd() * 4;
+    group_tokens_ = p_.pass_tokens > 0 ? p_.pass_tokens : std::max<int64_t>(16, queue_budget_ / pass_bytes);
     cache_.clear();
     // Reserved once: growing would reallocate, copying the cache and holding up to 3x its size at
     // once (and 0.12 s at the 1B shape). Reserved pages not yet written cost no resident memory.
@@ -941,7 +947,7 @@ void ContributionReducer::select(const std::vector<int>& which) {
     sel_c_.resize((base + W) * K);
     sel_i_.resize((base + W) * K);
     sel_eta_.resize(base + W);
-    sel_kth_.resize((base + W) * n_layers_);
+    sel_kth_.resize(static_cast<size_t>(W) * n_layers_);
     const int threads = (static_cast<int64_t>(M + W) * total > 200000) ? p_.n_threads : 1;
     if (static_cast<int>(scratch_.size()) < threads) scratch_.resize(static_cast<size_t>(threads));
     std::atomic<int> next_scratch{0};
@@ -983,7 +989,7 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 const float kth = layer_top(s.c.data(), n_ff_, k_, s.idx.data(), mc, s.top,
                                             sel_c_.data() + at * K + l * k_, sel_i_.data() + at * K + l * k_);
                 // A positive guess prunes; otherwise rank all.
-                sel_kth_[at * n_layers_ + l] = kth > 0 ? 0.5f * kth : -INFINITY;
+                sel_kth_[static_cast<size_t>(j) * n_layers_ + l] = kth > 0 ? 0.5f * kth : -INFINITY;
             }
         }
 #pragma omp for
@@ -999,25 +1005,39 @@ void ContributionReducer::select(const std::vector<int>& which) {
     for (int j = 0; j < W; ++j) {
         Queued& e = queue_[which[j]];
         e.sel = static_cast<int>(base) + j;
-        std::copy_n(sel_kth_.data() + (base + j) * n_layers_, n_layers_, kth_[e.sample].data());
+        std::copy_n(sel_kth_.data() + static_cast<size_t>(j) * n_layers_, n_layers_, kth_[e.sample].data());
         free_.push_back(e.buf);
         e.buf = -1;
         --held_;
     }
 }
 
+// The held tokens go through passes of at most group_tokens_ at a time, in queue order; after each
+// one, the queue's prefix whose selections are all made is recorded.
 void ContributionReducer::flush() {
     if (queue_.empty()) return;
     const auto t0 = std::chrono::steady_clock::now();
-    slot_of_.resize(queue_.size());
-    row_of_.resize(queue_.size());
-    which_.clear();
-    for (size_t q = 0; q < queue_.size(); ++q)
-        if (queue_[q].buf >= 0) which_.push_back(static_cast<int>(q));
-    assign_sources(which_);
-    select(which_);
+    while (held_ > 0) {
+        slot_of_.resize(queue_.size());
+        row_of_.resize(queue_.size());
+        which_.clear();
+        for (size_t q = 0; q < queue_.size() && static_cast<int64_t>(which_.size()) < group_tokens_; ++q)
+            if (queue_[q].buf >= 0) which_.push_back(static_cast<int>(q));
+        assign_sources(which_);
+        select(which_);
+        record_prefix();  // everything up to the pass's last token
+    }
+    record_prefix();
+    seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Records the queue's selected prefix (sets, eta, counts) and drops it; the selections still
+// pending (made early, for cached ids, behind a token still waiting) move down.
+void ContributionReducer::record_prefix() {
     const int K = n_layers_ * k_;
-    for (const Queued& e : queue_) {
+    size_t p = 0;
+    for (; p < queue_.size() && queue_[p].sel >= 0; ++p) {
+        const Queued& e = queue_[p];
         const int sample = e.sample, token = e.token;
         const float* tc = sel_c_.data() + static_cast<size_t>(e.sel) * K;
         const int32_t* ti = sel_i_.data() + static_cast<size_t>(e.sel) * K;
@@ -1041,13 +1061,23 @@ void ContributionReducer::flush() {
         }
         tokens_ += 1;
     }
-    queue_.clear();
-    held_ = 0;
-    sel_c_.clear();
-    sel_i_.clear();
-    sel_eta_.clear();
-    sel_kth_.clear();
-    seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (p == 0) return;
+    queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(p));
+    // In order of their index, so that none is overwritten before it moves.
+    pending_.clear();
+    for (Queued& e : queue_)
+        if (e.sel >= 0) pending_.push_back(&e);
+    std::sort(pending_.begin(), pending_.end(), [](const Queued* a, const Queued* b) { return a->sel < b->sel; });
+    for (size_t j = 0; j < pending_.size(); ++j) {
+        const size_t from = static_cast<size_t>(pending_[j]->sel); if (from != j) fprintf(stderr, "MOVED %zu->%zu\n", from, j);
+        std::copy_n(sel_c_.data() + from * K, K, sel_c_.data() + j * K);
+        std::copy_n(sel_i_.data() + from * K, K, sel_i_.data() + j * K);
+        sel_eta_[j] = sel_eta_[from];
+        pending_[j]->sel = static_cast<int>(j);
+    }
+    sel_c_.resize(pending_.size() * K);
+    sel_i_.resize(pending_.size() * K);
+    sel_eta_.resize(pending_.size());
 }
 
 void ContributionReducer::finish(int sample, int n_tokens) {

@@ -107,6 +107,7 @@ struct ContributionParams {
     // the model file, less where the activation rows of the samples in flight take much of it.
     int64_t cache_bytes = -1;  // per-token-id projections W_down^T W_U[y] kept for reuse
     int64_t queue_bytes = -1;  // activations of committed tokens awaiting one shared pass
+    int pass_tokens = -1;      // the most tokens one pass selects (< 0: auto, from queue_bytes)
 };
 
 // out[q] = col . U[q] for q < n: dot products (NEAT's attribution; AVX2+FMA where the CPU has it).
@@ -198,6 +199,7 @@ private:
     int64_t queued_bytes() const;  // held activations and pending selections
     void assign_sources(const std::vector<int>& which);
     void select(const std::vector<int>& which);
+    void record_prefix();
 
     std::shared_ptr<const ContributionWeights> w_;
     ContributionParams p_;
@@ -210,6 +212,8 @@ private:
     std::vector<Queued> queue_;  // committed tokens, in order, until their selections are recorded
     int64_t held_ = 0;           // of which still holding activations
     int64_t queue_budget_ = 0;   // bytes of held activations and pending selections before a pass
+    int64_t group_tokens_ = 0;   // the most tokens one pass selects
+    std::vector<Queued*> pending_;
     SetRecorder sets_;  // activated sets per chunk, encoded as each chunk completes
     std::vector<std::vector<float>> eta_;
     std::vector<std::vector<int32_t>> count_;

@@ -2467,16 +2467,26 @@ void test_nad_contributions() {
 
     // Budgets: no cache and no queue (a pass every step); a cache of 2 ids and queues of 6 and 40
     // tokens (the tokens whose projection is cached are selected early while the others wait,
-    // across chunk boundaries, and ids are evicted); the automatic ones. The same exact results.
+    // across chunk boundaries, and ids are evicted); the automatic ones; passes of 1, 3 and 5
+    // tokens (the queue recorded a prefix at a time, early selections behind a waiting token
+    // moved down). The same exact results.
     {
         const std::vector<NadSample> many = {nad_sample(23, false, L, F, V, 104), nad_sample(17, true, L, F, V, 105),
                                              nad_sample(20, false, L, F, V, 106)};
         const int64_t row = L * F * static_cast<int64_t>(sizeof(float));
-        for (const auto& [cache, queue] : {std::pair<int64_t, int64_t>{0, 0}, {2 * row, 6 * row}, {2 * row, 40 * row}, {-1, -1}}) {
+        struct Budget {
+            int64_t cache, queue;
+            int pass;
+        };
+        for (const auto& [cache, queue, pass] : {Budget{0, 0, -1}, {2 * row, 6 * row, -1}, {2 * row, 40 * row, -1}, {-1, -1, -1},
+                                                 {0, 0, 1}, {2 * row, 6 * row, 1}, {2 * row, 6 * row, 2}, {2 * row, 40 * row, 3},
+                                                 {-1, -1, 5}}) {
             ContributionParams pb = p;
             pb.cache_bytes = cache;
             pb.queue_bytes = queue;
-            const auto r = check_nad_run(cw, w, pb, many, "cache " + std::to_string(cache) + " B, queue " + std::to_string(queue) + " B");
+            pb.pass_tokens = pass;
+            const auto r = check_nad_run(cw, w, pb, many, "cache " + std::to_string(cache) + " B, queue " + std::to_string(queue) +
+                                                              " B, passes of " + std::to_string(pass));
             check_nad_not_trivial(r, "budgets");
             // The cache holds at most its budget, however many distinct ids a pass carries.
             ContributionReducer red(cw, pb);
