@@ -793,7 +793,7 @@ void ContributionReducer::commit(int sample, int token, int32_t token_id) {
     // The token's activations stay in their buffer until it is selected; the sample writes a fresh
     // one. Its next buffer is taken when its next rows come, after this step's selections have
     // freed the queue's: taking it now would hold n more rows at the peak (11.8 MB of the default
-    // model's 93 MB file at n = 64).
+    // model's 98 MB file at n = 64).
     row_buffer(sample);
     queue_.push_back({sample, token, token_id, cur_[sample], -1});
     cur_[sample] = -1;

@@ -166,7 +166,7 @@ public:
     const ContributionParams& params() const { return p_; }
     // The automatic cache and queue budget (each) for n samples: 5% of the file, or half of what
     // the rows in flight (n x L x n_ff floats) leave of 12% of it, if less (so that the whole mode
-    // stays within about 15% of the file; at n = 64 the default model's rows alone are 12.7%).
+    // stays within about 15% of the file; at n = 64 the default model's rows alone are 12%).
     static int64_t auto_budget(int64_t file_bytes, int n_samples, int n_layers, int64_t n_ff);
     int64_t n_words() const { return n_words_; }
     // The record of a sample's first n_chunks chunks (set_record.h).
