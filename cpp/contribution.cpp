@@ -824,22 +824,10 @@ void ContributionReducer::sync() { flush(); }
 
 void ContributionReducer::select_hits() {
     const auto t0 = std::chrono::steady_clock::now();
-    ++step_;
-    slot_of_.resize(queue_.size());
-    row_of_.resize(queue_.size());
     which_.clear();
-    for (size_t q = 0; q < queue_.size(); ++q) {
-        if (queue_[q].buf < 0) continue;
-        const auto it = cache_index_.find(queue_[q].token_id);
-        if (it == cache_index_.end()) continue;
-        slot_of_[q] = it->second;
-        row_of_[q] = -1;
-        cache_used_[static_cast<size_t>(it->second)] = step_;
-        ++hits_;
-        which_.push_back(static_cast<int>(q));
-    }
-    missing_ids_.clear();
-    missing_slot_.clear();
+    for (size_t q = 0; q < queue_.size(); ++q)
+        if (queue_[q].buf >= 0 && cache_index_.count(queue_[q].token_id)) which_.push_back(static_cast<int>(q));
+    assign_sources(which_);  // all cached: no new ids
     select(which_);
     seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -853,6 +841,8 @@ void ContributionReducer::select_hits() {
 // them) cost one multiply per neuron.
 void ContributionReducer::assign_sources(const std::vector<int>& which) {
     ++step_;
+    slot_of_.resize(queue_.size());
+    row_of_.resize(queue_.size());
     missing_ids_.clear();
     missing_slot_.clear();
     pass_row_.clear();
@@ -1018,8 +1008,6 @@ void ContributionReducer::flush() {
     if (queue_.empty()) return;
     const auto t0 = std::chrono::steady_clock::now();
     while (held_ > 0) {
-        slot_of_.resize(queue_.size());
-        row_of_.resize(queue_.size());
         which_.clear();
         for (size_t q = 0; q < queue_.size() && static_cast<int64_t>(which_.size()) < group_tokens_; ++q)
             if (queue_[q].buf >= 0) which_.push_back(static_cast<int>(q));
@@ -1069,7 +1057,7 @@ void ContributionReducer::record_prefix() {
         if (e.sel >= 0) pending_.push_back(&e);
     std::sort(pending_.begin(), pending_.end(), [](const Queued* a, const Queued* b) { return a->sel < b->sel; });
     for (size_t j = 0; j < pending_.size(); ++j) {
-        const size_t from = static_cast<size_t>(pending_[j]->sel); if (from != j) fprintf(stderr, "MOVED %zu->%zu\n", from, j);
+        const size_t from = static_cast<size_t>(pending_[j]->sel);
         std::copy_n(sel_c_.data() + from * K, K, sel_c_.data() + j * K);
         std::copy_n(sel_i_.data() + from * K, K, sel_i_.data() + j * K);
         sel_eta_[j] = sel_eta_[from];
