@@ -12,6 +12,11 @@ import sys
 from typing import Iterator, List, Tuple
 
 
+def commands(parser: argparse.ArgumentParser) -> List[str]:
+    """Every leaf command, in full: ['neurotap generate', ..., 'neurotap neat calibrate', ...]."""
+    return [full for full, _, _ in _commands(parser, parser.prog)]
+
+
 def _commands(parser: argparse.ArgumentParser, prefix: str) -> Iterator[Tuple[str, str, argparse.ArgumentParser]]:
     """(full command, one-line help, parser) of every leaf command, in the parser's order."""
     for action in parser._actions:  # argparse has no public walk over subcommands
@@ -32,7 +37,7 @@ def _cell(text: str) -> str:
 def _option_rows(parser: argparse.ArgumentParser) -> List[str]:
     rows = []
     for a in parser._actions:
-        if isinstance(a, argparse._HelpAction):
+        if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
             continue
         if a.option_strings:
             name = ", ".join(f"`{o}`" for o in a.option_strings)
@@ -68,6 +73,9 @@ def render(parser: argparse.ArgumentParser) -> str:
     for full, help_, _ in cmds:
         anchor = full.replace(" ", "-")
         out.append(f"| [`{full}`](#{anchor}) | {_cell(help_)} |")
+    top = _option_rows(parser)
+    if top:  # options of `neurotap` itself (beside -h)
+        out += ["", "Options of `neurotap` itself:", "", "| argument | default | meaning |", "|---|---|---|", *top]
     for full, help_, sub in cmds:
         anchor = full.replace(" ", "-")
         out += ["", f"## {full} {{#{anchor}}}", "", help_[:1].upper() + help_[1:] + ".", "",

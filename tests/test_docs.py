@@ -93,9 +93,15 @@ def test_mkdocs_build_strict(tmp_path):
 
 
 def test_cli_page_is_current():
-    from gen_cli_doc import render
+    from gen_cli_doc import commands, render
 
     from neurotap.apps.cli import build_parser
 
+    parser = build_parser()
     current = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
-    assert render(build_parser()) == current, "docs/cli.md is stale: python tests/gen_cli_doc.py > docs/cli.md"
+    assert render(parser) == current, "docs/cli.md is stale: python tests/gen_cli_doc.py > docs/cli.md"
+    # The README's table of commands is written by hand: it must name every command there is.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = [line for line in readme.splitlines() if line.startswith("| `neurotap ")]
+    missing = [c for c in commands(parser) if not any(line.startswith(f"| `{c}") for line in table)]
+    assert not missing, f"README.md's table of commands lacks {missing}"
