@@ -126,4 +126,20 @@ gomp = [p for p in maps if os.path.basename(p).startswith("libgomp")]
 assert len(gomp) <= 1, gomp
 print(f"tapped {len(samples)} samples: {[s.text for s in samples]}; loaded {llama + gomp}")
 EOF
+# A model llama_cpp.Llama loaded, tapped: both sides use the same library files.
+"${NOCC[@]}" python - <<'EOF'
+import os
+import llama_cpp
+import neurotap
+path = str(neurotap.resolve("smollm2-135m"))
+llm = llama_cpp.Llama(path, n_ctx=256, n_threads=2, verbose=False)
+g = neurotap.tap(llm).generate("Hi", max_tokens=3, temperature=0)
+assert len(g.tokens) == 3 and (g.active_counts > 0).all(), (g.tokens, g.active_counts)
+lib = os.path.join(os.path.dirname(os.path.realpath(llama_cpp.__file__)), "lib")
+maps = {line.split()[-1] for line in open("/proc/self/maps") if "/lib" in line}
+mapped = sorted(p for p in maps if os.path.basename(p).startswith(("libllama.so", "libggml")))
+names = [os.path.basename(p).split(".so")[0] for p in mapped]
+assert all(os.path.dirname(p) == lib for p in mapped) and len(set(names)) == len(names), mapped
+print(f"tapped a llama_cpp.Llama: {g.text!r}")
+EOF
 step "passed"
