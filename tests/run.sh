@@ -22,4 +22,5 @@ if [ -n "${CMAKE_ARGS:-}" ] && grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
     fi
 fi
 .venv/bin/python -m pytest -q tests
+PYTHON="$PY" bash tests/wheel_check.sh  # the wheel as users get it: built, repaired, installed without a compiler
 PYTHON="$PWD/.venv/bin/python" bash cpp/tests/run_sanitized.sh
