@@ -5,12 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _MAPS_SCRIPT = r"""
 import re, sys
-import llama_cpp
-import neurotap
+{imports}
 m = neurotap.load("smollm2-135m", n_ctx=256, n_threads=2)
 llm = llama_cpp.Llama(str(m.info.path), n_ctx=256, n_threads=2, verbose=False)
 neurotap.tap(llm).generate("Hi", max_tokens=2, temperature=0)
@@ -22,15 +23,19 @@ for line in open("/proc/self/maps"):
         if mo:
             libs.setdefault(mo.group(1), set()).add(parts[5])
 import os, json
-
-NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
 print(json.dumps({k: sorted(os.path.realpath(p) for p in v) for k, v in libs.items()}))
 print(json.dumps(os.path.dirname(llama_cpp.__file__)))
 """
 
 
-def test_one_copy_of_llama_cpp_in_the_process():
-    out = subprocess.run([sys.executable, "-c", _MAPS_SCRIPT], capture_output=True, text=True, check=True)
+# Either import order: llama_cpp opens libllama.so by path, the module needs libllama.so.0 (two
+# files in llama-cpp-python's package); neurotap first once mapped both.
+@pytest.mark.parametrize("imports", ["import llama_cpp\nimport neurotap", "import neurotap\nimport llama_cpp"],
+                         ids=["llama_cpp-first", "neurotap-first"])
+@pytest.mark.model
+def test_one_copy_of_llama_cpp_in_the_process(imports):
+    out = subprocess.run([sys.executable, "-c", _MAPS_SCRIPT.replace("{imports}", imports)],
+                         capture_output=True, text=True, check=True)
     import json
 
     lines = out.stdout.strip().splitlines()

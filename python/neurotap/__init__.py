@@ -8,6 +8,8 @@ The package is layered; each layer imports only the ones below it:
     apps      eval, rank-models, quantize, the command line             (neurotap.apps)
 This module only gathers the public names.
 """
+# First: llama.cpp loaded from llama_cpp's own path, so a process holds one copy (see the module).
+from .core import llama_libs  # noqa: F401  isort: skip
 from .core.errors import ContextError, ModelError, ModelNotInstalledError, NativeError
 from .methods import nad, neat, neureasoner, selection
 from .runtime.model import Generation, Model, ModelInfo, load, tap
