@@ -12,6 +12,20 @@ from ..core.io import check_output
 from ..runtime.registry import default_model, known_models, resolve
 
 
+def version_text() -> str:
+    """neurotap's version and the llama-cpp-python it runs on (read from the installed metadata:
+    importing llama_cpp would install its log callback)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"neurotap {of('neurotap')} (llama-cpp-python {of('llama-cpp-python')})"
+
+
 def _load(args: argparse.Namespace):
     from ..runtime.model import load
 
@@ -164,6 +178,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     for f in report["failed_tasks"]:
         print(f"[task {f['id']} failed: {f['error']}]")
+    if report["failed_tasks"] and not report["config"]["n_tasks"]:  # a report of failures only is no result
+        print(f"neurotap: error: every task failed ({len(report['failed_tasks'])} of {len(tasks)}); "
+              f"report: {args.out}", file=sys.stderr)
+        return 1
     nr = report.get("neat_run")
     if nr:
         full = report["full_run"]["tokens"]
@@ -364,6 +382,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="neurotap", description="Watch FFN neurons of GGUF models in llama.cpp.")
+    ap.add_argument("--version", action="version", version=version_text())
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text and report neuron figures")

@@ -17,7 +17,7 @@ from ..core.progress import run_with_progress
 from .chat import ChatTemplate, check_chat_template, check_messages, load_template
 from .memory import check_fits, record_bytes_per_token, run_parts
 from .pool import ContextPool
-from .registry import default_model, resolve
+from .registry import default_model, registry_chat_template, resolve
 from .sampling import Sample, SampleRun, TokenRecord, plan_cells, record_fields, run_options
 
 Messages = Sequence[Dict[str, str]]
@@ -105,8 +105,11 @@ class Model:
 
     def __init__(self, native: "_native.Model", *, name: str, n_ctx: int, n_threads: Optional[int],
                  flash_attn: bool = True, max_sample_cells: int = 32768, keepalive: Any = None,
-                 chat_template: str = "jinja", chat_template_kwargs: Optional[Dict[str, Any]] = None):
+                 chat_template: str = "jinja", chat_template_kwargs: Optional[Dict[str, Any]] = None,
+                 fallback_chat_template: Optional[str] = None):
         self._native = native
+        # The registry's template for a known model whose file carries none (Gemma 3 270M's).
+        self._fallback_template = fallback_chat_template
         #: How chat messages become a prompt: "jinja" (the GGUF's template) or "builtin" (llama.cpp's).
         self.chat_template = check_chat_template(chat_template)
         #: Variables every Jinja rendering sees (e.g. {"enable_thinking": False}); per call ones win.
@@ -198,7 +201,7 @@ class Model:
     def _jinja_template(self) -> ChatTemplate:
         with self._jinja_lock:  # read and compiled once, on first use
             if self._jinja is None:
-                tmpl = load_template(self.info.path, self.info.n_vocab, self.token_text)
+                tmpl = load_template(self.info.path, self.info.n_vocab, self.token_text, self._fallback_template)
                 if tmpl is None:
                     raise ValueError("model has no chat template: pass a plain prompt instead of messages")
                 self._jinja = tmpl
@@ -414,7 +417,8 @@ def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int
     native = _native.Model.load(str(path), int(n_gpu_layers))
     return Model(native, name=name if not str(name).endswith(".gguf") else Path(name).name, n_ctx=n_ctx,
                  n_threads=n_threads, flash_attn=flash_attn, max_sample_cells=max_sample_cells,
-                 chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
+                 chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+                 fallback_chat_template=registry_chat_template(name))
 
 
 def tap(llm: Any, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,
