@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import _native
+from ..core.defaults import GENERATE, SAMPLE
 from ..core.errors import ContextError
 from ..core.params import int_in
 from ..core.progress import run_with_progress
@@ -244,8 +245,9 @@ class Model:
         raise TypeError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, prompt: Prompt, *, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
-                 top_k: int = 40, min_p: float = 0.0, seed: Optional[int] = None,
+    def generate(self, prompt: Prompt, *, max_tokens: int = 128, temperature: float = GENERATE.temperature,
+                 top_p: float = GENERATE.top_p, top_k: int = GENERATE.top_k, min_p: float = GENERATE.min_p,
+                 seed: Optional[int] = GENERATE.seed,
                  stop: Optional[Union[str, Sequence[str]]] = None, capture: Optional[str] = None,
                  hooks: Sequence[str] = (), tap: bool = True, active_threshold: float = 0.0,
                  progress: Optional[bool] = False, forced: Optional[Sequence[int]] = None,
@@ -302,6 +304,22 @@ class Model:
         that predicts tokens[j] after the prompt (teacher forcing; nothing is sampled)."""
         return self.generate(prompt, forced=tokens, capture=capture, hooks=hooks, temperature=0)
 
+    def forced_logprobs(self, prompt: Prompt, tokens: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        """log p(tokens[j] | prompt + tokens[:j]) under the model's raw distribution (llama.cpp's
+        logits, full softmax) for each j, and the argmax token at each position (float64, int32):
+        one teacher-forced run in generate's context, nothing sampled (lm-eval's loglikelihood)."""
+        forced = [int(t) for t in tokens]
+        if not forced:
+            raise ValueError("tokens must hold at least one token")
+        opts = run_options(n=1, max_tokens=len(forced), temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
+                           stop=None, reducers=(), tap=False, logprobs=1, forced=forced, seed_per_sample=False)
+        ids = self.prompt_tokens(prompt)
+        with self._lock:
+            run = _native.Run(self._generate_context(), ids, opts)
+            run.advance(len(forced))
+            d = run.sample(0)
+        return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"])[:, 0]
+
     def run_memory(self, opts: Any, n_prompt: int, new_context: bool = True) -> Dict[str, int]:
         """Bytes a run with these native options will need at its peak, by part (the KV cells of
         the context it takes when `new_context`)."""
@@ -328,8 +346,9 @@ class Model:
         return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n), n_seq_max=n,
                                n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
 
-    def start_sampling(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, temperature: float = 0.6,
-                       top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0, seed: Optional[int] = 0,
+    def start_sampling(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256,
+                       temperature: float = SAMPLE.temperature, top_p: float = SAMPLE.top_p,
+                       top_k: int = SAMPLE.top_k, min_p: float = SAMPLE.min_p, seed: Optional[int] = SAMPLE.seed,
                        stop: Optional[Union[str, Sequence[str]]] = None,
                        reducers: Sequence[str] = ("counts", "active_sets"), chunk: int = 32,
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,

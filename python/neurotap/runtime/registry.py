@@ -39,6 +39,14 @@ def registry_chat_template(name: str) -> Optional[str]:
     return entry.get("chat_template") if entry else None
 
 
+def check_gguf(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """A GGUF file's summary, read by the native bounds-checked reader; ModelError for a corrupt,
+    truncated or unsupported file (before llama.cpp, which may abort on one, sees it)."""
+    from .. import _native
+
+    return _native.gguf_summary(str(path))
+
+
 def _looks_like_path(model: str) -> bool:
     return model.endswith(".gguf") or os.sep in model or (os.altsep or "\0") in model
 
