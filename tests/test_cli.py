@@ -80,3 +80,10 @@ def test_eval_on_gemma_answers(tmp_path):
     for task in rep["tasks"]:
         assert "error" not in task and len(task["samples"]) == 2
         assert all(s["tokens"] > 0 and s["text"].strip() for s in task["samples"])
+
+
+def test_info_on_gemma_names_the_registry_template():
+    r = run("info", "gemma3-270m", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"architecture\s+gemma3", r.stdout) and "ffn_geglu-0" in r.stdout
+    assert re.search(r"chat template\s+no \(the registry supplies one\)", r.stdout)

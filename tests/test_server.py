@@ -368,3 +368,15 @@ def test_server_module_runs_as_the_serve_command():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "usage: neurotap serve" in r.stdout and "--max-queue" in r.stdout
+
+
+def test_nad_streams_the_winner_from_the_decision(client):
+    spec = {"n": 4, "method": "minact", "early_stop": 8}
+    kw = dict(model="m", messages=MSGS, max_tokens=40, seed=11, temperature=0.8, top_p=0.95,
+              extra_body={"nad": spec, "top_k": 40, "min_p": 0.05})
+    whole = client.chat.completions.create(**kw)
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len(pieces) > 2  # the winner's first 8 tokens at the decision, then token by token
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core.defaults import CALIBRATE, CLI_GENERATE, CLI_SAMPLE, Sampling
 from ..core.io import check_output
-from ..runtime.registry import default_model, known_models, resolve
+from ..runtime.registry import default_model, known_models, registry_chat_template, resolve
 
 
 def version_text() -> str:
@@ -223,7 +223,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"layers        {i.n_layers}\nn_ff          {i.n_ff}\nn_embd        {i.n_embd}")
     print(f"total neurons {i.total_neurons} ({i.n_layers} x {i.n_ff})\nparameters    {i.n_params}")
     print(f"tapped        {t[0]} ... {t[-1]} ({len(t)} tensors, one per layer)")
-    print(f"chat template {'yes' if i.has_chat_template else 'no'}")
+    fallback = "no (the registry supplies one)" if registry_chat_template(args.model) else "no"
+    print(f"chat template {'yes' if i.has_chat_template else fallback}")
     mem = model.memory()
     print(f"memory        weights {mem['weights'] / 2**20:.0f} MiB | KV {mem['kv'] / 2**20:.0f} MiB "
           f"({model.n_ctx} cells x {i.kv_bytes_per_cell} bytes) | mapped for contributions "

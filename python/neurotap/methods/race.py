@@ -7,17 +7,20 @@ best_of_n, `neurotap eval` and the server all run their races through NadRace:
     with NadRace(model, prompt, n=16, early_stop=32, max_tokens=256, seed=0) as race:
         race.advance()              # every candidate to the decision (32 tokens, or its end)
         pick = race.decide("knn")   # select, then hand the winner off and free the losers
-        while race.advance(race.tokens_held + 16):  # the winner, in steps (a server streams them)
+        at = race.decision_at
+        while race.advance(at := at + 16):  # the winner, in steps (a server streams them)
             ...
         winner = race.sample(pick)
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Iterable, List, Optional
 
 import numpy as np
 
 from ..core.defaults import SAMPLE
+from ..runtime.chat import read_metadata
 from ..runtime.model import Model, Prompt
 from ..runtime.sampling import Sample, SampleRun
 from .nad import check_early_stop, decision_chunk, set_sizes, similarity
@@ -36,6 +39,20 @@ def check_pick_method(method: str, n: int, early_stop: Optional[int], max_tokens
         raise ValueError(f"method '{method}' cannot decide early; early-stopping methods: {', '.join(early_methods())}")
 
 
+@lru_cache(maxsize=None)
+def _sliding_window(path: str, architecture: str) -> bool:
+    return bool(read_metadata(path, (f"{architecture}.attention.sliding_window",)))
+
+
+def can_hand_off(model: Model) -> bool:
+    """Whether a live sample's KV state can move into a context of its own. Not for models with
+    sliding-window attention layers (Gemma 3): the native hand-off cuts one sequence's state out
+    of the race's per-sequence streams in the layout of a plain KV cache, and a one-sequence
+    context refuses it ("could not restore the handed-off KV state"); their winners go on in the
+    race's context, as before the hand-off existed."""
+    return not _sliding_window(model.info.path, model.info.architecture)
+
+
 def race_logprobs(methods: Iterable[str], logprobs: int = 0) -> int:
     """Top log-probabilities a race records: what its selectors read, or what its caller asked for."""
     return max(int(logprobs), TOP_LOGPROBS if any(METHODS[m].needs_logprobs for m in methods) else 0)
@@ -48,7 +65,8 @@ class NadRace:
     per sample only and frees them at the decision, and the winner goes on alone with the tap
     off. hand_off=False keeps the race's context (a caller that continues several picks
     together, as `neurotap eval`). NEAT watches the winner to its end: with neat= the winner
-    goes on in the race's context. The winner draws the same tokens either way; a handed-off
+    goes on in the race's context, and so does it on a model `can_hand_off` refuses (sliding-
+    window attention). The winner draws the same tokens either way; a handed-off
     winner's token_logprob and mean_logprob cover all its tokens, its top_ids and top_logprobs are
     None until the native record of a handed-off sample keeps them whole (see `sample`)."""
 
@@ -58,7 +76,7 @@ class NadRace:
         check_early_stop(early_stop, max_tokens)
         self.model, self.n, self.early_stop, self.max_tokens, self.seed = model, n, early_stop, max_tokens, seed
         self.hand_off = (hand_off and early_stop is not None and early_stop < max_tokens
-                         and sampling.get("neat") is None)
+                         and sampling.get("neat") is None and can_hand_off(model))
         self.decision_at = early_stop if early_stop is not None else max_tokens
         self._run: SampleRun = model.start_sampling(
             prompt, n=n, max_tokens=max_tokens, seed=seed, reducers=("contributions",),
@@ -187,4 +205,4 @@ class NadRace:
         self.close()
 
 
-__all__ = ["NadRace", "check_pick_method", "race_logprobs"]
+__all__ = ["NadRace", "can_hand_off", "check_pick_method", "race_logprobs"]

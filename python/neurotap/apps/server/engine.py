@@ -227,14 +227,21 @@ class Server:
         with NadRace(self.model, r.ids, n=n, early_stop=early, max_tokens=r.max_tokens, seed=seed,
                      logprobs=race_logprobs([method], k), stop=r.stop or None, ignore_eos=r.ignore_eos,
                      neat=r.neat, hand_off=not r.want_logprobs, **r.sampling) as race:
+            # Streamed from the decision on: the winner's first tokens at once, then token by token.
+            stream = Streamer(job, r.stop) if r.stream else None
             try:
                 self._advance(job, race, race.decision_at)
                 pick = race.decide(method, k=spec["k"])
-                self._advance(job, race, r.max_tokens, start=race.decision_at)
+                on_step = (lambda _: stream.update(race.sample(pick))) if stream else None
+                if on_step is not None:
+                    on_step(race)
+                self._advance(job, race, r.max_tokens, on_step, 1 if stream else SLICE, start=race.decision_at)
             except Cancelled:
                 race.finish_live("cancelled")
                 raise
             winner = race.sample(pick)
+            if stream:
+                stream.finish(winner.text.encode("utf-8"), winner)
             cands, S, sizes = race.candidates, race.similarity(), race.set_sizes()
         choice = self._choice(winner, r)
         choice["index"] = 0

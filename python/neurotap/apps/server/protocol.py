@@ -201,8 +201,6 @@ def _parse_methods(body: Dict[str, Any], r: GenRequest, model: Model, neat_cals:
             raise RequestError(f"method '{m}' cannot decide early (nad.early_stop)", "nad.early_stop")
         if r.n != 1:
             raise RequestError("'n' must be 1 with 'nad' (nad.n sets the samples)", "n")
-        if r.stream:
-            raise RequestError("'stream' is not supported with 'nad'", "stream")
         r.nad = spec
     neat = body.get("neat")
     if neat is not None:

@@ -58,8 +58,11 @@ class Streamer:
             self.job.emit("delta", {"text": text, "logprobs": lps})
 
     def __call__(self, run: Any) -> None:
-        s = run.sample(0)
-        self._push(s.text.encode("utf-8"), s, False)
+        self.update(run.sample(0))
+
+    def update(self, sample: Any) -> None:
+        """The streamed sample as it stands now: what it added goes out."""
+        self._push(sample.text.encode("utf-8"), sample, False)
 
     def finish(self, data: bytes, sample: Any = None) -> None:
         self._push(data, sample, True)
