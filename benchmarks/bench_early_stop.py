@@ -31,6 +31,8 @@ from pathlib import Path
 import neurotap
 from common import PeakAnon, status_mb
 from neurotap import nad
+from neurotap.apps.cli import nad_args, threads_arg
+from neurotap.methods.race import NadRace
 
 PROMPT = [{"role": "user", "content": "Tom has 23 apples and buys 45 more. How many apples does Tom have now? "
                                       "Think it through carefully."}]
@@ -66,20 +68,19 @@ def race_only(model, n: int, early: int, tokens: int, tail: int) -> None:
     kvb = model.info.kv_bytes_per_cell
     n_prompt = len(model.prompt_tokens(PROMPT))
     t0 = time.perf_counter()
-    with model.start_sampling(PROMPT, n=n, max_tokens=tokens, seed=7, reducers=("contributions",), chunk=early,
-                              kv_tokens=early, ignore_eos=True) as run:
-        race_cells = model._pool.cells()
-        run.advance(early)
-        cands = run.samples()
-        pick = nad.select(cands, "knn", tokens=early, k=3, seed=7, n_vocab=model.info.n_vocab)
+    with NadRace(model, PROMPT, n=n, early_stop=early, max_tokens=tokens, seed=7, chunk=early,
+                 ignore_eos=True) as race:
+        race_cells = model.memory()["kv"] // kvb
+        race.advance()
+        pick = race.select("knn", k=3)
         t_race = time.perf_counter() - t0
-        with run.continue_one(pick) as tail_run:
-            tail_cells = model._pool.cells()
-            kv_bytes = (n_prompt + early) * kvb  # the handed-off sequence's cells
-            t1 = time.perf_counter()
-            tail_run.advance(early + tail)
-            t_tail = time.perf_counter() - t1
-            kept = tail_run.sample(0).n_tokens
+        race.keep([pick])
+        tail_cells = model.memory()["kv"] // kvb
+        kv_bytes = (n_prompt + early) * kvb  # the handed-off sequence's cells
+        t1 = time.perf_counter()
+        race.advance(early + tail)
+        t_tail = time.perf_counter() - t1
+        kept = race.sample(pick).n_tokens
     ideal = n_prompt + n * early + tokens
     print(f"{Path(model.info.path).name}: n={n} early_stop={early} max_tokens={tokens} prompt={n_prompt}")
     print(f"  race: {race_cells} KV cells ({race_cells * kvb / 2**20:.0f} MiB), {n} x {early} tokens in {t_race:.1f} s "
@@ -95,11 +96,10 @@ def race_only(model, n: int, early: int, tokens: int, tail: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", required=True)
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--early-stop", type=int, default=32)
+    nad_args(ap, n=16, early_stop=32)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    threads_arg(ap, 2)
     ap.add_argument("--race-only", type=int, default=0, metavar="N")
     ap.add_argument("--tail", type=int, default=256)
     ap.add_argument("--best-only", action="store_true")

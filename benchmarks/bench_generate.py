@@ -17,6 +17,7 @@ import time
 import llama_cpp
 
 import neurotap
+from neurotap.apps.cli import model_arg, threads_arg
 
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and a storm."}]
 
@@ -38,8 +39,8 @@ def neurotap_rate(model, ids, n, **kw):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=neurotap.default_model())
-    ap.add_argument("--threads", type=int, default=neurotap.runtime.model.default_threads())
+    model_arg(ap)
+    threads_arg(ap, neurotap.runtime.model.default_threads())
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json", help="also write the results here")

@@ -16,6 +16,7 @@ import statistics
 
 import neurotap
 from neurotap import nad
+from neurotap.apps.cli import nad_args, threads_arg
 from neurotap.scoring.tasks import arith, format_prompt
 
 TEXT = [{"role": "user", "content": "Tom has 23 apples and buys 45 more. How many apples does Tom have now?"}]
@@ -30,12 +31,11 @@ def per_token(model, n, tokens, **kw):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    nad_args(ap, n=16, early_stop=32)
+    threads_arg(ap, 2)
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tasks", type=int, default=5)
-    ap.add_argument("--early-stop", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args()
     model = neurotap.load(n_threads=args.threads)

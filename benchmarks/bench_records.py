@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from neurotap.apps.cli import threads_arg
 from common import rows_per_model, save_rows
 
 KINDS = {"contribution_sets": "NAD activated sets", "active_sets": "active sets (act > 0)"}
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
+    threads_arg(ap, 2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: measure one model, print JSON
     a = ap.parse_args()

@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 
 import neurotap
+from neurotap.apps.cli import model_arg, threads_arg
+from neurotap.core.defaults import SAMPLE
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening, counting each step, listening to the sea "
         "as the storm gathered over the northern cliffs and the fishing boats hurried home before dark. ") * 4
-SAMPLING = dict(temperature=0.6, top_p=0.95, top_k=40)
+SAMPLING = dict(temperature=SAMPLE.temperature, top_p=SAMPLE.top_p, top_k=SAMPLE.top_k)  # the API's defaults
 
 
 def prompt_ids(model, n_tokens):
@@ -78,9 +80,9 @@ def batched_bench_rates(path, ns, prompt, tokens, threads):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=neurotap.default_model())
+    model_arg(ap)
     ap.add_argument("--n", default="1,4,16,64")
-    ap.add_argument("--threads", type=int, default=neurotap.runtime.model.default_threads())
+    threads_arg(ap, neurotap.runtime.model.default_threads())
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 
+from neurotap.apps.cli import threads_arg
 from common import PeakAnon, rows_per_model, save_rows
 
 PROMPT = [{"role": "user", "content": "Tom has 23 apples and buys 45 more, then gives away 17. How many apples "
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--n", default="1,16")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    threads_arg(ap, 2)
     ap.add_argument("--text", default=None, help="random (default), real, distinct, or a list: random,real")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: measure one model, print JSON

@@ -25,6 +25,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import neurotap
+from neurotap.apps.cli import model_arg, threads_arg
 
 TOPICS = ["a lighthouse", "a storm at sea", "an old clock", "a lost cat", "a mountain village", "a night train",
           "a robot gardener", "a winter market", "a desert well", "a paper boat", "a city library", "a red kite"]
@@ -74,8 +75,8 @@ def workload(base: str, prompts: list, max_tokens: int, clients: int, n: int = 1
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=neurotap.default_model())
-    ap.add_argument("--threads", type=int, default=2)
+    model_arg(ap)
+    threads_arg(ap, 2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=8, help="requests per workload")
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients of the second workload")

@@ -19,6 +19,7 @@ from collections import Counter
 
 import neurotap
 from neurotap import nad, neat
+from neurotap.apps.cli import threads_arg
 from neurotap.core.io import write_atomic
 
 
@@ -33,7 +34,7 @@ PROMPTS = ["What is 17 + 25?", "Name three colors.", "Write one sentence about t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--threads", type=int, default=2)
+    threads_arg(ap, 2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON with the per-minute rows")
     a = ap.parse_args()

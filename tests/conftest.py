@@ -7,7 +7,7 @@ import neurotap
 # Tests that need the real model carry the `model` marker: `pytest -m "not model"` runs the pure
 # ones (scoring, selectors, NEX, the layer check) in seconds. A test is marked when it uses the
 # model fixtures or its module sets NEEDS_MODEL = True (tests that load models themselves).
-MODEL_FIXTURES = {"model", "model_path"}
+MODEL_FIXTURES = {"model", "model_path", "gemma"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +28,13 @@ def model_path() -> str:
 @pytest.fixture(scope="session")
 def model() -> "neurotap.Model":
     return neurotap.load("smollm2-135m", n_ctx=1024, n_threads=THREADS)
+
+
+@pytest.fixture(scope="session")
+def gemma() -> "neurotap.Model":
+    """The second shipped model (gemma3 architecture, GeGLU, no chat template in its file). The
+    `test` extra installs it: its tests run, never skip (a missing package fails them)."""
+    return neurotap.load("gemma3-270m", n_ctx=512, n_threads=THREADS)
 
 
 CHAT = [{"role": "user", "content": "Name three colors."}]

@@ -221,3 +221,36 @@ def test_rank_models_loads_its_variants_with_the_chosen_renderer(model_path, tmp
     assert main(args) == 0
     assert seen == ["builtin", "builtin", "jinja", "jinja"]
     assert runtime_model.DEFAULT_CHAT_TEMPLATE == "jinja"
+
+
+def llama_cpp_builtin(template_name, messages):
+    """llama.cpp's own renderer for a named template family (llama_chat_apply_template)."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(8192)
+    n = llama_cpp.llama_chat_apply_template(template_name, chat, len(messages), True, buf, len(buf))
+    assert 0 < n <= len(buf)
+    return buf.raw[:n].decode("utf-8")
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_gemma_without_a_file_template_gets_the_registry_template(gemma, name):
+    # The GGUF has no tokenizer.chat_template (llama-cpp-python would fall back to llama-2's format):
+    # the registry's Gemma 3 template writes what llama.cpp's built-in 'gemma' template writes, after the BOS.
+    assert not gemma.info.has_chat_template
+    text = gemma.apply_chat_template(MESSAGES[name])
+    assert text == "<bos>" + llama_cpp_builtin(b"gemma", MESSAGES[name])
+    ids = gemma.prompt_tokens(MESSAGES[name])
+    assert ids[0] == gemma.tokenize("", add_special=True)[0]  # the BOS, once
+    assert ids.count(ids[0]) == 1
+
+
+def test_gemma_generates_from_chat_messages(gemma):
+    # The shipped file is the pretrained (not instruction-tuned) 270M: it continues rather than
+    # answers, so what is checked is that chat messages work at all (they raised before).
+    g = gemma.generate(MESSAGES["multi-turn"], max_tokens=12, temperature=0)
+    assert g.n_tokens > 0 and g.text.strip()
+    assert g.tokens == gemma.generate(gemma.prompt_tokens(MESSAGES["multi-turn"]), max_tokens=12, temperature=0).tokens

@@ -42,3 +42,48 @@ def test_sample_prints_every_answer_with_figures():
     assert [h[0] for h in heads] == ["0", "1", "2"]
     assert all(0 < int(h[1]) <= 12 and 0 < int(h[2]) <= 46080 for h in heads)
     assert re.search(r"\[3 samples \| \d+ tokens in [\d.]+ s \([\d.]+ tok/s aggregate\)", r.stdout)
+
+
+def test_version_names_neurotap_and_llama_cpp_python():
+    from pathlib import Path
+
+    # Both versions as pyproject.toml writes them (the one place each is set).
+    toml = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', toml, re.M).group(1)
+    llama = re.search(r'"llama-cpp-python==([^"]+)"', toml).group(1)
+    r = run("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"neurotap {version} (llama-cpp-python {llama})"
+
+
+def test_eval_exits_nonzero_when_every_task_fails(tmp_path):
+    # n_ctx 256 holds no prompt plus 256 new tokens: every task fails with a context error.
+    out = tmp_path / "r.json"
+    r = run("eval", "--tasks", "arith", "--limit", "2", "-n", "2", "--max-tokens", "256", "--ctx", "256",
+            "--methods", "avg", "--threads", "2", "--quiet", "--out", str(out))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "every task failed (2 of 2)" in r.stderr
+    assert len(re.findall(r"^\[task \S+ failed: ContextError", r.stdout, re.M)) == 2
+    assert out.is_file()  # the report of the failures is still written
+
+
+def test_eval_on_gemma_answers(tmp_path):
+    import json
+
+    out = tmp_path / "g.json"
+    r = run("eval", "-m", "gemma3-270m", "--tasks", "arith", "--limit", "2", "-n", "2", "--max-tokens", "24",
+            "--methods", "avg,majority,minact", "--threads", "2", "--quiet", "--out", str(out))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    rep = json.loads(out.read_text())
+    assert rep["failed_tasks"] == [] and rep["config"]["n_tasks"] == 2
+    assert rep["model"]["architecture"] == "gemma3"
+    for task in rep["tasks"]:
+        assert "error" not in task and len(task["samples"]) == 2
+        assert all(s["tokens"] > 0 and s["text"].strip() for s in task["samples"])
+
+
+def test_info_on_gemma_names_the_registry_template():
+    r = run("info", "gemma3-270m", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"architecture\s+gemma3", r.stdout) and "ffn_geglu-0" in r.stdout
+    assert re.search(r"chat template\s+no \(the registry supplies one\)", r.stdout)

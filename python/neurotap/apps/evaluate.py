@@ -18,8 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..core.defaults import SAMPLE
 from ..core.io import atomic_path, check_output, write_atomic
 from ..methods.nad import check_early_stop, decision_chunk, early_stop_tokens, set_sizes, similarity
+from ..methods.race import NadRace
 from ..methods.neat import load_calibration
 from ..methods.neureasoner import ACTIONS, LEVELS
 from ..methods.neureasoner import load_calibration as load_neureasoner
@@ -38,8 +40,8 @@ def _task_seed(seed: int, index: int) -> int:
 
 
 def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Sequence[str] = DEFAULT_METHODS,
-             early_stop: Optional[int] = None, max_tokens: int = 256, seed: int = 0, temperature: float = 0.6,
-             top_p: float = 0.95, top_k: int = 40, k: int = 3, template: str = DEFAULT_PROMPT,
+             early_stop: Optional[int] = None, max_tokens: int = 256, seed: int = SAMPLE.seed,
+             temperature: float = SAMPLE.temperature, top_p: float = SAMPLE.top_p, top_k: int = SAMPLE.top_k, k: int = 3, template: str = DEFAULT_PROMPT,
              progress: bool = True, neat: Any = None, neureasoner: Any = None, out: Optional[os.PathLike] = None,
              resume: bool = False) -> Dict[str, Any]:
     """Every method on every task; returns the report. With `out`, the report is written there
@@ -154,17 +156,15 @@ def _evaluate_task(model: Model, task: Task, ti: int, methods: Sequence[str], ea
     if early:
         assert early_stop is not None
         t1 = time.perf_counter()
-        with model.start_sampling(prompt, seed=s_seed, **sampling) as es:
-            es.advance(early_stop)
-            prefix = es.samples()
-            early_picks: Dict[str, int] = {}
-            for m in early:
-                pick = select(prefix, m, tokens=early_stop, k=k, seed=s_seed, n_vocab=V)
-                assert pick is not None  # early methods always pick
-                early_picks[m] = pick
-            es.keep(sorted(set(early_picks.values())))
+        # The early methods' picks (one or several) go on together in the race's context.
+        race_sampling = {key: v for key, v in sampling.items() if key != "reducers"}
+        with NadRace(model, prompt, early_stop=early_stop, seed=s_seed, hand_off=False, **race_sampling) as es:
             es.advance()
-            final = es.samples()
+            prefix = es.candidates
+            early_picks = {m: es.select(m, k=k, seed=s_seed) for m in early}
+            es.keep(early_picks.values())
+            es.advance()
+            final = [es.sample(i) for i in range(es.n)]
         cost["early_seconds"] = time.perf_counter() - t1
         row["early_picks"] = early_picks
         row["early_tokens"] = {}

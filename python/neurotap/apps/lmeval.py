@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .. import _native
+from ..core.defaults import LMEVAL_GREEDY, SAMPLE
 from ..methods.nad import best_of_n
 from ..runtime.chat import read_metadata, special_ids
-from ..runtime.model import Model, load
-from ..runtime.sampling import run_options
+from ..runtime.model import load
 
 try:
     from lm_eval.api.model import LM
@@ -44,19 +43,6 @@ def request_seed(seed: int, context: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(context.encode("utf-8"))) % 2**32
 
 
-def forced_logprobs(model: Model, prompt: Sequence[int], tokens: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """log p(tokens[j] | prompt + tokens[:j]) for each j, and the argmax token at each position:
-    one teacher-forced native run with logprobs recorded (the forced token counts as sampled)."""
-    opts = run_options(n=1, max_tokens=len(tokens), temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
-                       stop=None, reducers=(), tap=False, logprobs=1, forced=[int(t) for t in tokens],
-                       seed_per_sample=False)
-    with model._lock:  # generate's single-sequence context (the runtime offers no logprobs for forced runs)
-        run = _native.Run(model._generate_context(), list(prompt), opts)
-        run.advance(len(tokens))
-        d = run.sample(0)
-    return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"])[:, 0]
-
-
 def _int_or_none(v: Any) -> Optional[int]:
     return None if v in (None, "", "none", "None") else int(v)
 
@@ -68,8 +54,8 @@ class NeurotapLM(LM):
     top_k, min_p, seed, max_gen_toks, threads, n_ctx, chat_template (jinja|builtin)."""
 
     def __init__(self, model: str = "smollm2-135m", nad_n: int = 0, method: str = "knn", early_stop: Any = 32,
-                 k: int = 3, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0,
-                 seed: int = 0, max_gen_toks: int = 256, threads: Optional[int] = None, n_ctx: int = 4096,
+                 k: int = 3, temperature: float = SAMPLE.temperature, top_p: float = SAMPLE.top_p,
+                 top_k: int = SAMPLE.top_k, min_p: float = SAMPLE.min_p, seed: int = SAMPLE.seed, max_gen_toks: int = 256, threads: Optional[int] = None, n_ctx: int = 4096,
                  chat_template: str = "jinja", **ignored: Any):
         super().__init__()
         self.model = load(str(model), n_threads=_int_or_none(threads), n_ctx=int(n_ctx), chat_template=chat_template)
@@ -114,7 +100,7 @@ class NeurotapLM(LM):
         o["stop"] = [until] if isinstance(until, str) else [s for s in until if s]
         o["max_tokens"] = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
         if o["nad_n"] == 0 and not gen_kwargs.get("do_sample", False) and "temperature" not in gen_kwargs:
-            o["temperature"] = 0.0  # lm-eval's default: greedy
+            o["temperature"] = LMEVAL_GREEDY.temperature  # lm-eval's default: greedy
         return o
 
     def _generate(self, context: str, gen_kwargs: Dict[str, Any], repeats: int) -> List[str]:
@@ -175,7 +161,7 @@ class NeurotapLM(LM):
         keep = self.model.n_ctx - len(cont)
         if keep < 1:
             raise ValueError(f"a continuation of {len(cont)} tokens does not fit n_ctx={self.model.n_ctx}")
-        lp, top = forced_logprobs(self.model, ctx[-keep:], cont)
+        lp, top = self.model.forced_logprobs(ctx[-keep:], cont)
         return float(lp.sum()), bool((top == np.asarray(cont)).all())
 
     def loglikelihood(self, requests: List[Any], disable_tqdm: bool = False) -> List[Tuple[float, bool]]:

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from .. import _native
 from ..core.io import atomic_path
-from ..runtime.registry import resolve
+from ..runtime.registry import check_gguf, resolve
 
 
 def quant_types() -> List[str]:
@@ -28,7 +27,7 @@ def quantize(model: str, out: os.PathLike, qtype: str, *, threads: Optional[int]
     import llama_cpp
 
     src = Path(resolve(model))
-    _native.gguf_summary(str(src))  # validates the input before llama.cpp sees it
+    check_gguf(src)  # validates the input before llama.cpp sees it
     name = qtype.upper()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
     if ftype is None:
@@ -45,5 +44,5 @@ def quantize(model: str, out: os.PathLike, qtype: str, *, threads: Optional[int]
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama.cpp failed to quantize {src} to {name} (code {rc})")
-        _native.gguf_summary(str(tmp))
+        check_gguf(tmp)
     return out

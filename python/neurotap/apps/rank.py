@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..core.defaults import SAMPLE
 from ..methods.selection import nex_input
 from ..runtime.model import load
 from ..scoring.answers import extract_answer, is_correct
@@ -32,8 +33,9 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
     return float(spearmanr(a, b).statistic)
 
 
-def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_tokens: int = 256, seed: int = 0,
-                labels: bool = False, threads: Optional[int] = None, temperature: float = 0.6,
+def rank_models(paths: Sequence[str], tasks: Sequence[Task], *, n: int = 8, max_tokens: int = 256,
+                seed: int = SAMPLE.seed, labels: bool = False, threads: Optional[int] = None,
+                temperature: float = SAMPLE.temperature,
                 template: str = DEFAULT_PROMPT, progress: bool = True, row: int = 32,
                 chat_template: Optional[str] = None) -> Dict[str, Any]:
     from tqdm.auto import tqdm

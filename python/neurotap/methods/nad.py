@@ -14,12 +14,12 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from .. import _native
+from ..core.defaults import SAMPLE
 from ..runtime.model import Model, Prompt
 from ..runtime.sampling import Sample
 from ..scoring.answers import extract_answer
 from ..scoring.selectors import select_dbscan, select_knn, select_medoid, select_minact
-from .selection import METHODS, TOP_LOGPROBS, Method, Options, check_methods, early_methods, pick_methods, register
-from .selection import select
+from .selection import Method, Options, register, select
 
 
 def _chunks_for(samples: Sequence[Sample], tokens: Optional[int]) -> Optional[int]:
@@ -100,47 +100,25 @@ def decision_chunk(early_stop: Optional[int]) -> int:
 
 
 def best_of_n(model: Model, prompt: Prompt, *, n: int = 16, method: str = "knn", early_stop: Optional[int] = 32,
-              max_tokens: int = 256, seed: Optional[int] = 0, k: int = 3, progress: Optional[bool] = False,
+              max_tokens: int = 256, seed: Optional[int] = SAMPLE.seed, k: int = 3, progress: Optional[bool] = False,
               **sampling: Any) -> BestOfN:
     """Sample n answers in parallel and keep the one `method` picks. With early_stop=B the pick
     is made after B tokens, the other n - 1 samples are stopped (their KV cells freed) and only
     the winner runs to the end; early_stop=None decides on complete answers."""
-    check_methods([method], n)
-    if METHODS[method].pick is None:
-        raise ValueError(f"'{method}' is an evaluation baseline, not a pick; choose one of {', '.join(pick_methods())}")
-    check_early_stop(early_stop, max_tokens)
-    if early_stop is not None and not METHODS[method].early:
-        raise ValueError(f"method '{method}' cannot decide early; early-stopping methods: {', '.join(early_methods())}")
+    from .race import NadRace, check_pick_method, race_logprobs  # race.py builds on this module
+
+    check_pick_method(method, n, early_stop, max_tokens)
     t0 = time.perf_counter()
-    logprobs = TOP_LOGPROBS if METHODS[method].needs_logprobs else 0
-    # Decided early, the race holds KV cells for early_stop tokens per sample only; the winner then
-    # moves into a context sized for its whole length and goes on alone, tap off: the losers and
-    # the contributions cost nothing after the decision.
-    # NEAT watches the winner's neurons to its end: with NEAT it goes on in the race's context.
-    hand_off = early_stop is not None and early_stop < max_tokens and sampling.get("neat") is None
-    with model.start_sampling(prompt, n=n, max_tokens=max_tokens, seed=seed, reducers=("contributions",),
-                              chunk=decision_chunk(early_stop), logprobs=logprobs,
-                              kv_tokens=early_stop if hand_off else 0, **sampling) as run:
-        run.advance(early_stop, progress=progress)
-        candidates = run.samples()
-        pick = select(candidates, method, tokens=early_stop, k=k, seed=seed or 0, n_vocab=model.info.n_vocab)
-        S = similarity(candidates, early_stop) if n >= 2 else None
-        if pick is None:  # majority with no majority: the first sample, flagged by the caller's answer check
-            pick = 0
-        spent = run.tokens_sampled
-        if hand_off and candidates[pick].finish_reason == "":  # still live: it goes on alone
-            with run.continue_one(pick) as tail:
-                tail.advance(progress=progress)
-                winner = tail.sample(0)
-                spent += tail.tokens_sampled
-            winner.index = pick
-        else:
-            run.keep([pick])
-            run.advance(progress=progress)
-            winner = run.sample(pick)
-            spent = run.tokens_sampled
+    with NadRace(model, prompt, n=n, early_stop=early_stop, max_tokens=max_tokens, seed=seed,
+                 logprobs=race_logprobs([method], sampling.pop("logprobs", 0)), **sampling) as race:
+        race.advance(progress=progress)
+        pick = race.decide(method, k=k)
+        race.advance(progress=progress)
+        winner = race.sample(pick)
+        S = race.similarity()
     return BestOfN(text=winner.text, index=pick, method=method, sample=winner, n=n, early_stop=early_stop,
-                   tokens_generated=spent, seconds=time.perf_counter() - t0, similarity=S, candidates=candidates)
+                   tokens_generated=race.tokens_sampled, seconds=time.perf_counter() - t0, similarity=S,
+                   candidates=race.candidates)
 
 
 def early_stop_tokens(prefix: Sequence[Sample], final: Sequence[Sample], winner: int, early_stop: int) -> int:

@@ -196,13 +196,16 @@ class ChatTemplate:
             raise ValueError(f"the chat template failed on these messages: {e}") from None
 
 
-def load_template(path: str, n_vocab: int, token_text: Any) -> Optional[ChatTemplate]:
-    """The GGUF's default chat template with its bos/eos texts (None when the file has none).
+def load_template(path: str, n_vocab: int, token_text: Any, fallback: Optional[str] = None) -> Optional[ChatTemplate]:
+    """The GGUF's default chat template with its bos/eos texts; `fallback` (the registry's template
+    of a known model whose file carries none) where the file has none; else None.
     token_text(id) -> str gives a vocabulary entry, as llama_vocab_get_text."""
     meta = read_metadata(path, (TEMPLATE_KEY, "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id",
                                 "tokenizer.ggml.eos_token_id"))
     source = meta.get(TEMPLATE_KEY)
     if not isinstance(source, str) or not source:
+        source = fallback
+    if not source:
         return None
     bos, eos = special_ids(meta, n_vocab)
     return ChatTemplate(source, bos_token=token_text(bos) if bos is not None else "",

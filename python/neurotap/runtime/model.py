@@ -11,13 +11,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import _native
+from ..core.defaults import GENERATE, SAMPLE
 from ..core.errors import ContextError
 from ..core.params import int_in
 from ..core.progress import run_with_progress
 from .chat import ChatTemplate, check_chat_template, check_messages, load_template
 from .memory import check_fits, record_bytes_per_token, run_parts
 from .pool import ContextPool
-from .registry import default_model, resolve
+from .registry import default_model, registry_chat_template, resolve
 from .sampling import Sample, SampleRun, TokenRecord, plan_cells, record_fields, run_options
 
 Messages = Sequence[Dict[str, str]]
@@ -105,8 +106,11 @@ class Model:
 
     def __init__(self, native: "_native.Model", *, name: str, n_ctx: int, n_threads: Optional[int],
                  flash_attn: bool = True, max_sample_cells: int = 32768, keepalive: Any = None,
-                 chat_template: str = "jinja", chat_template_kwargs: Optional[Dict[str, Any]] = None):
+                 chat_template: str = "jinja", chat_template_kwargs: Optional[Dict[str, Any]] = None,
+                 fallback_chat_template: Optional[str] = None):
         self._native = native
+        # The registry's template for a known model whose file carries none (Gemma 3 270M's).
+        self._fallback_template = fallback_chat_template
         #: How chat messages become a prompt: "jinja" (the GGUF's template) or "builtin" (llama.cpp's).
         self.chat_template = check_chat_template(chat_template)
         #: Variables every Jinja rendering sees (e.g. {"enable_thinking": False}); per call ones win.
@@ -198,7 +202,7 @@ class Model:
     def _jinja_template(self) -> ChatTemplate:
         with self._jinja_lock:  # read and compiled once, on first use
             if self._jinja is None:
-                tmpl = load_template(self.info.path, self.info.n_vocab, self.token_text)
+                tmpl = load_template(self.info.path, self.info.n_vocab, self.token_text, self._fallback_template)
                 if tmpl is None:
                     raise ValueError("model has no chat template: pass a plain prompt instead of messages")
                 self._jinja = tmpl
@@ -241,8 +245,9 @@ class Model:
         raise TypeError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, prompt: Prompt, *, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
-                 top_k: int = 40, min_p: float = 0.0, seed: Optional[int] = None,
+    def generate(self, prompt: Prompt, *, max_tokens: int = 128, temperature: float = GENERATE.temperature,
+                 top_p: float = GENERATE.top_p, top_k: int = GENERATE.top_k, min_p: float = GENERATE.min_p,
+                 seed: Optional[int] = GENERATE.seed,
                  stop: Optional[Union[str, Sequence[str]]] = None, capture: Optional[str] = None,
                  hooks: Sequence[str] = (), tap: bool = True, active_threshold: float = 0.0,
                  progress: Optional[bool] = False, forced: Optional[Sequence[int]] = None,
@@ -299,6 +304,22 @@ class Model:
         that predicts tokens[j] after the prompt (teacher forcing; nothing is sampled)."""
         return self.generate(prompt, forced=tokens, capture=capture, hooks=hooks, temperature=0)
 
+    def forced_logprobs(self, prompt: Prompt, tokens: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        """log p(tokens[j] | prompt + tokens[:j]) under the model's raw distribution (llama.cpp's
+        logits, full softmax) for each j, and the argmax token at each position (float64, int32):
+        one teacher-forced run in generate's context, nothing sampled (lm-eval's loglikelihood)."""
+        forced = [int(t) for t in tokens]
+        if not forced:
+            raise ValueError("tokens must hold at least one token")
+        opts = run_options(n=1, max_tokens=len(forced), temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
+                           stop=None, reducers=(), tap=False, logprobs=1, forced=forced, seed_per_sample=False)
+        ids = self.prompt_tokens(prompt)
+        with self._lock:
+            run = _native.Run(self._generate_context(), ids, opts)
+            run.advance(len(forced))
+            d = run.sample(0)
+        return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"])[:, 0]
+
     def run_memory(self, opts: Any, n_prompt: int, new_context: bool = True) -> Dict[str, int]:
         """Bytes a run with these native options will need at its peak, by part (the KV cells of
         the context it takes when `new_context`)."""
@@ -325,8 +346,9 @@ class Model:
         return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n), n_seq_max=n,
                                n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
 
-    def start_sampling(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, temperature: float = 0.6,
-                       top_p: float = 0.95, top_k: int = 40, min_p: float = 0.0, seed: Optional[int] = 0,
+    def start_sampling(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256,
+                       temperature: float = SAMPLE.temperature, top_p: float = SAMPLE.top_p,
+                       top_k: int = SAMPLE.top_k, min_p: float = SAMPLE.min_p, seed: Optional[int] = SAMPLE.seed,
                        stop: Optional[Union[str, Sequence[str]]] = None,
                        reducers: Sequence[str] = ("counts", "active_sets"), chunk: int = 32,
                        active_threshold: float = 0.0, watch: Optional[Sequence[Tuple[int, int]]] = None,
@@ -414,7 +436,8 @@ def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int
     native = _native.Model.load(str(path), int(n_gpu_layers))
     return Model(native, name=name if not str(name).endswith(".gguf") else Path(name).name, n_ctx=n_ctx,
                  n_threads=n_threads, flash_attn=flash_attn, max_sample_cells=max_sample_cells,
-                 chat_template=chat_template, chat_template_kwargs=chat_template_kwargs)
+                 chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
+                 fallback_chat_template=registry_chat_template(name))
 
 
 def tap(llm: Any, *, n_ctx: Optional[int] = None, n_threads: Optional[int] = None,

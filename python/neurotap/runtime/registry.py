@@ -11,7 +11,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 from ..core.errors import ModelNotInstalledError
 from ..core.resources import shipped_file
@@ -31,6 +31,20 @@ def default_model() -> str:
 
 def known_models() -> Dict[str, Dict[str, Any]]:
     return dict(registry()["models"])
+
+
+def registry_chat_template(name: str) -> Optional[str]:
+    """The chat template the registry supplies for a known model whose file carries none."""
+    entry = known_models().get(str(name))
+    return entry.get("chat_template") if entry else None
+
+
+def check_gguf(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """A GGUF file's summary, read by the native bounds-checked reader; ModelError for a corrupt,
+    truncated or unsupported file (before llama.cpp, which may abort on one, sees it)."""
+    from .. import _native
+
+    return _native.gguf_summary(str(path))
 
 
 def _looks_like_path(model: str) -> bool:

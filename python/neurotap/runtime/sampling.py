@@ -15,6 +15,9 @@ from .pool import Lease
 
 #: What a run can keep per sample (see Sample for the arrays each fills).
 REDUCERS = ("counts", "active_sets", "watch", "rows", "contributions")
+#: Every reason a sample can end with (TokenRecord.finish_reason; "" while it is live), as the
+#: native decode loop names them (cpp/decode_loop.h, Finish).
+FINISH_REASONS = ("eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit")
 CONTRIBUTION_VARIANTS = ("down", "gate")
 #: TransformerLens-style names of what the tap can read, per layer l (blocks.{l}.<hook>).
 HOOKS = {
@@ -235,6 +238,15 @@ class SampleRun:
             if not 0 <= i < self.n:
                 raise ValueError(f"sample index out of range: {i}")
         self.stop(i for i in range(self.n) if i not in keep)
+
+    def cancel(self) -> None:
+        """Stop the decode loop in flight at its next step; safe from another thread (a server's
+        client that went away). The next `advance` clears the flag: keep your own between calls."""
+        self._native.cancel()
+
+    def finish_live(self, reason: str = "cancelled") -> None:
+        """End every live sample with this finish reason (only "cancelled"); records stay readable."""
+        self._native.finish_live(reason)
 
     def close(self) -> None:
         """Stop every live sample and give the context back (records stay readable)."""
