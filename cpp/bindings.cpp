@@ -110,7 +110,7 @@ py::dict sample_dict(const Run& run, int i) {
     d["index"] = i;
     d["tokens"] = st.tokens;
     d["text"] = py::bytes(st.text);
-    d["finish_reason"] = st.finish_reason;
+    d["finish_reason"] = st.finish_reason();
     d["live"] = st.live;
     d["eog_token"] = st.eog_token;
     auto copy = [](const auto& v, std::vector<py::ssize_t> shape, py::dtype dt) {
@@ -158,16 +158,16 @@ py::dict sample_dict(const Run& run, int i) {
             d["contribution_top_index"] = to_numpy(first(c->top_index(i), n * L * K), {n, L, K}, py::dtype::of<int32_t>());
         }
     }
-    if (run.neat()) {
-        d["neat_events"] = neat_events(st.neat.events);
-        d["neat_exit_at"] = st.neat.exit_at;
+    if (const NeatMonitor* neat = run.neat()) {
+        d["neat_events"] = neat_events(neat->events(i));
+        d["neat_exit_at"] = neat->exit_at(i);
     }
     if (const NeuReasonerMonitor* nr = run.neureasoner()) {
         py::list ev;
-        for (const NrEvent& e : st.nr.events)
+        for (const NrEvent& e : nr->events(i))
             ev.append(py::make_tuple(e.token, e.level, e.action, e.probability, e.rollback_to, e.seed));
         d["neureasoner_events"] = ev;
-        d["neureasoner_exit_at"] = st.nr.exit_at;
+        d["neureasoner_exit_at"] = nr->exit_at(i);
         d["neureasoner_signals"] = to_numpy(first(nr->signals(i), n * kNrLevels), {n, kNrLevels}, py::dtype::of<float>());
         d["neureasoner_probs"] = to_numpy(first(nr->probs(i), n * kNrLevels), {n, kNrLevels}, py::dtype::of<float>());
         if (nr->config().record) {

@@ -18,8 +18,7 @@ const char* finish_name(Finish f) {
         case Finish::Stop: return "stop";
         case Finish::Stopped: return "stopped";
         case Finish::Cancelled: return "cancelled";
-        case Finish::NeatExit: return "neat_exit";
-        case Finish::NeuReasonerExit: return "neureasoner_exit";
+        case Finish::Exit: return "exit";
     }
     return "";
 }
@@ -42,31 +41,10 @@ Handoff::~Handoff() {
     if (sampler) llama_sampler_free(sampler);
 }
 
-bool NeatTrack::before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced) {
-    const auto& exit = mon.config().exit_tokens;
-    if (exited) {
-        if (queued < exit.size()) {
-            *forced = exit[queued++];
-            return true;
-        }
-        return false;  // after the exit tokens the model writes on (e.g. the answer after "Answer:")
-    }
-    if (mon.config().line_starts_only && !line_start) return false;
-    float sim = 0, mag = 0;
-    const int action = mon.decide(sample, &sim, &mag);
-    events.push_back({j, action, sim, mag});
-    if (action == kNeatBan) mon.ban(logits);
-    if (action != kNeatExit || exit.empty()) return false;
-    exited = true;
-    exit_at = j;
-    queued = 1;
-    *forced = exit[0];
-    return true;
-}
-
 DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
-                                 std::vector<Reducer*> reducers)
-    : tc_(tc), prompt_(std::move(prompt)), params_(std::move(params)), reducers_(std::move(reducers)) {
+                       std::vector<Reducer*> reducers, std::vector<Steering*> methods)
+    : tc_(tc), prompt_(std::move(prompt)), params_(std::move(params)), reducers_(std::move(reducers)),
+      methods_(std::move(methods)) {
     const ModelInfo& info = tc_.model().info();
     if (params_.n < 1) throw ParamError("n must be at least 1, got " + std::to_string(params_.n));
     if (params_.max_tokens <= 0) throw ParamError("max_tokens must be positive, got " + std::to_string(params_.max_tokens));
@@ -96,19 +74,24 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
             throw ParamError("more forced tokens (" + std::to_string(f.size()) + ") than max_tokens (" +
                              std::to_string(params_.max_tokens) + ")");
     }
-    if (forcing && params_.neat) throw ParamError("NEAT cannot steer teacher-forced tokens");
-    if (params_.neat && !params_.tap) throw ParamError("NEAT watches neurons: it needs the tap on");
-    if (params_.neureasoner && !params_.tap) throw ParamError("NeuReasoner watches neurons: it needs the tap on");
-    if (params_.neureasoner && params_.neureasoner->acts()) {
-        // Rollbacks and inserted tokens change the token stream: every record must be able to follow.
-        if (forcing) throw ParamError("NeuReasoner cannot correct teacher-forced tokens (record only: actions 'none')");
-        if (params_.neat) throw ParamError("NeuReasoner's corrections and NEAT cannot steer the same run");
-        if (params_.kv_tokens > 0) throw ParamError("NeuReasoner's corrections cannot run in an early-stopped race");
+    const Steering* steering = nullptr;  // the one method that may change tokens
+    for (const Steering* m : methods_) {
+        const std::string name = m->name();
+        if (!params_.tap) throw ParamError(name + " watches neurons: it needs the tap on");
+        if (!m->steers()) continue;
+        if (forcing) throw ParamError(name + " cannot steer teacher-forced tokens (a recording method can watch them)");
+        if (steering)
+            throw ParamError(std::string(steering->name()) + " and " + name + " cannot steer the same run");
+        steering = m;
+        if (!m->rolls_back()) continue;
+        // Rollbacks change the token stream: every record must be able to follow.
+        if (params_.kv_tokens > 0) throw ParamError(name + "'s rollbacks cannot run in an early-stopped race");
         for (Reducer* r : reducers_)
             if (!r->can_roll_back())
-                throw ParamError("NeuReasoner's rollbacks cannot be combined with chunked set records "
+                throw ParamError(name + "'s rollbacks cannot be combined with chunked set records "
                                  "(active sets, NAD contributions): record them in a run without corrections");
     }
+    for (Steering* m : methods_) reducers_.push_back(m);
     const int64_t np = static_cast<int64_t>(prompt_.size());
     if (tc_.params().kv_unified) {
         // One stream: the prompt's cells are shared, each sample adds its own tokens.
@@ -135,8 +118,7 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
     // the samplers (the destructor does not run for a constructor that throws).
     for (Reducer* r : reducers_) {
         r->begin(params_.n, info.n_layers, info.n_ff, params_.max_tokens);
-        kinds_ |= r->tap_kinds();
-        if (r->attention_layer() >= 0) attention_layer_ = r->attention_layer();
+        want_ |= r->tap_request();
     }
     for (int i = 0; i < params_.n; ++i) {
         SamplingParams sp = params_.sampling;
@@ -230,7 +212,6 @@ void DecodeLoop::end_sample(int s, Finish why) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     st.live = false;
     st.finish = why;
-    st.finish_reason = finish_name(why);
     if (!tc_.closed()) llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, -1, -1);
     for (Reducer* r : reducers_) r->finish(s, static_cast<int>(st.tokens.size()));
 }
@@ -241,16 +222,23 @@ void DecodeLoop::sample_and_commit(int s) {
     const std::vector<llama_token>& forced = forced_tokens(params_, s);
     const bool forcing = static_cast<size_t>(j) < forced.size();  // then sampling goes on
     llama_token tok = 0;
-    const bool nr_token = st.nr.queued < st.nr.queue.size();  // an exit or a redirect being written
-    if (nr_token) tok = st.nr.queue[st.nr.queued++];
-    const bool neat_token = !nr_token && params_.neat &&
-        st.neat.before_sample(*params_.neat, s, j, llama_get_logits_ith(tc_.ctx(), st.logits_row), &tok);
-    if (forcing) tok = forced[static_cast<size_t>(j)];
-    else if (!neat_token && !nr_token) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
+    Steering* by = nullptr;  // the method that gave the token
+    Pick pick = Pick::Sample;
+    if (forcing) {
+        tok = forced[static_cast<size_t>(j)];  // no method steers a teacher-forced run
+    } else {
+        for (Steering* m : methods_)
+            if ((pick = m->before_sample(s, j, llama_get_logits_ith(tc_.ctx(), st.logits_row), &tok)) != Pick::Sample) {
+                by = m;
+                break;
+            }
+        if (!by) tok = llama_sampler_sample(samplers_[static_cast<size_t>(s)], tc_.ctx(), st.logits_row);
+    }
     ++tokens_sampled_;
     if (!forcing && tc_.model().is_eog(tok)) {
         st.eog_token = tok;
-        end_sample(s, neat_token ? Finish::NeatExit : nr_token && st.nr.exiting ? Finish::NeuReasonerExit : Finish::Eos);
+        if (pick == Pick::Exit) st.exit_by = by;
+        end_sample(s, pick == Pick::Exit ? Finish::Exit : Finish::Eos);
         return;
     }
     if (params_.top_logprobs > 0) record_logprobs(st, llama_get_logits_ith(tc_.ctx(), st.logits_row), tok);
@@ -260,7 +248,6 @@ void DecodeLoop::sample_and_commit(int s) {
     const std::string piece = tc_.model().token_piece(tok);
     st.text += piece;
     st.piece_end.push_back(static_cast<uint32_t>(st.text.size()));
-    st.neat.line_start = !piece.empty() && piece.back() == '\n';
     const size_t stop_at = forcing ? std::string::npos : find_stop(st.text, before, params_.stop);
     if (stop_at != std::string::npos) {
         st.text.resize(stop_at);
@@ -271,88 +258,25 @@ void DecodeLoop::sample_and_commit(int s) {
         end_sample(s, Finish::Length);
         return;
     }
-    if (nr_token && st.nr.exiting && st.nr.queued == st.nr.queue.size()) st.nr.answer_from = st.text.size();
-    if (st.nr.exiting && !nr_token && params_.neureasoner->config().exit_line && piece.find('\n') != std::string::npos) {
-        // The answer line after the exit is written: the sample ends with it (the newline dropped).
-        const size_t cut = st.text.size() - (piece.size() - piece.find('\n'));
-        bool written = false;
-        for (size_t i = st.nr.answer_from; i < cut; ++i) written |= !std::isspace(static_cast<unsigned char>(st.text[i]));
-        if (written) {
-            st.text.resize(cut);
-            end_sample(s, Finish::NeuReasonerExit);
+    const SampleView view{st.tokens, st.text, st.piece_end, piece};
+    for (Steering* m : methods_) {
+        const Decision d = m->after_commit(s, view, m == by);
+        if (d.kind == Decision::End) {
+            st.text.resize(std::min(d.text_size, st.text.size()));
+            st.exit_by = m;
+            end_sample(s, Finish::Exit);
+            return;
+        }
+        if (d.kind == Decision::RollBack) {
+            if (d.keep < 0 || d.keep > static_cast<int>(st.tokens.size()))
+                throw RuntimeError(std::string(m->name()) + " asked for a rollback outside the sample");
+            m->rolled_back(s, roll_back(s, d.keep));
             return;
         }
     }
-    if (params_.neureasoner && st.nr.queued == st.nr.queue.size() && !st.nr.exiting) neureasoner_act(s);
 }
 
-void DecodeLoop::neureasoner_act(int s) {
-    SampleState& st = samples_[static_cast<size_t>(s)];
-    NrTrack& nr = st.nr;
-    const NeuReasonerConfig& cfg = params_.neureasoner->config();
-    const int n = static_cast<int>(st.tokens.size());
-    if (n < nr.next_check) return;
-    // Detect-only levels are recorded; the first acting level that detects (instance, inter-step,
-    // intra-step) acts. A detect-only level never masks an acting one.
-    int level = -1;
-    float p = 0;
-    for (int l : {kNrInstance, kNrInter, kNrIntra}) {
-        float q = 0;
-        if (!params_.neureasoner->detected(s, l, &q)) continue;
-        if (cfg.levels[static_cast<size_t>(l)].action == kNrNone) nr.events.push_back({n, l, kNrNone, q, -1, 0});
-        else if (level < 0) level = l, p = q;
-    }
-    if (level < 0) return;
-    const int action = cfg.levels[static_cast<size_t>(level)].action;
-    NrEvent ev{n, level, action, p, -1, 0};
-    if (nr.actions >= cfg.max_actions) {
-        ev.action = kNrNone;
-        nr.events.push_back(ev);
-        nr.next_check = n + std::max(1, cfg.cooldown);
-        return;
-    }
-    if (action == kNrExit) {
-        nr.queue = cfg.exit_tokens;
-        nr.queued = 0;
-        nr.exiting = true;
-        nr.exit_at = n;
-        ++nr.actions;
-        nr.events.push_back(ev);
-        return;
-    }
-    // The current step: the tokens since the last line break before the newest token.
-    int r = 0;
-    for (int k = n - 1; k >= 1; --k) {
-        const uint32_t a = k >= 2 ? st.piece_end[static_cast<size_t>(k - 2)] : 0, b = st.piece_end[static_cast<size_t>(k - 1)];
-        if (b > a && std::memchr(st.text.data() + a, '\n', b - a)) {
-            r = k;
-            break;
-        }
-    }
-    if (action == kNrResample) {
-        if (nr.retry_step != r) nr.retry_step = r, nr.retries = 0;
-        if (nr.retries >= cfg.max_retries) {  // this step was resampled enough: let it stand
-            ev.action = kNrNone;
-            nr.events.push_back(ev);
-            nr.next_check = n + std::max(1, cfg.cooldown);
-            return;
-        }
-        ++nr.retries;
-    }
-    roll_back(s, r);
-    ev.rollback_to = r;
-    ev.seed = nr_seed_;
-    ++nr.actions;
-    nr.events.push_back(ev);
-    nr.next_check = r + cfg.cooldown;
-    if (action == kNrRedirect) {
-        nr.queue = cfg.redirect_tokens;
-        nr.queued = 0;
-        nr.next_check += static_cast<int>(cfg.redirect_tokens.size());
-    }
-}
-
-void DecodeLoop::roll_back(int s, int n) {
+uint32_t DecodeLoop::roll_back(int s, int n) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     st.tokens.resize(static_cast<size_t>(n));
     st.piece_end.resize(static_cast<size_t>(n));
@@ -372,10 +296,11 @@ void DecodeLoop::roll_back(int s, int n) {
     // the continuation is the one a fresh run from the kept tokens with that seed draws.
     SamplingParams sp = params_.sampling;
     const uint32_t base = params_.seed_per_sample ? sample_seed(params_.sampling.seed, s) : params_.sampling.seed;
-    sp.seed = nr_seed_ = sample_seed(base, 1 + st.nr.reseeds++);
+    sp.seed = sample_seed(base, 1 + st.reseeds++);
     llama_sampler* fresh = make_sampler_chain(sp, tc_.model().vocab());
     llama_sampler_free(samplers_[static_cast<size_t>(s)]);
     samplers_[static_cast<size_t>(s)] = fresh;
+    return sp.seed;
 }
 
 void DecodeLoop::start() {
@@ -508,8 +433,9 @@ Handoff DecodeLoop::hand_off(int s) {
     if (s < 0 || s >= params_.n) throw ParamError("sample index out of range: " + std::to_string(s));
     SampleState& st = samples_[static_cast<size_t>(s)];
     if (!st.live || !started_) throw ParamError("only a live sample of a started run can be handed off");
-    if (!params_.forced.empty() || !params_.forced_per_sample.empty() || params_.neat || params_.neureasoner)
-        throw ParamError("a teacher-forced, NEAT or NeuReasoner run cannot hand off");
+    if (!params_.forced.empty() || !params_.forced_per_sample.empty())
+        throw ParamError("a teacher-forced run cannot hand off");
+    if (!methods_.empty()) throw ParamError(std::string("a run ") + methods_[0]->name() + " watches cannot hand off");
     auto in_use = tc_.lock_use();
     Handoff h;
     const size_t size = llama_state_seq_get_size(tc_.ctx(), s);

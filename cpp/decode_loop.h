@@ -2,22 +2,23 @@
 // of one). The prompt is decoded once and its KV cells copied to every sequence; each step decodes
 // one batch holding the next token of every live sample; each sample has its own sampler chain
 // and RNG; tapped rows are routed to (sample, token) and streamed into reducers. Samples can be
-// stopped mid-run (their KV cells are freed) and the others continued.
+// stopped mid-run (their KV cells are freed) and the others continued. Methods (NEAT, NeuReasoner)
+// steer it only through the Steering interface (steering.h): the loop knows none by name.
 #pragma once
 #include <string>
 #include <vector>
 
-#include "neat.h"
-#include "neureasoner.h"
 #include "reducers.h"
 #include "sampling.h"
+#include "steering.h"
 #include "tapped_context.h"
 
 namespace neurotap {
 
-// Why a sample ended: the one list every run reports.
-enum class Finish : int { Live = 0, Eos, Length, Stop, Stopped, Cancelled, NeatExit, NeuReasonerExit };
-// "", "eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit".
+// Why a sample ended: the one list every run reports. Exit: a method ended it (SampleState::exit_by).
+enum class Finish : int { Live = 0, Eos, Length, Stop, Stopped, Cancelled, Exit };
+// "", "eos", "length", "stop", "stopped", "cancelled", "exit" (a method's exit has its own name:
+// SampleState::finish_reason).
 const char* finish_name(Finish f);
 
 struct SampleParams {
@@ -35,22 +36,9 @@ struct SampleParams {
     std::vector<std::vector<llama_token>> forced_per_sample;
     bool tap = true;
     int top_logprobs = 0;          // > 0: record the top-k log-probabilities of every sampled position
-    NeatMonitor* neat = nullptr;   // NEAT per sample; must also be among the reducers
-    NeuReasonerMonitor* neureasoner = nullptr;  // NeuReasoner per sample; also among the reducers
     // > 0: this context holds KV cells for only the first `kv_tokens` tokens of each sample (a
     // race decided early, whose winner goes on elsewhere: see Handoff); advance stops there.
     int kv_tokens = 0;
-};
-
-// The per-sequence NEAT state: decides at line starts, bans in place, and queues the exit tokens.
-struct NeatTrack {
-    bool line_start = false;
-    bool exited = false;
-    size_t queued = 0;  // exit tokens already emitted
-    int exit_at = -1;
-    std::vector<NeatEvent> events;
-    // Before token j is sampled: true with *forced set when the token is NEAT's, not the sampler's.
-    bool before_sample(const NeatMonitor& mon, int sample, int j, float* logits, llama_token* forced);
 };
 
 // The teacher-forced tokens of sample s: its own stream, or the run's one stream for every sample.
@@ -58,26 +46,11 @@ inline const std::vector<llama_token>& forced_tokens(const SampleParams& p, int 
     return p.forced_per_sample.empty() ? p.forced : p.forced_per_sample[static_cast<size_t>(s)];
 }
 
-// The per-sequence NeuReasoner state: what was detected and done, the forced tokens queued (an
-// exit or a redirect) and the bounds on interventions.
-struct NrTrack {
-    std::vector<NrEvent> events;
-    std::vector<llama_token> queue;  // tokens to emit instead of sampling
-    size_t queued = 0;               // of queue, already emitted
-    bool exiting = false;            // the queue is the exit: its end-of-generation ends the sample
-    size_t answer_from = 0;          // text offset where the exit's queue ended
-    int exit_at = -1;
-    int actions = 0;
-    int next_check = 0;              // no detection acts before the sample holds this many tokens
-    int retry_step = -1, retries = 0;
-    int reseeds = 0;
-};
-
 struct SampleState {
     std::vector<llama_token> tokens;    // end-of-generation token excluded (unless forced)
     std::string text;                   // raw bytes, cut at a stop string
     Finish finish = Finish::Live;
-    std::string finish_reason;          // finish_name(finish)
+    const Steering* exit_by = nullptr;  // with Finish::Exit: the method that ended it
     bool live = true;
     llama_token eog_token = -1;         // the end-of-generation token that ended it
     int logits_row = 0;                 // row of the last decode holding this sample's logits
@@ -85,12 +58,11 @@ struct SampleState {
     std::vector<float> mean_logprob;    // [tokens] mean of log p over the whole vocabulary (self-certainty)
     std::vector<int32_t> top_ids;       // [tokens, top_logprobs]
     std::vector<float> top_logprobs;    // [tokens, top_logprobs]
-    NeatTrack neat;
-    NrTrack nr;
     std::vector<uint32_t> piece_end;    // text size after each token (a rollback cuts the text there)
+    int reseeds = 0;                    // rollbacks so far (each reseeds the sampler)
+    // The one name of why it ended: finish_name, or the exiting method's exit_reason ("neat_exit").
+    std::string finish_reason() const { return finish == Finish::Exit && exit_by ? exit_by->exit_reason() : finish_name(finish); }
 };
-
-struct SampleState;
 
 // A live sample moved out of a run to go on in another context: its KV cells (llama.cpp's
 // sequence state), tokens, text and its sampler chain with its RNG where it stands, so that it
@@ -111,8 +83,9 @@ struct Handoff {
 class DecodeLoop : public RowSink {
 public:
     // Checks that the request fits the context (ContextError says what fits) and the parameters.
+    // `methods` steer the run (each is fed like the reducers, after them); at most one changes tokens.
     DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
-               std::vector<Reducer*> reducers);
+               std::vector<Reducer*> reducers, std::vector<Steering*> methods = {});
     // A run of one that continues a handed-off sample in this context (which must hold at least
     // prompt + params.max_tokens cells); params.n must be 1, its sampler settings are the sample's.
     DecodeLoop(TappedContext& tc, Handoff&& from, SampleParams params, std::vector<Reducer*> reducers);
@@ -140,8 +113,7 @@ public:
     int decode_steps() const { return steps_; }
     double sample_seconds() const { return sample_seconds_; }  // part of decode_seconds spent sampling
 
-    unsigned tap_kinds() const override { return kinds_; }
-    int attention_layer() const override { return attention_layer_; }
+    TapRequest tap_request() const override { return want_; }
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
 
 private:
@@ -150,20 +122,18 @@ private:
     void sample_and_commit(int s);
     void end_sample(int s, Finish why);
     void record_logprobs(SampleState& st, const float* logits, llama_token chosen);
-    // NeuReasoner after sample s committed a token: acts on a detection.
-    void neureasoner_act(int s);
-    // Sample s goes on from its first n tokens: tokens, text, records and KV cells cut, sampler reseeded.
-    void roll_back(int s, int n);
+    // Sample s goes on from its first n tokens: tokens, text, records and KV cells cut, sampler
+    // reseeded; returns the new seed.
+    uint32_t roll_back(int s, int n);
     // RuntimeError naming the first layer (or the logits) where the last decode gave NaN/inf.
     void check_finite(int n_rows) const;
 
     TappedContext& tc_;
     std::vector<llama_token> prompt_;
     SampleParams params_;
-    std::vector<Reducer*> reducers_;
-    unsigned kinds_ = kTapActivation;
-    int attention_layer_ = -1;
-    uint32_t nr_seed_ = 0;  // the seed of the latest rollback's sampler
+    std::vector<Reducer*> reducers_;  // the methods last
+    std::vector<Steering*> methods_;
+    TapRequest want_{kTapActivation, -1};
     std::vector<SampleState> samples_;
     std::vector<llama_sampler*> samplers_;
     bool started_ = false;

@@ -104,10 +104,10 @@ void FfnTap::on_data(const ggml_tensor* t) {
     seen += n_rows;
 }
 
-void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds) {
+void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds, int attention_layer) {
     sink_ = sink;
     kinds_ = kinds | kTapActivation;
-    attention_layer_ = sink ? sink->attention_layer() : -1;
+    attention_layer_ = sink ? attention_layer : -1;
     if (attention_layer_ < 0 || attention_layer_ >= n_layers_ || attention_width_ <= 0)
         kinds_ &= ~tap_bit(TapKind::Attention);
     armed_rows_ = n_rows;

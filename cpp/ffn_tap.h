@@ -23,14 +23,25 @@ constexpr int kTapKinds = 5;
 constexpr unsigned tap_bit(TapKind k) { return 1u << static_cast<int>(k); }
 constexpr unsigned kTapActivation = tap_bit(TapKind::Activation);
 
+// What a reader wants tapped besides the activation: further kinds (tap_bit masks) and, with
+// TapKind::Attention, the one layer whose attention output is read (each asked node costs a sync).
+struct TapRequest {
+    unsigned kinds = 0;
+    int attention_layer = -1;
+    // Both requests: the kinds united, the attention layer of `o` if it names one.
+    TapRequest& operator|=(const TapRequest& o) {
+        kinds |= o.kinds;
+        if (o.attention_layer >= 0) attention_layer = o.attention_layer;
+        return *this;
+    }
+};
+
 // Receives rows of one decode batch, per layer, in batch order.
 class RowSink {
 public:
     virtual ~RowSink() = default;
-    // The kinds this sink wants for the decode it is armed for (the activation always).
-    virtual unsigned tap_kinds() const { return kTapActivation; }
-    // The one layer whose attention output is read when TapKind::Attention is wanted.
-    virtual int attention_layer() const { return -1; }
+    // What this sink wants for the decode it is armed for (the activation always).
+    virtual TapRequest tap_request() const { return {kTapActivation, -1}; }
     // rows [row0, row0 + n_rows) of the armed batch for `layer`; `data` holds n_rows rows of
     // `width` contiguous floats, valid only during the call.
     virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;

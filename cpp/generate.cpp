@@ -32,7 +32,7 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     r.prompt_tokens = prompt;
     r.tokens = st.tokens;
     r.text = st.text;
-    r.finish_reason = st.finish_reason;
+    r.finish_reason = st.finish_reason();
     r.n_layers = mi.n_layers;
     r.n_ff = mi.n_ff;
     r.n_embd = mi.n_embd;
@@ -43,8 +43,10 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     }
     if (run.norm_inputs()) r.norm_inputs = run.norm_inputs()->rows(0);
     if (run.residuals()) r.residuals = run.residuals()->rows(0);
-    r.neat_events = st.neat.events;
-    r.neat_exit_at = st.neat.exit_at;
+    if (run.neat()) {
+        r.neat_events = run.neat()->events(0);
+        r.neat_exit_at = run.neat()->exit_at(0);
+    }
     r.eog_token = st.eog_token;
     r.prompt_seconds = run.loop().prompt_seconds();
     r.decode_seconds = run.loop().decode_seconds();

@@ -43,6 +43,35 @@ NeatMonitor::NeatMonitor(NeatConfig config, int n_layers, int64_t n_ff, int n_vo
 void NeatMonitor::begin(int n_samples, int n_layers, int64_t, int) {
     if (n_layers != static_cast<int>(by_layer_.size())) throw ParamError("NEAT monitor built for another model");
     cur_.assign(n_samples, std::vector<float>(c_.neurons.size(), 0.0f));
+    track_.assign(static_cast<size_t>(n_samples), Track{});
+}
+
+Pick NeatMonitor::before_sample(int sample, int j, float* logits, llama_token* token) {
+    Track& t = track_[static_cast<size_t>(sample)];
+    const auto& exit = c_.exit_tokens;
+    if (t.exited) {
+        if (t.queued < exit.size()) {
+            *token = exit[t.queued++];
+            return Pick::Exit;
+        }
+        return Pick::Sample;  // after the exit tokens the model writes on (e.g. the answer after "Answer:")
+    }
+    if (c_.line_starts_only && !t.line_start) return Pick::Sample;
+    float sim = 0, mag = 0;
+    const int action = decide(sample, &sim, &mag);
+    t.events.push_back({j, action, sim, mag});
+    if (action == kNeatBan) ban(logits);
+    if (action != kNeatExit || exit.empty()) return Pick::Sample;
+    t.exited = true;
+    t.exit_at = j;
+    t.queued = 1;
+    *token = exit[0];
+    return Pick::Exit;
+}
+
+Decision NeatMonitor::after_commit(int sample, const SampleView& v, bool) {
+    track_[static_cast<size_t>(sample)].line_start = !v.piece.empty() && v.piece.back() == '\n';
+    return {};
 }
 
 void NeatMonitor::on_row(int sample, int, int layer, const float* a) {

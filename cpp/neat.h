@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "llama.h"
-#include "reducers.h"
+#include "steering.h"
 
 namespace neurotap {
 
@@ -33,25 +33,43 @@ struct NeatEvent {
     float magnitude;
 };
 
-// Gathers the watched neurons' activations of each sample's current position (a Reducer fed by
-// the tap like the others) and makes the decisions.
-class NeatMonitor : public Reducer {
+// Gathers the watched neurons' activations of each sample's current position (fed by the tap
+// like a reducer), makes the decisions at line starts, bans in place and forces the exit tokens.
+class NeatMonitor : public Steering {
 public:
     NeatMonitor(NeatConfig config, int n_layers, int64_t n_ff, int n_vocab);  // ParamError if inconsistent
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int, int) override {}
 
+    const char* name() const override { return "NEAT"; }
+    const char* exit_reason() const override { return "neat_exit"; }
+    bool steers() const override { return true; }
+    Pick before_sample(int sample, int j, float* logits, llama_token* token) override;
+    Decision after_commit(int sample, const SampleView& v, bool mine) override;
+
     // The decision at sample's current position; similarity and magnitude go to *sim / *mag.
     int decide(int sample, float* sim, float* mag) const;
     void ban(float* logits) const;  // -inf on the banned tokens
     const NeatConfig& config() const { return c_; }
+    // Every decision taken for the sample, in order, and the token index where it exited (-1: none).
+    const std::vector<NeatEvent>& events(int sample) const { return track_.at(static_cast<size_t>(sample)).events; }
+    int exit_at(int sample) const { return track_.at(static_cast<size_t>(sample)).exit_at; }
 
 private:
+    // The per-sample state: where lines start, and the exit tokens queued.
+    struct Track {
+        bool line_start = false;
+        bool exited = false;
+        size_t queued = 0;  // exit tokens already emitted
+        int exit_at = -1;
+        std::vector<NeatEvent> events;
+    };
     NeatConfig c_;
     float ref_norm_ = 0;
     std::vector<std::vector<std::pair<int, int>>> by_layer_;  // layer -> (slot, index)
     std::vector<std::vector<float>> cur_;                      // [sample][watched]
+    std::vector<Track> track_;
 };
 
 class ContributionWeights;

@@ -1,8 +1,10 @@
 #include "neureasoner.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <limits>
+#include <cstring>
 
 #include "contribution.h"
 #include "errors.h"
@@ -201,7 +203,9 @@ bool NeuReasonerMonitor::acts() const {
     return false;
 }
 
-unsigned NeuReasonerMonitor::tap_kinds() const { return heads_ ? tap_bit(TapKind::Attention) : 0; }
+TapRequest NeuReasonerMonitor::tap_request() const {
+    return heads_ ? TapRequest{tap_bit(TapKind::Attention), c_.layer} : TapRequest{};
+}
 
 void NeuReasonerMonitor::begin(int n_samples, int, int64_t n_ff, int) {
     if (n_ff != n_ff_) throw ParamError("NeuReasoner monitor built for another model shape");
@@ -218,6 +222,7 @@ void NeuReasonerMonitor::begin(int n_samples, int, int64_t n_ff, int) {
     window_.resize(static_cast<size_t>(c_.window));
     feats_.resize(kNumSpectral);
     in_.resize(kNumSpectral);
+    track_.assign(static_cast<size_t>(n_samples), Track{});
 }
 
 void NeuReasonerMonitor::on_row(int sample, int, int layer, const float* a) {
@@ -312,5 +317,93 @@ void NeuReasonerMonitor::roll_back(int sample, int n_tokens) {
 }
 
 void NeuReasonerMonitor::finish(int sample, int n_tokens) { roll_back(sample, n_tokens); }
+
+Pick NeuReasonerMonitor::before_sample(int sample, int, float*, llama_token* token) {
+    Track& t = track_[static_cast<size_t>(sample)];
+    if (t.queued >= t.queue.size()) return Pick::Sample;
+    *token = t.queue[t.queued++];  // an exit or a redirect being written
+    return t.exiting ? Pick::Exit : Pick::Forced;
+}
+
+Decision NeuReasonerMonitor::after_commit(int sample, const SampleView& v, bool mine) {
+    Track& t = track_[static_cast<size_t>(sample)];
+    if (mine && t.exiting && t.queued == t.queue.size()) t.answer_from = v.text.size();
+    if (t.exiting && !mine && c_.exit_line && v.piece.find('\n') != std::string::npos) {
+        // The answer line after the exit is written: the sample ends with it (the newline dropped).
+        const size_t cut = v.text.size() - (v.piece.size() - v.piece.find('\n'));
+        bool written = false;
+        for (size_t i = t.answer_from; i < cut; ++i) written |= !std::isspace(static_cast<unsigned char>(v.text[i]));
+        if (written) return {Decision::End, 0, cut};
+    }
+    if (t.queued == t.queue.size() && !t.exiting) return act(sample, v);
+    return {};
+}
+
+Decision NeuReasonerMonitor::act(int s, const SampleView& v) {
+    Track& nr = track_[static_cast<size_t>(s)];
+    const int n = static_cast<int>(v.tokens.size());
+    if (n < nr.next_check) return {};
+    // Detect-only levels are recorded; the first acting level that detects (instance, inter-step,
+    // intra-step) acts. A detect-only level never masks an acting one.
+    int level = -1;
+    float p = 0;
+    for (int l : {kNrInstance, kNrInter, kNrIntra}) {
+        float q = 0;
+        if (!detected(s, l, &q)) continue;
+        if (c_.levels[static_cast<size_t>(l)].action == kNrNone) nr.events.push_back({n, l, kNrNone, q, -1, 0});
+        else if (level < 0) level = l, p = q;
+    }
+    if (level < 0) return {};
+    const int action = c_.levels[static_cast<size_t>(level)].action;
+    NrEvent ev{n, level, action, p, -1, 0};
+    if (nr.actions >= c_.max_actions) {
+        ev.action = kNrNone;
+        nr.events.push_back(ev);
+        nr.next_check = n + std::max(1, c_.cooldown);
+        return {};
+    }
+    if (action == kNrExit) {
+        nr.queue = c_.exit_tokens;
+        nr.queued = 0;
+        nr.exiting = true;
+        nr.exit_at = n;
+        ++nr.actions;
+        nr.events.push_back(ev);
+        return {};
+    }
+    // The current step: the tokens since the last line break before the newest token.
+    int r = 0;
+    for (int k = n - 1; k >= 1; --k) {
+        const uint32_t a = k >= 2 ? v.piece_end[static_cast<size_t>(k - 2)] : 0, b = v.piece_end[static_cast<size_t>(k - 1)];
+        if (b > a && std::memchr(v.text.data() + a, '\n', b - a)) {
+            r = k;
+            break;
+        }
+    }
+    if (action == kNrResample) {
+        if (nr.retry_step != r) nr.retry_step = r, nr.retries = 0;
+        if (nr.retries >= c_.max_retries) {  // this step was resampled enough: let it stand
+            ev.action = kNrNone;
+            nr.events.push_back(ev);
+            nr.next_check = n + std::max(1, c_.cooldown);
+            return {};
+        }
+        ++nr.retries;
+    }
+    ev.rollback_to = r;  // its seed comes with rolled_back
+    ++nr.actions;
+    nr.events.push_back(ev);
+    nr.next_check = r + c_.cooldown;
+    if (action == kNrRedirect) {
+        nr.queue = c_.redirect_tokens;
+        nr.queued = 0;
+        nr.next_check += static_cast<int>(c_.redirect_tokens.size());
+    }
+    return {Decision::RollBack, r, 0};
+}
+
+void NeuReasonerMonitor::rolled_back(int sample, uint32_t seed) {
+    track_[static_cast<size_t>(sample)].events.back().seed = seed;
+}
 
 }  // namespace neurotap

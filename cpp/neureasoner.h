@@ -6,7 +6,8 @@
 // head h gives z_h . (W_O[:, h] ^T W_U[y]) with z_h the head's output before the output projection
 // (llama.cpp's kqv_out). A level's signal is the sum over its MoN; its spectral features over the
 // last `window` tokens feed a small MLP (trained by scikit-learn, evaluated here) whose probability
-// above a threshold is a detection. What a detection does is the decode loop's (decode_loop.h).
+// above a threshold is a detection, on which the monitor acts through the loop's steering hooks
+// (steering.h): it rolls the step back to resample or redirect it, or ends the reasoning.
 // Every size, band and threshold is neurotap's choice (the paper leaves them open): see README.
 #pragma once
 #include <cstdint>
@@ -15,7 +16,7 @@
 #include <vector>
 
 #include "llama.h"
-#include "reducers.h"
+#include "steering.h"
 
 namespace neurotap {
 
@@ -92,9 +93,9 @@ struct NrEvent {
     uint32_t seed;    // the sampler's new seed after a rollback (0: none)
 };
 
-// Watches the configured components: a Reducer fed by the tap (the layer's activation and, when
-// heads are watched, its attention output), updated at each commit. It can roll back.
-class NeuReasonerMonitor : public Reducer {
+// Watches the configured components (fed by the tap like a reducer: the layer's activation and,
+// when heads are watched, its attention output), updated at each commit, and acts on detections.
+class NeuReasonerMonitor : public Steering {
 public:
     // Reads W_down columns, W_O and the unembedding from the model's file; ParamError if the
     // configuration does not fit the model.
@@ -106,12 +107,19 @@ public:
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t width) override;
-    unsigned tap_kinds() const override;
-    int attention_layer() const override { return c_.layer; }
+    TapRequest tap_request() const override;
     void commit(int sample, int token, int32_t token_id) override;
     bool can_roll_back() const override { return true; }
     void roll_back(int sample, int n_tokens) override;
     void finish(int sample, int n_tokens) override;
+
+    const char* name() const override { return "NeuReasoner"; }
+    const char* exit_reason() const override { return "neureasoner_exit"; }
+    bool steers() const override { return acts(); }
+    bool rolls_back() const override { return acts(); }
+    Pick before_sample(int sample, int j, float* logits, llama_token* token) override;
+    Decision after_commit(int sample, const SampleView& v, bool mine) override;
+    void rolled_back(int sample, uint32_t seed) override;
 
     // Whether `level` detects at the sample's last committed token; its probability in *p.
     bool detected(int sample, int level, float* p) const;
@@ -119,8 +127,27 @@ public:
     const std::vector<float>& signals(int sample) const { return sig_[sample]; }    // [tokens, levels]
     const std::vector<float>& probs(int sample) const { return prob_[sample]; }     // [tokens, levels], NaN: none
     const std::vector<float>& recorded(int sample) const { return rec_[sample]; }   // [tokens, n_components]
+    // What was detected and done for the sample, and the token index where it exited (-1: none).
+    const std::vector<NrEvent>& events(int sample) const { return track_.at(static_cast<size_t>(sample)).events; }
+    int exit_at(int sample) const { return track_.at(static_cast<size_t>(sample)).exit_at; }
 
 private:
+    // The per-sample state: what was detected and done, the forced tokens queued (an exit or a
+    // redirect) and the bounds on interventions.
+    struct Track {
+        std::vector<NrEvent> events;
+        std::vector<llama_token> queue;  // tokens to emit instead of sampling
+        size_t queued = 0;               // of queue, already emitted
+        bool exiting = false;            // the queue is the exit: its end-of-generation ends the sample
+        size_t answer_from = 0;          // text offset where the exit's queue ended
+        int exit_at = -1;
+        int actions = 0;
+        int next_check = 0;              // no detection acts before the sample holds this many tokens
+        int retry_step = -1, retries = 0;
+    };
+    // After a commit with nothing queued: acts on a detection (a rollback is returned).
+    Decision act(int sample, const SampleView& v);
+
     NeuReasonerConfig c_;
     int n_ff_ = 0, n_head_ = 0, head_dim_ = 0, n_embd_ = 0;
     std::shared_ptr<const ContributionWeights> w_;
@@ -132,6 +159,7 @@ private:
     std::vector<std::vector<float>> cur_a_, cur_z_;  // per sample: the current position's rows
     std::vector<std::vector<float>> sig_, prob_, rec_;
     std::vector<float> u_, proj_, scratch_, contrib_, window_, feats_, in_;
+    std::vector<Track> track_;
 };
 
 }  // namespace neurotap

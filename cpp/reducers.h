@@ -27,8 +27,8 @@ public:
     // Activations `a` (n_ff floats) of `layer` at the position that predicts token `token` of
     // sample `sample`. Rows of one token arrive layer by layer; tokens arrive in order.
     virtual void on_row(int sample, int token, int layer, const float* a) = 0;
-    // What the tap must read for this reducer besides the activation (tap_bit masks).
-    virtual unsigned tap_kinds() const { return 0; }
+    // What the tap must read for this reducer besides the activation.
+    virtual TapRequest tap_request() const { return {}; }
     // The FFN gate's pre-activation, for reducers that asked for TapKind::Gate (same order).
     virtual void on_gate_row(int sample, int token, int layer, const float* g) {
         (void)sample, (void)token, (void)layer, (void)g;
@@ -46,12 +46,11 @@ public:
     virtual void sync() {}
     // The sample ends with n_tokens tokens: rows recorded for later tokens are dropped.
     virtual void finish(int sample, int n_tokens) = 0;
-    // NeuReasoner's rollback: the sample goes on from its first n_tokens tokens, as if the later
-    // ones had never been generated. Reducers whose records cannot be cut (chunk unions) say no.
+    // A rollback (a method steering the run asked for it): the sample goes on from its first
+    // n_tokens tokens, as if the later ones had never been generated. Reducers whose records
+    // cannot be cut (chunk unions) say no, and such a run is refused.
     virtual bool can_roll_back() const { return false; }
     virtual void roll_back(int sample, int n_tokens) { (void)sample, (void)n_tokens; }
-    // The layer whose attention output (TapKind::Attention) this reducer reads, -1 for none.
-    virtual int attention_layer() const { return -1; }
 };
 
 // Per token and layer: the number of neurons whose activation exceeds a threshold.
@@ -145,7 +144,7 @@ private:
 class HiddenRowReducer : public Reducer {
 public:
     explicit HiddenRowReducer(TapKind kind);  // NormInput or Residual
-    unsigned tap_kinds() const override { return tap_bit(kind_); }
+    TapRequest tap_request() const override { return {tap_bit(kind_), -1}; }
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int, int, int, const float*) override {}
     void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) override;

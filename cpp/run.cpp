@@ -36,18 +36,11 @@ Run::Run(TappedContext& tc, std::vector<llama_token> prompt, RunOptions options)
         cp.n_threads = tc_.params().n_threads;
         reds.push_back((contrib_ = std::make_unique<ContributionReducer>(tc_.model().contribution_weights(), cp)).get());
     }
-    SampleParams sp = opts_.sampling;
-    if (opts_.neat) {
-        neat_ = std::make_unique<NeatMonitor>(*opts_.neat, mi.n_layers, mi.n_ff, mi.n_vocab);
-        reds.push_back(neat_.get());
-    }
-    sp.neat = neat_.get();
-    if (opts_.neureasoner) {
-        nr_ = std::make_unique<NeuReasonerMonitor>(*opts_.neureasoner, tc_.model());
-        reds.push_back(nr_.get());
-    }
-    sp.neureasoner = nr_.get();
-    loop_ = std::make_unique<DecodeLoop>(tc_, std::move(prompt), std::move(sp), std::move(reds));
+    // The methods: registered here, each in its own files (the loop steers through Steering).
+    std::vector<Steering*> methods;
+    if (opts_.neat) methods.push_back((neat_ = std::make_unique<NeatMonitor>(*opts_.neat, mi.n_layers, mi.n_ff, mi.n_vocab)).get());
+    if (opts_.neureasoner) methods.push_back((nr_ = std::make_unique<NeuReasonerMonitor>(*opts_.neureasoner, tc_.model())).get());
+    loop_ = std::make_unique<DecodeLoop>(tc_, std::move(prompt), opts_.sampling, std::move(reds), std::move(methods));
 }
 
 Run::Run(TappedContext& tc, Handoff&& from, RunOptions options) : tc_(tc), opts_(std::move(options)) {

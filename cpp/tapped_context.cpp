@@ -106,7 +106,10 @@ void TappedContext::clear() { llama_memory_clear(llama_get_memory(ctx()), true);
 void TappedContext::run_decode(int n_rows, RowSink* sink) {
     ctx();  // closed: RuntimeError, never a decode on freed memory
     batch_.n_tokens = n_rows;
-    if (sink) tap_.arm(n_rows, sink, sink->tap_kinds());
+    if (sink) {
+        const TapRequest want = sink->tap_request();
+        tap_.arm(n_rows, sink, want.kinds, want.attention_layer);
+    }
     const int32_t rc = llama_decode(ctx_, batch_);
     if (rc != 0) {
         tap_.disarm();

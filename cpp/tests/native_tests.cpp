@@ -1304,11 +1304,11 @@ void test_parallel_sampling() {
     for (int s = 0; s < n; ++s) {
         const SampleState& st = ps.sample(s);
         lengths.push_back(st.tokens.size());
-        total += static_cast<int64_t>(st.tokens.size()) + (st.finish_reason == "eos");
+        total += static_cast<int64_t>(st.tokens.size()) + (st.finish_reason() == "eos");
         CHECK(!st.live);
         CHECK(st.tokens.size() <= static_cast<size_t>(max_tokens));
-        CHECK_MSG(st.finish_reason == (st.tokens.size() == static_cast<size_t>(max_tokens) ? "length" : "eos"),
-                  "sample " + std::to_string(s) + ": " + st.finish_reason);
+        CHECK_MSG(st.finish_reason() == (st.tokens.size() == static_cast<size_t>(max_tokens) ? "length" : "eos"),
+                  "sample " + std::to_string(s) + ": " + st.finish_reason());
         CHECK(st.text == model->detokenize(st.tokens));
         CHECK(st.token_logprob.empty() && st.top_ids.empty());
     }
@@ -1440,7 +1440,7 @@ void test_parallel_control() {
     CHECK(ps.advance(8, nullptr) == n);
     for (int s = 0; s < n; ++s) {
         const auto& t = ps.sample(s).tokens;
-        CHECK(ps.sample(s).live && ps.sample(s).finish_reason.empty());
+        CHECK(ps.sample(s).live && ps.sample(s).finish_reason().empty());
         CHECK(t.size() == 8u);
         CHECK(std::equal(t.begin(), t.end(), unpruned[s].begin()));
     }
@@ -1460,18 +1460,18 @@ void test_parallel_control() {
     llama_memory_t mem = llama_get_memory(tc.ctx());
     for (int s : others) {
         CHECK(!ps.sample(s).live);
-        CHECK(ps.sample(s).finish_reason == "stopped");
+        CHECK(ps.sample(s).finish_reason() == "stopped");
         CHECK_MSG(llama_memory_seq_pos_max(mem, s) == -1, "stopped sample " + std::to_string(s) + " keeps KV cells");
     }
     CHECK(llama_memory_seq_pos_max(mem, keep) >= static_cast<llama_pos>(prompt.size()));
 
     CHECK(ps.advance(max_tokens, nullptr) == 0);
-    CHECK(ps.sample(keep).finish_reason == "length");
+    CHECK(ps.sample(keep).finish_reason() == "length");
     CHECK_MSG(ps.sample(keep).tokens == unpruned[keep], "the kept sample drew other tokens once the rest stopped");
     const double rel = max_row_rel_l2(rows.rows_f32(keep), ref_f32[keep], F);
     CHECK_MSG(rel < 5e-3, "kept sample: max relative L2 " + std::to_string(rel));
     for (int s : others) {
-        CHECK(ps.sample(s).tokens.size() == 8u && ps.sample(s).finish_reason == "stopped");
+        CHECK(ps.sample(s).tokens.size() == 8u && ps.sample(s).finish_reason() == "stopped");
         CHECK(counts.counts(s).size() == 8u * L);
         CHECK(rows.rows_f32(s).size() == size_t(8) * L * F);
         if (rows.rows_f32(s).size() == size_t(8) * L * F && ref_f32[s].size() >= size_t(8) * L * F) {
@@ -1492,7 +1492,7 @@ void test_parallel_control() {
     CHECK(early.n_live() == n - 2);
     CHECK(early.advance(4, nullptr) == n - 2);
     for (int s : {0, 1}) {
-        CHECK(early.sample(s).tokens.empty() && early.sample(s).finish_reason == "stopped");
+        CHECK(early.sample(s).tokens.empty() && early.sample(s).finish_reason() == "stopped");
         CHECK(early_rows.rows_f32(s).empty());
         CHECK(early_counts.counts(s).empty());
         CHECK_MSG(llama_memory_seq_pos_max(mem, s) == -1, "sample " + std::to_string(s) + " stopped before the start keeps KV cells");
@@ -1527,7 +1527,7 @@ void test_hand_off() {
     r.advance(race, nullptr);
     EXPECT_THROW(ParamError, r.hand_off(n), "hand_off(n)");
     Handoff h = r.hand_off(pick);
-    CHECK(!r.sample(pick).live && r.sample(pick).finish_reason == "stopped");
+    CHECK(!r.sample(pick).live && r.sample(pick).finish_reason() == "stopped");
     EXPECT_THROW(ParamError, r.hand_off(pick), "a sample handed off twice");
 
     ContextParams one = small_context();
@@ -1589,7 +1589,7 @@ void test_parallel_errors() {
     int live = -1;
     EXPECT_NO_THROW(live = ok.advance(4, nullptr), "a run after the errors");
     CHECK(live == 0);
-    for (int s = 0; s < n; ++s) CHECK(!ok.sample(s).tokens.empty() || ok.sample(s).finish_reason == "eos");
+    for (int s = 0; s < n; ++s) CHECK(!ok.sample(s).tokens.empty() || ok.sample(s).finish_reason() == "eos");
 }
 
 // log_softmax of a logits row, in double.
@@ -3085,14 +3085,12 @@ void test_nr_rollback() {
     for (int retries : {2, 10}) {
         cfg.max_retries = retries;
         NeuReasonerMonitor mon(cfg, *model);
-        CHECK(mon.tap_kinds() & tap_bit(TapKind::Attention));
-        SampleParams p = sp;
-        p.neureasoner = &mon;
-        DecodeLoop loop(tc, prompt, p, {&mon});
+        CHECK(mon.tap_request().kinds & tap_bit(TapKind::Attention) && mon.tap_request().attention_layer == cfg.layer);
+        DecodeLoop loop(tc, prompt, sp, {}, {&mon});
         loop.advance(max_tokens, nullptr);
         const SampleState& st = loop.sample(0);
         int rollbacks = 0, let_pass = 0;
-        for (const NrEvent& e : st.nr.events) rollbacks += e.rollback_to >= 0, let_pass += e.action == kNrNone;
+        for (const NrEvent& e : mon.events(0)) rollbacks += e.rollback_to >= 0, let_pass += e.action == kNrNone;
         CHECK_MSG(rollbacks == std::min(retries, cfg.max_actions), "rollbacks: " + std::to_string(rollbacks));
         CHECK(let_pass > 0);
         CHECK(st.tokens == ref);
@@ -3107,25 +3105,23 @@ void test_nr_rollback() {
         ex.exit_tokens = model->tokenize(" The end.", false, false);
         ex.exit_tokens.push_back(llama_vocab_eos(model->vocab()));
         NeuReasonerMonitor mon(ex, *model);
-        CHECK(!(mon.tap_kinds() & tap_bit(TapKind::Attention)));
+        CHECK(!(mon.tap_request().kinds & tap_bit(TapKind::Attention)));
         SampleParams p = sp;
         p.sampling.ignore_eos = false;
-        p.neureasoner = &mon;
-        DecodeLoop loop(tc, prompt, p, {&mon});
+        DecodeLoop loop(tc, prompt, p, {}, {&mon});
         loop.advance(max_tokens, nullptr);
         const SampleState& st = loop.sample(0);
-        CHECK(st.finish == Finish::NeuReasonerExit);
-        CHECK(st.nr.exit_at == ex.window);
+        CHECK(st.finish == Finish::Exit && st.exit_by == &mon && st.finish_reason() == "neureasoner_exit");
+        CHECK(mon.exit_at(0) == ex.window);
         CHECK(st.text.size() >= 9 && st.text.compare(st.text.size() - 9, 9, " The end.") == 0);
         CHECK(std::equal(st.tokens.begin(), st.tokens.begin() + ex.window, ref.begin()));
     }
     NeuReasonerMonitor mon(cfg, *model);
     SampleParams p = sp;
-    p.neureasoner = &mon;
     ActiveSetReducer sets(4, 0.0f);
-    EXPECT_THROW_MSG(ParamError, DecodeLoop(tc, prompt, p, {&mon, &sets}), "chunked set records", "rollbacks and chunk sets");
+    EXPECT_THROW_MSG(ParamError, DecodeLoop(tc, prompt, p, {&sets}, {&mon}), "chunked set records", "rollbacks and chunk sets");
     p.forced = {ref[0], ref[1]};
-    EXPECT_THROW_MSG(ParamError, DecodeLoop(tc, prompt, p, {&mon}), "teacher-forced", "rollbacks and forcing");
+    EXPECT_THROW_MSG(ParamError, DecodeLoop(tc, prompt, p, {}, {&mon}), "teacher-forced", "rollbacks and forcing");
     NeuReasonerConfig out = cfg;
     out.levels[kNrIntra].components = {static_cast<int>(mi.n_ff) + mi.n_head};
     EXPECT_THROW_MSG(ParamError, NeuReasonerMonitor(out, *model), "outside this model", "a component beyond the heads");
