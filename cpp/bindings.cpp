@@ -10,17 +10,20 @@
 #include <limits>
 #include <memory>
 
-#include "contribution.h"
-#include "errors.h"
-#include "gguf_file.h"
-#include "log_capture.h"
-#include "model.h"
-#include "neat.h"
-#include "neureasoner.h"
-#include "run.h"
-#include "reducers.h"
-#include "set_record.h"
-#include "tapped_context.h"
+#include "base/errors.h"
+#include "base/gguf_file.h"
+#include "base/log_capture.h"
+#include "kernels/kernels.h"
+#include "methods/neat.h"
+#include "methods/neureasoner.h"
+#include "reducers/contribution.h"
+#include "reducers/jaccard.h"
+#include "reducers/reducers.h"
+#include "reducers/set_record.h"
+#include "run/run.h"
+#include "runtime/model.h"
+#include "runtime/tapped_context.h"
+#include "weights/mapped_weights.h"
 
 namespace py = pybind11;
 using namespace neurotap;

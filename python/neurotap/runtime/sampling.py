@@ -1,5 +1,5 @@
 """Parallel sampling: N answers to one prompt decoded in one batch, each with its own neuron
-record reduced natively as it streams (see cpp/run.h). A single generation is a run of one."""
+record reduced natively as it streams (see cpp/run/run.h). A single generation is a run of one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
