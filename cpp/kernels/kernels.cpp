@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <unordered_map>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -105,10 +106,6 @@ void axpy4x2_generic(const float* a0, const float* a1, const float* x, int64_t l
     axpy4_generic(a0, x, ldx, y0, n);
     axpy4_generic(a1, x, ldx, y1, n);
 }
-
-// Floats between the 16-neuron column blocks of a packed panel of kc rows: padded by one row, or
-// at kc = 64 the blocks would be 4 KiB apart and all fall in the same L1 set as they are written.
-constexpr int64_t panel_stride(int kc) { return 16 * static_cast<int64_t>(kc) + 16; }
 
 // ggml's block layouts (ggml-common.h): an fp16 scale, then the quants.
 constexpr int64_t kQ4_0Bytes = 2 + 16, kQ4_1Bytes = 2 + 2 + 16, kQ8_0Bytes = 2 + 32;

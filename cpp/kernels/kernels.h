@@ -45,6 +45,9 @@ Axpy4x2Fn axpy4x2_kernel_generic();
 using ProductsFn = int64_t (*)(const float* a, const float* d, int64_t n, float guess, float* c, int32_t* idx);
 ProductsFn products_kernel();
 ProductsFn products_kernel_generic();  // the portable one, for tests
+// Floats between the 16-neuron column blocks of a packed panel of kc rows: padded by one row, or
+// at kc = 64 the blocks would be 4 KiB apart and all fall in the same L1 set as they are written.
+constexpr int64_t panel_stride(int kc) { return 16 * static_cast<int64_t>(kc) + 16; }
 using PanelFn = void (*)(const float* U, int64_t ldu, int M, const float* P, int kc, int64_t n, float* D, int64_t ldd);
 PanelFn panel_kernel();
 std::vector<PanelFn> panel_kernels();  // every one the CPU runs, the chosen one first (for tests)

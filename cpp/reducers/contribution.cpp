@@ -26,6 +26,14 @@ inline float gelu(float x) {  // ggml's tanh approximation
 
 }  // namespace
 
+ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p)
+    : w_(std::move(w)), p_(p) {
+    if (!w_) throw ParamError("contribution reducer needs weights");
+    if (p_.chunk < 1) throw ParamError("chunk must be at least 1 token");
+    if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
+    if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
+    if (p_.n_threads < 1) p_.n_threads = 1;
+}
 
 int64_t ContributionReducer::auto_budget(int64_t file_bytes, int n_samples, int n_layers, int64_t n_ff) {
     const int64_t rows = static_cast<int64_t>(n_samples) * n_layers * n_ff * static_cast<int64_t>(sizeof(float));

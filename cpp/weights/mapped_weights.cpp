@@ -175,13 +175,4 @@ void ContributionWeights::unembed_row(int32_t token, float* out) const {
     dequantize(unembed_, token, 0, n_embd_, out);
 }
 
-ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p)
-    : w_(std::move(w)), p_(p) {
-    if (!w_) throw ParamError("contribution reducer needs weights");
-    if (p_.chunk < 1) throw ParamError("chunk must be at least 1 token");
-    if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
-    if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
-    if (p_.n_threads < 1) p_.n_threads = 1;
-}
-
 }  // namespace neurotap
