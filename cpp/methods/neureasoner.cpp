@@ -205,7 +205,7 @@ bool NeuReasonerMonitor::acts() const {
 }
 
 TapRequest NeuReasonerMonitor::tap_request() const {
-    return heads_ ? TapRequest{tap_bit(TapKind::Attention), c_.layer} : TapRequest{};
+    return heads_ ? TapRequest{tap_bit(TapKind::AttnZ), c_.layer} : TapRequest{};
 }
 
 void NeuReasonerMonitor::begin(int n_samples, int, int64_t n_ff, int) {
@@ -232,7 +232,7 @@ void NeuReasonerMonitor::on_row(int sample, int, int layer, const float* a) {
 
 void NeuReasonerMonitor::on_hidden_row(TapKind kind, int sample, int, int layer, const float* h, int64_t width) {
     auto& z = cur_z_[static_cast<size_t>(sample)];
-    if (kind == TapKind::Attention && layer == c_.layer && width == static_cast<int64_t>(z.size()))
+    if (kind == TapKind::AttnZ && layer == c_.layer && width == static_cast<int64_t>(z.size()))
         std::copy_n(h, z.size(), z.data());
 }
 

@@ -57,7 +57,7 @@ public:
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void on_gate_row(int sample, int token, int layer, const float* g) override;
-    TapRequest tap_request() const override { return {p_.gate_variant ? tap_bit(TapKind::Gate) : 0u, -1}; }
+    TapRequest tap_request() const override { return {p_.gate_variant ? tap_bit(TapKind::MlpPre) : 0u, -1}; }
     void commit(int sample, int token, int32_t token_id) override;
     void end_step() override;
     void sync() override;

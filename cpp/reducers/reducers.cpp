@@ -82,14 +82,14 @@ void WatchReducer::finish(int sample, int n_tokens) {
     values_[sample].resize(static_cast<size_t>(n_tokens) * neurons_.size());
 }
 
-void FullRowReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
+void MlpPostReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
     n_layers_ = n_layers;
     n_ff_ = n_ff;
     f32_.assign(half_ ? 0 : n_samples, {});
     f16_.assign(half_ ? n_samples : 0, {});
 }
 
-void FullRowReducer::on_row(int sample, int token, int layer, const float* a) {
+void MlpPostReducer::on_row(int sample, int token, int layer, const float* a) {
     const size_t stride = static_cast<size_t>(n_layers_) * n_ff_;
     if (half_) {
         uint16_t* out = slot(f16_[sample], token, stride) + static_cast<size_t>(layer) * n_ff_;
@@ -99,7 +99,7 @@ void FullRowReducer::on_row(int sample, int token, int layer, const float* a) {
     }
 }
 
-void FullRowReducer::finish(int sample, int n_tokens) {
+void MlpPostReducer::finish(int sample, int n_tokens) {
     const size_t n = static_cast<size_t>(n_tokens) * n_layers_ * n_ff_;
     if (half_) f16_[sample].resize(n); else f32_[sample].resize(n);
 }
@@ -109,7 +109,7 @@ void FullRowReducer::finish(int sample, int n_tokens) {
 namespace neurotap {
 
 HiddenRowReducer::HiddenRowReducer(TapKind kind) : kind_(kind) {
-    if (kind != TapKind::NormInput && kind != TapKind::Residual)
+    if (kind != TapKind::Ln2Normalized && kind != TapKind::ResidPost)
         throw ParamError("HiddenRowReducer reads NormInput or Residual rows");
 }
 

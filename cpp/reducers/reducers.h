@@ -81,9 +81,9 @@ private:
 };
 
 // Opt-in, for small runs: every row, as float32 or IEEE half.
-class FullRowReducer : public Reducer {
+class MlpPostReducer : public Reducer {
 public:
-    explicit FullRowReducer(bool half) : half_(half) {}
+    explicit MlpPostReducer(bool half) : half_(half) {}
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void finish(int sample, int n_tokens) override;

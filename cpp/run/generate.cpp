@@ -6,16 +6,16 @@ RunOptions generate_options(const GenerateParams& p) {
     RunOptions o;
     o.sampling.n = 1;
     o.sampling.max_tokens = p.max_tokens;
-    o.sampling.sampling = p.sampling;
+    static_cast<SamplingParams&>(o.sampling) = p.sampling;
     o.sampling.seed_per_sample = false;
     o.sampling.stop = p.stop;
     o.sampling.forced = p.forced;
     o.sampling.tap = p.tap;
     o.record.counts = p.tap;
     o.record.active_threshold = p.active_threshold;
-    o.record.rows = p.capture;
-    o.record.norm_inputs = p.capture_norm;
-    o.record.residuals = p.capture_residual;
+    o.record.mlp_post = p.capture;
+    o.record.ln2_normalized = p.capture_norm;
+    o.record.resid_post = p.capture_residual;
     if (p.neat) o.neat = *p.neat;
     return o;
 }
@@ -37,12 +37,12 @@ GenerateResult generate(TappedContext& tc, const std::vector<llama_token>& promp
     r.n_ff = mi.n_ff;
     r.n_embd = mi.n_embd;
     if (run.counts()) r.active_counts = run.counts()->counts(0);
-    if (run.rows()) {
-        if (run.rows()->half()) r.acts_f16 = run.rows()->rows_f16(0);
-        else r.acts_f32 = run.rows()->rows_f32(0);
+    if (run.mlp_post()) {
+        if (run.mlp_post()->half()) r.acts_f16 = run.mlp_post()->rows_f16(0);
+        else r.acts_f32 = run.mlp_post()->rows_f32(0);
     }
-    if (run.norm_inputs()) r.norm_inputs = run.norm_inputs()->rows(0);
-    if (run.residuals()) r.residuals = run.residuals()->rows(0);
+    if (run.ln2_normalized()) r.norm_inputs = run.ln2_normalized()->rows(0);
+    if (run.resid_post()) r.residuals = run.resid_post()->rows(0);
     if (run.neat()) {
         r.neat_events = run.neat()->events(0);
         r.neat_exit_at = run.neat()->exit_at(0);

@@ -14,7 +14,7 @@ struct GenerateParams {
     SamplingParams sampling;         // the sampler draws with sampling.seed itself
     std::vector<std::string> stop;
     bool tap = true;                 // false: decode with the tap unarmed (baseline timing)
-    RowType capture = RowType::None; // keep every activation row
+    RowFormat capture = RowFormat::None; // keep every activation row
     bool capture_norm = false;       // also keep ffn_norm-<il> rows
     bool capture_residual = false;   // also keep l_out-<il> rows (the residual stream after each layer)
     float active_threshold = 0.0f;   // a neuron is active on a token when its activation > this
@@ -26,14 +26,14 @@ struct GenerateResult {
     std::vector<llama_token> prompt_tokens;
     std::vector<llama_token> tokens;  // generated, end-of-generation token excluded
     std::string text;                 // raw bytes (UTF-8 of complete pieces), cut at a stop string
-    std::string finish_reason;        // finish_name(): "eos", "length", "stop", "cancelled" or "neat_exit"
+    std::string finish_reason;        // SampleState::finish_reason(): "eos", "length", "stop", "cancelled" or "neat_exit"
     int n_layers = 0;
     int64_t n_ff = 0;
     int64_t n_embd = 0;
     // Per generated token j: the row of the position that predicts token j.
     std::vector<int32_t> active_counts;  // [n_tokens, n_layers]; empty when tap=false
-    std::vector<float> acts_f32;         // [n_tokens, n_layers, n_ff] with RowType::Float32
-    std::vector<uint16_t> acts_f16;      // same, IEEE half, with RowType::Float16
+    std::vector<float> acts_f32;         // [n_tokens, n_layers, n_ff] with RowFormat::Float32
+    std::vector<uint16_t> acts_f16;      // same, IEEE half, with RowFormat::Float16
     std::vector<float> norm_inputs;      // [n_tokens, n_layers, n_embd] with capture_norm
     std::vector<float> residuals;        // [n_tokens, n_layers, n_embd] with capture_residual
     std::vector<NeatEvent> neat_events;  // every NEAT decision taken (line starts), in order

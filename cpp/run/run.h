@@ -16,7 +16,7 @@
 
 namespace neurotap {
 
-enum class RowType : int { None = 0, Float32 = 1, Float16 = 2 };
+enum class RowFormat : int { None = 0, Float32 = 1, Float16 = 2 };
 
 // What a run keeps per sample besides its tokens and text.
 struct RecordOptions {
@@ -24,9 +24,9 @@ struct RecordOptions {
     float active_threshold = 0.0f;
     int active_chunk = 0;                     // > 0: active sets per chunk of this many tokens
     std::vector<std::pair<int, int>> watch;   // (layer, neuron) activations per token
-    RowType rows = RowType::None;             // every activation row (blocks.{l}.mlp.hook_post)
-    bool norm_inputs = false;                 // every normed FFN input (blocks.{l}.ln2.hook_normalized)
-    bool residuals = false;                   // every residual after the block (blocks.{l}.hook_resid_post)
+    RowFormat mlp_post = RowFormat::None;     // every activation row (blocks.{l}.mlp.hook_post), in this format
+    bool ln2_normalized = false;              // every normed FFN input (blocks.{l}.ln2.hook_normalized)
+    bool resid_post = false;                  // every residual after the block (blocks.{l}.hook_resid_post)
     int contribution_chunk = 0;               // > 0: NAD's activated sets per chunk of this many tokens
     std::string contribution_variant = "down";  // "down" (down projection input) or "gate" (act(gate))
     int contribution_top = 64;
@@ -39,6 +39,9 @@ struct RunOptions {
     RecordOptions record;
     std::optional<NeatConfig> neat;           // NEAT early exit per sample (needs the tap)
     std::optional<NeuReasonerConfig> neureasoner;  // NeuReasoner detection and correction (needs the tap)
+    // The one check of a run's options (ParamError naming what is wrong): Run runs it, and Python
+    // runs it before it plans contexts. What depends on the model is checked when the run is built.
+    void validate() const;
 };
 
 class Run {
@@ -61,9 +64,9 @@ public:
     const ActiveCountReducer* counts() const { return counts_.get(); }
     const ActiveSetReducer* active_sets() const { return active_sets_.get(); }
     const WatchReducer* watch() const { return watch_.get(); }
-    const FullRowReducer* rows() const { return rows_.get(); }
-    const HiddenRowReducer* norm_inputs() const { return norm_.get(); }
-    const HiddenRowReducer* residuals() const { return resid_.get(); }
+    const MlpPostReducer* mlp_post() const { return mlp_post_.get(); }
+    const HiddenRowReducer* ln2_normalized() const { return norm_.get(); }
+    const HiddenRowReducer* resid_post() const { return resid_.get(); }
     const ContributionReducer* contributions() const { return contrib_.get(); }
     const NeatMonitor* neat() const { return neat_.get(); }
     const NeuReasonerMonitor* neureasoner() const { return nr_.get(); }
@@ -74,7 +77,7 @@ private:
     std::unique_ptr<ActiveCountReducer> counts_;
     std::unique_ptr<ActiveSetReducer> active_sets_;
     std::unique_ptr<WatchReducer> watch_;
-    std::unique_ptr<FullRowReducer> rows_;
+    std::unique_ptr<MlpPostReducer> mlp_post_;
     std::unique_ptr<HiddenRowReducer> norm_, resid_;
     std::unique_ptr<ContributionReducer> contrib_;
     std::unique_ptr<NeatMonitor> neat_;

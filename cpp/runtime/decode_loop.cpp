@@ -41,14 +41,33 @@ Handoff::~Handoff() {
     if (sampler) llama_sampler_free(sampler);
 }
 
+void SampleParams::validate() const {
+    if (n < 1) throw ParamError("n must be at least 1, got " + std::to_string(n));
+    if (max_tokens <= 0) throw ParamError("max_tokens must be positive, got " + std::to_string(max_tokens));
+    if (top_logprobs < 0 || top_logprobs > 100)
+        throw ParamError("logprobs (top_logprobs) must be in [0, 100], got " + std::to_string(top_logprobs));
+    if (kv_tokens < 0 || kv_tokens > max_tokens) throw ParamError("kv_tokens must be in [0, max_tokens]");
+    SamplingParams::validate();
+    if (!forced_per_sample.empty()) {
+        if (!forced.empty()) throw ParamError("give one forced stream for every sample or one per sample, not both");
+        if (forced_per_sample.size() != static_cast<size_t>(n))
+            throw ParamError("forced streams per sample: " + std::to_string(forced_per_sample.size()) +
+                             " streams for n=" + std::to_string(n) + " samples");
+    }
+    for (int s = 0; s < n; ++s) {
+        const std::vector<llama_token>& f = forced_tokens(*this, s);
+        if (static_cast<int>(f.size()) > max_tokens)
+            throw ParamError("more forced tokens (" + std::to_string(f.size()) + ") than max_tokens (" +
+                             std::to_string(max_tokens) + ")");
+    }
+}
+
 DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, SampleParams params,
                        std::vector<Reducer*> reducers, std::vector<Steering*> methods)
     : tc_(tc), prompt_(std::move(prompt)), params_(std::move(params)), reducers_(std::move(reducers)),
       methods_(std::move(methods)) {
     const ModelInfo& info = tc_.model().info();
-    if (params_.n < 1) throw ParamError("n must be at least 1, got " + std::to_string(params_.n));
-    if (params_.max_tokens <= 0) throw ParamError("max_tokens must be positive, got " + std::to_string(params_.max_tokens));
-    if (params_.top_logprobs < 0 || params_.top_logprobs > 100) throw ParamError("top_logprobs must be in [0, 100]");
+    params_.validate();
     if (prompt_.empty()) throw ParamError("the prompt is empty (no tokens)");
     for (llama_token t : prompt_)
         if (t < 0 || t >= info.n_vocab) throw ParamError("prompt token id out of range: " + std::to_string(t));
@@ -58,21 +77,12 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
     if (params_.n > tc_.params().n_batch)
         throw ParamError("n=" + std::to_string(params_.n) + " exceeds the context's batch of " +
                          std::to_string(tc_.params().n_batch));
-    if (!params_.forced_per_sample.empty()) {
-        if (!params_.forced.empty()) throw ParamError("give one forced stream for every sample or one per sample, not both");
-        if (params_.forced_per_sample.size() != static_cast<size_t>(params_.n))
-            throw ParamError("forced streams per sample: " + std::to_string(params_.forced_per_sample.size()) +
-                             " streams for n=" + std::to_string(params_.n) + " samples");
-    }
     bool forcing = false;
     for (int s = 0; s < params_.n; ++s) {
         const std::vector<llama_token>& f = forced_tokens(params_, s);
         forcing = forcing || !f.empty();
         for (llama_token t : f)
             if (t < 0 || t >= info.n_vocab) throw ParamError("forced token id out of range: " + std::to_string(t));
-        if (static_cast<int>(f.size()) > params_.max_tokens)
-            throw ParamError("more forced tokens (" + std::to_string(f.size()) + ") than max_tokens (" +
-                             std::to_string(params_.max_tokens) + ")");
     }
     const Steering* steering = nullptr;  // the one method that may change tokens
     for (const Steering* m : methods_) {
@@ -106,8 +116,6 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
         }
     } else {
         const int64_t per_seq = llama_n_ctx_seq(tc_.ctx());
-        if (params_.kv_tokens < 0 || params_.kv_tokens > params_.max_tokens)
-            throw ParamError("kv_tokens must be in [0, max_tokens]");
         const int64_t held = params_.kv_tokens > 0 ? params_.kv_tokens + 1 : params_.max_tokens;
         if (np + held > per_seq)
             throw ContextError("n=" + std::to_string(params_.n) + " samples of prompt " + std::to_string(np) +
@@ -121,8 +129,8 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
         want_ |= r->tap_request();
     }
     for (int i = 0; i < params_.n; ++i) {
-        SamplingParams sp = params_.sampling;
-        if (params_.seed_per_sample) sp.seed = sample_seed(params_.sampling.seed, i);
+        SamplingParams sp = params_;
+        if (params_.seed_per_sample) sp.seed = sample_seed(params_.seed, i);
         samplers_.push_back(nullptr);
         samplers_.back() = make_sampler_chain(sp, tc_.model().vocab());  // validates before anything runs
     }
@@ -143,7 +151,7 @@ int DecodeLoop::n_live() const {
 void DecodeLoop::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
     // A NaN/inf anywhere (a flipped weight scale, corrupt metadata) is found where it starts: the
     // first layer in graph order whose rows hold one. Reported after the decode (no throwing here).
-    if (kind == TapKind::Activation && (bad_layer_ < 0 || layer < bad_layer_)) {
+    if (kind == TapKind::MlpPost && (bad_layer_ < 0 || layer < bad_layer_)) {
         const int64_t n = static_cast<int64_t>(n_rows) * width;
         for (int64_t i = 0; i < n; ++i)
             if (!std::isfinite(data[i])) {
@@ -153,8 +161,8 @@ void DecodeLoop::on_rows(TapKind kind, int layer, int row0, int n_rows, const fl
     }
     auto offer = [&](int s, int t, const float* a) {
         for (Reducer* red : reducers_) {
-            if (kind == TapKind::Activation) red->on_row(s, t, layer, a);
-            else if (kind == TapKind::Gate) red->on_gate_row(s, t, layer, a);
+            if (kind == TapKind::MlpPost) red->on_row(s, t, layer, a);
+            else if (kind == TapKind::MlpPre) red->on_gate_row(s, t, layer, a);
             else red->on_hidden_row(kind, s, t, layer, a, width);
         }
     };
@@ -294,8 +302,8 @@ uint32_t DecodeLoop::roll_back(int s, int n) {
     for (Reducer* r : reducers_) r->roll_back(s, n);
     // A fresh sampler (its RNG and any penalty history restart) with a seed of its own, recorded:
     // the continuation is the one a fresh run from the kept tokens with that seed draws.
-    SamplingParams sp = params_.sampling;
-    const uint32_t base = params_.seed_per_sample ? sample_seed(params_.sampling.seed, s) : params_.sampling.seed;
+    SamplingParams sp = params_;
+    const uint32_t base = params_.seed_per_sample ? sample_seed(params_.seed, s) : params_.seed;
     sp.seed = sample_seed(base, 1 + st.reseeds++);
     llama_sampler* fresh = make_sampler_chain(sp, tc_.model().vocab());
     llama_sampler_free(samplers_[static_cast<size_t>(s)]);
@@ -449,7 +457,7 @@ Handoff DecodeLoop::hand_off(int s) {
     h.text = st.text;
     h.index = s;
     std::swap(h.sampler, samplers_[static_cast<size_t>(s)]);  // its RNG goes on where it stands
-    samplers_[static_cast<size_t>(s)] = make_sampler_chain(params_.sampling, tc_.model().vocab());
+    samplers_[static_cast<size_t>(s)] = make_sampler_chain(params_, tc_.model().vocab());
     in_use.unlock();
     end_sample(s, Finish::Stopped);
     return h;

@@ -21,10 +21,11 @@ enum class Finish : int { Live = 0, Eos, Length, Stop, Stopped, Cancelled, Exit 
 // SampleState::finish_reason).
 const char* finish_name(Finish f);
 
-struct SampleParams {
+// A run's parameters: the sampler's (flat: temperature, top_p, ..., seed is the run's seed) and
+// the run's own.
+struct SampleParams : SamplingParams {
     int n = 16;
     int max_tokens = 256;
-    SamplingParams sampling;       // sampling.seed is the run's seed
     bool seed_per_sample = true;   // sample i draws with sample_seed(seed, i); false: every one with seed
     std::vector<std::string> stop;
     // Teacher forcing: these tokens are fed first instead of sampled, one per step as generation
@@ -39,6 +40,8 @@ struct SampleParams {
     // > 0: this context holds KV cells for only the first `kv_tokens` tokens of each sample (a
     // race decided early, whose winner goes on elsewhere: see Handoff); advance stops there.
     int kv_tokens = 0;
+    // ParamError for what is wrong whatever the model (what the model bounds, DecodeLoop checks).
+    void validate() const;
 };
 
 // The teacher-forced tokens of sample s: its own stream, or the run's one stream for every sample.
@@ -133,7 +136,7 @@ private:
     SampleParams params_;
     std::vector<Reducer*> reducers_;  // the methods last
     std::vector<Steering*> methods_;
-    TapRequest want_{kTapActivation, -1};
+    TapRequest want_{kTapMlpPost, -1};
     std::vector<SampleState> samples_;
     std::vector<llama_sampler*> samplers_;
     bool started_ = false;

@@ -27,7 +27,7 @@ static int parse_layer(const char* s) {
 int FfnTap::match(const char* name, TapKind* kind) const {
     const size_t na = act_name_.size();
     if (std::strncmp(name, act_name_.c_str(), na) == 0 && name[na] == '-') {
-        *kind = TapKind::Activation;
+        *kind = TapKind::MlpPost;
         const int il = parse_layer(name + na + 1);
         return il < n_layers_ ? il : -1;
     }
@@ -39,13 +39,13 @@ int FfnTap::match(const char* name, TapKind* kind) const {
         return il < n_layers_ ? il : -1;
     };
     if (discovering_) return -1;  // discovery looks for the activation only
-    const int il = other(kinds_ & tap_bit(TapKind::NormInput), norm_name_, TapKind::NormInput);
+    const int il = other(kinds_ & tap_bit(TapKind::Ln2Normalized), norm_name_, TapKind::Ln2Normalized);
     if (il >= 0) return il;
-    const int ig = other(kinds_ & tap_bit(TapKind::Gate), gate_name_, TapKind::Gate);
+    const int ig = other(kinds_ & tap_bit(TapKind::MlpPre), gate_name_, TapKind::MlpPre);
     if (ig >= 0) return ig;
-    const int ir = other(kinds_ & tap_bit(TapKind::Residual), residual_name_, TapKind::Residual);
+    const int ir = other(kinds_ & tap_bit(TapKind::ResidPost), residual_name_, TapKind::ResidPost);
     if (ir >= 0) return ir;
-    const int ia = other(kinds_ & tap_bit(TapKind::Attention), attention_name_, TapKind::Attention);
+    const int ia = other(kinds_ & tap_bit(TapKind::AttnZ), attention_name_, TapKind::AttnZ);
     return ia == attention_layer_ ? ia : -1;  // one layer: each asked node costs a sync
 }
 
@@ -62,7 +62,7 @@ bool FfnTap::on_ask(const ggml_tensor* t) {
     const int il = match(t->name, &kind);
     if (il < 0) return false;
     if (discovering_) {
-        if (kind == TapKind::Activation) discovered_[il] = 1;
+        if (kind == TapKind::MlpPost) discovered_[il] = 1;
         return false;
     }
     return true;
@@ -73,8 +73,8 @@ void FfnTap::on_data(const ggml_tensor* t) {
     TapKind kind;
     const int il = match(t->name, &kind);
     if (il < 0) return;
-    const int64_t width = kind == TapKind::NormInput || kind == TapKind::Residual ? n_embd_
-                          : kind == TapKind::Attention                          ? attention_width_
+    const int64_t width = kind == TapKind::Ln2Normalized || kind == TapKind::ResidPost ? n_embd_
+                          : kind == TapKind::AttnZ                          ? attention_width_
                                                                                 : n_ff_;
     if (t->type != GGML_TYPE_F32 || t->ne[0] != width || t->ne[2] != 1 || t->ne[3] != 1 ||
         !ggml_is_contiguous(t)) {
@@ -106,10 +106,10 @@ void FfnTap::on_data(const ggml_tensor* t) {
 
 void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds, int attention_layer) {
     sink_ = sink;
-    kinds_ = kinds | kTapActivation;
+    kinds_ = kinds | kTapMlpPost;
     attention_layer_ = sink ? attention_layer : -1;
     if (attention_layer_ < 0 || attention_layer_ >= n_layers_ || attention_width_ <= 0)
-        kinds_ &= ~tap_bit(TapKind::Attention);
+        kinds_ &= ~tap_bit(TapKind::AttnZ);
     armed_rows_ = n_rows;
     error_.clear();
     for (auto& seen : rows_seen_) std::fill(seen.begin(), seen.end(), 0);
@@ -117,7 +117,7 @@ void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds, int attention_layer)
 
 void FfnTap::disarm() {
     sink_ = nullptr;
-    kinds_ = kTapActivation;
+    kinds_ = kTapMlpPost;
 }
 
 void FfnTap::disarm_and_check() {
@@ -128,7 +128,7 @@ void FfnTap::disarm_and_check() {
     for (int k = 0; k < kTapKinds; ++k) {
         if (!(kinds & (1u << k))) continue;
         for (int il = 0; il < n_layers_; ++il) {
-            if (k == static_cast<int>(TapKind::Attention) && il != attention_layer_) continue;
+            if (k == static_cast<int>(TapKind::AttnZ) && il != attention_layer_) continue;
             if (rows_seen_[k][il] != armed_rows_) {
                 throw RuntimeError("tap: layer " + std::to_string(il) + " delivered " +
                                    std::to_string(rows_seen_[k][il]) + " rows of " + *names[k] +

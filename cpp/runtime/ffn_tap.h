@@ -15,16 +15,18 @@ struct ggml_tensor;
 
 namespace neurotap {
 
-// What the tap can read per layer. TransformerLens names: Activation = blocks.{l}.mlp.hook_post,
-// NormInput = blocks.{l}.ln2.hook_normalized, Residual = blocks.{l}.hook_resid_post,
-// Attention = blocks.{l}.attn.hook_z (every head's output before W_O; one layer only).
-enum class TapKind : int { Activation = 0, NormInput = 1, Gate = 2, Residual = 3, Attention = 4 };
+// What the tap can read per layer, named as TransformerLens names the hook blocks.{l}.<hook>:
+// MlpPost = mlp.hook_post (the FFN activation row: the down projection's input, one float per
+// neuron), Ln2Normalized = ln2.hook_normalized (the normed FFN input), MlpPre = mlp.hook_pre (the
+// gate's pre-activation), ResidPost = hook_resid_post (the residual after the block), AttnZ =
+// attn.hook_z (every head's output before W_O; one layer only).
+enum class TapKind : int { MlpPost = 0, Ln2Normalized = 1, MlpPre = 2, ResidPost = 3, AttnZ = 4 };
 constexpr int kTapKinds = 5;
 constexpr unsigned tap_bit(TapKind k) { return 1u << static_cast<int>(k); }
-constexpr unsigned kTapActivation = tap_bit(TapKind::Activation);
+constexpr unsigned kTapMlpPost = tap_bit(TapKind::MlpPost);
 
 // What a reader wants tapped besides the activation: further kinds (tap_bit masks) and, with
-// TapKind::Attention, the one layer whose attention output is read (each asked node costs a sync).
+// TapKind::AttnZ, the one layer whose attention output is read (each asked node costs a sync).
 struct TapRequest {
     unsigned kinds = 0;
     int attention_layer = -1;
@@ -41,7 +43,7 @@ class RowSink {
 public:
     virtual ~RowSink() = default;
     // What this sink wants for the decode it is armed for (the activation always).
-    virtual TapRequest tap_request() const { return {kTapActivation, -1}; }
+    virtual TapRequest tap_request() const { return {kTapMlpPost, -1}; }
     // rows [row0, row0 + n_rows) of the armed batch for `layer`; `data` holds n_rows rows of
     // `width` contiguous floats, valid only during the call.
     virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;
@@ -60,7 +62,7 @@ public:
     // what to read besides the activation: ffn_norm-<il>, ffn_gate-<il> (NAD's paper-code
     // variant), l_out-<il> (NEAT's calibration), kqv_out-<il> at `attention_layer`
     // only (NeuReasoner's heads). They hold for this decode only.
-    void arm(int n_rows, RowSink* sink, unsigned kinds = kTapActivation, int attention_layer = -1);
+    void arm(int n_rows, RowSink* sink, unsigned kinds = kTapMlpPost, int attention_layer = -1);
     unsigned armed_kinds() const { return kinds_; }
     // Disarms; throws RuntimeError unless every tapped layer delivered exactly n_rows rows.
     void disarm_and_check();
@@ -96,7 +98,7 @@ private:
     int n_layers_;
     int64_t n_ff_;
     int64_t n_embd_;
-    unsigned kinds_ = kTapActivation;
+    unsigned kinds_ = kTapMlpPost;
 
     RowSink* sink_ = nullptr;
     int armed_rows_ = 0;

@@ -19,7 +19,7 @@ public:
     virtual void on_row(int sample, int token, int layer, const float* a) = 0;
     // What the tap must read for this reducer besides the activation.
     virtual TapRequest tap_request() const { return {}; }
-    // The FFN gate's pre-activation, for reducers that asked for TapKind::Gate (same order).
+    // The FFN gate's pre-activation, for reducers that asked for TapKind::MlpPre (same order).
     virtual void on_gate_row(int sample, int token, int layer, const float* g) {
         (void)sample, (void)token, (void)layer, (void)g;
     }

@@ -6,11 +6,15 @@
 
 namespace neurotap {
 
+void SamplingParams::validate() const {
+    if (!std::isfinite(temperature) || temperature < 0) throw ParamError("temperature must be >= 0");
+    if (!(top_p > 0.0f && top_p <= 1.0f)) throw ParamError("top_p must be in (0, 1]");
+    if (top_k < 0) throw ParamError("top_k must be >= 0 (0 disables it)");
+    if (!(min_p >= 0.0f && min_p < 1.0f)) throw ParamError("min_p must be in [0, 1)");
+}
+
 llama_sampler* make_sampler_chain(const SamplingParams& p, const llama_vocab* vocab) {
-    if (!std::isfinite(p.temperature) || p.temperature < 0) throw ParamError("temperature must be >= 0");
-    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) throw ParamError("top_p must be in (0, 1]");
-    if (p.top_k < 0) throw ParamError("top_k must be >= 0 (0 disables it)");
-    if (!(p.min_p >= 0.0f && p.min_p < 1.0f)) throw ParamError("min_p must be in [0, 1)");
+    p.validate();
     llama_sampler* chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
     if (p.ignore_eos) {
         std::vector<llama_logit_bias> bias;

@@ -18,6 +18,7 @@ struct SamplingParams {
     float min_p = 0.0f;
     uint32_t seed = 0;
     bool ignore_eos = false;   // ban end-of-generation tokens (fixed-length runs, benchmarks)
+    void validate() const;     // ParamError naming the value out of range
 };
 
 // Builds llama.cpp's sampler chain; validates the parameters (ParamError).

@@ -161,7 +161,7 @@ inline bool any_nonzero(const std::vector<float>& v) {
 // The real model, loaded once for all end-to-end tests; main() frees it before returning, ahead
 // of llama.cpp's static teardown.
 inline std::shared_ptr<Model> g_model;
-std::shared_ptr<Model> shared_model() {
+inline std::shared_ptr<Model> shared_model() {
     if (!g_model) g_model = Model::load(g_model_path, 0);
     return g_model;
 }
@@ -221,10 +221,10 @@ inline SampleParams sample_params(int n, int max_tokens, uint32_t seed) {
     SampleParams sp;
     sp.n = n;
     sp.max_tokens = max_tokens;
-    sp.sampling.temperature = 1.0f;
-    sp.sampling.top_p = 1.0f;
-    sp.sampling.top_k = 0;
-    sp.sampling.seed = seed;
+    sp.temperature = 1.0f;
+    sp.top_p = 1.0f;
+    sp.top_k = 0;
+    sp.seed = seed;
     return sp;
 }
 

@@ -35,7 +35,7 @@ std::vector<float> teacher_forced_rows(TappedContext& single, const std::vector<
     GenerateParams gp;
     gp.max_tokens = static_cast<int>(tokens.size());
     gp.forced = tokens;
-    gp.capture = RowType::Float32;
+    gp.capture = RowFormat::Float32;
     gp.sampling.temperature = 0.0f;
     GenerateResult r = generate(single, prompt, gp, nullptr);
     if (r.tokens != tokens) return {};
@@ -57,7 +57,7 @@ void test_parallel_sampling() {
     ActiveSetReducer bitsets(4, 0.0f);
     const std::vector<std::pair<int, int>> watched = {{29, 1535}, {0, 0}, {14, 700}};
     WatchReducer watch(watched);
-    FullRowReducer rows(false), half(true);
+    MlpPostReducer rows(false), half(true);
     DecodeLoop ps(tc, prompt, sample_params(n, max_tokens, seed), {&counts, &bitsets, &watch, &rows, &half});
     CHECK(ps.n() == n && ps.n_live() == n && ps.n_prompt() == static_cast<int>(prompt.size()));
     Progress progress;
@@ -187,9 +187,9 @@ void test_parallel_control() {
     TappedContext tc(model, parallel_context(n));
     const std::vector<llama_token> prompt = chat_prompt(*model, "Tell me a short story about a dragon.");
     SampleParams sp = sample_params(n, max_tokens, seed);
-    sp.sampling.ignore_eos = true;  // every sample is still live at the stop
+    sp.ignore_eos = true;  // every sample is still live at the stop
 
-    FullRowReducer ref_rows(false);
+    MlpPostReducer ref_rows(false);
     DecodeLoop ref(tc, prompt, sp, {&ref_rows});
     CHECK(ref.advance(max_tokens, nullptr) == 0);
     const auto unpruned = all_tokens(ref);
@@ -197,7 +197,7 @@ void test_parallel_control() {
     std::vector<std::vector<float>> ref_f32;
     for (int s = 0; s < n; ++s) ref_f32.push_back(ref_rows.rows_f32(s));
 
-    FullRowReducer rows(false);
+    MlpPostReducer rows(false);
     ActiveCountReducer counts(0.0f);
     DecodeLoop ps(tc, prompt, sp, {&rows, &counts});
     EXPECT_THROW(ParamError, ps.advance(0, nullptr), "advance(0)");
@@ -250,7 +250,7 @@ void test_parallel_control() {
     for (int s = 0; s < n; ++s) CHECK(llama_memory_seq_pos_max(mem, s) == -1);
 
     // Stopped before the run starts: no tokens, no rows, and the others run as usual.
-    FullRowReducer early_rows(false);
+    MlpPostReducer early_rows(false);
     ActiveCountReducer early_counts(0.0f);
     DecodeLoop early(tc, prompt, sp, {&early_rows, &early_counts});
     early.stop({0, 1});  // sample 0's sequence holds the prompt until it is copied
@@ -277,7 +277,7 @@ void test_hand_off() {
     const int n = 4, max_tokens = 40, race = 12, pick = 2;
     const std::vector<llama_token> prompt = chat_prompt(*model, "Tell me a short story about a dragon.");
     SampleParams sp = sample_params(n, max_tokens, 99);
-    sp.sampling.ignore_eos = true;
+    sp.ignore_eos = true;
     TappedContext full_ctx(model, parallel_context(n));
     DecodeLoop ref(full_ctx, prompt, sp, {});
     ref.advance(max_tokens, nullptr);
@@ -342,7 +342,7 @@ void test_parallel_errors() {
     lp.top_logprobs = 100;
     EXPECT_NO_THROW(make(prompt, lp), "top_logprobs 100");
     SampleParams temp = sample_params(2, 8, 1);
-    temp.sampling.temperature = -1.0f;
+    temp.temperature = -1.0f;
     EXPECT_THROW(ParamError, make(prompt, temp), "temperature -1");
     // A reducer that rejects the run (a watched neuron outside the model) after the samplers
     // were made: nothing may leak (LeakSanitizer checks).

@@ -31,7 +31,7 @@ void test_generation() {
     const int n_gen = 24;
 
     GenerateParams p32 = greedy(n_gen);
-    p32.capture = RowType::Float32;
+    p32.capture = RowFormat::Float32;
     GenerateResult a = generate(tc, prompt, p32, nullptr);
     GenerateResult b = generate(tc, prompt, p32, nullptr);
     CHECK(a.tokens.size() == static_cast<size_t>(n_gen));
@@ -82,7 +82,7 @@ void test_generation() {
             CHECK(rs.calls.size() == static_cast<size_t>(L));
             std::vector<int> layers_seen(L, 0);
             for (const RecordedRows& c : rs.calls) {
-                CHECK(c.kind == TapKind::Activation && c.n_rows == 1 && c.row0 == 0 && c.width == F);
+                CHECK(c.kind == TapKind::MlpPost && c.n_rows == 1 && c.row0 == 0 && c.width == F);
                 if (c.layer < 0 || c.layer >= L || c.data.size() != static_cast<size_t>(F)) continue;
                 ++layers_seen[c.layer];
                 const float* want = a.acts_f32.data() + (static_cast<size_t>(j) * L + c.layer) * F;
@@ -117,7 +117,7 @@ void test_generation() {
 
     // Half-precision capture, with the normed FFN input as well.
     GenerateParams p16 = greedy(n_gen);
-    p16.capture = RowType::Float16;
+    p16.capture = RowFormat::Float16;
     p16.capture_norm = true;
     GenerateResult d = generate(tc, prompt, p16, nullptr);
     CHECK(d.tokens == a.tokens);

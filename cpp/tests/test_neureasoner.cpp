@@ -106,8 +106,8 @@ void test_nr_rollback() {
     const std::vector<llama_token> prompt = chat_prompt(*model, "Tell me a short story about a dragon.");
     const int max_tokens = 60;
     SampleParams sp = sample_params(1, max_tokens, 5);
-    sp.sampling.temperature = 0.0f;
-    sp.sampling.ignore_eos = true;
+    sp.temperature = 0.0f;
+    sp.ignore_eos = true;
     TappedContext tc(model, parallel_context(1));
     DecodeLoop plain(tc, prompt, sp, {});
     plain.advance(max_tokens, nullptr);
@@ -127,7 +127,7 @@ void test_nr_rollback() {
     for (int retries : {2, 10}) {
         cfg.max_retries = retries;
         NeuReasonerMonitor mon(cfg, *model);
-        CHECK(mon.tap_request().kinds & tap_bit(TapKind::Attention) && mon.tap_request().attention_layer == cfg.layer);
+        CHECK(mon.tap_request().kinds & tap_bit(TapKind::AttnZ) && mon.tap_request().attention_layer == cfg.layer);
         DecodeLoop loop(tc, prompt, sp, {}, {&mon});
         loop.advance(max_tokens, nullptr);
         const SampleState& st = loop.sample(0);
@@ -147,9 +147,9 @@ void test_nr_rollback() {
         ex.exit_tokens = model->tokenize(" The end.", false, false);
         ex.exit_tokens.push_back(llama_vocab_eos(model->vocab()));
         NeuReasonerMonitor mon(ex, *model);
-        CHECK(!(mon.tap_request().kinds & tap_bit(TapKind::Attention)));
+        CHECK(!(mon.tap_request().kinds & tap_bit(TapKind::AttnZ)));
         SampleParams p = sp;
-        p.sampling.ignore_eos = false;
+        p.ignore_eos = false;
         DecodeLoop loop(tc, prompt, p, {}, {&mon});
         loop.advance(max_tokens, nullptr);
         const SampleState& st = loop.sample(0);

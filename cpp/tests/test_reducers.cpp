@@ -62,7 +62,7 @@ void test_reducers_synthetic() {
     ActiveSetReducer bitsets(chunk, thr);
     const std::vector<std::pair<int, int>> watched = {{2, 5}, {0, 0}, {1, 36}, {0, 36}, {2, 5}, {1, 0}};
     WatchReducer watch(watched);
-    FullRowReducer full32(false), full16(true);
+    MlpPostReducer full32(false), full16(true);
     std::vector<Reducer*> all = {&counts, &bitsets, &watch, &full32, &full16};
     const int max_tokens = 10;
     for (Reducer* r : all) r->begin(n_samples, L, F, max_tokens);

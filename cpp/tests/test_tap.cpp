@@ -77,8 +77,8 @@ void test_tap_matching() {
     CHECK(!ask(tap, "ffn_out-3"));
     CHECK(!ask(tap, ""));
 
-    tap.arm(1, &sink, kTapActivation | tap_bit(TapKind::NormInput));  // this decode also reads the norm
-    CHECK(tap.armed_kinds() == (kTapActivation | tap_bit(TapKind::NormInput)));
+    tap.arm(1, &sink, kTapMlpPost | tap_bit(TapKind::Ln2Normalized));  // this decode also reads the norm
+    CHECK(tap.armed_kinds() == (kTapMlpPost | tap_bit(TapKind::Ln2Normalized)));
     CHECK(ask(tap, "ffn_norm-3"));
     CHECK(ask(tap, "ffn_swiglu-3"));
     CHECK(!ask(tap, "ffn_norm-30"));
@@ -125,7 +125,7 @@ void test_tap_delivery() {
     int total_rows[kLayers] = {};
     bool data_ok = true;
     for (const RecordedRows& c : sink.calls) {
-        CHECK(c.kind == TapKind::Activation);
+        CHECK(c.kind == TapKind::MlpPost);
         CHECK(c.width == kFf);
         CHECK(c.layer >= 0 && c.layer < kLayers);
         if (c.layer < 0 || c.layer >= kLayers) continue;
@@ -147,7 +147,7 @@ void test_tap_delivery() {
 
 void test_tap_norm_capture() {
     FfnTap tap("ffn_swiglu", kLayers, kFf, kEmbd);
-    const unsigned norm = kTapActivation | tap_bit(TapKind::NormInput);
+    const unsigned norm = kTapMlpPost | tap_bit(TapKind::Ln2Normalized);
     RecordingSink sink;
 
     // Activations alone are not enough once norm capture is on.
@@ -164,7 +164,7 @@ void test_tap_norm_capture() {
     EXPECT_NO_THROW(tap.disarm_and_check(), "activations and norm inputs delivered");
     int norm_calls = 0;
     for (const RecordedRows& c : sink.calls) {
-        if (c.kind != TapKind::NormInput) continue;
+        if (c.kind != TapKind::Ln2Normalized) continue;
         ++norm_calls;
         CHECK(c.width == kEmbd);
         CHECK(c.n_rows == 2 && c.row0 == 0);
