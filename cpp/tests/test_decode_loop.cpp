@@ -272,6 +272,60 @@ void test_parallel_control() {
 // A race decided early hands its winner to a context of its own: the KV state moves (rewritten
 // from the race's per-sequence streams to one stream), the sampler goes on where it stood, and the
 // winner draws exactly what it draws when it never moves.
+// A method the loop has never heard of steers it through Steering alone: it forces a token at one
+// position, and ends each sample as its own exit after a few tokens.
+class ToyMethod : public Steering {
+public:
+    ToyMethod(llama_token token, int at, int end_after) : token_(token), at_(at), end_after_(end_after) {}
+    void begin(int, int, int64_t, int) override {}
+    void on_row(int, int, int, const float*) override {}
+    void finish(int, int) override {}
+    const char* name() const override { return "toy"; }
+    const char* exit_reason() const override { return "toy_exit"; }
+    bool steers() const override { return true; }
+    Pick before_sample(int, int j, float*, llama_token* token) override {
+        if (j != at_) return Pick::Sample;
+        *token = token_;
+        return Pick::Forced;
+    }
+    Decision after_commit(int, const SampleView& v, bool mine) override {
+        if (mine) ++forced_;
+        if (static_cast<int>(v.tokens.size()) < end_after_) return {};
+        return {Decision::End, 0, v.text.size() - v.piece.size()};  // its last piece dropped
+    }
+    int forced_ = 0;
+
+private:
+    llama_token token_;
+    int at_, end_after_;
+};
+
+void test_new_method() {
+    auto model = shared_model();
+    const std::vector<llama_token> prompt = chat_prompt(*model, kQuestion);
+    TappedContext tc(model, parallel_context(2));
+    SampleParams sp = sample_params(2, 16, 7);
+    sp.ignore_eos = true;
+    const llama_token forced = model->tokenize(" Paris", false, false).at(0);
+    ToyMethod toy(forced, 2, 5);
+    DecodeLoop loop(tc, prompt, sp, {}, {&toy});
+    loop.advance(16, nullptr);
+    CHECK(toy.forced_ == 2);
+    for (int s = 0; s < 2; ++s) {
+        const SampleState& st = loop.sample(s);
+        CHECK(st.tokens.size() == 5u && st.tokens[2] == forced);
+        CHECK(st.finish == Finish::Exit && st.exit_by == &toy && st.finish_reason() == "toy_exit");
+        CHECK(st.text.size() == st.piece_end[3]);
+    }
+    SampleParams forcing = sp;
+    forcing.forced = {forced};
+    EXPECT_THROW_MSG(ParamError, DecodeLoop(tc, prompt, forcing, {}, {&toy}), "toy cannot steer teacher-forced",
+                     "a steering method with teacher forcing");
+    ToyMethod other(forced, 1, 3);
+    EXPECT_THROW_MSG(ParamError, DecodeLoop(tc, prompt, sp, {}, {&toy, &other}), "cannot steer the same run",
+                     "two steering methods");
+}
+
 void test_hand_off() {
     auto model = shared_model();
     const int n = 4, max_tokens = 40, race = 12, pick = 2;
@@ -427,5 +481,6 @@ std::vector<TestCase> decode_loop_tests() {
         {"decode_loop", "parallel_errors", test_parallel_errors, true},
         {"decode_loop", "parallel_logprobs", test_parallel_logprobs, true},
         {"decode_loop", "hand_off", test_hand_off, true},
+        {"decode_loop", "new_method", test_new_method, true},
     };
 }
