@@ -10,17 +10,20 @@
 #include <limits>
 #include <memory>
 
-#include "contribution.h"
-#include "errors.h"
-#include "gguf_file.h"
-#include "log_capture.h"
-#include "model.h"
-#include "neat.h"
-#include "neureasoner.h"
-#include "run.h"
-#include "reducers.h"
-#include "set_record.h"
-#include "tapped_context.h"
+#include "base/errors.h"
+#include "base/gguf_file.h"
+#include "base/log_capture.h"
+#include "kernels/kernels.h"
+#include "methods/neat.h"
+#include "methods/neureasoner.h"
+#include "reducers/contribution.h"
+#include "reducers/jaccard.h"
+#include "reducers/reducers.h"
+#include "reducers/set_record.h"
+#include "run/run.h"
+#include "runtime/model.h"
+#include "runtime/tapped_context.h"
+#include "weights/mapped_weights.h"
 
 namespace py = pybind11;
 using namespace neurotap;
@@ -88,10 +91,38 @@ struct ContextHandle {
     std::unique_ptr<TappedContext> tc;
 };
 
-py::list neat_events(const std::vector<NeatEvent>& ev) {
-    py::list out;
-    for (const NeatEvent& e : ev) out.append(py::make_tuple(e.token, e.action, e.similarity, e.magnitude));
-    return out;
+const char* neat_action_name(int a) {
+    static const char* names[] = {"continue", "ban", "exit"};
+    return a >= 0 && a < 3 ? names[a] : "";
+}
+const char* nr_action_name(int a) {
+    static const char* names[] = {"none", "resample", "redirect", "exit"};
+    return a >= 0 && a < 4 ? names[a] : "";
+}
+const char* nr_level_name(int l) {
+    static const char* names[] = {"intra", "inter", "instance"};
+    return l >= 0 && l < kNrLevels ? names[l] : "";
+}
+
+// An event record also reads as the tuple of its fields, in order (e[1], unpacking, ==), as the
+// bare tuples it replaces did.
+template <typename E>
+void tuple_like(py::class_<E>& c, py::tuple (*fields)(const E&)) {
+    c.def("__len__", [fields](const E& e) { return py::len(fields(e)); })
+        .def("__getitem__", [fields](const E& e, py::object i) {
+            const py::tuple t = fields(e);
+            return py::object(t[i]);  // an object, not an accessor into the temporary tuple
+        })
+        .def("__iter__", [fields](const E& e) { return py::iter(fields(e)); })
+        .def("__eq__", [fields](const E& e, py::object o) {
+            if (py::isinstance<E>(o)) return fields(e).equal(fields(o.cast<const E&>()));
+            return py::isinstance<py::tuple>(o) && fields(e).equal(o);
+        })
+        .def("__hash__", [fields](const E& e) { return py::hash(fields(e)); });
+}
+py::tuple neat_fields(const NeatEvent& e) { return py::make_tuple(e.token, e.action, e.similarity, e.magnitude); }
+py::tuple nr_fields(const NrEvent& e) {
+    return py::make_tuple(e.token, e.level, e.action, e.probability, e.rollback_to, e.seed);
 }
 
 // A run and the context it decodes in (kept alive while the run lives).
@@ -110,7 +141,7 @@ py::dict sample_dict(const Run& run, int i) {
     d["index"] = i;
     d["tokens"] = st.tokens;
     d["text"] = py::bytes(st.text);
-    d["finish_reason"] = st.finish_reason;
+    d["finish_reason"] = st.finish_reason();
     d["live"] = st.live;
     d["eog_token"] = st.eog_token;
     auto copy = [](const auto& v, std::vector<py::ssize_t> shape, py::dtype dt) {
@@ -142,12 +173,12 @@ py::dict sample_dict(const Run& run, int i) {
                                                  py::dtype::of<float>()))
                                : py::object(py::none());
     d["activations"] = py::none();
-    if (run.rows()) {
-        if (run.rows()->half()) d["activations"] = copy(run.rows()->rows_f16(i), {n, L, F}, py::dtype("float16"));
-        else d["activations"] = copy(run.rows()->rows_f32(i), {n, L, F}, py::dtype::of<float>());
+    if (run.mlp_post()) {
+        if (run.mlp_post()->half()) d["activations"] = copy(run.mlp_post()->rows_f16(i), {n, L, F}, py::dtype("float16"));
+        else d["activations"] = copy(run.mlp_post()->rows_f32(i), {n, L, F}, py::dtype::of<float>());
     }
-    d["norm_inputs"] = hidden(run.norm_inputs());
-    d["residuals"] = hidden(run.residuals());
+    d["norm_inputs"] = hidden(run.ln2_normalized());
+    d["residuals"] = hidden(run.resid_post());
     if (const ContributionReducer* c = run.contributions()) {
         d["contribution_sets"] = py::cast(c->record(i, chunks(c->params().chunk)));
         d["contribution_eta"] = to_numpy(first(c->eta(i), n), {n}, py::dtype::of<float>());
@@ -158,16 +189,13 @@ py::dict sample_dict(const Run& run, int i) {
             d["contribution_top_index"] = to_numpy(first(c->top_index(i), n * L * K), {n, L, K}, py::dtype::of<int32_t>());
         }
     }
-    if (run.neat()) {
-        d["neat_events"] = neat_events(st.neat.events);
-        d["neat_exit_at"] = st.neat.exit_at;
+    if (const NeatMonitor* neat = run.neat()) {
+        d["neat_events"] = py::cast(neat->events(i));
+        d["neat_exit_at"] = neat->exit_at(i);
     }
     if (const NeuReasonerMonitor* nr = run.neureasoner()) {
-        py::list ev;
-        for (const NrEvent& e : st.nr.events)
-            ev.append(py::make_tuple(e.token, e.level, e.action, e.probability, e.rollback_to, e.seed));
-        d["neureasoner_events"] = ev;
-        d["neureasoner_exit_at"] = st.nr.exit_at;
+        d["neureasoner_events"] = py::cast(nr->events(i));
+        d["neureasoner_exit_at"] = nr->exit_at(i);
         d["neureasoner_signals"] = to_numpy(first(nr->signals(i), n * kNrLevels), {n, kNrLevels}, py::dtype::of<float>());
         d["neureasoner_probs"] = to_numpy(first(nr->probs(i), n * kNrLevels), {n, kNrLevels}, py::dtype::of<float>());
         if (nr->config().record) {
@@ -319,6 +347,34 @@ PYBIND11_MODULE(_native, m) {
             return names;
         })
         ;
+
+    // NEAT's decisions and NeuReasoner's detections, one record each (read-only).
+    py::class_<NeatEvent> neat_event(m, "NeatEvent", "One NEAT decision at a line start");
+    neat_event.def_readonly("token", &NeatEvent::token, "index of the token the decision applied to")
+        .def_readonly("action", &NeatEvent::action, "0 continue, 1 ban, 2 exit (action_name)")
+        .def_property_readonly("action_name", [](const NeatEvent& e) { return neat_action_name(e.action); })
+        .def_readonly("similarity", &NeatEvent::similarity)
+        .def_readonly("magnitude", &NeatEvent::magnitude)
+        .def("__repr__", [](const NeatEvent& e) {
+            return "NeatEvent(token=" + std::to_string(e.token) + ", action='" + neat_action_name(e.action) +
+                   "', similarity=" + std::to_string(e.similarity) + ", magnitude=" + std::to_string(e.magnitude) + ")";
+        });
+    tuple_like(neat_event, &neat_fields);
+    py::class_<NrEvent> nr_event(m, "NeuReasonerEvent", "One NeuReasoner detection and what was done");
+    nr_event.def_readonly("token", &NrEvent::token, "tokens the sample held when it was detected")
+        .def_readonly("level", &NrEvent::level, "0 intra, 1 inter, 2 instance (level_name)")
+        .def_property_readonly("level_name", [](const NrEvent& e) { return nr_level_name(e.level); })
+        .def_readonly("action", &NrEvent::action, "0 none, 1 resample, 2 redirect, 3 exit (action_name)")
+        .def_property_readonly("action_name", [](const NrEvent& e) { return nr_action_name(e.action); })
+        .def_readonly("probability", &NrEvent::probability)
+        .def_readonly("rollback_to", &NrEvent::rollback_to, "tokens kept by the rollback, -1 for none")
+        .def_readonly("seed", &NrEvent::seed, "the sampler's new seed after a rollback, 0 for none")
+        .def("__repr__", [](const NrEvent& e) {
+            return "NeuReasonerEvent(token=" + std::to_string(e.token) + ", level='" + nr_level_name(e.level) +
+                   "', action='" + nr_action_name(e.action) + "', probability=" + std::to_string(e.probability) +
+                   ", rollback_to=" + std::to_string(e.rollback_to) + ", seed=" + std::to_string(e.seed) + ")";
+        });
+    tuple_like(nr_event, &nr_fields);
 
     py::class_<NeatConfig>(m, "NeatConfig")
         .def(py::init<>())
@@ -533,23 +589,33 @@ PYBIND11_MODULE(_native, m) {
             }));
 
     // One struct with every option of a run (the C++ SampleParams, RecordOptions and NEAT).
+    auto get_mlp_post = [](const RunOptions& o) { return static_cast<int>(o.record.mlp_post); };
+    auto set_mlp_post = [](RunOptions& o, int v) {
+        if (v < 0 || v > 2) throw ParamError("mlp_post (capture) must be 0 (none), 1 (float32) or 2 (float16)");
+        o.record.mlp_post = static_cast<RowFormat>(v);
+    };
+    auto get_ln2 = [](const RunOptions& o) { return o.record.ln2_normalized; };
+    auto set_ln2 = [](RunOptions& o, bool v) { o.record.ln2_normalized = v; };
+    auto get_resid = [](const RunOptions& o) { return o.record.resid_post; };
+    auto set_resid = [](RunOptions& o, bool v) { o.record.resid_post = v; };
     py::class_<RunOptions>(m, "RunOptions")
+        .def("validate", &RunOptions::validate, "ValueError naming the first option out of range (Run checks it too)")
         .def(py::init<>())
         .def_property("n", [](const RunOptions& o) { return o.sampling.n; }, [](RunOptions& o, int v) { o.sampling.n = v; })
         .def_property("max_tokens", [](const RunOptions& o) { return o.sampling.max_tokens; },
                       [](RunOptions& o, int v) { o.sampling.max_tokens = v; })
-        .def_property("temperature", [](const RunOptions& o) { return o.sampling.sampling.temperature; },
-                      [](RunOptions& o, float v) { o.sampling.sampling.temperature = v; })
-        .def_property("top_p", [](const RunOptions& o) { return o.sampling.sampling.top_p; },
-                      [](RunOptions& o, float v) { o.sampling.sampling.top_p = v; })
-        .def_property("top_k", [](const RunOptions& o) { return o.sampling.sampling.top_k; },
-                      [](RunOptions& o, int v) { o.sampling.sampling.top_k = v; })
-        .def_property("min_p", [](const RunOptions& o) { return o.sampling.sampling.min_p; },
-                      [](RunOptions& o, float v) { o.sampling.sampling.min_p = v; })
-        .def_property("seed", [](const RunOptions& o) { return o.sampling.sampling.seed; },
-                      [](RunOptions& o, uint32_t v) { o.sampling.sampling.seed = v; })
-        .def_property("ignore_eos", [](const RunOptions& o) { return o.sampling.sampling.ignore_eos; },
-                      [](RunOptions& o, bool v) { o.sampling.sampling.ignore_eos = v; })
+        .def_property("temperature", [](const RunOptions& o) { return o.sampling.temperature; },
+                      [](RunOptions& o, float v) { o.sampling.temperature = v; })
+        .def_property("top_p", [](const RunOptions& o) { return o.sampling.top_p; },
+                      [](RunOptions& o, float v) { o.sampling.top_p = v; })
+        .def_property("top_k", [](const RunOptions& o) { return o.sampling.top_k; },
+                      [](RunOptions& o, int v) { o.sampling.top_k = v; })
+        .def_property("min_p", [](const RunOptions& o) { return o.sampling.min_p; },
+                      [](RunOptions& o, float v) { o.sampling.min_p = v; })
+        .def_property("seed", [](const RunOptions& o) { return o.sampling.seed; },
+                      [](RunOptions& o, uint32_t v) { o.sampling.seed = v; })
+        .def_property("ignore_eos", [](const RunOptions& o) { return o.sampling.ignore_eos; },
+                      [](RunOptions& o, bool v) { o.sampling.ignore_eos = v; })
         .def_property("seed_per_sample", [](const RunOptions& o) { return o.sampling.seed_per_sample; },
                       [](RunOptions& o, bool v) { o.sampling.seed_per_sample = v; })
         .def_property("stop", [](const RunOptions& o) { return o.sampling.stop; },
@@ -574,15 +640,13 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, int v) { o.record.active_chunk = v; })
         .def_property("watch", [](const RunOptions& o) { return o.record.watch; },
                       [](RunOptions& o, std::vector<std::pair<int, int>> v) { o.record.watch = std::move(v); })
-        .def_property("rows", [](const RunOptions& o) { return static_cast<int>(o.record.rows); },
-                      [](RunOptions& o, int v) {
-                          if (v < 0 || v > 2) throw ParamError("rows must be 0 (none), 1 (float32) or 2 (float16)");
-                          o.record.rows = static_cast<RowType>(v);
-                      })
-        .def_property("norm_inputs", [](const RunOptions& o) { return o.record.norm_inputs; },
-                      [](RunOptions& o, bool v) { o.record.norm_inputs = v; })
-        .def_property("residuals", [](const RunOptions& o) { return o.record.residuals; },
-                      [](RunOptions& o, bool v) { o.record.residuals = v; })
+        // Rows by TransformerLens hook name; rows / norm_inputs / residuals: the same, by their old names.
+        .def_property("mlp_post", get_mlp_post, set_mlp_post)
+        .def_property("ln2_normalized", get_ln2, set_ln2)
+        .def_property("resid_post", get_resid, set_resid)
+        .def_property("rows", get_mlp_post, set_mlp_post)
+        .def_property("norm_inputs", get_ln2, set_ln2)
+        .def_property("residuals", get_resid, set_resid)
         .def_property("contribution_chunk", [](const RunOptions& o) { return o.record.contribution_chunk; },
                       [](RunOptions& o, int v) { o.record.contribution_chunk = v; })
         .def_property("contribution_variant", [](const RunOptions& o) { return o.record.contribution_variant; },

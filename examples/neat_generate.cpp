@@ -9,11 +9,11 @@
 #include <exception>
 #include <string>
 
-#include "generate.h"
-#include "log_capture.h"
-#include "model.h"
-#include "neat_file.h"
-#include "tapped_context.h"
+#include "base/log_capture.h"
+#include "methods/neat_file.h"
+#include "run/generate.h"
+#include "runtime/model.h"
+#include "runtime/tapped_context.h"
 
 int main(int argc, char** argv) {
     int max_tokens = 256, threads = 0;

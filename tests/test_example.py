@@ -56,7 +56,7 @@ def test_example_generates_what_python_generates(example, model, model_path, use
     assert m, summary
     assert int(m[1]) == g.n_tokens and m[2] == g.finish_reason
     assert int(m[3]) == len(g.neat_events) and int(m[5]) == g.neat_exit_at
-    assert int(m[4]) == sum(1 for e in g.neat_events if e[1] == 1)
+    assert int(m[4]) == sum(1 for e in g.neat_events if e.action_name == "ban")
     if use_neat:
         assert g.neat_events  # the calibration decided somewhere: the comparison says something
 

@@ -119,14 +119,16 @@ def test_generation_identical_until_first_intervention(model):
     ban_all = _crafted(model, ban_similarity=-2.0, exit_similarity=2.0)
     g = model.generate(PROMPT, temperature=0.8, seed=3, max_tokens=48, neat=ban_all)
     ev = g.neat_events
-    assert ev and all(a == 1 for _, a, _, _ in ev)
-    first = ev[0][0]
+    assert ev and all(e.action == 1 and e.action_name == "ban" for e in ev)
+    assert all(tuple(e) == (e.token, e.action, e.similarity, e.magnitude) for e in ev)  # also read as tuples
+    first = ev[0].token
     assert g.tokens[:first] == base.tokens[:first]
 
     exit_now = _crafted(model, exit_similarity=-2.0, magnitude=-1.0)
     g = model.generate(PROMPT, temperature=0.8, seed=3, max_tokens=48, neat=exit_now)
     assert g.finish_reason == "neat_exit"
-    assert g.neat_exit_at == g.neat_events[0][0] == len(g.tokens)
+    assert g.neat_exit_at == g.neat_events[0].token == len(g.tokens)
+    assert g.neat_events[0].action_name == "exit"
     assert g.tokens == base.tokens[:len(g.tokens)]
     assert base.text[:len(g.text)] == g.text and "\n" in g.text  # it exited at a line start
 

@@ -112,12 +112,12 @@ def test_a_rollback_leaves_no_trace(model):
     cal = calibration(model, intra=always([5, F + 2], "resample"))
     plain = model.generate(PROMPT, max_tokens=60, temperature=0)
     g = model.generate(PROMPT, max_tokens=60, temperature=0, neureasoner=cal)
-    assert sum(e[4] >= 0 for e in g.neureasoner_events) == 3
+    assert sum(e.rollback_to >= 0 for e in g.neureasoner_events) == 3
     assert g.tokens == plain.tokens and g.text == plain.text
 
     s = model.generate(PROMPT, max_tokens=60, temperature=0.8, seed=11, neureasoner=cal)
-    rollbacks = [e for e in s.neureasoner_events if e[4] >= 0]
-    assert len(rollbacks) == 3 and all(e[1] == 0 and e[2] == 1 for e in rollbacks)
+    rollbacks = [e for e in s.neureasoner_events if e.rollback_to >= 0]
+    assert len(rollbacks) == 3 and all(e.level == 0 and e.action_name == "resample" for e in rollbacks)
     _, _, _, _, kept, seed = rollbacks[-1]
     fresh = model.generate(PROMPT, prefix=s.tokens[:kept], max_tokens=60, temperature=0.8, seed=seed)
     assert fresh.tokens == s.tokens
@@ -127,8 +127,8 @@ def test_a_rollback_leaves_no_trace(model):
 def test_a_detect_only_level_does_not_mask_an_acting_one(model):
     cal = calibration(model, instance=always([11], "none"), intra=always([5], "resample"))
     g = model.generate(PROMPT, max_tokens=60, temperature=0, neureasoner=cal)
-    assert sum(e[4] >= 0 and e[1] == 0 for e in g.neureasoner_events) == 3
-    assert any(e[1] == 2 and e[2] == 0 for e in g.neureasoner_events)  # recorded, nothing done
+    assert sum(e.rollback_to >= 0 and e.level == 0 for e in g.neureasoner_events) == 3
+    assert any(e.level_name == "instance" and e.action_name == "none" for e in g.neureasoner_events)  # recorded, nothing done
     assert g.finish_reason == "length"
 
 
@@ -144,15 +144,15 @@ def test_redirect_inserts_its_phrase_at_the_step_start(model):
     cal = calibration(model, inter=always([4], "redirect"))
     g = model.generate(PROMPT, max_tokens=80, temperature=0, neureasoner=cal)
     assert nr.REDIRECT_TEXT.strip() in g.text
-    back = [e for e in g.neureasoner_events if e[4] >= 0]
-    assert back and all(e[1] == 1 and e[2] == 2 for e in back)
+    back = [e for e in g.neureasoner_events if e.rollback_to >= 0]
+    assert back and all(e.level_name == "inter" and e.action_name == "redirect" for e in back)
 
 
 def test_sampling_runs_correct_every_sample_on_its_own(model):
     cal = calibration(model, intra=always([5], "resample"))
     samples = model.sample(PROMPT, n=3, max_tokens=40, seed=2, neureasoner=cal, reducers=("counts",))
     for s in samples:
-        assert sum(e[4] >= 0 for e in s.neureasoner_events) == 3
+        assert sum(e.rollback_to >= 0 for e in s.neureasoner_events) == 3
         assert s.active_counts.shape == (s.n_tokens, model.info.n_layers)
         assert s.neureasoner_probs.shape == (s.n_tokens, 3)
 
@@ -166,7 +166,7 @@ def test_runs_that_cannot_follow_a_rollback_are_refused(model):
     # Detection only (no action) records alongside anything.
     quiet = cal.with_actions(intra="none")
     s = model.sample(PROMPT, n=2, max_tokens=40, neureasoner=quiet, reducers=("contributions",))
-    assert all(e[2] == 0 for x in s for e in x.neureasoner_events) and s[0].contribution_sets is not None
+    assert all(e.action == 0 for x in s for e in x.neureasoner_events) and s[0].contribution_sets is not None
 
 
 def test_calibration_files_are_checked(model, tmp_path):

@@ -1,4 +1,4 @@
-"""Compact chunk set records (cpp/set_record.h): the encoded form gives back the dense bitsets bit
+"""Compact chunk set records (cpp/reducers/set_record.h): the encoded form gives back the dense bitsets bit
 for bit, and NAD's similarities and every selector's pick are the same whatever the storage."""
 import pickle
 

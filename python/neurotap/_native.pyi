@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeuReasonerConfig', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
+__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeatEvent', 'NeuReasonerConfig', 'NeuReasonerEvent', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -74,6 +74,39 @@ class Context:
     @property
     def tapped_tensors(self) -> list[str]:
         ...
+class NeatEvent:
+    """
+    One NEAT decision at a line start
+    """
+    def __eq__(self, arg0: typing.Any) -> bool:
+        ...
+    def __getitem__(self, arg0: typing.Any) -> typing.Any:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __iter__(self) -> typing.Iterator[typing.Any]:
+        ...
+    def __len__(self) -> int:
+        ...
+    @property
+    def action(self) -> int:
+        """
+        0 continue, 1 ban, 2 exit (action_name)
+        """
+    @property
+    def action_name(self) -> str:
+        ...
+    @property
+    def magnitude(self) -> float:
+        ...
+    @property
+    def similarity(self) -> float:
+        ...
+    @property
+    def token(self) -> int:
+        """
+        index of the token the decision applied to
+        """
 class NeatConfig:
     line_starts_only: bool
     def __init__(self) -> None:
@@ -154,6 +187,54 @@ class Mlp:
     @weights.setter
     def weights(self, arg0: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]]) -> None:
         ...
+class NeuReasonerEvent:
+    """
+    One NeuReasoner detection and what was done
+    """
+    def __eq__(self, arg0: typing.Any) -> bool:
+        ...
+    def __getitem__(self, arg0: typing.Any) -> typing.Any:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __iter__(self) -> typing.Iterator[typing.Any]:
+        ...
+    def __len__(self) -> int:
+        ...
+    @property
+    def action(self) -> int:
+        """
+        0 none, 1 resample, 2 redirect, 3 exit (action_name)
+        """
+    @property
+    def action_name(self) -> str:
+        ...
+    @property
+    def level(self) -> int:
+        """
+        0 intra, 1 inter, 2 instance (level_name)
+        """
+    @property
+    def level_name(self) -> str:
+        ...
+    @property
+    def probability(self) -> float:
+        ...
+    @property
+    def rollback_to(self) -> int:
+        """
+        tokens kept by the rollback, -1 for none
+        """
+    @property
+    def seed(self) -> int:
+        """
+        the sampler's new seed after a rollback, 0 for none
+        """
+    @property
+    def token(self) -> int:
+        """
+        tokens the sample held when it was detected
+        """
 class NeuReasonerLevel:
     enabled: bool
     mlp: Mlp
@@ -323,12 +404,24 @@ class RunOptions:
     ignore_eos: bool
     keep_top: bool
     neat: NeatConfig | None
+    ln2_normalized: bool
     neureasoner: NeuReasonerConfig | None
     norm_inputs: bool
+    resid_post: bool
     residuals: bool
     seed_per_sample: bool
     tap: bool
     def __init__(self) -> None:
+        ...
+    def validate(self) -> None:
+        """
+        ValueError naming the first option out of range (Run checks it too)
+        """
+    @property
+    def mlp_post(self) -> int:
+        ...
+    @mlp_post.setter
+    def mlp_post(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
     def active_chunk(self) -> int:

@@ -10,7 +10,7 @@ filtered by their temporal pattern over the traces (late activation: relative ce
 agreement: the share of traces where they vote for termination), and the best few kept with
 their reference activation pattern at termination.
 
-Run time is native (cpp/neat.h): the watched neurons' cosine similarity and norm ratio to the
+Run time is native (cpp/methods/neat.h): the watched neurons' cosine similarity and norm ratio to the
 reference, at line starts, end the reasoning or ban reflection words for one token.
 """
 from __future__ import annotations
@@ -226,7 +226,7 @@ class Scorer:
 
     def attribution(self, h: np.ndarray, a: np.ndarray, cols: np.ndarray, token: int) -> np.ndarray:
         """Per neuron, log p(token | h + a_i W_down[:, i]) - log p(token | h): NEAT's exact score,
-        computed natively over the whole vocabulary (cpp/neat.cpp)."""
+        computed natively over the whole vocabulary (cpp/methods/neat.cpp)."""
         cols = np.ascontiguousarray(cols, dtype=np.float32)
         return np.asarray(self.model._native.neat_attribution(
             self.g.astype(np.float32).tolist(), self.eps, np.asarray(h, np.float32).tolist(),

@@ -11,7 +11,7 @@ often they are there on failing than on other tokens. The level's signal is the 
 contribution; the spectral features of its last `window` tokens (computed natively, the same code
 as at run time) train a small scikit-learn MLPClassifier, evaluated on held-out traces.
 
-Run time is native (cpp/neureasoner.h, cpp/decode_loop.cpp): per token, per sequence, the MoN
+Run time is native (cpp/methods/neureasoner.h, cpp/methods/neureasoner.cpp): per token, per sequence, the MoN
 signals, features and MLPs; a detection rolls the step back and resamples it (intra-step), rolls
 back and inserts a redirecting phrase (inter-step), or ends the reasoning (instance level).
 """

@@ -35,7 +35,7 @@ def record_bytes_per_token(info, *, counts: bool, active_chunk: int, contributio
     if active_chunk:
         b += 8 * words / active_chunk
     if contribution_chunk:
-        # Compact set records (cpp/set_record.h): a chunk never exceeds its dense bitset, and NAD's
+        # Compact set records (cpp/reducers/set_record.h): a chunk never exceeds its dense bitset, and NAD's
         # sets, mostly neurons seen in earlier chunks, measured 56-109 bytes per token at every
         # shape from 135M to 8B (benchmarks/bench_records.py); 2 x 109 leaves a margin.
         b += min(8 * words / contribution_chunk, CONTRIBUTION_SET_BYTES_PER_TOKEN) + 8 + (8 * L * 64 if keep_top else 0)

@@ -325,7 +325,7 @@ class Model:
         the context it takes when `new_context`)."""
         per_token = record_bytes_per_token(
             self.info, counts=opts.counts, active_chunk=opts.active_chunk, contribution_chunk=opts.contribution_chunk,
-            keep_top=opts.keep_top, rows=opts.rows, norm_inputs=opts.norm_inputs, residuals=opts.residuals,
+            keep_top=opts.keep_top, rows=opts.mlp_post, norm_inputs=opts.ln2_normalized, residuals=opts.resid_post,
             logprobs=opts.top_logprobs)
         held = opts.kv_tokens + 1 if opts.kv_tokens else opts.max_tokens
         parts = run_parts(self.info, n=opts.n, cells_per_seq=(n_prompt + held + 255) // 256 * 256,

@@ -1,5 +1,5 @@
 """Parallel sampling: N answers to one prompt decoded in one batch, each with its own neuron
-record reduced natively as it streams (see cpp/run.h). A single generation is a run of one."""
+record reduced natively as it streams (see cpp/run/run.h). A single generation is a run of one."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -89,10 +89,13 @@ class TokenRecord:
     activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff]: blocks.{l}.mlp.hook_post
     norm_inputs: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]: blocks.{l}.ln2.hook_normalized
     residuals: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]: blocks.{l}.hook_resid_post
-    neat_events: list = field(default_factory=list)  # NEAT decisions: (token, action 0/1/2 = continue/ban/exit, similarity, magnitude)
+    # NEAT decisions, _native.NeatEvent records: .token, .action (0/1/2; .action_name continue/ban/exit),
+    # .similarity, .magnitude (each also reads as that tuple: e[1] is the action).
+    neat_events: list = field(default_factory=list)
     neat_exit_at: int = -1  # token index where NEAT ended the reasoning, -1 if it did not
-    # NeuReasoner: detections and actions (token, level 0/1/2 = intra/inter/instance, action
-    # 0/1/2/3 = none/resample/redirect/exit, probability, tokens kept by the rollback or -1, new seed).
+    # NeuReasoner: detections and actions, _native.NeuReasonerEvent records: .token, .level (0/1/2;
+    # .level_name intra/inter/instance), .action (0/1/2/3; .action_name none/resample/redirect/exit),
+    # .probability, .rollback_to (tokens kept, or -1), .seed (the new seed after a rollback).
     neureasoner_events: list = field(default_factory=list)
     neureasoner_exit_at: int = -1  # tokens held when NeuReasoner ended the reasoning, -1 if it did not
     neureasoner_signals: Optional[np.ndarray] = None  # float32 [n_tokens, 3]: each level's MoN signal
@@ -307,23 +310,16 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
         rows = 1
     if "rows" in reducers and rows == 0:
         rows = 1
-    if (rows or "ln2.hook_normalized" in hook_names or "hook_resid_post" in hook_names or neat is not None
-            or neureasoner is not None) and not tap:
-        raise ValueError("capture, hooks, neat and neureasoner read the tap: they need tap=True")
     if "watch" in reducers and not watch:
         raise ValueError("the 'watch' reducer needs watch=[(layer, neuron), ...]")
     if ("active_sets" in reducers or "contributions" in reducers) and int(chunk) < 1:
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
     if "contributions" in reducers:
-        if contribution not in CONTRIBUTION_VARIANTS:
-            raise ValueError(f"contribution must be one of {CONTRIBUTION_VARIANTS}, got {contribution!r}")
         o.contribution_chunk = int(chunk)
         o.contribution_variant = contribution
         o.contribution_top = positive_int("contribution_top", contribution_top)
         o.eta_rank = positive_int("eta_rank", eta_rank)
         o.keep_top = bool(keep_top)
-    if not 0 <= logprobs <= 100:
-        raise ValueError(f"logprobs must be in [0, 100], got {logprobs}")
     o.temperature, o.top_p, o.top_k, o.min_p = float(temperature), float(top_p), int(top_k), float(min_p)
     o.seed = seed_value(seed)
     o.seed_per_sample = bool(seed_per_sample)
@@ -336,11 +332,12 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
     o.active_threshold = float(active_threshold)
     o.active_chunk = int(chunk) if "active_sets" in reducers else 0
     o.watch = [(int(layer), int(i)) for layer, i in (watch or [])] if "watch" in reducers else []
-    o.rows = rows
-    o.norm_inputs = "ln2.hook_normalized" in hook_names
-    o.residuals = "hook_resid_post" in hook_names
+    o.mlp_post = rows
+    o.ln2_normalized = "ln2.hook_normalized" in hook_names
+    o.resid_post = "hook_resid_post" in hook_names
     o.neat = neat
     o.neureasoner = neureasoner
+    o.validate()  # the one check of these options, native (the run checks them again)
     return o
 
 

@@ -1,0 +1,406 @@
+#include "reducers/contribution.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <numeric>
+
+#include "base/errors.h"
+#include "kernels/kernels.h"
+
+namespace neurotap {
+
+namespace {
+
+inline float silu(float x) { return x < -80.0f ? -0.0f : x / (1.0f + std::exp(-x)); }  // exp overflow at -inf
+inline float gelu(float x) {  // ggml's tanh approximation
+    constexpr float k = 0.79788456080286535588f;  // sqrt(2 / pi)
+    return 0.5f * x * (1.0f + std::tanh(k * x * (1.0f + 0.044715f * x * x)));
+}
+
+}  // namespace
+
+ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p)
+    : w_(std::move(w)), p_(p) {
+    if (!w_) throw ParamError("contribution reducer needs weights");
+    if (p_.chunk < 1) throw ParamError("chunk must be at least 1 token");
+    if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
+    if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
+    if (p_.n_threads < 1) p_.n_threads = 1;
+}
+
+int64_t ContributionReducer::auto_budget(int64_t file_bytes, int n_samples, int n_layers, int64_t n_ff) {
+    const int64_t rows = static_cast<int64_t>(n_samples) * n_layers * n_ff * static_cast<int64_t>(sizeof(float));
+    return std::min(file_bytes / 20, std::max<int64_t>(0, (file_bytes * 12 / 100 - rows) / 2));
+}
+
+void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
+    if (n_layers != w_->n_layers() || n_ff != w_->n_ff())
+        throw ParamError("contribution weights are for another model shape");
+    n_layers_ = n_layers;
+    n_ff_ = n_ff;
+    n_words_ = (n_layers * n_ff + 63) / 64;
+    k_ = static_cast<int>(std::min<int64_t>(p_.top_per_layer, n_ff));
+    bufs_.clear();
+    free_.clear();
+    cur_.assign(n_samples, -1);  // a buffer is taken at a sample's first row of a step
+    sets_.begin(n_samples, static_cast<int64_t>(n_layers) * n_ff);
+    eta_.assign(n_samples, {});
+    count_.assign(n_samples, {});
+    top_c_.assign(n_samples, {});
+    top_i_.assign(n_samples, {});
+    kth_.assign(n_samples, std::vector<float>(static_cast<size_t>(n_layers), -INFINITY));
+    queue_.clear();
+    held_ = 0;
+    sel_c_.clear();
+    sel_i_.clear();
+    sel_eta_.clear();
+    sel_kth_.clear();
+    const size_t per_token = static_cast<size_t>(n_layers) * n_ff * sizeof(float);
+    const int64_t share = auto_budget(static_cast<int64_t>(w_->mapped_bytes()), n_samples, n_layers, n_ff);
+    cache_slots_ = static_cast<int>(
+        std::min<int64_t>((p_.cache_bytes < 0 ? share : p_.cache_bytes) / static_cast<int64_t>(per_token), 1 << 20));
+    // No floor: a budget below one step's tokens selects and passes every step (W_down is small
+    // where the rows of a step are large against the file).
+    queue_budget_ = p_.queue_bytes < 0 ? share : p_.queue_bytes;
+    // A pass holds, per token it selects, its top values and (per thread) one layer of its
+    // projection: within the queue's budget, in passes of 16 tokens where that is empty (the
+    // default model at n = 64, where the rows in flight alone take 12% of the file).
+    const int64_t pass_bytes = static_cast<int64_t>(n_layers) * k_ * 8 + 4 +
+                               static_cast<int64_t>(p_.n_threads) * n_ff * 4 + w_->n_embd() * 4;
+    group_tokens_ = p_.pass_tokens > 0 ? p_.pass_tokens : std::max<int64_t>(16, queue_budget_ / pass_bytes);
+    cache_.clear();
+    // Reserved once: growing would reallocate, copying the cache and holding up to 3x its size at
+    // once (and 0.12 s at the 1B shape). Reserved pages not yet written cost no resident memory.
+    cache_.reserve(static_cast<size_t>(cache_slots_) * static_cast<size_t>(n_layers) * static_cast<size_t>(n_ff));
+    cache_token_.clear();
+    cache_used_.clear();
+    cache_index_.clear();
+    step_ = hits_ = misses_ = 0;
+}
+
+int ContributionReducer::take_buffer() {
+    if (!free_.empty()) {
+        const int b = free_.back();
+        free_.pop_back();
+        return b;
+    }
+    bufs_.emplace_back(static_cast<size_t>(n_layers_) * n_ff_, 0.0f);
+    return static_cast<int>(bufs_.size()) - 1;
+}
+
+float* ContributionReducer::row_buffer(int sample) {
+    if (cur_[sample] < 0) cur_[sample] = take_buffer();
+    return bufs_[cur_[sample]].data();
+}
+
+void ContributionReducer::on_row(int sample, int, int layer, const float* a) {
+    if (p_.gate_variant) return;
+    std::memcpy(row_buffer(sample) + static_cast<size_t>(layer) * n_ff_, a, static_cast<size_t>(n_ff_) * sizeof(float));
+}
+
+void ContributionReducer::on_gate_row(int sample, int, int layer, const float* g) {
+    if (!p_.gate_variant) return;
+    float* out = row_buffer(sample) + static_cast<size_t>(layer) * n_ff_;
+    for (int64_t i = 0; i < n_ff_; ++i) out[i] = p_.gelu ? gelu(g[i]) : silu(g[i]);
+}
+
+void ContributionReducer::commit(int sample, int token, int32_t token_id) {
+    if (token_id < 0 || token_id >= w_->n_vocab()) throw ParamError("token id out of range: " + std::to_string(token_id));
+    // The token's activations stay in their buffer until it is selected; the sample writes a fresh
+    // one. Its next buffer is taken when its next rows come, after this step's selections have
+    // freed the queue's: taking it now would hold n more rows at the peak (11.8 MB of the default
+    // model's 98 MB file at n = 64).
+    row_buffer(sample);
+    queue_.push_back({sample, token, token_id, cur_[sample], -1});
+    cur_[sample] = -1;
+    ++held_;
+}
+
+int64_t ContributionReducer::queued_bytes() const {
+    const int64_t selected = static_cast<int64_t>(queue_.size()) - held_;
+    return held_ * n_layers_ * n_ff_ * static_cast<int64_t>(sizeof(float)) +
+           selected * n_layers_ * (k_ * 8 + 4) + selected * 4;
+}
+
+// A pass over W_down dequantizes all of it, whatever the number of ids it projects, so a pass
+// should carry many new ids. When the queue fills its budget, the tokens whose projection is
+// already cached (most of them on real text: 84% at n = 16) are selected, freeing their
+// activations; the pass waits until the tokens still missing theirs fill half the budget, so it
+// carries more new ids than flushing the whole queue did. Selections are recorded in token order
+// at the pass, since a sample's chunks are encoded in order. (Flushing every step
+// instead, at the default model's n = 16, cut the contribution mode's private memory from 15.7% to
+// 11.3% of the file but made the pass 1.2-1.3x slower.)
+void ContributionReducer::end_step() {
+    if (queued_bytes() < queue_budget_) return;
+    select_hits();
+    if (2 * queued_bytes() >= queue_budget_) flush();
+}
+
+void ContributionReducer::sync() { flush(); }
+
+void ContributionReducer::select_hits() {
+    const auto t0 = std::chrono::steady_clock::now();
+    which_.clear();
+    for (size_t q = 0; q < queue_.size(); ++q)
+        if (queue_[q].buf >= 0 && cache_index_.count(queue_[q].token_id)) which_.push_back(static_cast<int>(q));
+    assign_sources(which_);  // all cached: no new ids
+    select(which_);
+    seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The source of each queued token's projection d(y) = W_down^T W_U[y] (all layers), for the
+// tokens in `which`: its cache slot (slot_of_), and, for an id not cached, a row of this pass's
+// projections (row_of_; missing_ids_ lists the pass's ids in row order, missing_slot_ the slot each
+// one is then cached in, -1 when every slot is taken by this pass: the cache never outgrows its
+// budget, however many distinct ids a pass carries). A contribution is c = a * d(y), and d depends
+// on the token only, not on the context, so tokens that recur across samples and steps (most of
+// them) cost one multiply per neuron.
+void ContributionReducer::assign_sources(const std::vector<int>& which) {
+    ++step_;
+    slot_of_.resize(queue_.size());
+    row_of_.resize(queue_.size());
+    missing_ids_.clear();
+    missing_slot_.clear();
+    pass_row_.clear();
+    for (const int q : which) {
+        const int32_t y = queue_[q].token_id;
+        row_of_[q] = -1;
+        slot_of_[q] = -1;
+        if (const auto it = cache_index_.find(y); it != cache_index_.end()) {
+            slot_of_[q] = it->second;
+            cache_used_[static_cast<size_t>(it->second)] = step_;
+            ++hits_;
+            continue;
+        }
+        if (const auto it = pass_row_.find(y); it != pass_row_.end()) {  // an id already new in this pass
+            row_of_[q] = it->second;
+            ++hits_;
+            continue;
+        }
+        // A free slot, or the least recently used one not needed by this pass, or none.
+        int slot = -1;
+        if (static_cast<int>(cache_token_.size()) < cache_slots_) {
+            slot = static_cast<int>(cache_token_.size());
+            cache_token_.push_back(y);
+            cache_used_.push_back(step_);
+        } else {
+            int64_t oldest = INT64_MAX;
+            for (int k = 0; k < cache_slots_; ++k)
+                if (cache_used_[static_cast<size_t>(k)] < oldest && cache_used_[static_cast<size_t>(k)] != step_)
+                    oldest = cache_used_[static_cast<size_t>(k)], slot = k;
+            if (slot >= 0) {
+                cache_index_.erase(cache_token_[static_cast<size_t>(slot)]);
+                cache_token_[static_cast<size_t>(slot)] = y;
+                cache_used_[static_cast<size_t>(slot)] = step_;
+            }
+        }
+        if (slot >= 0) cache_index_[y] = slot;
+        row_of_[q] = static_cast<int>(missing_ids_.size());
+        pass_row_[y] = row_of_[q];
+        missing_ids_.push_back(y);
+        missing_slot_.push_back(slot);
+        ++misses_;
+    }
+    cache_.resize(cache_token_.size() * static_cast<size_t>(n_layers_) * static_cast<size_t>(n_ff_));
+}
+
+// The exact top k of one layer's contributions c (n values): descending, ties by lower index.
+// idx (room for n) holds the m candidates c[i] >= guess, ascending, guess being a value believed
+// to lie below the k-th largest (the same layer's k-th value on the sample's previous token,
+// halved): when m >= k the top k are among them and only those are ranked; otherwise every value
+// is. Exact either way; returns the k-th value.
+static float layer_top(const float* c, int64_t n, int k, int32_t* idx, int64_t m, std::vector<float>& scratch,
+                       float* top_c, int32_t* top_i) {
+    if (m < k) {
+        std::iota(idx, idx + n, 0);
+        m = n;
+    }
+    scratch.resize(static_cast<size_t>(m));
+    for (int64_t j = 0; j < m; ++j) scratch[j] = c[idx[j]];
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    const float kth = scratch[k - 1];
+    // Candidates above the k-th value, then ties at it by lowest index (idx is ascending).
+    int64_t w = 0, ties = 0;
+    for (int64_t j = 0; j < m; ++j)
+        if (c[idx[j]] > kth) idx[w++] = idx[j];
+    const int64_t above = w;
+    for (int64_t i = 0; i < n && above + ties < k; ++i)
+        if (c[i] == kth) scratch[ties++] = static_cast<float>(i);  // reuse scratch for tie indices (exact below 2^24)
+    for (int64_t t = 0; t < ties; ++t) idx[w++] = static_cast<int32_t>(scratch[t]);
+    std::sort(idx, idx + w, [c](int32_t x, int32_t y) { return c[x] != c[y] ? c[x] > c[y] : x < y; });
+    for (int r = 0; r < k; ++r) {
+        top_c[r] = c[idx[r]];
+        top_i[r] = idx[r];
+    }
+    return kth;
+}
+
+// Selects the queued tokens in `which` (their activations held, their projections' sources
+// assigned): contributions, each layer's top k, eta; frees their activations. One layer at a time
+// per thread: the layer's new projections (W_down's rows for the layer streamed once per 64 ids),
+// cached where they have a slot, then every token's products and top k at that layer; only one
+// layer's projections of the pass's new ids are held per thread.
+void ContributionReducer::select(const std::vector<int>& which) {
+    const int W = static_cast<int>(which.size());
+    if (W == 0) return;
+    const int64_t E = w_->n_embd();
+    const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
+    const int M = static_cast<int>(missing_ids_.size());
+    u_.resize(static_cast<size_t>(M) * E);
+    for (int m = 0; m < M; ++m) w_->unembed_row(missing_ids_[static_cast<size_t>(m)], u_.data() + static_cast<size_t>(m) * E);
+    const int K = n_layers_ * k_;
+    const size_t base = sel_eta_.size();
+    sel_c_.resize((base + W) * K);
+    sel_i_.resize((base + W) * K);
+    sel_eta_.resize(base + W);
+    sel_kth_.resize(static_cast<size_t>(W) * n_layers_);
+    const int threads = (static_cast<int64_t>(M + W) * total > 200000) ? p_.n_threads : 1;
+    if (static_cast<int>(scratch_.size()) < threads) scratch_.resize(static_cast<size_t>(threads));
+    std::atomic<int> next_scratch{0};
+    std::atomic<int64_t> project_ns{0};
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        Scratch& s = scratch_[static_cast<size_t>(next_scratch.fetch_add(1))];
+        s.proj.resize(static_cast<size_t>(M) * n_ff_);
+        s.row.resize(ContributionWeights::kProjectScratch);
+        s.c.resize(static_cast<size_t>(n_ff_));
+        s.idx.resize(static_cast<size_t>(n_ff_));
+        const ProductsFn products = products_kernel();
+#pragma omp for schedule(dynamic)
+        for (int l = 0; l < n_layers_; ++l) {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int m0 = 0; m0 < M; m0 += kMaxBatch) {
+                const int mn = std::min(kMaxBatch, M - m0);
+                w_->project(l, u_.data() + static_cast<size_t>(m0) * E, mn, 0, n_ff_,
+                            s.proj.data() + static_cast<size_t>(m0) * n_ff_, n_ff_, s.row.data());
+            }
+            for (int m = 0; m < M; ++m)
+                if (const int slot = missing_slot_[static_cast<size_t>(m)]; slot >= 0)
+                    std::copy_n(s.proj.data() + static_cast<size_t>(m) * n_ff_, n_ff_,
+                                cache_.data() + static_cast<size_t>(slot) * total + static_cast<size_t>(l) * n_ff_);
+            project_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+            for (int j = 0; j < W; ++j) {
+                const int q = which[j];
+                const size_t at = base + j;
+                // c = a * d(y) in a buffer that stays in L1, and the candidates.
+                const float* a = bufs_[queue_[q].buf].data() + static_cast<size_t>(l) * n_ff_;
+                const float* d = row_of_[q] >= 0 ? s.proj.data() + static_cast<size_t>(row_of_[q]) * n_ff_
+                                                 : cache_.data() + static_cast<size_t>(slot_of_[q]) * total +
+                                                       static_cast<size_t>(l) * n_ff_;
+                // kth_ is read only here and written after the pass.
+                const float guess = kth_[queue_[q].sample][static_cast<size_t>(l)];
+                // No finite guess: no candidates, so layer_top ranks every value.
+                const float g = std::isfinite(guess) ? guess : INFINITY;
+                const int64_t mc = products(a, d, n_ff_, g, s.c.data(), s.idx.data());
+                const float kth = layer_top(s.c.data(), n_ff_, k_, s.idx.data(), mc, s.top,
+                                            sel_c_.data() + at * K + l * k_, sel_i_.data() + at * K + l * k_);
+                // A positive guess prunes; otherwise rank all.
+                sel_kth_[static_cast<size_t>(j) * n_layers_ + l] = kth > 0 ? 0.5f * kth : -INFINITY;
+            }
+        }
+#pragma omp for
+        for (int j = 0; j < W; ++j) {
+            const size_t at = base + j;
+            const int rank = std::min(p_.eta_rank, K);
+            s.top.assign(sel_c_.data() + at * K, sel_c_.data() + (at + 1) * K);
+            std::nth_element(s.top.begin(), s.top.begin() + (rank - 1), s.top.end(), std::greater<float>());
+            sel_eta_[at] = s.top[rank - 1];
+        }
+    }
+    dot_seconds_ += static_cast<double>(project_ns.load()) * 1e-9 / threads;
+    for (int j = 0; j < W; ++j) {
+        Queued& e = queue_[which[j]];
+        e.sel = static_cast<int>(base) + j;
+        std::copy_n(sel_kth_.data() + static_cast<size_t>(j) * n_layers_, n_layers_, kth_[e.sample].data());
+        free_.push_back(e.buf);
+        e.buf = -1;
+        --held_;
+    }
+}
+
+// The held tokens go through passes of at most group_tokens_ at a time, in queue order; after each
+// one, the queue's prefix whose selections are all made is recorded.
+void ContributionReducer::flush() {
+    if (queue_.empty()) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    while (held_ > 0) {
+        which_.clear();
+        for (size_t q = 0; q < queue_.size() && static_cast<int64_t>(which_.size()) < group_tokens_; ++q)
+            if (queue_[q].buf >= 0) which_.push_back(static_cast<int>(q));
+        assign_sources(which_);
+        select(which_);
+        record_prefix();  // everything up to the pass's last token
+    }
+    record_prefix();
+    seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Records the queue's selected prefix (sets, eta, counts) and drops it; the selections still
+// pending (made early, for cached ids, behind a token still waiting) move down.
+void ContributionReducer::record_prefix() {
+    const int K = n_layers_ * k_;
+    size_t p = 0;
+    for (; p < queue_.size() && queue_[p].sel >= 0; ++p) {
+        const Queued& e = queue_[p];
+        const int sample = e.sample, token = e.token;
+        const float* tc = sel_c_.data() + static_cast<size_t>(e.sel) * K;
+        const int32_t* ti = sel_i_.data() + static_cast<size_t>(e.sel) * K;
+        const float eta = sel_eta_[static_cast<size_t>(e.sel)];
+        uint64_t* w = sets_.chunk(sample, token / p_.chunk);
+        int32_t active = 0;
+        for (int l = 0; l < n_layers_; ++l) {
+            for (int r = 0; r < k_; ++r) {
+                const size_t at = static_cast<size_t>(l) * k_ + r;
+                if (!(tc[at] > eta)) break;  // descending within a layer
+                const int64_t bit = static_cast<int64_t>(l) * n_ff_ + ti[at];
+                w[bit >> 6] |= uint64_t{1} << (bit & 63);
+                ++active;
+            }
+        }
+        slot(eta_[sample], static_cast<size_t>(token), 1)[0] = eta;
+        slot(count_[sample], static_cast<size_t>(token), 1)[0] = active;
+        if (p_.keep_top) {
+            std::copy(tc, tc + K, slot(top_c_[sample], static_cast<size_t>(token), static_cast<size_t>(K)));
+            std::copy(ti, ti + K, slot(top_i_[sample], static_cast<size_t>(token), static_cast<size_t>(K)));
+        }
+        tokens_ += 1;
+    }
+    if (p == 0) return;
+    queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(p));
+    // In order of their index, so that none is overwritten before it moves.
+    pending_.clear();
+    for (Queued& e : queue_)
+        if (e.sel >= 0) pending_.push_back(&e);
+    std::sort(pending_.begin(), pending_.end(), [](const Queued* a, const Queued* b) { return a->sel < b->sel; });
+    for (size_t j = 0; j < pending_.size(); ++j) {
+        const size_t from = static_cast<size_t>(pending_[j]->sel);
+        std::copy_n(sel_c_.data() + from * K, K, sel_c_.data() + j * K);
+        std::copy_n(sel_i_.data() + from * K, K, sel_i_.data() + j * K);
+        sel_eta_[j] = sel_eta_[from];
+        pending_[j]->sel = static_cast<int>(j);
+    }
+    sel_c_.resize(pending_.size() * K);
+    sel_i_.resize(pending_.size() * K);
+    sel_eta_.resize(pending_.size());
+}
+
+void ContributionReducer::finish(int sample, int n_tokens) {
+    flush();  // the sample's last token may still be queued
+    const size_t n = static_cast<size_t>(n_tokens);
+    sets_.finish(sample, static_cast<int64_t>((n + p_.chunk - 1) / p_.chunk));
+    eta_[sample].resize(n);
+    count_[sample].resize(n);
+    if (p_.keep_top) {
+        top_c_[sample].resize(n * n_layers_ * k_);
+        top_i_[sample].resize(n * n_layers_ * k_);
+    }
+}
+
+}  // namespace neurotap

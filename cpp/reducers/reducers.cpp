@@ -1,0 +1,135 @@
+#include "reducers/reducers.h"
+
+#include <algorithm>
+
+#include "base/errors.h"
+#include "ggml.h"
+
+namespace neurotap {
+
+void ActiveCountReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
+    n_layers_ = n_layers;
+    n_ff_ = n_ff;
+    counts_.assign(n_samples, {});
+}
+
+void ActiveCountReducer::on_row(int sample, int token, int layer, const float* a) {
+    int32_t c = 0;
+    for (int64_t i = 0; i < n_ff_; ++i) c += a[i] > thr_;
+    slot(counts_[sample], token, n_layers_)[layer] = c;
+}
+
+void ActiveCountReducer::finish(int sample, int n_tokens) {
+    counts_[sample].resize(static_cast<size_t>(n_tokens) * n_layers_);
+}
+
+ActiveSetReducer::ActiveSetReducer(int chunk, float threshold) : chunk_(chunk), thr_(threshold) {
+    if (chunk < 1) throw ParamError("chunk must be at least 1 token");
+}
+
+void ActiveSetReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
+    n_layers_ = n_layers;
+    n_ff_ = n_ff;
+    n_words_ = (n_layers * n_ff + 63) / 64;
+    sets_.begin(n_samples, static_cast<int64_t>(n_layers) * n_ff);
+    pending_.assign(n_samples, std::vector<uint64_t>(static_cast<size_t>(n_words_), 0));
+}
+
+void ActiveSetReducer::on_row(int sample, int, int layer, const float* a) {
+    uint64_t* w = pending_[sample].data();
+    const int64_t base = static_cast<int64_t>(layer) * n_ff_;
+    for (int64_t i = 0; i < n_ff_; ++i) {
+        const int64_t bit = base + i;
+        w[bit >> 6] |= static_cast<uint64_t>(a[i] > thr_) << (bit & 63);
+    }
+}
+
+void ActiveSetReducer::commit(int sample, int token, int32_t) {
+    uint64_t* w = sets_.chunk(sample, token / chunk_);
+    auto& p = pending_[sample];
+    for (int64_t k = 0; k < n_words_; ++k) w[k] |= p[k];
+    std::fill(p.begin(), p.end(), 0);
+}
+
+void ActiveSetReducer::finish(int sample, int n_tokens) {
+    const size_t n_chunks = (static_cast<size_t>(n_tokens) + chunk_ - 1) / chunk_;
+    sets_.finish(sample, static_cast<int64_t>(n_chunks));
+    std::fill(pending_[sample].begin(), pending_[sample].end(), 0);
+}
+
+WatchReducer::WatchReducer(std::vector<std::pair<int, int>> neurons) : neurons_(std::move(neurons)) {}
+
+void WatchReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
+    by_layer_.assign(n_layers, {});
+    for (size_t s = 0; s < neurons_.size(); ++s) {
+        const auto [layer, idx] = neurons_[s];
+        if (layer < 0 || layer >= n_layers || idx < 0 || idx >= n_ff)
+            throw ParamError("watched neuron (" + std::to_string(layer) + ", " + std::to_string(idx) +
+                             ") is outside the model's " + std::to_string(n_layers) + " layers x " +
+                             std::to_string(n_ff) + " neurons");
+        by_layer_[layer].push_back({static_cast<int>(s), idx});
+    }
+    values_.assign(n_samples, {});
+}
+
+void WatchReducer::on_row(int sample, int token, int layer, const float* a) {
+    if (neurons_.empty()) return;
+    float* out = slot(values_[sample], token, neurons_.size());
+    for (const auto& [s, idx] : by_layer_[layer]) out[s] = a[idx];
+}
+
+void WatchReducer::finish(int sample, int n_tokens) {
+    values_[sample].resize(static_cast<size_t>(n_tokens) * neurons_.size());
+}
+
+void MlpPostReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) {
+    n_layers_ = n_layers;
+    n_ff_ = n_ff;
+    f32_.assign(half_ ? 0 : n_samples, {});
+    f16_.assign(half_ ? n_samples : 0, {});
+}
+
+void MlpPostReducer::on_row(int sample, int token, int layer, const float* a) {
+    const size_t stride = static_cast<size_t>(n_layers_) * n_ff_;
+    if (half_) {
+        uint16_t* out = slot(f16_[sample], token, stride) + static_cast<size_t>(layer) * n_ff_;
+        ggml_fp32_to_fp16_row(a, reinterpret_cast<ggml_fp16_t*>(out), n_ff_);
+    } else {
+        std::copy(a, a + n_ff_, slot(f32_[sample], token, stride) + static_cast<size_t>(layer) * n_ff_);
+    }
+}
+
+void MlpPostReducer::finish(int sample, int n_tokens) {
+    const size_t n = static_cast<size_t>(n_tokens) * n_layers_ * n_ff_;
+    if (half_) f16_[sample].resize(n); else f32_[sample].resize(n);
+}
+
+}  // namespace neurotap
+
+namespace neurotap {
+
+HiddenRowReducer::HiddenRowReducer(TapKind kind) : kind_(kind) {
+    if (kind != TapKind::Ln2Normalized && kind != TapKind::ResidPost)
+        throw ParamError("HiddenRowReducer reads NormInput or Residual rows");
+}
+
+void HiddenRowReducer::begin(int n_samples, int n_layers, int64_t, int) {
+    n_layers_ = n_layers;
+    rows_.assign(static_cast<size_t>(n_samples), {});
+}
+
+void HiddenRowReducer::on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) {
+    if (kind != kind_) return;
+    n_embd_ = n_embd;  // the tap checked the width against the model's n_embd
+    auto& v = rows_[static_cast<size_t>(sample)];
+    float* dst = slot(v, static_cast<size_t>(token), static_cast<size_t>(n_layers_) * n_embd) +
+                 static_cast<size_t>(layer) * n_embd;
+    std::copy(h, h + n_embd, dst);
+}
+
+void HiddenRowReducer::finish(int sample, int n_tokens) {
+    auto& v = rows_[static_cast<size_t>(sample)];
+    v.resize(std::min(v.size(), static_cast<size_t>(n_tokens) * n_layers_ * n_embd_));
+}
+
+}  // namespace neurotap

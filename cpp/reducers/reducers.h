@@ -1,0 +1,130 @@
+// Streaming per-sample reductions of tapped FFN rows (the Reducer interface: runtime/reducer.h).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "reducers/set_record.h"
+#include "runtime/reducer.h"
+
+namespace neurotap {
+
+// Grows a per-sample buffer to hold token `token` (rows arrive in token order); returns its slot.
+template <typename T>
+T* slot(std::vector<T>& v, size_t token, size_t stride) {
+    if (v.size() < (token + 1) * stride) v.resize((token + 1) * stride, T{});
+    return v.data() + token * stride;
+}
+
+// Per token and layer: the number of neurons whose activation exceeds a threshold.
+class ActiveCountReducer : public Reducer {
+public:
+    explicit ActiveCountReducer(float threshold = 0.0f) : thr_(threshold) {}
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
+    const std::vector<int32_t>& counts(int sample) const { return counts_[sample]; }  // [tokens, layers]
+    std::vector<int32_t> take_counts(int sample) { return std::move(counts_[sample]); }
+
+private:
+    float thr_;
+    int n_layers_ = 0;
+    int64_t n_ff_ = 0;
+    std::vector<std::vector<int32_t>> counts_;
+};
+
+// Per chunk of `chunk` tokens: the set of active neurons (activation > threshold) on any token
+// of the chunk, over all n_layers x n_ff neurons (key layer*n_ff + i), kept encoded (set_record.h).
+class ActiveSetReducer : public Reducer {
+public:
+    ActiveSetReducer(int chunk, float threshold);
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void commit(int sample, int token, int32_t token_id) override;
+    void finish(int sample, int n_tokens) override;
+    int64_t n_words() const { return n_words_; }
+    int chunk() const { return chunk_; }
+    // The record of a sample's first n_chunks chunks.
+    SetRecord record(int sample, int64_t n_chunks) const { return sets_.snapshot(sample, n_chunks); }
+    // The chunks opened so far as dense bitsets [chunks, words] (decoded: for tests).
+    std::vector<uint64_t> sets(int sample) const { return sets_.dense(sample); }
+
+private:
+    int chunk_;
+    float thr_;
+    int n_layers_ = 0;
+    int64_t n_ff_ = 0;
+    int64_t n_words_ = 0;
+    SetRecorder sets_;
+    std::vector<std::vector<uint64_t>> pending_;  // the current token's bits, until committed
+};
+
+// Per token: the activations of a fixed list of watched neurons (NEAT's monitor).
+class WatchReducer : public Reducer {
+public:
+    explicit WatchReducer(std::vector<std::pair<int, int>> neurons);  // (layer, index)
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
+    int n_watched() const { return static_cast<int>(neurons_.size()); }
+    const std::vector<float>& values(int sample) const { return values_[sample]; }  // [tokens, watched]
+
+private:
+    std::vector<std::pair<int, int>> neurons_;
+    std::vector<std::vector<std::pair<int, int>>> by_layer_;  // layer -> (slot, index)
+    std::vector<std::vector<float>> values_;
+};
+
+// Opt-in, for small runs: every row, as float32 or IEEE half.
+class MlpPostReducer : public Reducer {
+public:
+    explicit MlpPostReducer(bool half) : half_(half) {}
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
+    void on_row(int sample, int token, int layer, const float* a) override;
+    void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
+    bool half() const { return half_; }
+    const std::vector<float>& rows_f32(int sample) const { return f32_[sample]; }     // [tokens, layers, n_ff]
+    const std::vector<uint16_t>& rows_f16(int sample) const { return f16_[sample]; }
+    std::vector<float> take_f32(int sample) { return std::move(f32_[sample]); }
+    std::vector<uint16_t> take_f16(int sample) { return std::move(f16_[sample]); }
+
+private:
+    bool half_;
+    int n_layers_ = 0;
+    int64_t n_ff_ = 0;
+    std::vector<std::vector<float>> f32_;
+    std::vector<std::vector<uint16_t>> f16_;
+};
+
+// Opt-in: every row of a hidden-state kind (the normed FFN input or the residual stream after
+// the layer), float32 [tokens, layers, n_embd] per sample.
+class HiddenRowReducer : public Reducer {
+public:
+    explicit HiddenRowReducer(TapKind kind);  // NormInput or Residual
+    TapRequest tap_request() const override { return {tap_bit(kind_), -1}; }
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
+    void on_row(int, int, int, const float*) override {}
+    void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t n_embd) override;
+    void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
+    TapKind kind() const { return kind_; }
+    int64_t width() const { return n_embd_; }
+    const std::vector<float>& rows(int sample) const { return rows_[sample]; }  // [tokens, layers, n_embd]
+    std::vector<float> take(int sample) { return std::move(rows_[sample]); }
+
+private:
+    TapKind kind_;
+    int n_layers_ = 0;
+    int64_t n_embd_ = 0;
+    std::vector<std::vector<float>> rows_;
+};
+
+}  // namespace neurotap

@@ -1,0 +1,112 @@
+// The FFN tap: llama.cpp's eval callback, which hands each layer's FFN neuron activations
+// (the input of the down projection) to a RowSink while llama_decode runs.
+//
+// Protocol (ggml_backend_sched): every graph node is offered with ask=true; answering true
+// makes the scheduler compute up to that node, synchronize, and call again with ask=false.
+// Asking costs a compute boundary, so exactly one tensor per layer is asked for, plus one per
+// further kind that the armed sink wants (the normed input, the gate, the residual). No Python runs here: the callback runs on
+// the thread that called llama_decode.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+
+namespace neurotap {
+
+// What the tap can read per layer, named as TransformerLens names the hook blocks.{l}.<hook>:
+// MlpPost = mlp.hook_post (the FFN activation row: the down projection's input, one float per
+// neuron), Ln2Normalized = ln2.hook_normalized (the normed FFN input), MlpPre = mlp.hook_pre (the
+// gate's pre-activation), ResidPost = hook_resid_post (the residual after the block), AttnZ =
+// attn.hook_z (every head's output before W_O; one layer only).
+enum class TapKind : int { MlpPost = 0, Ln2Normalized = 1, MlpPre = 2, ResidPost = 3, AttnZ = 4 };
+constexpr int kTapKinds = 5;
+constexpr unsigned tap_bit(TapKind k) { return 1u << static_cast<int>(k); }
+constexpr unsigned kTapMlpPost = tap_bit(TapKind::MlpPost);
+
+// What a reader wants tapped besides the activation: further kinds (tap_bit masks) and, with
+// TapKind::AttnZ, the one layer whose attention output is read (each asked node costs a sync).
+struct TapRequest {
+    unsigned kinds = 0;
+    int attention_layer = -1;
+    // Both requests: the kinds united, the attention layer of `o` if it names one.
+    TapRequest& operator|=(const TapRequest& o) {
+        kinds |= o.kinds;
+        if (o.attention_layer >= 0) attention_layer = o.attention_layer;
+        return *this;
+    }
+};
+
+// Receives rows of one decode batch, per layer, in batch order.
+class RowSink {
+public:
+    virtual ~RowSink() = default;
+    // What this sink wants for the decode it is armed for (the activation always).
+    virtual TapRequest tap_request() const { return {kTapMlpPost, -1}; }
+    // rows [row0, row0 + n_rows) of the armed batch for `layer`; `data` holds n_rows rows of
+    // `width` contiguous floats, valid only during the call.
+    virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;
+};
+
+class FfnTap {
+public:
+    // act_name: graph name of the activation tensor without the layer suffix ("ffn_swiglu").
+    FfnTap(std::string act_name, int n_layers, int64_t n_ff, int64_t n_embd);
+
+    // The ggml_backend_sched_eval_callback; user_data is the FfnTap.
+    static bool callback(ggml_tensor* t, bool ask, void* user_data);
+
+    // Arms the tap for one llama_decode whose batch has n_rows rows, every one of which
+    // requests logits (the last layer computes only those rows). `kinds` (tap_bit masks) says
+    // what to read besides the activation: ffn_norm-<il>, ffn_gate-<il> (NAD's paper-code
+    // variant), l_out-<il> (NEAT's calibration), kqv_out-<il> at `attention_layer`
+    // only (NeuReasoner's heads). They hold for this decode only.
+    void arm(int n_rows, RowSink* sink, unsigned kinds = kTapMlpPost, int attention_layer = -1);
+    unsigned armed_kinds() const { return kinds_; }
+    // Disarms; throws RuntimeError unless every tapped layer delivered exactly n_rows rows.
+    void disarm_and_check();
+    void disarm();  // on error paths: no check
+    bool armed() const { return sink_ != nullptr; }
+
+    // Discovery: while on, nothing is computed early; the callback only records which layers
+    // have the activation tensor. Used once at load to prove the architecture is tappable.
+    void begin_discovery();
+    // Layers whose activation tensor was never seen during discovery.
+    std::vector<int> end_discovery();
+
+    // Width of the attention output rows (n_head x head_dim_v); 0 leaves heads untappable.
+    void set_attention_width(int64_t w) { attention_width_ = w; }
+    const std::string& act_name() const { return act_name_; }
+    int n_layers() const { return n_layers_; }
+    int64_t n_ff() const { return n_ff_; }
+    int64_t n_embd() const { return n_embd_; }
+
+private:
+    // Layer index if `name` is "<prefix>-<il>" for a tapped prefix, else -1.
+    int match(const char* name, TapKind* kind) const;
+    bool on_ask(const ggml_tensor* t);
+    void on_data(const ggml_tensor* t);
+
+    std::string act_name_;
+    std::string norm_name_ = "ffn_norm";
+    std::string gate_name_ = "ffn_gate";
+    std::string residual_name_ = "l_out";
+    std::string attention_name_ = "kqv_out";
+    int attention_layer_ = -1;  // of the armed sink
+    int64_t attention_width_ = 0;
+    int n_layers_;
+    int64_t n_ff_;
+    int64_t n_embd_;
+    unsigned kinds_ = kTapMlpPost;
+
+    RowSink* sink_ = nullptr;
+    int armed_rows_ = 0;
+    std::vector<int> rows_seen_[kTapKinds];  // per TapKind
+    bool discovering_ = false;
+    std::vector<char> discovered_;
+    std::vector<float> scratch_;  // staging for tensors in non-host (GPU) buffers
+    std::string error_;           // exceptions must not cross llama.cpp: kept, thrown at disarm
+};
+
+}  // namespace neurotap

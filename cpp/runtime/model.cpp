@@ -1,0 +1,318 @@
+#include "runtime/model.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include "base/errors.h"
+#include "base/gguf_file.h"
+#include "base/log_capture.h"
+#include "runtime/tapped_context.h"
+#include "weights/mapped_weights.h"
+
+namespace neurotap {
+
+std::string activation_tensor_for(const std::string& arch) {
+    // Dense SwiGLU / GeGLU architectures whose FFN is built by llm_graph_context::build_ffn
+    // (llama.cpp names the down projection's input ffn_swiglu-<il> / ffn_geglu-<il>). The load
+    // probe checks that every layer really has it before anything is generated.
+    static const std::map<std::string, std::string> table = {
+        {"llama", "ffn_swiglu"},  {"mistral3", "ffn_swiglu"}, {"qwen2", "ffn_swiglu"},
+        {"qwen3", "ffn_swiglu"},  {"granite", "ffn_swiglu"},  {"smollm3", "ffn_swiglu"},
+        {"gemma", "ffn_geglu"},   {"gemma2", "ffn_geglu"},    {"gemma3", "ffn_geglu"},
+    };
+    auto it = table.find(arch);
+    if (it == table.end()) {
+        std::string known;
+        for (auto& kv : table) known += (known.empty() ? "" : ", ") + kv.first;
+        throw ModelError("unsupported architecture '" + arch + "': neurotap taps dense SwiGLU/GeGLU models (" +
+                         known + ")");
+    }
+    return it->second;
+}
+
+static void ensure_backend() {
+    static std::once_flag once;
+    std::call_once(once, [] { llama_backend_init(); });
+}
+
+// Whether the CPU backend would put weights in its AMX buffer (llama.cpp built with -march=native
+// on a CPU with AMX-INT8, e.g. Sapphire Rapids). llama.cpp's AMX matmul segfaults there in the
+// first decode (ggml-org/llama.cpp#20824, closed unfixed; seen here with SmolLM2 Q8_0), so such
+// machines load without the extra buffer types (no AMX, no CPU weight repacking) instead.
+static bool cpu_offers_amx_buffer() {
+    static const bool offers = [] {
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (!cpu) return false;
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu);
+        auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
+            ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts"));
+        if (!get_extra) return false;
+        for (ggml_backend_buffer_type_t* b = get_extra(cpu); b && *b; ++b)
+            if (std::strcmp(ggml_backend_buft_name(*b), "AMX") == 0) return true;
+        return false;
+    }();  // the backend's buffer types do not change while the process runs
+    return offers;
+}
+
+struct FileId {
+    uint64_t size = 0, inode = 0;
+    int64_t mtime_ns = 0;
+};
+
+static FileId file_id(const std::string& path) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) throw ModelError("model file not found: " + path);
+    return {static_cast<uint64_t>(st.st_size), static_cast<uint64_t>(st.st_ino),
+            static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
+// Float hyperparameters llama.cpp divides by, takes roots or logs of: a NaN, an infinity, zero or
+// a negative value aborts or hangs inside llama.cpp, or silently yields NaN logits.
+static void check_hparams(const GgufFile& f, const std::string& a, const std::string& path) {
+    static const char* positive[] = {".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon",
+                                     ".rope.freq_base", ".rope.freq_scale", ".rope.scaling.factor",
+                                     ".attention.scale", ".final_logit_softcapping", ".attn_logit_softcapping"};
+    for (const char* k : positive) {
+        const std::string key = a + k;
+        if (!f.has_key(key)) continue;
+        double v;
+        try {
+            v = f.get_float(key);
+        } catch (const ModelError&) {
+            throw ModelError("metadata '" + key + "' of " + path + " is not a float");
+        }
+        if (!std::isfinite(v) || v <= 0)
+            throw ModelError("metadata '" + key + "' of " + path + " is " + std::to_string(v) +
+                             ": it must be a finite positive number (the file is corrupt)");
+    }
+    static const char* counts[] = {".context_length", ".embedding_length", ".feed_forward_length"};
+    for (const char* k : counts) {
+        const std::string key = a + k;
+        if (!f.has_key(key)) continue;
+        int64_t v = 0;
+        try {
+            v = f.get_int(key);
+        } catch (const ModelError&) {
+            continue;  // arrays (per-layer widths) are validated by llama.cpp's loader
+        }
+        if (v <= 0 || v > (int64_t{1} << 31))
+            throw ModelError("metadata '" + key + "' of " + path + " is " + std::to_string(v) + ": out of range");
+    }
+}
+
+// Reads what the tap needs from the file itself: architecture, layer count, FFN width.
+static ModelInfo inspect(const std::string& path) {
+    GgufFile f(path);
+    ModelInfo info;
+    info.path = path;
+    const FileId id = file_id(path);
+    info.file_size = id.size;
+    info.file_inode = id.inode;
+    info.file_mtime_ns = id.mtime_ns;
+    info.architecture = f.architecture();
+    info.act_name = activation_tensor_for(info.architecture);
+    const std::string a = info.architecture;
+    if (f.has_key(a + ".expert_count") && f.get_int(a + ".expert_count") > 0)
+        throw ModelError("unsupported model: '" + path + "' is a mixture-of-experts model; neurotap taps dense FFNs");
+    info.n_layers = static_cast<int>(f.get_int(a + ".block_count"));
+    if (info.n_layers <= 0 || info.n_layers > 1024) throw ModelError("implausible block_count in " + path);
+    check_hparams(f, a, path);
+    for (auto [key, dst] : {std::make_pair(a + ".attention.key_length", &info.head_dim_k),
+                            std::make_pair(a + ".attention.value_length", &info.head_dim_v)}) {
+        if (!f.has_key(key)) continue;
+        try {
+            *dst = f.get_int(key);
+        } catch (const ModelError&) {
+        }
+        if (*dst < 0 || *dst > 65536) throw ModelError("metadata '" + key + "' of " + path + " is out of range");
+    }
+    for (int il = 0; il < info.n_layers; ++il) {
+        const std::string name = "blk." + std::to_string(il) + ".ffn_down.weight";
+        const TensorInfo* t = f.find_tensor(name);
+        if (!t) throw ModelError("tensor '" + name + "' missing in " + path);
+        if (il == 0) {
+            info.n_ff = t->ne[0];
+            info.n_embd = t->ne[1];
+        } else if (t->ne[0] != info.n_ff) {
+            throw ModelError("unsupported model: FFN width differs across layers in " + path);
+        }
+    }
+    return info;
+}
+
+static void fill_from_llama(ModelInfo& info, llama_model* m) {
+    char buf[256];
+    llama_model_desc(m, buf, sizeof(buf));
+    info.description = buf;
+    info.n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(m));
+    info.n_ctx_train = llama_model_n_ctx_train(m);
+    // Head sizes: the file's key/value lengths where it states them (Qwen3, Gemma), else n_embd / n_head.
+    const int n_head = std::max(1, llama_model_n_head(m));
+    info.n_head = llama_model_n_head(m);
+    const int64_t dk = info.head_dim_k > 0 ? info.head_dim_k : info.n_embd / n_head;
+    const int64_t dv = info.head_dim_v > 0 ? info.head_dim_v : info.n_embd / n_head;
+    info.kv_bytes_per_cell = static_cast<uint64_t>(info.n_layers) * std::max(0, llama_model_n_head_kv(m)) *
+                             static_cast<uint64_t>(dk + dv) * 2;
+    info.n_params = llama_model_n_params(m);
+    info.size_bytes = llama_model_size(m);
+    info.has_chat_template = llama_model_chat_template(m, nullptr) != nullptr;
+    if (llama_model_n_layer(m) != info.n_layers || llama_model_n_embd(m) != info.n_embd)
+        throw ModelError("llama.cpp and the GGUF file disagree on the model shape: " + info.path);
+}
+
+Model::Model(llama_model* m, bool owned, ModelInfo info)
+    : model_(m), owned_(owned), vocab_(llama_model_get_vocab(m)), info_(std::move(info)) {}
+
+Model::~Model() { close(); }
+
+void Model::check_open() const {
+    if (closed_.load())
+        throw RuntimeError("the model " + info_.path + " was closed" +
+                           (owned_ ? "" : " (its llama_cpp.Llama was closed)") + ": load it again");
+}
+
+void Model::attach(TappedContext* tc) {
+    std::lock_guard<std::mutex> lock(contexts_mu_);
+    contexts_.push_back(tc);
+}
+
+void Model::detach(TappedContext* tc) {
+    std::lock_guard<std::mutex> lock(contexts_mu_);
+    contexts_.erase(std::remove(contexts_.begin(), contexts_.end(), tc), contexts_.end());
+}
+
+void Model::close() {
+    {
+        // Held throughout: a context being destroyed meanwhile waits in detach() until this is done.
+        std::lock_guard<std::mutex> lock(contexts_mu_);
+        if (closed_.exchange(true)) return;
+        for (TappedContext* tc : contexts_) tc->close();  // each waits for its decode in flight
+    }
+    if (owned_ && model_) llama_model_free(model_);
+    model_ = nullptr;
+}
+
+void Model::check_file_unchanged() const {
+    FileId now;
+    try {
+        now = file_id(info_.path);
+    } catch (const ModelError&) {
+        throw RuntimeError("the model file " + info_.path + " was removed since it was loaded");
+    }
+    if (now.size != info_.file_size || now.inode != info_.file_inode || now.mtime_ns != info_.file_mtime_ns)
+        throw RuntimeError("the model file " + info_.path + " changed on disk since it was loaded: what is read "
+                           "from it now (contribution weights) would not match the loaded weights; load it again");
+}
+
+std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
+    ensure_backend();
+    ModelInfo info = inspect(path);
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = n_gpu_layers;
+    if (cpu_offers_amx_buffer()) mp.use_extra_bufts = false;
+    take_logged_errors();
+    llama_model* m = llama_model_load_from_file(path.c_str(), mp);
+    if (!m) {
+        std::string why = take_logged_errors();
+        throw ModelError("llama.cpp could not load " + path + (why.empty() ? "" : ": " + why));
+    }
+    try {
+        fill_from_llama(info, m);
+    } catch (...) {
+        llama_model_free(m);
+        throw;
+    }
+    return std::shared_ptr<Model>(new Model(m, true, std::move(info)));
+}
+
+std::shared_ptr<Model> Model::borrow(llama_model* m, const std::string& path) {
+    if (!m) throw ModelError("the llama_cpp.Llama object has no loaded model");
+    ensure_backend();
+    if (cpu_offers_amx_buffer())
+        throw ModelError("this llama.cpp build puts weights in AMX buffers, whose matmul segfaults "
+                         "(ggml-org/llama.cpp#20824), and a llama_cpp.Llama loads them there: use neurotap.load(), "
+                         "which loads without them, or rebuild llama-cpp-python with "
+                         "CMAKE_ARGS=\"-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8\"");
+    ModelInfo info = inspect(path);
+    fill_from_llama(info, m);
+    return std::shared_ptr<Model>(new Model(m, false, std::move(info)));
+}
+
+std::shared_ptr<const ContributionWeights> Model::contribution_weights() const {
+    std::lock_guard<std::mutex> lock(weights_mu_);
+    if (!weights_) {
+        check_open();
+        check_file_unchanged();
+        GgufFile f(info_.path);
+        weights_ = std::make_shared<const ContributionWeights>(f, info_.n_layers, info_.n_ff, info_.n_embd, info_.n_vocab);
+    }
+    return weights_;
+}
+
+size_t Model::contribution_weights_loaded() const {
+    std::lock_guard<std::mutex> lock(weights_mu_);
+    return weights_ ? weights_->mapped_bytes() : 0;
+}
+
+std::vector<llama_token> Model::tokenize(const std::string& text, bool add_special, bool parse_special) const {
+    if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw ParamError("prompt too long to tokenize");
+    check_open();
+    std::vector<llama_token> out(text.size() + 8);
+    int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                               static_cast<int32_t>(out.size()), add_special, parse_special);
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                           static_cast<int32_t>(out.size()), add_special, parse_special);
+        if (n < 0) throw RuntimeError("tokenization failed");
+    }
+    out.resize(static_cast<size_t>(n));
+    return out;
+}
+
+std::string Model::token_piece(llama_token tok) const {
+    check_open();
+    char buf[256];
+    int32_t n = llama_token_to_piece(vocab_, tok, buf, sizeof(buf), 0, false);
+    if (n >= 0) return std::string(buf, static_cast<size_t>(n));
+    std::string big(static_cast<size_t>(-n), '\0');
+    n = llama_token_to_piece(vocab_, tok, big.data(), static_cast<int32_t>(big.size()), 0, false);
+    if (n < 0) throw RuntimeError("detokenization failed for token " + std::to_string(tok));
+    big.resize(static_cast<size_t>(n));
+    return big;
+}
+
+std::string Model::detokenize(const std::vector<llama_token>& toks) const {
+    std::string s;
+    for (llama_token t : toks) s += token_piece(t);
+    return s;
+}
+
+std::string Model::apply_chat_template(const std::vector<std::pair<std::string, std::string>>& messages,
+                                       bool add_assistant) const {
+    const char* tmpl = llama_model_chat_template(get(), nullptr);
+    if (!tmpl) throw ParamError("model has no chat template: pass a plain prompt instead of messages");
+    std::vector<llama_chat_message> msgs;
+    size_t total = 0;
+    for (auto& m : messages) {
+        msgs.push_back({m.first.c_str(), m.second.c_str()});
+        total += m.first.size() + m.second.size();
+    }
+    std::vector<char> buf(total * 2 + 256);
+    int32_t n = llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_assistant, buf.data(),
+                                          static_cast<int32_t>(buf.size()));
+    if (n < 0) throw ParamError("the model's chat template is not supported by llama.cpp's template engine");
+    if (static_cast<size_t>(n) > buf.size()) {
+        buf.resize(static_cast<size_t>(n));
+        n = llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_assistant, buf.data(),
+                                      static_cast<int32_t>(buf.size()));
+    }
+    return std::string(buf.data(), static_cast<size_t>(n));
+}
+
+}  // namespace neurotap

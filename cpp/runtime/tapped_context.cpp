@@ -1,0 +1,155 @@
+#include "runtime/tapped_context.h"
+
+#include <algorithm>
+#include <thread>
+
+#include "base/errors.h"
+#include "base/log_capture.h"
+
+namespace neurotap {
+
+TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& params)
+    : model_(std::move(model)),
+      params_(params),
+      tap_(model_->info().act_name, model_->info().n_layers, model_->info().n_ff, model_->info().n_embd) {
+    {
+        const ModelInfo& mi = model_->info();
+        const int64_t dv = mi.head_dim_v > 0 ? mi.head_dim_v : (mi.n_head > 0 ? mi.n_embd / mi.n_head : 0);
+        tap_.set_attention_width(int64_t{mi.n_head} * dv);
+    }
+    if (params_.n_ctx < 8) throw ParamError("n_ctx must be at least 8, got " + std::to_string(params_.n_ctx));
+    if (params_.n_batch < 1) throw ParamError("n_batch must be positive");
+    if (params_.n_seq_max < 1 || params_.n_seq_max > 256)
+        throw ParamError("n_seq_max must be in [1, 256], got " + std::to_string(params_.n_seq_max));
+    int threads = params_.n_threads > 0 ? params_.n_threads
+                                        : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = static_cast<uint32_t>(params_.n_ctx);
+    cp.n_batch = static_cast<uint32_t>(params_.n_batch);
+    cp.n_ubatch = static_cast<uint32_t>(params_.n_batch);
+    cp.n_seq_max = static_cast<uint32_t>(params_.n_seq_max);
+    cp.n_threads = threads;
+    cp.n_threads_batch = threads;
+    cp.kv_unified = params_.kv_unified;
+    cp.flash_attn_type = params_.flash_attn ? LLAMA_FLASH_ATTN_TYPE_AUTO : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.no_perf = true;
+    if (params_.install_tap) {
+        cp.cb_eval = &FfnTap::callback;
+        cp.cb_eval_user_data = &tap_;
+    }
+    take_logged_errors();
+    ctx_ = llama_init_from_model(model_->get(), cp);
+    if (!ctx_) {
+        std::string why = take_logged_errors();
+        throw ContextError("llama.cpp could not create a context with n_ctx=" + std::to_string(params_.n_ctx) +
+                           (why.empty() ? "" : ": " + why));
+    }
+    // llama.cpp caps the batch at the context size it was asked for (before padding the
+    // context): decode in batches of what it really accepts, or a long prompt aborts inside it.
+    params_.n_batch = std::min<int>(params_.n_batch, static_cast<int>(llama_n_batch(ctx_)));
+    batch_ = llama_batch_init(params_.n_batch, 0, 1);
+    model_->attach(this);
+
+    if (!params_.install_tap) return;
+    // Load probe: prove the activation tensor exists in every layer of the real graph.
+    llama_token probe = llama_vocab_bos(model_->vocab());
+    if (probe < 0) probe = 0;
+    tap_.begin_discovery();
+    try {
+        decode_seq(&probe, 1, 0, 0, nullptr);
+    } catch (...) {
+        tap_.end_discovery();
+        llama_batch_free(batch_);
+        llama_free(ctx_);
+        ctx_ = nullptr;
+        model_->detach(this);
+        throw;
+    }
+    std::vector<int> missing = tap_.end_discovery();
+    clear();
+    if (!missing.empty()) {
+        llama_batch_free(batch_);
+        llama_free(ctx_);
+        ctx_ = nullptr;
+        model_->detach(this);
+        throw ModelError("unsupported model: the llama.cpp graph of '" + model_->info().architecture + "' has no " +
+                         tap_.act_name() + "-<layer> tensor for " + std::to_string(missing.size()) + " of " +
+                         std::to_string(tap_.n_layers()) + " layers (first: " + std::to_string(missing[0]) + ")");
+    }
+}
+
+TappedContext::~TappedContext() {
+    close();
+    model_->detach(this);
+}
+
+void TappedContext::close() {
+    std::lock_guard<std::mutex> lock(use_mu_);
+    if (!ctx_) return;
+    llama_batch_free(batch_);
+    llama_free(ctx_);
+    ctx_ = nullptr;
+}
+
+llama_context* TappedContext::ctx() const {
+    if (!ctx_) {
+        model_->check_open();  // names the closed model when that is why
+        throw RuntimeError("the context was closed");
+    }
+    return ctx_;
+}
+
+int TappedContext::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx())); }
+
+void TappedContext::clear() { llama_memory_clear(llama_get_memory(ctx()), true); }
+
+void TappedContext::run_decode(int n_rows, RowSink* sink) {
+    ctx();  // closed: RuntimeError, never a decode on freed memory
+    batch_.n_tokens = n_rows;
+    if (sink) {
+        const TapRequest want = sink->tap_request();
+        tap_.arm(n_rows, sink, want.kinds, want.attention_layer);
+    }
+    const int32_t rc = llama_decode(ctx_, batch_);
+    if (rc != 0) {
+        tap_.disarm();
+        std::string why = take_logged_errors();
+        if (rc == 1)
+            throw ContextError("llama_decode found no free KV cells for the batch (context full)" +
+                               (why.empty() ? "" : ": " + why));
+        throw RuntimeError("llama_decode failed with code " + std::to_string(rc) + (why.empty() ? "" : ": " + why));
+    }
+    if (sink) tap_.disarm_and_check();
+}
+
+void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
+                               bool logits_last) {
+    if (sink && n > params_.n_batch) throw ParamError("a tapped decode must fit one batch");
+    for (int start = 0; start < n; start += params_.n_batch) {
+        const int m = std::min(params_.n_batch, n - start);
+        for (int i = 0; i < m; ++i) {
+            batch_.token[i] = tokens[start + i];
+            batch_.pos[i] = pos0 + start + i;
+            batch_.n_seq_id[i] = 1;
+            batch_.seq_id[i][0] = seq;
+            const bool last = start + i == n - 1;
+            batch_.logits[i] = sink != nullptr || (logits_last && last);
+        }
+        run_decode(m, sink);
+    }
+}
+
+void TappedContext::decode_rows(const llama_token* tokens, const int* pos, const llama_seq_id* seqs, int n,
+                                RowSink* sink) {
+    if (n > params_.n_batch) throw ParamError("decode_rows: more rows than n_batch");
+    for (int i = 0; i < n; ++i) {
+        batch_.token[i] = tokens[i];
+        batch_.pos[i] = pos[i];
+        batch_.n_seq_id[i] = 1;
+        batch_.seq_id[i][0] = seqs[i];
+        batch_.logits[i] = 1;
+    }
+    run_decode(n, sink);
+}
+
+}  // namespace neurotap
