@@ -1,7 +1,7 @@
 /* Embedding NEAT's early exit through neurotap's C interface (cpp/capi/neurotap.h): the
  * application owns the llama_model and the llama_context and runs its own decode loop; neurotap
  * taps the FFN neurons, decides at each line start whether the reasoning is done, and records
- * the activated set of the sequence (NAD's). C99; only neurotap.h and llama.h.
+ * the activated set of the sequence (NAD's). C11 (as llama.h); only neurotap.h and llama.h.
  *
  *   neat_generate_c MODEL.gguf CALIBRATION.json "question" [--max-tokens N] [--threads T]
  *                   [--no-neat] [--prompt-one-batch] [--json]

@@ -1,5 +1,6 @@
 /* neurotap C interface: NEAT's early exit and NAD's activated sets inside an application that
- * already runs llama.cpp. Pure C (C99), no C++ types; every handle is opaque.
+ * already runs llama.cpp. Pure C (C99; llama.h, which it includes, wants C11), no C++ types;
+ * every handle is opaque.
  *
  * llama.cpp takes its eval callback only when a context is created, so the application lets
  * neurotap fill its llama_context_params, then binds the tap to the context it created:
