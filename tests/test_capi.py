@@ -25,23 +25,9 @@ MAX_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def capi():
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
-    build = ROOT / "build" / "capi"
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    cache = build / "CMakeCache.txt"
-    if cache.exists() and gen and "CMAKE_GENERATOR:INTERNAL=Ninja" not in cache.read_text():
-        shutil.rmtree(build)  # configured with another generator
-    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                          "-DNEUROTAP_BUILD_PYTHON=OFF", "-DNEUROTAP_SYSTEM_LLAMA=ON", "-DNEUROTAP_BUILD_CAPI=ON",
-                          "-DNEUROTAP_BUILD_TESTS=ON", f"-DCMAKE_PREFIX_PATH={sysconfig.get_paths()['purelib']}"],
-                         capture_output=True, text=True)
-    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-    out = subprocess.run(["cmake", "--build", str(build), "--target", "neat_generate_c", "neurotap_capi_test",
-                          "--parallel", os.environ.get("JOBS", "2")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return build
+def capi(cmake_build):
+    return cmake_build("capi", ["-DNEUROTAP_BUILD_CAPI=ON", "-DNEUROTAP_BUILD_TESTS=ON"],
+                       ["neat_generate_c", "neurotap_capi_test"])
 
 
 def run(exe, *args):
