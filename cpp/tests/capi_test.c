@@ -107,6 +107,29 @@ static llama_token argmax(const float *logits, int32_t V, int rank) {
     return rank == 0 ? best : second;
 }
 
+/* An application's own eval callback, which neurotap must keep: it asks for a tensor neurotap
+ * reads too and one it does not, and must get the data calls of exactly those. */
+struct app_cb_state {
+    int asked, delivered, unasked;
+    const struct ggml_tensor *pending;
+};
+
+static int app_wants(const char *name) { return strcmp(name, "ffn_swiglu-3") == 0 || strcmp(name, "attn_norm-2") == 0; }
+
+static bool app_callback(struct ggml_tensor *t, bool ask, void *user_data) {
+    struct app_cb_state *st = user_data;
+    if (ask) {
+        if (!app_wants(ggml_get_name(t))) return false;
+        ++st->asked;
+        st->pending = t;
+        return true;
+    }
+    if (t != st->pending || !app_wants(ggml_get_name(t))) ++st->unasked;
+    else ++st->delivered;
+    st->pending = NULL;
+    return true;
+}
+
 #define STEPS 24
 #define MAXEV 64
 
@@ -143,6 +166,11 @@ static int generate(struct llama_model *model, const char *model_path, const cha
     cp.n_batch = cp.n_ubatch = 64;
     cp.n_seq_max = (uint32_t)n_seq;
     cp.kv_unified = true; /* one stream: the prompt's cells are shared by both sequences */
+    struct app_cb_state app = {0, 0, 0, NULL};
+    if (variant == 0) { /* the application has a callback of its own: neurotap chains it */
+        cp.cb_eval = app_callback;
+        cp.cb_eval_user_data = &app;
+    }
     cp.n_threads = cp.n_threads_batch = 2;
     cp.no_perf = true;
     if (neurotap_tap_context_params(tap, &cp)) goto done;
@@ -189,6 +217,10 @@ static int generate(struct llama_model *model, const char *model_path, const cha
         if (!r->sets[v] || neurotap_sets_copy(tap, s, r->sets[v], n_words)) goto done;
     }
     r->n_words = n_words;
+    if (variant == 0) {
+        /* Two tensors per decode (the prompt and STEPS - 1 steps), each asked and delivered once. */
+        CHECK(app.asked == 2 * STEPS && app.delivered == app.asked && app.unasked == 0);
+    }
     if (n_seq == 2) {
         double jac = -1, self = -1;
         if (neurotap_sets_jaccard(tap, 0, 1, &jac) || neurotap_sets_jaccard(tap, 1, 1, &self)) goto done;
