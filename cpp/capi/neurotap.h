@@ -59,8 +59,10 @@
 extern "C" {
 #endif
 
-#if defined(_WIN32)
+#if defined(_WIN32) && defined(NEUROTAP_BUILD)
 #define NEUROTAP_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define NEUROTAP_API __declspec(dllimport)
 #else
 #define NEUROTAP_API __attribute__((visibility("default")))
 #endif
