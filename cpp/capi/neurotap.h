@@ -141,7 +141,7 @@ NEUROTAP_API int32_t neurotap_tap_reset(neurotap_tap *tap, llama_seq_id seq);
 
 /* Loads a NEAT calibration (the JSON `neurotap neat calibrate` writes) for this model; before
  * neurotap_tap_bind. NEUROTAP_ERR_FILE for a missing or malformed file, NEUROTAP_ERR_MODEL for
- * one made for another model shape. */
+ * one made for another architecture or shape (the file's hash, which Python also checks, is not). */
 NEUROTAP_API int32_t neurotap_neat_load(neurotap_tap *tap, const char *calibration_path);
 /* NEAT's decision for the next token of `seq`, from its last decoded row; once per row. With
  * logits (n_vocab floats of that row) non-NULL, a ban is applied to them in place; with NULL,
@@ -159,7 +159,8 @@ NEUROTAP_API int32_t neurotap_neat_exit_tokens(const neurotap_tap *tap, llama_to
 /* -- NAD: activated sets ------------------------------------------------------------------------- */
 
 /* Records, per sequence, the set of neurons with activation > threshold on any of its accepted
- * tokens' rows (neurotap's "active_sets" with threshold = active_threshold); before bind. */
+ * tokens' rows (neurotap's "active_sets" with threshold = active_threshold); before bind. A token
+ * adds every output row of the sequence decoded since the previous token (one, in a decode loop). */
 NEUROTAP_API int32_t neurotap_sets_enable(neurotap_tap *tap, float threshold);
 /* Words of a set: ceil(n_layers * n_ff / 64). */
 NEUROTAP_API int32_t neurotap_sets_n_words(const neurotap_tap *tap, int64_t *n_words);
@@ -168,7 +169,7 @@ NEUROTAP_API int32_t neurotap_sets_count(const neurotap_tap *tap, llama_seq_id s
 /* The set of `seq` as a bitset: key k is bit k % 64 of words[k / 64]; n_words must be the
  * value neurotap_sets_n_words gives. */
 NEUROTAP_API int32_t neurotap_sets_copy(const neurotap_tap *tap, llama_seq_id seq, uint64_t *words, int64_t n_words);
-/* Jaccard similarity |A & B| / |A | B| of two sequences' sets (NAD's similarity). */
+/* Jaccard similarity |A & B| / |A | B| of two sequences' sets (NAD's similarity; 1 when both are empty). */
 NEUROTAP_API int32_t neurotap_sets_jaccard(const neurotap_tap *tap, llama_seq_id a, llama_seq_id b, double *out);
 
 #ifdef __cplusplus
