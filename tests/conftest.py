@@ -38,3 +38,32 @@ def gemma() -> "neurotap.Model":
 
 
 CHAT = [{"role": "user", "content": "Name three colors."}]
+
+
+@pytest.fixture(scope="session")
+def cmake_build():
+    """build(name, options, targets): configures build/<name> with CMake against the llama.cpp of
+    llama-cpp-python, found as a system llama.cpp (find_package(llama), no Python in the core),
+    builds the targets and returns the build directory. Skips where cmake is missing."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    root = Path(__file__).resolve().parents[1]
+
+    def build(name, options, targets):
+        out_dir = root / "build" / name
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        cfg = subprocess.run(["cmake", "-S", str(root), "-B", str(out_dir), *gen, "-DCMAKE_BUILD_TYPE=Release",
+                              "-DNEUROTAP_BUILD_PYTHON=OFF", "-DNEUROTAP_SYSTEM_LLAMA=ON", *options,
+                              f"-DCMAKE_PREFIX_PATH={sysconfig.get_paths()['purelib']}"], capture_output=True, text=True)
+        assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+        made = subprocess.run(["cmake", "--build", str(out_dir), "--target", *targets, "--parallel",
+                               os.environ.get("JOBS", "2")], capture_output=True, text=True)
+        assert made.returncode == 0, made.stdout + made.stderr
+        return out_dir
+
+    return build

@@ -4,10 +4,7 @@ the default model with the shipped NEAT calibration, it writes what Python's gen
 llama.cpp's built-in chat renderer (the C++ core has no Jinja)."""
 import os
 import re
-import shutil
 import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
 
@@ -16,24 +13,12 @@ from neurotap.core.resources import shipped_file
 
 NEEDS_MODEL = True  # every test here runs the real model (see conftest.py)
 
-ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "List three fruits, one per line."
 
 
 @pytest.fixture(scope="module")
-def example():
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
-    build = ROOT / "build" / "example"
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    cfg = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                          "-DNEUROTAP_BUILD_PYTHON=OFF", "-DNEUROTAP_SYSTEM_LLAMA=ON", "-DNEUROTAP_BUILD_EXAMPLES=ON",
-                          f"-DCMAKE_PREFIX_PATH={sysconfig.get_paths()['purelib']}"], capture_output=True, text=True)
-    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-    out = subprocess.run(["cmake", "--build", str(build), "--target", "neat_generate", "--parallel",
-                          os.environ.get("JOBS", "2")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return build / "neat_generate"
+def example(cmake_build):
+    return cmake_build("example", ["-DNEUROTAP_BUILD_EXAMPLES=ON"], ["neat_generate"]) / "neat_generate"
 
 
 def run(example, *args):

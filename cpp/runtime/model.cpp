@@ -44,7 +44,7 @@ static void ensure_backend() {
 // on a CPU with AMX-INT8, e.g. Sapphire Rapids). llama.cpp's AMX matmul segfaults there in the
 // first decode (ggml-org/llama.cpp#20824, closed unfixed; seen here with SmolLM2 Q8_0), so such
 // machines load without the extra buffer types (no AMX, no CPU weight repacking) instead.
-static bool cpu_offers_amx_buffer() {
+bool cpu_offers_amx_buffer() {
     static const bool offers = [] {
         ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
         if (!cpu) return false;
@@ -230,10 +230,10 @@ std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
     return std::shared_ptr<Model>(new Model(m, true, std::move(info)));
 }
 
-std::shared_ptr<Model> Model::borrow(llama_model* m, const std::string& path) {
+std::shared_ptr<Model> Model::borrow(llama_model* m, const std::string& path, bool amx_safe) {
     if (!m) throw ModelError("the llama_cpp.Llama object has no loaded model");
     ensure_backend();
-    if (cpu_offers_amx_buffer())
+    if (!amx_safe && cpu_offers_amx_buffer())
         throw ModelError("this llama.cpp build puts weights in AMX buffers, whose matmul segfaults "
                          "(ggml-org/llama.cpp#20824), and a llama_cpp.Llama loads them there: use neurotap.load(), "
                          "which loads without them, or rebuild llama-cpp-python with "

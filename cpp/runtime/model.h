@@ -40,6 +40,10 @@ struct ModelInfo {
     uint64_t file_inode = 0;
 };
 
+// Whether llama.cpp's CPU backend offers its AMX weight buffer, whose matmul crashes: models
+// are then loaded with use_extra_bufts = false.
+bool cpu_offers_amx_buffer();
+
 // Activation tensor name for a supported architecture; throws ModelError otherwise.
 std::string activation_tensor_for(const std::string& arch);
 
@@ -49,7 +53,8 @@ public:
     // llama.cpp sees it. Throws ModelError.
     static std::shared_ptr<Model> load(const std::string& path, int n_gpu_layers);
     // Shares a llama_model loaded elsewhere (llama_cpp.Llama); it is never freed here.
-    static std::shared_ptr<Model> borrow(llama_model* model, const std::string& path);
+    // amx_safe: the caller loaded it without AMX buffers (the C interface's applications).
+    static std::shared_ptr<Model> borrow(llama_model* model, const std::string& path, bool amx_safe = false);
     ~Model();
     Model(const Model&) = delete;
     Model& operator=(const Model&) = delete;

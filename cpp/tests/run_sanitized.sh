@@ -48,6 +48,7 @@ cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" \
     -DCMAKE_BUILD_TYPE=Debug \
     -DNEUROTAP_BUILD_PYTHON=OFF \
     -DNEUROTAP_BUILD_TESTS=ON \
+    -DNEUROTAP_BUILD_CAPI=ON \
     -DNEUROTAP_SANITIZE=ON \
     -DPython_EXECUTABLE="$PYTHON"
 cmake --build "$BUILD" --parallel "$JOBS"
@@ -61,5 +62,6 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87${UBSAN_OPTI
 # other CPU hogs on 2 cores the run took 107 s with the default policy, 5 s with passive.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 
-# One ctest test per component (CMakeLists.txt); every one must pass.
+# One ctest test per component (CMakeLists.txt), the C interface's C test (native.capi)
+# included; every one must pass.
 NEUROTAP_TEST_MODEL="$MODEL" ctest --test-dir "$BUILD" --output-on-failure
