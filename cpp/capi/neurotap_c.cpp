@@ -1,7 +1,8 @@
 // The C interface (neurotap.h) over the C++ core: the FFN tap (ffn_tap.h) installed in an
-// application's context, NEAT's monitor and per-sequence decisions (neat.h, NeatTrack of
-// decode_loop.h), NAD's active sets (ActiveSetReducer). No exception crosses the boundary.
-#include "neurotap.h"
+// application's context, NEAT's monitor and its per-sequence decisions (methods/neat.h, through
+// the Steering calls the decode loop makes), NAD's active sets (ActiveSetReducer). No exception
+// crosses the boundary.
+#include "capi/neurotap.h"
 
 #include <algorithm>
 #include <climits>
@@ -11,14 +12,13 @@
 #include <string>
 #include <vector>
 
-#include "contribution.h"
-#include "decode_loop.h"
-#include "errors.h"
-#include "ffn_tap.h"
-#include "model.h"
-#include "neat.h"
-#include "neat_file.h"
-#include "reducers.h"
+#include "base/errors.h"
+#include "methods/neat.h"
+#include "methods/neat_file.h"
+#include "reducers/jaccard.h"
+#include "reducers/reducers.h"
+#include "runtime/ffn_tap.h"
+#include "runtime/model.h"
 
 namespace {
 
@@ -70,9 +70,9 @@ bool readable(const char* path) {
 
 using neurotap::TapKind;
 
-// Per sequence: NEAT's track (line starts, exit tokens queued, events) and the activated set.
+// Per sequence (the sequence id is NEAT's sample index: the monitor keeps its line starts, exit
+// tokens queued and events): the activated set and where the sequence stands.
 struct SeqState {
-    neurotap::NeatTrack neat;
     std::unique_ptr<neurotap::ActiveSetReducer> sets;
     int n_tokens = 0;      // accepted since the last reset: the index of the next token
     bool row = false;      // a row was decoded since the last accept
@@ -162,7 +162,7 @@ void BatchSink::offer(int row, int layer, const float* a) {
 }
 
 void BatchSink::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
-    if (kind != TapKind::Activation || !error_.empty()) return;
+    if (kind != TapKind::MlpPost || !error_.empty()) return;
     try {  // runs inside llama_decode: nothing may be thrown into llama.cpp
         any_ = true;
         delivered_[static_cast<size_t>(layer)] += n_rows;
@@ -257,8 +257,9 @@ void need_intact(const SeqState& st, llama_seq_id seq) {
                                      "; neurotap_tap_reset starts it over");
 }
 
-void reset_seq(neurotap_tap* tap, SeqState& st) {
-    st.neat = neurotap::NeatTrack{};
+void reset_seq(neurotap_tap* tap, llama_seq_id seq) {
+    SeqState& st = tap->seqs[static_cast<size_t>(seq)];
+    if (tap->neat) tap->neat->reset(seq);
     st.n_tokens = 0;
     st.row = st.decided = st.ended = false;
     st.broken.clear();
@@ -363,7 +364,7 @@ int32_t neurotap_tap_bind(neurotap_tap* tap, llama_context* ctx) {
         tap->seqs.clear();
         tap->seqs.resize(static_cast<size_t>(n_seq));
         tap->ctx = ctx;
-        for (SeqState& st : tap->seqs) reset_seq(tap, st);
+        for (llama_seq_id s = 0; s < n_seq; ++s) reset_seq(tap, s);
     });
 }
 
@@ -379,7 +380,7 @@ int32_t neurotap_tap_begin_batch(neurotap_tap* tap, const llama_batch* batch) {
         if (n_layers == 1 && static_cast<int>(tap->sink.out_rows().size()) != batch->n_tokens)
             fail(NEUROTAP_ERR_ARGUMENT, "a one-layer model's rows can be read only when every row requests output");
         if (tap->sink.out_rows().empty()) return;  // nothing to read: no cost
-        tap->ffn->arm(batch->n_tokens, &tap->sink, neurotap::kTapActivation);
+        tap->ffn->arm(batch->n_tokens, &tap->sink, neurotap::kTapMlpPost);
         tap->armed = true;
     });
 }
@@ -433,15 +434,23 @@ int32_t neurotap_tap_accept(neurotap_tap* tap, llama_seq_id seq, llama_token tok
         }
         if (st.sets) st.sets->commit(0, st.n_tokens, token);
         ++st.n_tokens;
-        const std::string piece = tap->model->token_piece(token);
-        st.neat.line_start = !piece.empty() && piece.back() == '\n';  // as the decode loop does
+        if (tap->neat) {
+            // NEAT reads the committed piece (line starts), as after a commit in the decode loop;
+            // the tap keeps no token history, so the view's other fields are empty.
+            static const std::vector<llama_token> no_tokens;
+            static const std::vector<uint32_t> no_ends;
+            static const std::string no_text;
+            const std::string piece = tap->model->token_piece(token);
+            tap->neat->after_commit(seq, neurotap::SampleView{no_tokens, no_text, no_ends, piece}, false);
+        }
     });
 }
 
 int32_t neurotap_tap_reset(neurotap_tap* tap, llama_seq_id seq) {
     return guarded("neurotap_tap_reset", NEUROTAP_ERR_MODEL, [&] {
         need(tap);
-        reset_seq(tap, need_seq(tap, seq));
+        need_seq(tap, seq);
+        reset_seq(tap, seq);
     });
 }
 
@@ -476,13 +485,14 @@ int32_t neurotap_neat_decide(neurotap_tap* tap, llama_seq_id seq, float* logits,
         if (st.decided)
             fail(NEUROTAP_ERR_STATE, "sequence " + std::to_string(seq) + ": this row was decided already");
         st.decided = true;
-        const size_t before = st.neat.events.size();
+        const auto& events = tap->neat->events(seq);
+        const size_t before = events.size();
         llama_token forced = -1;
-        const bool take = st.neat.before_sample(*tap->neat, seq, st.n_tokens, logits ? logits : tap->scratch_logits.data(),
-                                                &forced);
-        if (take) out->token = forced;
-        if (st.neat.events.size() > before) {
-            const neurotap::NeatEvent& e = st.neat.events.back();
+        const neurotap::Pick pick =
+            tap->neat->before_sample(seq, st.n_tokens, logits ? logits : tap->scratch_logits.data(), &forced);
+        if (pick != neurotap::Pick::Sample) out->token = forced;
+        if (events.size() > before) {
+            const neurotap::NeatEvent& e = events.back();
             out->decided = 1;
             out->action = e.action;
             out->similarity = e.similarity;

@@ -55,6 +55,8 @@ public:
     // Every decision taken for the sample, in order, and the token index where it exited (-1: none).
     const std::vector<NeatEvent>& events(int sample) const { return track_.at(static_cast<size_t>(sample)).events; }
     int exit_at(int sample) const { return track_.at(static_cast<size_t>(sample)).exit_at; }
+    // Sample starts over (no decisions, no exit): for callers that reuse a sequence (the C interface).
+    void reset(int sample) { track_.at(static_cast<size_t>(sample)) = Track{}; }
 
 private:
     // The per-sample state: where lines start, and the exit tokens queued.
