@@ -204,11 +204,14 @@ py::dict sample_dict(const Run& run, int i) {
         }
     }
     if (run.options().sampling.top_logprobs > 0) {
-        const py::ssize_t k = n ? static_cast<py::ssize_t>(st.top_ids.size()) / n : 0;
-        d["token_logprob"] = copy(st.token_logprob, {static_cast<py::ssize_t>(st.token_logprob.size())}, py::dtype::of<float>());
+        // Rows of the positions this run sampled: a handed-off sample's earlier tokens were
+        // recorded by the race it came from, so there are fewer rows than tokens.
+        const py::ssize_t m = static_cast<py::ssize_t>(st.token_logprob.size());
+        const py::ssize_t k = m ? static_cast<py::ssize_t>(st.top_ids.size()) / m : 0;
+        d["token_logprob"] = copy(st.token_logprob, {m}, py::dtype::of<float>());
         d["mean_logprob"] = copy(st.mean_logprob, {static_cast<py::ssize_t>(st.mean_logprob.size())}, py::dtype::of<float>());
-        d["top_ids"] = copy(st.top_ids, {n, k}, py::dtype::of<int32_t>());
-        d["top_logprobs"] = copy(st.top_logprobs, {n, k}, py::dtype::of<float>());
+        d["top_ids"] = copy(st.top_ids, {m, k}, py::dtype::of<int32_t>());
+        d["top_logprobs"] = copy(st.top_logprobs, {m, k}, py::dtype::of<float>());
     }
     return d;
 }
@@ -461,9 +464,9 @@ PYBIND11_MODULE(_native, m) {
         return to_numpy(std::move(out), {sets.shape(0)}, py::dtype::of<int64_t>());
     }, py::arg("sets"), "Set bits per row.");
 
-    // A sample's chunk sets, kept encoded (cpp/set_record.h); dense rows are decoded on demand.
+    // A sample's chunk sets, kept encoded (cpp/reducers/set_record.h); dense rows are decoded on demand.
     py::class_<SetRecord>(m, "ChunkSets",
-        "Per-chunk neuron sets of one sample, kept compact (cpp/set_record.h). Indexing and numpy "
+        "Per-chunk neuron sets of one sample, kept compact (cpp/reducers/set_record.h). Indexing and numpy "
         "conversion give dense uint64 bitsets as before (bit layer * n_ff + i, little-endian words); "
         "keys() and union() read the compact form directly.")
         .def(py::init([](int64_t n_bits, py::bytes data, std::vector<int64_t> offsets, std::vector<int32_t> counts,
@@ -563,7 +566,7 @@ PYBIND11_MODULE(_native, m) {
             };
             return py::make_tuple(r.n_bits, py::bytes(reinterpret_cast<const char*>(r.data.data()), r.data.size()),
                                   arr(r.offsets), arr(r.counts), arr(r.fresh));
-        }, "(n_bits, data, offsets, counts, fresh): the encoded parts (layout in cpp/set_record.h).")
+        }, "(n_bits, data, offsets, counts, fresh): the encoded parts (layout in cpp/reducers/set_record.h).")
         .def("__eq__", [](const SetRecord& a, const SetRecord& b) { return a == b; }, py::is_operator())
         .def("__repr__", [](const SetRecord& r) {
             return "ChunkSets(" + std::to_string(r.n_chunks()) + " chunks of " + std::to_string(r.n_bits) + " keys, " +

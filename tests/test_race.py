@@ -40,6 +40,10 @@ def test_hand_off_draws_what_the_race_would_and_frees_the_losers(each_model):
     # The record of the handed-off winner covers all its tokens (the race's first 8, its own after).
     assert len(s1.token_logprob) == s1.n_tokens
     np.testing.assert_allclose(s1.token_logprob, s2.token_logprob, atol=1e-3)
+    # ... and so do its top-k rows (the native record of a handed-off run is shaped by its own rows).
+    assert s1.top_ids.shape == s2.top_ids.shape == (s1.n_tokens, 2)
+    assert (s1.top_ids == s2.top_ids).all()
+    np.testing.assert_allclose(s1.top_logprobs, s2.top_logprobs, atol=1e-3)
     # After the decision the handed-off race holds one sequence's cells, the kept race four.
     cells = model.info.kv_bytes_per_cell
     assert kv1 == kv2 if not h1 else kv1 < kv2 and kv2 - kv1 >= 3 * 256 * cells

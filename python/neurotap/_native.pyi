@@ -319,7 +319,7 @@ class NeuReasonerConfig:
         ...
 class ChunkSets:
     """
-    Per-chunk neuron sets of one sample, kept compact (cpp/set_record.h). Indexing and numpy conversion give dense uint64 bitsets as before (bit layer * n_ff + i, little-endian words); keys() and union() read the compact form directly.
+    Per-chunk neuron sets of one sample, kept compact (cpp/reducers/set_record.h). Indexing and numpy conversion give dense uint64 bitsets as before (bit layer * n_ff + i, little-endian words); keys() and union() read the compact form directly.
     """
     __hash__: typing.ClassVar[None] = None
     @staticmethod
@@ -359,7 +359,7 @@ class ChunkSets:
         """
     def state(self) -> tuple[int, bytes, numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """
-        (n_bits, data, offsets, counts, fresh): the encoded parts (layout in cpp/set_record.h).
+        (n_bits, data, offsets, counts, fresh): the encoded parts (layout in cpp/reducers/set_record.h).
         """
     def to_dense(self) -> numpy.ndarray:
         """

@@ -2,7 +2,7 @@
 their activated-neuron sets (kNN, medoid, DBSCAN) or by how few neurons they activate (MinAct),
 optionally deciding after the first B tokens and dropping the other N - 1 samples.
 
-The sets come from the native "contributions" reducer (cpp/contribution.h); this module compares
+The sets come from the native "contributions" reducer (cpp/reducers/contribution.h); this module compares
 them and registers NAD's selectors in the selection registry (neurotap.methods.selection).
 """
 from __future__ import annotations

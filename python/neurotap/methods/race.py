@@ -66,9 +66,8 @@ class NadRace:
     off. hand_off=False keeps the race's context (a caller that continues several picks
     together, as `neurotap eval`). NEAT watches the winner to its end: with neat= the winner
     goes on in the race's context, and so does it on a model `can_hand_off` refuses (sliding-
-    window attention). The winner draws the same tokens either way; a handed-off
-    winner's token_logprob and mean_logprob cover all its tokens, its top_ids and top_logprobs are
-    None until the native record of a handed-off sample keeps them whole (see `sample`)."""
+    window attention). The winner draws the same tokens either way, and a handed-off winner's
+    log-probability records cover all its tokens (the race's rows, then its own: see `sample`)."""
 
     def __init__(self, model: Model, prompt: Prompt, *, n: int = 16, early_stop: Optional[int] = 32,
                  max_tokens: int = 256, seed: Optional[int] = SAMPLE.seed, logprobs: int = 0, chunk: Optional[int] = None,
@@ -185,10 +184,10 @@ class NadRace:
             a, b = getattr(head, name), getattr(s, name)
             if a is None or b is None:
                 continue
-            # The native record shapes a handed-off sample's top-k arrays by its whole length
-            # (bindings.cpp, sample_dict): rows cut and mixed, not mergeable; None, never wrong values.
-            ok = len(b) == tail_tokens and b.shape[1:] == a.shape[1:]
-            setattr(s, name, np.concatenate([a, b]) if ok else None)
+            if len(b) != tail_tokens or b.shape[1:] != a.shape[1:]:
+                raise RuntimeError(f"{name} of the handed-off sample has shape {b.shape} after the race's "
+                                   f"{a.shape}: expected {tail_tokens} more rows")
+            setattr(s, name, np.concatenate([a, b]))
         return s
 
     # -- lifetime ---------------------------------------------------------------------

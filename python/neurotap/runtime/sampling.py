@@ -16,7 +16,7 @@ from .pool import Lease
 #: What a run can keep per sample (see Sample for the arrays each fills).
 REDUCERS = ("counts", "active_sets", "watch", "rows", "contributions")
 #: Every reason a sample can end with (TokenRecord.finish_reason; "" while it is live), as the
-#: native decode loop names them (cpp/decode_loop.h, Finish).
+#: native decode loop names them (cpp/runtime/decode_loop.h, Finish).
 FINISH_REASONS = ("eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit")
 CONTRIBUTION_VARIANTS = ("down", "gate")
 #: TransformerLens-style names of what the tap can read, per layer l (blocks.{l}.<hook>).

@@ -226,7 +226,7 @@ class Server:
         # kept whole yet: NadRace.sample), the winner then goes on in the race's context.
         with NadRace(self.model, r.ids, n=n, early_stop=early, max_tokens=r.max_tokens, seed=seed,
                      logprobs=race_logprobs([method], k), stop=r.stop or None, ignore_eos=r.ignore_eos,
-                     neat=r.neat, hand_off=not r.want_logprobs, **r.sampling) as race:
+                     neat=r.neat, **r.sampling) as race:
             # Streamed from the decision on: the winner's first tokens at once, then token by token.
             stream = Streamer(job, r.stop) if r.stream else None
             try:
