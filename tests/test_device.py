@@ -61,8 +61,16 @@ def device_layers(n_gpu_layers: int, n_layers: int) -> range:
     return range(max(n_layers + 1 - n_gpu_layers, 0), n_layers)
 
 
-def _load(n_gpu_layers):
-    return neurotap.load("smollm2-135m", n_ctx=1024, n_threads=THREADS, n_gpu_layers=n_gpu_layers)
+def _load(n_gpu_layers, flash_attn=True):
+    return neurotap.load("smollm2-135m", n_ctx=1024, n_threads=THREADS, n_gpu_layers=n_gpu_layers,
+                         flash_attn=flash_attn)
+
+
+# KNOWN CRASH (not the tap's: it happens with tap=False too): ggml-vulkan's flash attention on
+# lavapipe (Mesa 22.3.6) segfaults in the driver's queue thread once some of n parallel samples
+# have ended (per-sequence KV streams, a ubatch of a subset of the sequences). Runs whose samples
+# end at different steps use flash_attn=False here; teacher-forced runs (all samples alive) keep it.
+NO_FA = dict(flash_attn=False)
 
 
 @pytest.fixture(scope="module")
@@ -275,12 +283,16 @@ def test_parallel_sampling_n16(gpu, cpu):
         single = gpu.trace(PROMPT, s.tokens).activations.astype(np.float64)
         assert rel(s.activations, single) < 3e-2
         assert rel(other.activations, single) > 0.5
-    free = gpu.sample(PROMPT, n=16, max_tokens=16, seed=1, reducers=("counts", "active_sets"))
+    m = _load(MODES[gpu.mode], **NO_FA)  # samples end at different steps: see NO_FA
+    free = m.sample(PROMPT, n=16, max_tokens=16, seed=1, reducers=("counts", "active_sets"))
     assert len(free) == 16 and len({tuple(s.tokens) for s in free}) > 1
+    assert len({s.n_tokens for s in free}) > 1  # the batch shrinks as samples end
     assert all(s.active_counts.shape == (s.n_tokens, gpu.info.n_layers) for s in free)
+    m.close()
 
 
 def test_best_of_n_with_early_stopping(gpu):
+    gpu = _load(MODES[gpu.mode], **NO_FA)
     best = nad.best_of_n(gpu, PROMPT, n=4, method="knn", early_stop=8, max_tokens=24, seed=2)
     assert 0 <= best.index < 4 and best.sample.n_tokens >= 8
     # The winner went on alone in a context of its own (its KV moved on the device): its first
@@ -298,12 +310,12 @@ def test_the_server_on_the_device(model_path):
     pytest.importorskip("fastapi")
     from test_server import start_server, stop_server
 
-    proc, url = start_server(model_path, "--gpu-layers", "-1")
+    proc, url = start_server(model_path, "--gpu-layers", "-1", "--flash-attn", "off")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
         msgs = [{"role": "user", "content": "Name three colors."}]
         r = client.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=0)
-        m = _load(-1)
+        m = _load(-1, **NO_FA)
         (ref,) = m.sample(msgs, n=1, max_tokens=16, temperature=0, reducers=(), tap=False)
         assert r.choices[0].message.content == ref.text
         r = client.chat.completions.create(model="m", messages=msgs, max_tokens=16, seed=3, temperature=0.8,
@@ -330,7 +342,7 @@ def test_200_tapped_generations_keep_memory_flat():
             return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         def dev_free():
             return [d["memory_free"] for d in neurotap.devices() if d["type"] in ("gpu", "igpu")][0]
-        m = neurotap.load("smollm2-135m", n_threads=2, n_ctx=256, n_gpu_layers=-1)
+        m = neurotap.load("smollm2-135m", n_threads=2, n_ctx=256, n_gpu_layers=-1, flash_attn=False)
         for i in range(10):
             m.generate("Hi", max_tokens=8, seed=i, capture="float16")
             m.sample("Hi", n=4, max_tokens=8, seed=i, reducers=("contributions",))

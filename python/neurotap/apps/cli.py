@@ -19,6 +19,7 @@ def _load(args: argparse.Namespace):
     if sys.stderr.isatty():
         print(f"loading {args.model} ...", file=sys.stderr, end="\r", flush=True)
     model = load(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, device=args.device, n_ctx=args.ctx,
+                 flash_attn=getattr(args, "flash_attn", "on") == "on",
                  chat_template=getattr(args, "chat_template", None))
     if sys.stderr.isatty():
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s   ", file=sys.stderr)
@@ -356,6 +357,8 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
                    help="layers to offload to a GPU backend (the last N; -1 for all)")
     p.add_argument("--device", default=None, help="the one GPU device to use, e.g. Vulkan0 or CUDA1 (default: all)")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens")
+    p.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                   help="llama.cpp's flash attention where the backend has it (default on)")
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
