@@ -21,6 +21,7 @@
 #include "reducers/reducers.h"
 #include "reducers/set_record.h"
 #include "run/run.h"
+#include "runtime/ffn_tap.h"
 #include "runtime/model.h"
 #include "runtime/tapped_context.h"
 #include "weights/mapped_weights.h"
@@ -243,6 +244,24 @@ PYBIND11_MODULE(_native, m) {
     m.def("set_verbose", &install_log_capture, py::arg("verbose"),
           "Forward llama.cpp's log to stderr (True) or keep only errors for exception messages.");
 
+    m.def("devices", [] {
+        py::list out;
+        for (const DeviceInfo& d : list_devices()) {
+            py::dict e;
+            e["name"] = d.name;
+            e["description"] = d.description;
+            e["type"] = d.type;
+            e["memory_free"] = d.memory_free;
+            e["memory_total"] = d.memory_total;
+            out.append(e);
+        }
+        return out;
+    }, "The devices of the loaded llama.cpp build (name, description, type, memory_free, memory_total).");
+    m.def("tap_reads", [] {
+        const TapReads r = tap_reads();
+        return py::make_tuple(r.host, r.device);
+    }, "Tapped tensors read so far in this process: (from host memory, copied from device buffers).");
+
     m.def("gguf_summary", [](const std::string& path) {
         GgufFile f(path);
         py::dict d;
@@ -278,10 +297,10 @@ PYBIND11_MODULE(_native, m) {
        "Dequantized rows of a GGUF tensor (row r holds ne[0] values), read natively.");
 
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
-        .def_static("load", [](const std::string& path, int n_gpu_layers) {
+        .def_static("load", [](const std::string& path, int n_gpu_layers, const std::string& device) {
             py::gil_scoped_release nogil;
-            return Model::load(path, n_gpu_layers);
-        }, py::arg("path"), py::arg("n_gpu_layers") = 0)
+            return Model::load(path, n_gpu_layers, device);
+        }, py::arg("path"), py::arg("n_gpu_layers") = 0, py::arg("device") = "")
         .def_static("borrow", [](uintptr_t ptr, const std::string& path) {
             return Model::borrow(reinterpret_cast<llama_model*>(ptr), path);
         }, py::arg("llama_model_address"), py::arg("path"))

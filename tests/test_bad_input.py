@@ -124,3 +124,21 @@ def test_tensor_read_is_bounds_checked(model_path):
         _native.read_tensor_rows(model_path, "blk.0.ffn_down.weight", 575, 5)
     with pytest.raises(neurotap.ModelError, match="not found"):
         _native.read_tensor_rows(model_path, "blk.99.ffn_down.weight", 0, 1)
+
+
+def test_bad_device_settings(model_path):
+    """llama.cpp itself clamps n_gpu_layers and quietly runs on the CPU where it has no GPU: both
+    are refused by name (tests/test_device.py checks the same on a GPU build)."""
+    with pytest.raises(ValueError, match="n_gpu_layers=32 but the model has 30 layers: give at most 31"):
+        neurotap.load(model_path, n_gpu_layers=32)
+    with pytest.raises(ValueError, match="n_gpu_layers must be -1"):
+        neurotap.load(model_path, n_gpu_layers=-2)
+    names = [d["name"] for d in neurotap.devices()]
+    assert "CPU" in names
+    with pytest.raises(neurotap.ModelError, match="no GPU device named 'NoSuchGPU0'.*CPU"):
+        neurotap.load(model_path, n_gpu_layers=-1, device="NoSuchGPU0")
+    with pytest.raises(neurotap.ModelError, match="no GPU device named 'CPU'"):
+        neurotap.load(model_path, n_gpu_layers=-1, device="CPU")
+    if not any(d["type"] in ("gpu", "igpu") for d in neurotap.devices()):
+        with pytest.raises(neurotap.ModelError, match="asks for a GPU, but this llama.cpp build sees none"):
+            neurotap.load(model_path, n_gpu_layers=1)

@@ -1,5 +1,6 @@
 #include "runtime/ffn_tap.h"
 
+#include <atomic>
 #include <cstring>
 
 #include "base/errors.h"
@@ -12,6 +13,12 @@ FfnTap::FfnTap(std::string act_name, int n_layers, int64_t n_ff, int64_t n_embd)
     : act_name_(std::move(act_name)), n_layers_(n_layers), n_ff_(n_ff), n_embd_(n_embd) {
     for (auto& seen : rows_seen_) seen.assign(n_layers_, 0);
     discovered_.assign(n_layers_, 0);
+}
+
+static std::atomic<uint64_t> g_host_reads{0}, g_device_copies{0};
+
+TapReads tap_reads() {
+    return {g_host_reads.load(std::memory_order_relaxed), g_device_copies.load(std::memory_order_relaxed)};
 }
 
 static int parse_layer(const char* s) {
@@ -97,8 +104,10 @@ void FfnTap::on_data(const ggml_tensor* t) {
         if (scratch_.size() < n) scratch_.resize(n);
         ggml_backend_tensor_get(t, scratch_.data(), 0, n * sizeof(float));
         data = scratch_.data();
+        g_device_copies.fetch_add(1, std::memory_order_relaxed);
     } else {
         data = static_cast<const float*>(t->data);
+        g_host_reads.fetch_add(1, std::memory_order_relaxed);
     }
     sink_->on_rows(kind, il, seen, n_rows, data, width);
     seen += n_rows;

@@ -49,6 +49,13 @@ public:
     virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;
 };
 
+// Tapped tensors read in this process so far: straight from host memory, or copied out of a
+// device buffer (a GPU backend). The device tests check which path ran; two relaxed counters.
+struct TapReads {
+    uint64_t host = 0, device = 0;
+};
+TapReads tap_reads();
+
 class FfnTap {
 public:
     // act_name: graph name of the activation tensor without the layer suffix ("ffn_swiglu").

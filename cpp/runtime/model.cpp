@@ -209,11 +209,80 @@ void Model::check_file_unchanged() const {
                            "from it now (contribution weights) would not match the loaded weights; load it again");
 }
 
-std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers) {
+static const char* device_type_name(enum ggml_backend_dev_type t) {
+    switch (t) {
+        case GGML_BACKEND_DEVICE_TYPE_CPU: return "cpu";
+        case GGML_BACKEND_DEVICE_TYPE_GPU: return "gpu";
+        case GGML_BACKEND_DEVICE_TYPE_IGPU: return "igpu";
+        case GGML_BACKEND_DEVICE_TYPE_ACCEL: return "accel";
+        default: return "meta";
+    }
+}
+
+std::vector<DeviceInfo> list_devices() {
+    ensure_backend();
+    std::vector<DeviceInfo> out;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        DeviceInfo d;
+        d.name = ggml_backend_dev_name(dev);
+        d.description = ggml_backend_dev_description(dev);
+        d.type = device_type_name(ggml_backend_dev_type(dev));
+        ggml_backend_dev_memory(dev, &d.memory_free, &d.memory_total);
+        out.push_back(std::move(d));
+    }
+    return out;
+}
+
+static bool is_gpu(ggml_backend_dev_t dev) {
+    const auto t = ggml_backend_dev_type(dev);
+    return t == GGML_BACKEND_DEVICE_TYPE_GPU || t == GGML_BACKEND_DEVICE_TYPE_IGPU;
+}
+
+static std::string devices_text() {
+    std::string s;
+    for (const DeviceInfo& d : list_devices()) s += (s.empty() ? "" : ", ") + d.name + " (" + d.description + ")";
+    return s;
+}
+
+// llama.cpp clamps n_gpu_layers to the model and quietly runs on the CPU when no GPU device is
+// there (a CPU-only build, a missing driver): a user who asked for offload would never know.
+// Returns the one device to use, or nullptr to let llama.cpp pick every GPU.
+static ggml_backend_dev_t check_device_settings(const ModelInfo& info, int n_gpu_layers, const std::string& device) {
+    if (n_gpu_layers < -1)
+        throw ParamError("n_gpu_layers must be -1 (every layer), 0 (none) or a number of layers, got " +
+                         std::to_string(n_gpu_layers));
+    if (n_gpu_layers > info.n_layers + 1)
+        throw ParamError("n_gpu_layers=" + std::to_string(n_gpu_layers) + " but the model has " +
+                         std::to_string(info.n_layers) + " layers: give at most " + std::to_string(info.n_layers + 1) +
+                         " (every layer and the output layer), or -1 for all");
+    ggml_backend_dev_t chosen = nullptr;
+    if (!device.empty()) {
+        chosen = ggml_backend_dev_by_name(device.c_str());
+        if (!chosen || !is_gpu(chosen))
+            throw ModelError("no GPU device named '" + device + "' in this llama.cpp build; its devices: " +
+                             devices_text());
+    }
+    if (n_gpu_layers != 0 && !chosen) {
+        bool any = false;
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) any = any || is_gpu(ggml_backend_dev_get(i));
+        if (!any)
+            throw ModelError("n_gpu_layers=" + std::to_string(n_gpu_layers) +
+                             " asks for a GPU, but this llama.cpp build sees none (devices: " + devices_text() +
+                             "). Install a GPU build of llama-cpp-python (CMAKE_ARGS=\"-DGGML_CUDA=on\" or "
+                             "\"-DGGML_VULKAN=on\"; Metal is on by default on Apple) and check the driver, or use "
+                             "n_gpu_layers=0");
+    }
+    return chosen;
+}
+
+std::shared_ptr<Model> Model::load(const std::string& path, int n_gpu_layers, const std::string& device) {
     ensure_backend();
     ModelInfo info = inspect(path);
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = n_gpu_layers;
+    ggml_backend_dev_t only[2] = {check_device_settings(info, n_gpu_layers, device), nullptr};
+    if (only[0]) mp.devices = only;  // read during the load only
     if (cpu_offers_amx_buffer()) mp.use_extra_bufts = false;
     take_logged_errors();
     llama_model* m = llama_model_load_from_file(path.c_str(), mp);

@@ -44,14 +44,27 @@ struct ModelInfo {
 // are then loaded with use_extra_bufts = false.
 bool cpu_offers_amx_buffer();
 
+// One device llama.cpp's backends offer in this build (ggml_backend_dev_*).
+struct DeviceInfo {
+    std::string name;         // "CPU", "Vulkan0", "CUDA0", "MTL0": what load(device=) takes
+    std::string description;  // the driver's name for it ("llvmpipe (LLVM 15.0.6, 256 bits)")
+    std::string type;         // "cpu", "gpu", "igpu", "accel" or "meta"
+    size_t memory_free = 0, memory_total = 0;  // as the backend reports them (bytes)
+};
+// Every device of this llama.cpp build, in ggml's registry order.
+std::vector<DeviceInfo> list_devices();
+
 // Activation tensor name for a supported architecture; throws ModelError otherwise.
 std::string activation_tensor_for(const std::string& arch);
 
 class Model {
 public:
     // Validates the file (exists, GGUF, not truncated, supported architecture) before
-    // llama.cpp sees it. Throws ModelError.
-    static std::shared_ptr<Model> load(const std::string& path, int n_gpu_layers);
+    // llama.cpp sees it. Throws ModelError. n_gpu_layers: the last n layers go to the GPU
+    // (n_layers + 1 also the output layer, -1 everything); device: a name from list_devices()
+    // to use alone ("" lets llama.cpp use every GPU). ParamError/ModelError for a setting that
+    // llama.cpp would silently ignore (more layers than the model has, no GPU device).
+    static std::shared_ptr<Model> load(const std::string& path, int n_gpu_layers, const std::string& device = "");
     // Shares a llama_model loaded elsewhere (llama_cpp.Llama); it is never freed here.
     // amx_safe: the caller loaded it without AMX buffers (the C interface's applications).
     static std::shared_ptr<Model> borrow(llama_model* model, const std::string& path, bool amx_safe = false);

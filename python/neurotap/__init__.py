@@ -12,7 +12,7 @@ This module only gathers the public names.
 from .core import llama_libs  # noqa: F401  isort: skip
 from .core.errors import ContextError, ModelError, ModelNotInstalledError, NativeError
 from .methods import nad, neat, neureasoner, selection
-from .runtime.model import Generation, Model, ModelInfo, load, tap
+from .runtime.model import Generation, Model, ModelInfo, devices, load, tap
 from .runtime.registry import default_model, known_models, resolve
 from .runtime.sampling import ActivationCache, Sample, SampleRun
 from .scoring import nex
@@ -20,7 +20,7 @@ from .scoring import nex
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "tap", "Model", "Sample", "SampleRun", "ModelInfo", "Generation", "ActivationCache", "resolve",
+    "load", "tap", "devices", "Model", "Sample", "SampleRun", "ModelInfo", "Generation", "ActivationCache", "resolve",
     "known_models", "default_model", "ModelError", "ContextError", "NativeError", "ModelNotInstalledError",
     "nad", "neat", "neureasoner", "nex", "selection",
 ]

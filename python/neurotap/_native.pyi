@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeatEvent', 'NeuReasonerConfig', 'NeuReasonerEvent', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features']
+__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeatEvent', 'NeuReasonerConfig', 'NeuReasonerEvent', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'devices', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features', 'tap_reads']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -20,7 +20,7 @@ class Model:
     def borrow(llama_model_address: typing.SupportsInt | typing.SupportsIndex, path: str) -> Model:
         ...
     @staticmethod
-    def load(path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0) -> Model:
+    def load(path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0, device: str = '') -> Model:
         ...
     def apply_chat_template(self, messages: collections.abc.Sequence[tuple[str, str]], add_assistant: bool = True) -> str:
         ...
@@ -609,6 +609,10 @@ def contribution_budget(file_bytes: typing.SupportsInt | typing.SupportsIndex, n
     """
     Bytes of the contribution reducer's projection cache, and of its queue, for n samples: 5% of the file, less where the samples' activation rows in flight take much of it.
     """
+def devices() -> list:
+    """
+    The devices of the loaded llama.cpp build (name, description, type, memory_free, memory_total).
+    """
 def gguf_float(path: str, key: str) -> float:
     """
     A float metadata value of a GGUF file.
@@ -640,4 +644,8 @@ def set_verbose(verbose: bool) -> None:
 def spectral_features(signal: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], window: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
     """
     NeuReasoner's spectral features [T, 5] (high, low, dominant ratio, entropy, TV energy) of the window ending at each token, exactly as a run computes them.
+    """
+def tap_reads() -> tuple:
+    """
+    Tapped tensors read so far in this process: (from host memory, copied from device buffers).
     """

@@ -33,7 +33,8 @@ def _load(args: argparse.Namespace):
     t0 = time.perf_counter()
     if sys.stderr.isatty():
         print(f"loading {args.model} ...", file=sys.stderr, end="\r", flush=True)
-    model = load(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, n_ctx=args.ctx,
+    model = load(args.model, n_threads=args.threads, n_gpu_layers=args.gpu_layers, device=args.device, n_ctx=args.ctx,
+                 flash_attn=getattr(args, "flash_attn", "on") == "on",
                  chat_template=getattr(args, "chat_template", None))
     if sys.stderr.isatty():
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s   ", file=sys.stderr)
@@ -95,8 +96,12 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     """What `_load` reads: the model, threads, GPU layers and context size."""
     model_arg(p, positional)
     threads_arg(p)
-    p.add_argument("--gpu-layers", type=int, default=0, help="layers to offload to a GPU backend")
+    p.add_argument("--gpu-layers", type=int, default=0,
+                   help="layers to offload to a GPU backend (the last N; -1 for all)")
+    p.add_argument("--device", default=None, help="the one GPU device to use, e.g. Vulkan0 or CUDA1 (default: all)")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens")
+    p.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                   help="llama.cpp's flash attention where the backend has it (default on)")
 
 
 def chat_args(p: argparse.ArgumentParser) -> None:

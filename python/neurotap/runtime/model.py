@@ -411,8 +411,15 @@ class Model:
             return run.samples()
 
 
+def devices() -> List[Dict[str, Any]]:
+    """The devices of the installed llama.cpp build, as `load(device=)` names them: dicts with
+    name ("CPU", "Vulkan0", "CUDA0", "MTL0"), description, type ("cpu", "gpu", "igpu", "accel"),
+    memory_free and memory_total (bytes, as the backend reports them)."""
+    return list(_native.devices())
+
+
 def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
-         n_ctx: int = 4096, flash_attn: bool = True, max_sample_cells: int = 32768,
+         device: Optional[str] = None, n_ctx: int = 4096, flash_attn: bool = True, max_sample_cells: int = 32768,
          chat_template: Optional[str] = None, chat_template_kwargs: Optional[Dict[str, Any]] = None) -> Model:
     """Load a GGUF model by known name (see `neurotap models`) or path, with the tap installed.
 
@@ -424,16 +431,19 @@ def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int
     Jinja template (as llama-cpp-python and llama-server), "builtin" with llama.cpp's built-in
     renderer (the model's `chat_template` attribute, changeable later); chat_template_kwargs are
     variables every Jinja rendering sees (e.g. {"enable_thinking": False}).
+    n_gpu_layers=k puts the last k layers on the GPU of a GPU build of llama-cpp-python (n_layers + 1
+    also the output layer; -1 everything); device= names the one device to use (see `devices()`).
 
     Raises FileNotFoundError, ModelNotInstalledError (with the pip command), ValueError for an
-    unknown name, or ModelError for a corrupt, truncated or unsupported file.
+    unknown name or more GPU layers than the model has, or ModelError for a corrupt, truncated or
+    unsupported file, or GPU layers (or a device) that this llama.cpp build has no device for.
     """
     name = str(model) if model is not None else default_model()
     path = resolve(name)
     if n_ctx < 8:
         raise ValueError(f"n_ctx must be at least 8, got {n_ctx}")
     chat_template = check_chat_template(chat_template or DEFAULT_CHAT_TEMPLATE)
-    native = _native.Model.load(str(path), int(n_gpu_layers))
+    native = _native.Model.load(str(path), int(n_gpu_layers), device or "")
     return Model(native, name=name if not str(name).endswith(".gguf") else Path(name).name, n_ctx=n_ctx,
                  n_threads=n_threads, flash_attn=flash_attn, max_sample_cells=max_sample_cells,
                  chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
