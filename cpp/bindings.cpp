@@ -208,7 +208,8 @@ py::dict sample_dict(const Run& run, int i) {
         // Rows of the positions this run sampled: a handed-off sample's earlier tokens were
         // recorded by the race it came from, so there are fewer rows than tokens.
         const py::ssize_t m = static_cast<py::ssize_t>(st.token_logprob.size());
-        const py::ssize_t k = m ? static_cast<py::ssize_t>(st.top_ids.size()) / m : 0;
+        const py::ssize_t k = m ? static_cast<py::ssize_t>(st.top_ids.size()) / m
+                                : static_cast<py::ssize_t>(run.options().sampling.top_logprobs);  // no rows yet
         d["token_logprob"] = copy(st.token_logprob, {m}, py::dtype::of<float>());
         d["mean_logprob"] = copy(st.mean_logprob, {static_cast<py::ssize_t>(st.mean_logprob.size())}, py::dtype::of<float>());
         d["top_ids"] = copy(st.top_ids, {m, k}, py::dtype::of<int32_t>());
