@@ -11,11 +11,9 @@ from neurotap.core import defaults as D
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLING = ("temperature", "top_p", "top_k", "min_p")
-# methods/neureasoner.py belongs to the native refactor's branch (its calibrate(temperature=0.7) is
-# D.CALIBRATE); NeuReasoner's top_k (and `neureasoner calibrate --top-k`) counts the MoN's top
-# contributors, not a sampler's candidates.
-KNOWN = {("python/neurotap/methods/neureasoner.py", "temperature"), ("python/neurotap/methods/neureasoner.py", "top_k"),
-         ("python/neurotap/apps/cli.py", "--top-k")}
+# NeuReasoner's top_k (and `neureasoner calibrate --top-k`) counts the MoN's top contributors,
+# not a sampler's candidates.
+KNOWN = {("python/neurotap/methods/neureasoner.py", "top_k"), ("python/neurotap/apps/cli.py", "--top-k")}
 
 
 def defaults_of(fn):
@@ -49,6 +47,9 @@ def test_python_signatures_read_the_table():
     few = ("temperature", "top_p", "top_k", "seed")
     assert door(defaults_of(evaluate), few) == table(D.SAMPLE, few)
     assert door(defaults_of(rank_models), ("temperature", "seed")) == table(D.SAMPLE, ("temperature", "seed"))
+    from neurotap import neureasoner
+    for fn in (neureasoner.calibrate, neureasoner.record_traces):
+        assert defaults_of(fn)["temperature"] == D.CALIBRATE.temperature
 
 
 def test_lmeval_reads_the_table():

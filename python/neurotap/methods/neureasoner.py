@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import _native
+from ..core.defaults import CALIBRATE
 from ..core.io import write_atomic
 from ..runtime.model import Model
 from ..scoring.failures import LEVELS, get_labeller, token_ends
@@ -206,7 +207,7 @@ class Trace:
 
 
 def record_traces(model: Model, tasks: Sequence[Task], *, n: int = 4, max_tokens: int = 256, seed: int = 0,
-                  temperature: float = 0.7, template: str = CALIBRATION_PROMPT, labeller: str = "arith",
+                  temperature: float = CALIBRATE.temperature, template: str = CALIBRATION_PROMPT, labeller: str = "arith",
                   layer: Optional[int] = None, progress: bool = True) -> List[Trace]:
     """n sampled traces per task with every middle-layer contribution per token, labelled."""
     from tqdm.auto import tqdm
@@ -324,7 +325,7 @@ def train_detector(X: np.ndarray, y: np.ndarray, *, hidden: Tuple[int, ...] = (1
 
 
 def calibrate(model: Model, tasks: Sequence[Task], *, n: int = 4, max_tokens: int = 256, seed: int = 0,
-              temperature: float = 0.7, template: str = CALIBRATION_PROMPT, labeller: str = "arith",
+              temperature: float = CALIBRATE.temperature, template: str = CALIBRATION_PROMPT, labeller: str = "arith",
               layer: Optional[int] = None, top_k: int = 32, min_share: float = 0.5, max_components: int = 32,
               window: int = 32, hidden: Tuple[int, ...] = (16,), held_out: float = 0.3,
               actions: Optional[Dict[str, str]] = None, min_auroc: float = 0.6,
