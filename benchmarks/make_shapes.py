@@ -40,6 +40,20 @@ def q4_0(rng: np.random.Generator, rows: int, cols: int, std: float) -> np.ndarr
     return out.reshape(rows, cols // QK * 18)
 
 
+def q4_k(rng: np.random.Generator, shape: tuple, std: float) -> np.ndarray:
+    """Random Q4_K data (gguf-py cannot quantize K-quants) for a weight of `shape` (last axis a
+    multiple of 256) whose values have about `std` deviation. A block: f16 d and dmin, 12 bytes of
+    6-bit sub-block scales and mins, 128 bytes of 4-bit values (value = d * sc * q - dmin * m)."""
+    *lead, cols = shape
+    blocks = int(np.prod(lead)) * cols // 256
+    out = np.empty((blocks, 144), np.uint8)
+    d = np.full(blocks, std / 300.0, np.float16)
+    out[:, 0:2] = d.view(np.uint8).reshape(blocks, 2)
+    out[:, 2:4] = (d * np.float16(7.5)).view(np.uint8).reshape(blocks, 2)  # mins centre the values
+    out[:, 4:] = rng.integers(0, 256, size=(blocks, 140), dtype=np.uint8)
+    return out.reshape(*lead, cols // 256 * 144)
+
+
 def copy_tokenizer(w, src) -> int:
     """The default model's tokenizer, key by key, into writer `w`; returns the vocabulary size."""
     import gguf
@@ -75,7 +89,8 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
     n_ff_exp multiples of 256) or "mxfp4" (gpt-oss). Embeddings and the output are Q8_0, the rest
     f32. qwen2moe gets a shared expert of n_ff_shexp units (and its sigmoid gate); gpt-oss gets
     its biases, attention sinks and sliding-window keys. tamper (tests): {"expert_count": n} writes
-    that metadata value instead, {"down_exps_width": n} an expert tensor of another width.
+    that metadata value instead, {"down_exps_width": n} an expert tensor of another width,
+    {"arch": name} another architecture name over the same keys, {"nan_router_layer": l} NaN router weights.
     """
     import gguf
     from gguf.quants import quantize
@@ -85,11 +100,13 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
     if arch not in MOE_ARCHS:
         raise ValueError(f"arch must be one of {MOE_ARCHS}")
     tamper = dict(tamper or {})
+    if arch == "olmoe":
+        kv_heads = heads  # its K norm spans n_embd: no grouped-query attention
     src = gguf.GGUFReader(str(neurotap.resolve("smollm2-135m")))
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), arch)
+    w = gguf.GGUFWriter(str(tmp), tamper.get("arch", arch))
     E, hd = n_embd, n_embd // heads
     w.add_name(f"neurotap random {arch} moe")
     w.add_block_count(layers)
@@ -120,6 +137,8 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
         arr = arr.astype(np.float32)
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, arr)
+        elif qtype == gguf.GGMLQuantizationType.Q4_K:
+            w.add_tensor(name, q4_k(rng, arr.shape, float(arr.std())), raw_dtype=qtype)
         else:
             w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
 
@@ -154,7 +173,10 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
             add(p + "post_attention_norm.weight", np.ones(E))
         else:
             add(p + "ffn_norm.weight", np.ones(E))
-        add(p + "ffn_gate_inp.weight", rnd(n_expert, E, std=2.0 / np.sqrt(E)))
+        router = rnd(n_expert, E, std=2.0 / np.sqrt(E))
+        if tamper.get("nan_router_layer") == il:
+            router[:] = np.nan
+        add(p + "ffn_gate_inp.weight", router)
         Fd = tamper.get("down_exps_width", n_ff_exp)
         add(p + "ffn_gate_exps.weight", rnd(n_expert, n_ff_exp, E, std=1 / np.sqrt(E)), qt)
         add(p + "ffn_up_exps.weight", rnd(n_expert, n_ff_exp, E, std=1 / np.sqrt(E)), qt)
