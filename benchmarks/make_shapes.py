@@ -54,6 +54,16 @@ def q4_k(rng: np.random.Generator, shape: tuple, std: float) -> np.ndarray:
     return out.reshape(*lead, cols // 256 * 144)
 
 
+def finish(w, tmp: Path, out: Path) -> Path:
+    """Writes the file of writer `w` at `tmp` and moves it to `out` (never a half-written out)."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
 def copy_tokenizer(w, src) -> int:
     """The default model's tokenizer, key by key, into writer `w`; returns the vocabulary size."""
     import gguf
@@ -191,12 +201,7 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
             add(p + "ffn_gate_shexp.weight", rnd(n_ff_shexp, E, std=1 / np.sqrt(E)))
             add(p + "ffn_up_shexp.weight", rnd(n_ff_shexp, E, std=1 / np.sqrt(E)))
             add(p + "ffn_down_shexp.weight", rnd(E, n_ff_shexp, std=0.5 / np.sqrt(n_ff_shexp)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)
-    return out
+    return finish(w, tmp, out)
 
 
 def write(shape: str, out: Path, seed: int = 0) -> Path:
@@ -243,12 +248,7 @@ def write(shape: str, out: Path, seed: int = 0) -> Path:
         add_q(p + "ffn_gate.weight", F, E, 1 / np.sqrt(E))
         add_q(p + "ffn_up.weight", F, E, 1 / np.sqrt(E))
         add_q(p + "ffn_down.weight", E, F, 0.5 / np.sqrt(F))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)
-    return out
+    return finish(w, tmp, out)
 
 
 def main() -> None:

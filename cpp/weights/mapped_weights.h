@@ -6,7 +6,7 @@
 
 #include "base/gguf_file.h"
 #include "kernels/kernels.h"
-#include "runtime/ffn_tap.h"
+#include "base/moe_layout.h"
 
 namespace neurotap {
 
