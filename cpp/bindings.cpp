@@ -84,6 +84,10 @@ py::dict info_dict(const ModelInfo& i) {
     d["kv_bytes_per_cell"] = i.kv_bytes_per_cell;
     d["n_head"] = i.n_head;
     d["head_dim_v"] = i.head_dim_v > 0 ? i.head_dim_v : (i.n_head > 0 ? i.n_embd / i.n_head : 0);
+    d["n_expert"] = i.moe.n_expert;
+    d["n_expert_used"] = i.moe.n_used;
+    d["n_ff_exp"] = i.moe.n_ff_exp;
+    d["n_ff_shexp"] = i.moe.n_ff_shexp;
     return d;
 }
 
@@ -189,6 +193,16 @@ py::dict sample_dict(const Run& run, int i) {
             d["contribution_top_values"] = to_numpy(first(c->top_values(i), n * L * K), {n, L, K}, py::dtype::of<float>());
             d["contribution_top_index"] = to_numpy(first(c->top_index(i), n * L * K), {n, L, K}, py::dtype::of<int32_t>());
         }
+    }
+    if (const MoeRouteReducer* rt = run.routing()) {
+        const py::ssize_t U = rt->layout().n_used, X = rt->layout().n_expert;
+        d["routing_ids"] = to_numpy(first(rt->ids(i), n * L * U), {n, L, U}, py::dtype::of<int32_t>());
+        d["routing_weights"] = to_numpy(first(rt->weights(i), n * L * U), {n, L, U}, py::dtype::of<float>());
+        d["shexp_gate"] = rt->layout().n_ff_shexp > 0
+                              ? py::object(to_numpy(first(rt->shexp_gate(i), n * L), {n, L}, py::dtype::of<float>()))
+                              : py::object(py::none());
+        if (rt->probs())
+            d["router_probs"] = to_numpy(first(rt->router_probs(i), n * L * X), {n, L, X}, py::dtype::of<float>());
     }
     if (const NeatMonitor* neat = run.neat()) {
         d["neat_events"] = py::cast(neat->events(i));
@@ -680,6 +694,10 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, int v) { o.record.eta_rank = v; })
         .def_property("keep_top", [](const RunOptions& o) { return o.record.keep_top; },
                       [](RunOptions& o, bool v) { o.record.keep_top = v; })
+        .def_property("routing", [](const RunOptions& o) { return o.record.routing; },
+                      [](RunOptions& o, bool v) { o.record.routing = v; })
+        .def_property("router_probs", [](const RunOptions& o) { return o.record.router_probs; },
+                      [](RunOptions& o, bool v) { o.record.router_probs = v; })
         .def_readwrite("neat", &RunOptions::neat)
         .def_readwrite("neureasoner", &RunOptions::neureasoner);
 

@@ -319,6 +319,7 @@ int32_t neurotap_tap_new(llama_model* model, const char* model_path, neurotap_ta
         tap->model = neurotap::Model::borrow(model, model_path, true);
         const auto& mi = tap->model->info();
         tap->ffn = std::make_unique<neurotap::FfnTap>(mi.act_name, mi.n_layers, mi.n_ff, mi.n_embd);
+        tap->ffn->set_moe(mi.moe, mi.norm_name);
         *out = tap.release();
     });
 }

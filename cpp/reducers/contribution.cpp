@@ -33,6 +33,9 @@ ContributionReducer::ContributionReducer(std::shared_ptr<const ContributionWeigh
     if (p_.top_per_layer < 1) throw ParamError("top_per_layer must be at least 1");
     if (p_.eta_rank < 1) throw ParamError("eta_rank must be at least 1");
     if (p_.n_threads < 1) p_.n_threads = 1;
+    if (p_.gate_variant && w_->moe().moe())
+        throw ParamError("the gate contribution variant reads the FFN gate, which mixture-of-experts layers do not "
+                         "tap: use contribution='down'");
 }
 
 int64_t ContributionReducer::auto_budget(int64_t file_bytes, int n_samples, int n_layers, int64_t n_ff) {
@@ -48,6 +51,9 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     n_words_ = (n_layers * n_ff + 63) / 64;
     k_ = static_cast<int>(std::min<int64_t>(p_.top_per_layer, n_ff));
     bufs_.clear();
+    ran_.clear();
+    route_.assign(w_->moe().moe() ? n_samples : 0,
+                  std::vector<float>(static_cast<size_t>(n_layers * moe_route_width(w_->moe())), 0.0f));
     free_.clear();
     cur_.assign(n_samples, -1);  // a buffer is taken at a sample's first row of a step
     sets_.begin(n_samples, static_cast<int64_t>(n_layers) * n_ff);
@@ -92,6 +98,7 @@ int ContributionReducer::take_buffer() {
         return b;
     }
     bufs_.emplace_back(static_cast<size_t>(n_layers_) * n_ff_, 0.0f);
+    ran_.emplace_back(static_cast<size_t>(n_layers_) * w_->moe().n_expert, uint8_t{0});
     return static_cast<int>(bufs_.size()) - 1;
 }
 
@@ -100,9 +107,33 @@ float* ContributionReducer::row_buffer(int sample) {
     return bufs_[cur_[sample]].data();
 }
 
+void ContributionReducer::on_hidden_row(TapKind kind, int sample, int, int layer, const float* h, int64_t width) {
+    if (kind != TapKind::MoeRoute || route_.empty() || width != moe_route_width(w_->moe())) return;
+    std::copy_n(h, width, route_[sample].data() + static_cast<size_t>(layer) * width);
+}
+
 void ContributionReducer::on_row(int sample, int, int layer, const float* a) {
     if (p_.gate_variant) return;
-    std::memcpy(row_buffer(sample) + static_cast<size_t>(layer) * n_ff_, a, static_cast<size_t>(n_ff_) * sizeof(float));
+    float* out = row_buffer(sample) + static_cast<size_t>(layer) * n_ff_;
+    std::memcpy(out, a, static_cast<size_t>(n_ff_) * sizeof(float));
+    const MoeLayout& m = w_->moe();
+    if (!m.moe()) return;
+    // What reaches the residual is the expert's output times its gate weight (llama.cpp applies it
+    // after the down projection, so it scales each neuron's term): c = a * w * (W_down[e][:, i] . W_U[y]).
+    const int64_t RW = moe_route_width(m);
+    const float* route = route_[sample].data() + static_cast<size_t>(layer) * RW;
+    uint8_t* ran = ran_[static_cast<size_t>(cur_[sample])].data() + static_cast<size_t>(layer) * m.n_expert;
+    std::fill_n(ran, m.n_expert, uint8_t{0});
+    for (int j = 0; j < m.n_used; ++j) {
+        const int e = static_cast<int>(route[j]);  // checked in range by the tap
+        ran[e] = 1;
+        float* seg = out + int64_t{e} * m.n_ff_exp;
+        for (int64_t i = 0; i < m.n_ff_exp; ++i) seg[i] *= route[m.n_used + j];
+    }
+    if (m.n_ff_shexp > 0) {
+        float* seg = out + int64_t{m.n_expert} * m.n_ff_exp;
+        for (int64_t i = 0; i < m.n_ff_shexp; ++i) seg[i] *= route[2 * m.n_used];
+    }
 }
 
 void ContributionReducer::on_gate_row(int sample, int, int layer, const float* g) {
@@ -242,6 +273,18 @@ static float layer_top(const float* c, int64_t n, int k, int32_t* idx, int64_t m
     return kth;
 }
 
+// MoE: the neurons of experts that did not run are no candidates (-inf, out of the candidate list
+// idx[0, m)); returns the candidates left.
+static int64_t drop_idle_experts(const MoeLayout& moe, const uint8_t* ran, float* c, int32_t* idx, int64_t m) {
+    const int64_t F = moe.n_ff_exp, routed = int64_t{moe.n_expert} * F;
+    for (int e = 0; e < moe.n_expert; ++e)
+        if (!ran[e]) std::fill_n(c + e * F, F, -INFINITY);
+    int64_t w = 0;
+    for (int64_t j = 0; j < m; ++j)
+        if (idx[j] >= routed || ran[idx[j] / F]) idx[w++] = idx[j];
+    return w;
+}
+
 // Selects the queued tokens in `which` (their activations held, their projections' sources
 // assigned): contributions, each layer's top k, eta; frees their activations. One layer at a time
 // per thread: the layer's new projections (W_down's rows for the layer streamed once per 64 ids),
@@ -262,6 +305,7 @@ void ContributionReducer::select(const std::vector<int>& which) {
     sel_eta_.resize(base + W);
     sel_kth_.resize(static_cast<size_t>(W) * n_layers_);
     const int threads = (static_cast<int64_t>(M + W) * total > 200000) ? p_.n_threads : 1;
+    const MoeLayout& moe = w_->moe();
     if (static_cast<int>(scratch_.size()) < threads) scratch_.resize(static_cast<size_t>(threads));
     std::atomic<int> next_scratch{0};
     std::atomic<int64_t> project_ns{0};
@@ -298,7 +342,9 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 const float guess = kth_[queue_[q].sample][static_cast<size_t>(l)];
                 // No finite guess: no candidates, so layer_top ranks every value.
                 const float g = std::isfinite(guess) ? guess : INFINITY;
-                const int64_t mc = products(a, d, n_ff_, g, s.c.data(), s.idx.data());
+                int64_t mc = products(a, d, n_ff_, g, s.c.data(), s.idx.data());
+                if (moe.moe()) mc = drop_idle_experts(moe, ran_[static_cast<size_t>(queue_[q].buf)].data() + static_cast<size_t>(l) * moe.n_expert,
+                                                      s.c.data(), s.idx.data(), mc);
                 const float kth = layer_top(s.c.data(), n_ff_, k_, s.idx.data(), mc, s.top,
                                             sel_c_.data() + at * K + l * k_, sel_i_.data() + at * K + l * k_);
                 // A positive guess prunes; otherwise rank all.

@@ -57,7 +57,11 @@ public:
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
     void on_gate_row(int sample, int token, int layer, const float* g) override;
-    TapRequest tap_request() const override { return {p_.gate_variant ? tap_bit(TapKind::MlpPre) : 0u, -1}; }
+    // MoE layers: the route (experts and gate weights) of the row that follows.
+    void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t width) override;
+    TapRequest tap_request() const override {
+        return {(p_.gate_variant ? tap_bit(TapKind::MlpPre) : 0u) | (w_->moe().moe() ? tap_bit(TapKind::MoeRoute) : 0u), -1};
+    }
     void commit(int sample, int token, int32_t token_id) override;
     void end_step() override;
     void sync() override;
@@ -107,6 +111,11 @@ private:
     int64_t n_ff_ = 0, n_words_ = 0;
     int k_ = 0;
     std::vector<std::vector<float>> bufs_;  // activation buffers (layers * n_ff each)
+    // MoE: per buffer, which experts ran [layers * n_expert] (the others' neurons are no
+    // candidates: their contribution is -inf, so they are never in a top k nor activated), and per
+    // sample the route of its current row [layers * route width].
+    std::vector<std::vector<uint8_t>> ran_;
+    std::vector<std::vector<float>> route_;
     std::vector<int> free_;                 // unused buffers
     std::vector<int> cur_;                  // [sample] -> the buffer its current rows go to (-1: none yet)
     std::vector<Queued> queue_;  // committed tokens, in order, until their selections are recorded

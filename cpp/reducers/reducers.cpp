@@ -132,4 +132,40 @@ void HiddenRowReducer::finish(int sample, int n_tokens) {
     v.resize(std::min(v.size(), static_cast<size_t>(n_tokens) * n_layers_ * n_embd_));
 }
 
+MoeRouteReducer::MoeRouteReducer(const MoeLayout& layout, bool probs) : m_(layout), probs_(probs) {
+    if (!m_.moe()) throw ParamError("routing records need a mixture-of-experts model");
+}
+
+void MoeRouteReducer::begin(int n_samples, int n_layers, int64_t, int) {
+    n_layers_ = n_layers;
+    ids_.assign(n_samples, {});
+    weights_.assign(n_samples, {});
+    gate_.assign(n_samples, {});
+    probs_rows_.assign(n_samples, {});
+}
+
+void MoeRouteReducer::on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t width) {
+    const size_t t = static_cast<size_t>(token), L = static_cast<size_t>(n_layers_), U = static_cast<size_t>(m_.n_used);
+    if (kind == TapKind::MoeProbs && width == m_.n_expert) {
+        std::copy_n(h, width, slot(probs_rows_[sample], t, L * width) + static_cast<size_t>(layer) * width);
+        return;
+    }
+    if (kind != TapKind::MoeRoute || width != moe_route_width(m_)) return;
+    int32_t* ids = slot(ids_[sample], t, L * U) + layer * U;
+    float* w = slot(weights_[sample], t, L * U) + layer * U;
+    for (size_t j = 0; j < U; ++j) {
+        ids[j] = static_cast<int32_t>(h[j]);
+        w[j] = h[U + j];
+    }
+    slot(gate_[sample], t, L)[layer] = m_.n_ff_shexp > 0 ? h[2 * U] : 0.0f;
+}
+
+void MoeRouteReducer::finish(int sample, int n_tokens) {
+    const size_t n = static_cast<size_t>(n_tokens), L = static_cast<size_t>(n_layers_);
+    ids_[sample].resize(n * L * m_.n_used);
+    weights_[sample].resize(n * L * m_.n_used);
+    gate_[sample].resize(n * L);
+    if (probs_) probs_rows_[sample].resize(n * L * m_.n_expert);
+}
+
 }  // namespace neurotap

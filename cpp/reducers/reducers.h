@@ -103,6 +103,37 @@ private:
     std::vector<std::vector<uint16_t>> f16_;
 };
 
+// Mixture-of-experts routing, per sample, token and layer: the selected experts (in the router's
+// order, best first), their gate weights, the shared expert's gate (if any) and, with probs, the
+// router's output over every expert (ffn_moe_probs: a sync per layer). What RAD-style selectors
+// compare; small: L x (2 x n_used + 1) floats a token.
+class MoeRouteReducer : public Reducer {
+public:
+    MoeRouteReducer(const MoeLayout& layout, bool probs);
+    TapRequest tap_request() const override {
+        return {tap_bit(TapKind::MoeRoute) | (probs_ ? tap_bit(TapKind::MoeProbs) : 0u), -1};
+    }
+    void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
+    void on_row(int, int, int, const float*) override {}
+    void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t width) override;
+    void finish(int sample, int n_tokens) override;
+    bool can_roll_back() const override { return true; }
+    void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
+    const MoeLayout& layout() const { return m_; }
+    bool probs() const { return probs_; }
+    const std::vector<int32_t>& ids(int sample) const { return ids_[sample]; }          // [tokens, layers, n_used]
+    const std::vector<float>& weights(int sample) const { return weights_[sample]; }    // [tokens, layers, n_used]
+    const std::vector<float>& shexp_gate(int sample) const { return gate_[sample]; }    // [tokens, layers]
+    const std::vector<float>& router_probs(int sample) const { return probs_rows_[sample]; }  // [tokens, layers, n_expert]
+
+private:
+    MoeLayout m_;
+    bool probs_;
+    int n_layers_ = 0;
+    std::vector<std::vector<int32_t>> ids_;
+    std::vector<std::vector<float>> weights_, gate_, probs_rows_;
+};
+
 // Opt-in: every row of a hidden-state kind (the normed FFN input or the residual stream after
 // the layer), float32 [tokens, layers, n_embd] per sample.
 class HiddenRowReducer : public Reducer {

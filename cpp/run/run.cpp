@@ -9,7 +9,7 @@ void RunOptions::validate() const {
     const RecordOptions& r = record;
     if (static_cast<int>(r.mlp_post) < 0 || static_cast<int>(r.mlp_post) > 2)
         throw ParamError("mlp_post (capture) must be 0 (none), 1 (float32) or 2 (float16)");
-    if (!sampling.tap && (r.mlp_post != RowFormat::None || r.ln2_normalized || r.resid_post || neat || neureasoner))
+    if (!sampling.tap && (r.mlp_post != RowFormat::None || r.ln2_normalized || r.resid_post || r.router_probs || neat || neureasoner))
         throw ParamError("capture, hooks, neat and neureasoner read the tap: they need tap=True");
     if (r.active_chunk < 0 || r.contribution_chunk < 0) throw ParamError("chunk must be at least 1 token");
     if (r.contribution_chunk > 0) {
@@ -46,6 +46,12 @@ Run::Run(TappedContext& tc, std::vector<llama_token> prompt, RunOptions options)
         cp.keep_top = r.keep_top;
         cp.n_threads = tc_.params().n_threads;
         reds.push_back((contrib_ = std::make_unique<ContributionReducer>(tc_.model().contribution_weights(), cp)).get());
+    }
+    if (tap && (r.routing || r.router_probs)) {
+        if (!mi.moe.moe())
+            throw ParamError("routing records (routing, mlp.hook_router_probs) need a mixture-of-experts model; " +
+                             mi.architecture + " is dense");
+        reds.push_back((route_ = std::make_unique<MoeRouteReducer>(mi.moe, r.router_probs)).get());
     }
     // The methods: registered here, each in its own files (the loop steers through Steering).
     std::vector<Steering*> methods;

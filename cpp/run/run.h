@@ -32,6 +32,10 @@ struct RecordOptions {
     int contribution_top = 64;
     int eta_rank = 500;
     bool keep_top = false;
+    // Mixture-of-experts models: the routing per token and layer (experts, gate weights), and the
+    // router's output over every expert (blocks.{l}.mlp.hook_router_probs; a sync per layer).
+    bool routing = false;
+    bool router_probs = false;
 };
 
 struct RunOptions {
@@ -68,6 +72,7 @@ public:
     const HiddenRowReducer* ln2_normalized() const { return norm_.get(); }
     const HiddenRowReducer* resid_post() const { return resid_.get(); }
     const ContributionReducer* contributions() const { return contrib_.get(); }
+    const MoeRouteReducer* routing() const { return route_.get(); }
     const NeatMonitor* neat() const { return neat_.get(); }
     const NeuReasonerMonitor* neureasoner() const { return nr_.get(); }
 
@@ -80,6 +85,7 @@ private:
     std::unique_ptr<MlpPostReducer> mlp_post_;
     std::unique_ptr<HiddenRowReducer> norm_, resid_;
     std::unique_ptr<ContributionReducer> contrib_;
+    std::unique_ptr<MoeRouteReducer> route_;
     std::unique_ptr<NeatMonitor> neat_;
     std::unique_ptr<NeuReasonerMonitor> nr_;
     std::unique_ptr<DecodeLoop> loop_;  // last: destroyed first, before the reducers it feeds

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "base/moe_layout.h"
+
 struct ggml_tensor;
 
 namespace neurotap {
@@ -19,9 +21,13 @@ namespace neurotap {
 // MlpPost = mlp.hook_post (the FFN activation row: the down projection's input, one float per
 // neuron), Ln2Normalized = ln2.hook_normalized (the normed FFN input), MlpPre = mlp.hook_pre (the
 // gate's pre-activation), ResidPost = hook_resid_post (the residual after the block), AttnZ =
-// attn.hook_z (every head's output before W_O; one layer only).
-enum class TapKind : int { MlpPost = 0, Ln2Normalized = 1, MlpPre = 2, ResidPost = 3, AttnZ = 4 };
-constexpr int kTapKinds = 5;
+// attn.hook_z (every head's output before W_O; one layer only). Mixture-of-experts layers add
+// MoeRoute (per row: the selected experts' ids as floats, their gate weights, then the shared
+// expert's gate if the layer has one: moe_route_width floats; delivered with the MlpPost rows,
+// just before them) and MoeProbs (the router's output ffn_moe_probs, n_expert floats a row; asked
+// for only when a sink wants it: a sync per layer).
+enum class TapKind : int { MlpPost = 0, Ln2Normalized = 1, MlpPre = 2, ResidPost = 3, AttnZ = 4, MoeRoute = 5, MoeProbs = 6 };
+constexpr int kTapKinds = 7;
 constexpr unsigned tap_bit(TapKind k) { return 1u << static_cast<int>(k); }
 constexpr unsigned kTapMlpPost = tap_bit(TapKind::MlpPost);
 
@@ -38,6 +44,28 @@ struct TapRequest {
     }
 };
 
+
+// One MoE layer's rows as llama.cpp computed them: only the selected experts' activations.
+struct MoeRows {
+    int layer = 0, row0 = 0, n_rows = 0;
+    const MoeLayout* layout = nullptr;
+    const float* act = nullptr;         // [n_rows][n_used][n_ff_exp]: slot j of row r is expert ids[r][j]
+    const int32_t* ids = nullptr;       // [n_rows][n_used], checked: in range, distinct per row
+    const float* weights = nullptr;     // [n_rows][n_used] the gate weights the layer multiplies by (finite)
+    const float* shexp_act = nullptr;   // [n_rows][n_ff_shexp] or null
+    const float* shexp_gate = nullptr;  // [n_rows] or null
+};
+
+class RowSink;
+// The default RowSink::on_moe_rows: with TapKind::MoeRoute in `kinds`, the route rows, then the
+// rows scattered to full width (zeros for the experts that did not run) as MlpPost, in chunks of
+// at most ~1 MiB, so a 512-row prompt ubatch never needs a [512 x width] buffer.
+void scatter_moe_rows(RowSink& sink, const MoeRows& m, unsigned kinds);
+// Row r of m into `out` (layout width floats): the scatter, for one row.
+void scatter_moe_row(const MoeRows& m, int r, float* out);
+// Route row r of m into `out` (moe_route_width floats).
+void moe_route_row(const MoeRows& m, int r, float* out);
+
 // Receives rows of one decode batch, per layer, in batch order.
 class RowSink {
 public:
@@ -47,6 +75,9 @@ public:
     // rows [row0, row0 + n_rows) of the armed batch for `layer`; `data` holds n_rows rows of
     // `width` contiguous floats, valid only during the call.
     virtual void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) = 0;
+    // An MoE layer's rows (instead of on_rows(MlpPost) for it); `kinds` are the armed tap kinds.
+    // Override to use the compact form directly.
+    virtual void on_moe_rows(const MoeRows& m, unsigned kinds) { scatter_moe_rows(*this, m, kinds); }
 };
 
 // Tapped tensors read in this process so far: straight from host memory, or copied out of a
@@ -82,6 +113,13 @@ public:
     // Layers whose activation tensor was never seen during discovery.
     std::vector<int> end_discovery();
 
+    // Makes the tap read mixture-of-experts layers: the activation act_name is then the compact
+    // [n_ff_exp, n_used, n_rows] tensor, its expert ids come from the MUL_MAT_ID node that feeds
+    // it and the gate weights from the layer's final ffn_moe_weights* node. norm_name: the normed
+    // FFN input's tensor ("ffn_norm"; gpt-oss: "attn_post_norm").
+    void set_moe(const MoeLayout& layout, const std::string& norm_name);
+    const MoeLayout& moe() const { return moe_; }
+
     // Width of the attention output rows (n_head x head_dim_v); 0 leaves heads untappable.
     void set_attention_width(int64_t w) { attention_width_ = w; }
     const std::string& act_name() const { return act_name_; }
@@ -94,6 +132,27 @@ private:
     int match(const char* name, TapKind* kind) const;
     bool on_ask(const ggml_tensor* t);
     void on_data(const ggml_tensor* t);
+    // MoE: what on_ask/on_data do with the layer's other nodes; true when `t` is one of them.
+    enum MoePart { kMoeAct = 1, kMoeShexpAct = 2, kMoeShexpGate = 4, kMoeWeights = 8 };
+    int moe_node(const char* name, int* part) const;  // layer, or -1
+    void moe_activation(const ggml_tensor* t, int il);
+    void moe_piece(const ggml_tensor* t, int il, int part);
+    void moe_deliver(int il);
+    const float* read_f32(const ggml_tensor* t, size_t n, std::vector<float>& buf);
+
+    // MoE state: the layout, each layer's last offered gate-weights node (read when its
+    // activation is computed: it is computed before it and stays allocated until
+    // ffn_moe_weighted), and a layer's pieces until all have come (a shared expert comes later).
+    MoeLayout moe_;
+    struct Pending {
+        int parts = 0, n_rows = 0;
+        std::vector<float> act, weights, shexp_act, shexp_gate;
+        std::vector<int32_t> ids;
+    };
+    std::vector<const ggml_tensor*> moe_weights_;  // [layer] final gate weights offered, this graph
+    std::vector<const ggml_tensor*> moe_read_;     // [layer] the weights read with the activation
+    std::vector<Pending> pending_;
+    std::vector<uint8_t> id_bytes_;
 
     std::string act_name_;
     std::string norm_name_ = "ffn_norm";
@@ -111,7 +170,7 @@ private:
     int armed_rows_ = 0;
     std::vector<int> rows_seen_[kTapKinds];  // per TapKind
     bool discovering_ = false;
-    std::vector<char> discovered_;
+    std::vector<char> discovered_;  // MoE: MoePart bits seen
     std::vector<float> scratch_;  // staging for tensors in non-host (GPU) buffers
     std::string error_;           // exceptions must not cross llama.cpp: kept, thrown at disarm
 };

@@ -35,6 +35,34 @@ std::string activation_tensor_for(const std::string& arch) {
     return it->second;
 }
 
+std::string moe_activation_tensor_for(const std::string& arch) {
+    // Architectures whose MoE layers llama-graph.cpp's build_moe_ffn builds in the form the tap
+    // reads (activation, ids, gate weights applied after the down projection), every layer MoE.
+    static const std::map<std::string, std::string> table = {
+        {"qwen3moe", "ffn_moe_swiglu"}, {"qwen2moe", "ffn_moe_swiglu"}, {"olmoe", "ffn_moe_swiglu"},
+        {"llama", "ffn_moe_swiglu"},    // Mixtral-style
+        {"gpt-oss", "ffn_moe_swiglu_oai"},
+    };
+    // Known MoE families the tap refuses, and why (anything else is refused as unknown).
+    static const std::map<std::string, std::string> refused = {
+        {"llama4", "it applies the gate weights before the experts' FFN (weight_before_ffn), so an activation "
+                   "is not the neuron's output times its gate"},
+        {"deepseek2", "its first layers are dense and its experts are chosen per group (mixed layer widths)"},
+        {"qwen3next", "it is a hybrid model with recurrent (linear-attention) layers"},
+        {"granitehybrid", "it is a hybrid model with recurrent (Mamba) layers"},
+        {"jamba", "it is a hybrid model with recurrent (Mamba) layers"},
+        {"lfm2moe", "it is a hybrid model with convolution layers and dense leading layers"},
+    };
+    auto it = table.find(arch);
+    if (it != table.end()) return it->second;
+    auto why = refused.find(arch);
+    std::string known;
+    for (auto& kv : table) known += (known.empty() ? "" : ", ") + kv.first;
+    throw ModelError("unsupported mixture-of-experts architecture '" + arch + "'" +
+                     (why != refused.end() ? ": " + why->second : std::string()) + "; neurotap taps the MoE layers of " +
+                     known);
+}
+
 static void ensure_backend() {
     static std::once_flag once;
     std::call_once(once, [] { llama_backend_init(); });
@@ -105,6 +133,92 @@ static void check_hparams(const GgufFile& f, const std::string& a, const std::st
     }
 }
 
+// An MoE file's expert shape, from its metadata, checked against every layer's expert tensors
+// (a file whose tensors disagree with its metadata is refused here, naming the layer, before
+// llama.cpp reads it).
+static void inspect_moe(const GgufFile& f, ModelInfo& info) {
+    const std::string& a = info.architecture;
+    const std::string& path = info.path;
+    auto count = [&](const std::string& key, int64_t lo, int64_t hi) -> int64_t {
+        int64_t v = 0;
+        try {
+            v = f.get_int(key);
+        } catch (const ModelError&) {
+            throw ModelError("metadata '" + key + "' of " + path + " is missing or not an integer (per-layer "
+                             "arrays of expert shapes are not supported)");
+        }
+        if (v < lo || v > hi) throw ModelError("metadata '" + key + "' of " + path + " is " + std::to_string(v) + ": out of range");
+        return v;
+    };
+    MoeLayout& m = info.moe;
+    m.n_expert = static_cast<int>(count(a + ".expert_count", 1, 4096));
+    m.n_used = static_cast<int>(count(a + ".expert_used_count", 1, m.n_expert));
+    const TensorInfo* d0 = f.find_tensor("blk.0.ffn_down_exps.weight");
+    if (!d0) throw ModelError("unsupported model: tensor 'blk.0.ffn_down_exps.weight' missing in " + path +
+                              " (leading dense layers, or merged experts, are not tapped)");
+    // llama.cpp takes the expert width from expert_feed_forward_length, else (Mixtral) feed_forward_length.
+    // (Qwen2/3-MoE without the key: feed_forward_length / expert_used_count, as llama.cpp does.)
+    if (f.has_key(a + ".expert_feed_forward_length")) {
+        m.n_ff_exp = count(a + ".expert_feed_forward_length", 1, int64_t{1} << 20);
+    } else {
+        m.n_ff_exp = count(a + ".feed_forward_length", 1, int64_t{1} << 24);
+        if (a == "qwen2moe" || a == "qwen3moe") m.n_ff_exp /= m.n_used;
+    }
+    info.n_embd = d0->ne[1];
+    if (a == "qwen2moe") {
+        m.shexp_act = "ffn_swiglu";
+        m.shexp_gate = "ffn_shexp_gate";
+        const TensorInfo* s0 = f.find_tensor("blk.0.ffn_down_shexp.weight");
+        if (!s0) throw ModelError("tensor 'blk.0.ffn_down_shexp.weight' missing in " + path);
+        m.n_ff_shexp = s0->ne[0];
+        if (f.has_key(a + ".expert_shared_feed_forward_length") &&
+            count(a + ".expert_shared_feed_forward_length", 1, int64_t{1} << 20) != m.n_ff_shexp)
+            throw ModelError("tensor 'blk.0.ffn_down_shexp.weight' has width " + std::to_string(m.n_ff_shexp) +
+                             " but expert_shared_feed_forward_length says otherwise in " + path);
+    } else if (f.has_key(a + ".expert_shared_count") && f.get_int(a + ".expert_shared_count") > 0) {
+        throw ModelError("unsupported model: '" + a + "' with shared experts is not tapped (" + path + ")");
+    }
+    if (a == "gpt-oss") info.norm_name = "attn_post_norm";
+    const int64_t E = m.n_expert, F = m.n_ff_exp, D = info.n_embd;
+    for (int il = 0; il < info.n_layers; ++il) {
+        const std::string p = "blk." + std::to_string(il) + ".";
+        auto expect = [&](const std::string& name, std::initializer_list<int64_t> ne, bool required) {
+            const TensorInfo* t = f.find_tensor(p + name);
+            if (!t) {
+                if (!required) return;
+                throw ModelError("layer " + std::to_string(il) + ": tensor '" + p + name + "' missing in " + path +
+                                 " (every layer must be a mixture-of-experts layer)");
+            }
+            int k = 0;
+            for (int64_t v : ne) {
+                if (t->ne[k] != v) {
+                    std::string want, got;
+                    for (int64_t x : ne) want += (want.empty() ? "" : " x ") + std::to_string(x);
+                    for (int j = 0; j < static_cast<int>(ne.size()); ++j)
+                        got += (j ? " x " : "") + std::to_string(t->ne[j]);
+                    throw ModelError("layer " + std::to_string(il) + ": tensor '" + p + name + "' has shape " + got +
+                                     " but the metadata (expert_count " + std::to_string(E) + ", expert width " +
+                                     std::to_string(F) + ", n_embd " + std::to_string(D) + ") says " + want + " in " + path);
+                }
+                ++k;
+            }
+            for (; k < 4; ++k)
+                if (t->ne[k] != 1)
+                    throw ModelError("layer " + std::to_string(il) + ": tensor '" + p + name + "' has too many dimensions in " + path);
+        };
+        expect("ffn_gate_inp.weight", {D, E}, true);
+        expect("ffn_down_exps.weight", {F, D, E}, true);
+        expect("ffn_up_exps.weight", {D, F, E}, true);
+        // No gate: llama.cpp computes a plain SiLU (ffn_moe_silu), which the tap does not read.
+        if (!f.find_tensor(p + "ffn_gate_exps.weight"))
+            throw ModelError("layer " + std::to_string(il) + ": unsupported model: tensor '" + p +
+                             "ffn_gate_exps.weight' missing in " + path + " (only gated experts are tapped)");
+        expect("ffn_gate_exps.weight", {D, F, E}, true);
+        if (m.n_ff_shexp > 0) expect("ffn_down_shexp.weight", {m.n_ff_shexp, D}, true);
+    }
+    info.n_ff = m.width();
+}
+
 // Reads what the tap needs from the file itself: architecture, layer count, FFN width.
 static ModelInfo inspect(const std::string& path) {
     GgufFile f(path);
@@ -115,10 +229,9 @@ static ModelInfo inspect(const std::string& path) {
     info.file_inode = id.inode;
     info.file_mtime_ns = id.mtime_ns;
     info.architecture = f.architecture();
-    info.act_name = activation_tensor_for(info.architecture);
     const std::string a = info.architecture;
-    if (f.has_key(a + ".expert_count") && f.get_int(a + ".expert_count") > 0)
-        throw ModelError("unsupported model: '" + path + "' is a mixture-of-experts model; neurotap taps dense FFNs");
+    const bool moe = f.has_key(a + ".expert_count") && f.get_int(a + ".expert_count") > 0;
+    info.act_name = moe ? moe_activation_tensor_for(a) : activation_tensor_for(a);
     info.n_layers = static_cast<int>(f.get_int(a + ".block_count"));
     if (info.n_layers <= 0 || info.n_layers > 1024) throw ModelError("implausible block_count in " + path);
     check_hparams(f, a, path);
@@ -130,6 +243,10 @@ static ModelInfo inspect(const std::string& path) {
         } catch (const ModelError&) {
         }
         if (*dst < 0 || *dst > 65536) throw ModelError("metadata '" + key + "' of " + path + " is out of range");
+    }
+    if (moe) {
+        inspect_moe(f, info);
+        return info;
     }
     for (int il = 0; il < info.n_layers; ++il) {
         const std::string name = "blk." + std::to_string(il) + ".ffn_down.weight";
@@ -318,7 +435,8 @@ std::shared_ptr<const ContributionWeights> Model::contribution_weights() const {
         check_open();
         check_file_unchanged();
         GgufFile f(info_.path);
-        weights_ = std::make_shared<const ContributionWeights>(f, info_.n_layers, info_.n_ff, info_.n_embd, info_.n_vocab);
+        weights_ = std::make_shared<const ContributionWeights>(f, info_.n_layers, info_.n_ff, info_.n_embd, info_.n_vocab,
+                                                              &info_.moe);
     }
     return weights_;
 }

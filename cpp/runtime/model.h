@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "llama.h"
+#include "runtime/ffn_tap.h"
 
 namespace neurotap {
 
@@ -22,7 +23,9 @@ struct ModelInfo {
     std::string description;  // llama_model_desc
     std::string act_name;     // activation tensor, without the "-<layer>" suffix
     int n_layers = 0;
-    int64_t n_ff = 0;
+    int64_t n_ff = 0;          // neurons per layer; MoE: n_expert * n_ff_exp + n_ff_shexp (moe.width())
+    MoeLayout moe;             // n_expert == 0 for a dense model
+    std::string norm_name = "ffn_norm";  // the normed FFN input's tensor (gpt-oss: attn_post_norm)
     int64_t n_embd = 0;
     int n_vocab = 0;
     int n_ctx_train = 0;
@@ -56,6 +59,9 @@ std::vector<DeviceInfo> list_devices();
 
 // Activation tensor name for a supported architecture; throws ModelError otherwise.
 std::string activation_tensor_for(const std::string& arch);
+// The same for a mixture-of-experts architecture (expert_count > 0): the compact activation
+// ("ffn_moe_swiglu"); ModelError with the reason for one the tap cannot read correctly.
+std::string moe_activation_tensor_for(const std::string& arch);
 
 class Model {
 public:

@@ -16,6 +16,7 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
         const ModelInfo& mi = model_->info();
         const int64_t dv = mi.head_dim_v > 0 ? mi.head_dim_v : (mi.n_head > 0 ? mi.n_embd / mi.n_head : 0);
         tap_.set_attention_width(int64_t{mi.n_head} * dv);
+        tap_.set_moe(mi.moe, mi.norm_name);  // MoE layers: the expert ids, gate weights, shared expert
     }
     if (params_.n_ctx < 8) throw ParamError("n_ctx must be at least 8, got " + std::to_string(params_.n_ctx));
     if (params_.n_batch < 1) throw ParamError("n_batch must be positive");

@@ -261,6 +261,7 @@ inline NadResult snapshot(const ContributionReducer& red, int s) {
 std::vector<TestCase> tap_tests();
 std::vector<TestCase> gguf_tests();
 std::vector<TestCase> reducers_tests();
+std::vector<TestCase> moe_tests();
 std::vector<TestCase> nad_tests();
 std::vector<TestCase> neat_tests();
 std::vector<TestCase> generate_tests();

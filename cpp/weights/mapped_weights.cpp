@@ -15,8 +15,9 @@
 
 namespace neurotap {
 
-ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int64_t n_ff, int64_t n_embd, int n_vocab)
-    : n_layers_(n_layers), n_ff_(n_ff), n_embd_(n_embd), n_vocab_(n_vocab) {
+ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int64_t n_ff, int64_t n_embd, int n_vocab,
+                                         const MoeLayout* moe)
+    : n_layers_(n_layers), n_ff_(n_ff), n_embd_(n_embd), n_vocab_(n_vocab), moe_(moe ? *moe : MoeLayout{}) {
     if (n_layers <= 0 || n_ff <= 0 || n_embd <= 0 || n_vocab <= 0)
         throw ParamError("contribution weights need a positive model shape");
     // Every tensor is checked before the file is mapped: shape, type, and that its bytes lie
@@ -32,20 +33,43 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int
         out.block = ggml_blck_size(t->type);
         out.block_bytes = ggml_type_size(t->type);
         out.fast = dequant_kernel(t->type);
-        if (out.row_bytes * static_cast<uint64_t>(t->ne[1]) != t->nbytes || t->ne[0] % out.block != 0)
+        if (out.row_bytes * static_cast<uint64_t>(t->ne[1]) * static_cast<uint64_t>(t->ne[2]) != t->nbytes ||
+            t->ne[0] % out.block != 0)
             throw ModelError("tensor '" + t->name + "' has an inconsistent size in " + file.path());
         out.data = reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(t->file_offset));  // offset until mapped
         return out;
     };
-    for (int l = 0; l < n_layers; ++l) {
-        const std::string name = "blk." + std::to_string(l) + ".ffn_down.weight";
+    if (moe_.moe() && n_ff != moe_.width()) throw ParamError("contribution weights: n_ff is not the experts' width");
+    // A tensor of `ne` (checked): each named layer's W_down, or the 3-D stack of its experts'.
+    auto find = [&](const std::string& name, int64_t ne0, int64_t ne2, const std::string& what) {
         const TensorInfo* t = file.find_tensor(name);
         if (!t) throw ModelError("tensor '" + name + "' missing in " + file.path());
-        if (t->ne[0] != n_ff || t->ne[1] != n_embd || t->ne[2] != 1 || t->ne[3] != 1)
+        if (t->ne[0] != ne0 || t->ne[1] != n_embd || t->ne[2] != ne2 || t->ne[3] != 1)
             throw ModelError("tensor '" + name + "' has shape " + std::to_string(t->ne[0]) + " x " +
-                             std::to_string(t->ne[1]) + ", expected n_ff x n_embd = " + std::to_string(n_ff) +
-                             " x " + std::to_string(n_embd) + " in " + file.path());
-        down_.push_back(tensor(t));
+                             std::to_string(t->ne[1]) + " x " + std::to_string(t->ne[2]) + ", expected " + what +
+                             " = " + std::to_string(ne0) + " x " + std::to_string(n_embd) + " x " +
+                             std::to_string(ne2) + " in " + file.path());
+        return t;
+    };
+    for (int l = 0; l < n_layers; ++l) {
+        const std::string p = "blk." + std::to_string(l) + ".";
+        std::vector<Segment> segs;
+        if (!moe_.moe()) {
+            segs.push_back({0, n_ff, tensor(find(p + "ffn_down.weight", n_ff, 1, "n_ff x n_embd"))});
+        } else {
+            // Expert e's matrix is rows [e * n_embd, (e + 1) * n_embd) of the stacked tensor.
+            const Tensor all = tensor(find(p + "ffn_down_exps.weight", moe_.n_ff_exp, moe_.n_expert,
+                                           "n_ff_exp x n_embd x n_expert"));
+            for (int e = 0; e < moe_.n_expert; ++e) {
+                Segment s{int64_t{e} * moe_.n_ff_exp, moe_.n_ff_exp, all};
+                s.t.data += static_cast<uintptr_t>(e) * static_cast<uintptr_t>(n_embd) * all.row_bytes;
+                segs.push_back(s);
+            }
+            if (moe_.n_ff_shexp > 0)
+                segs.push_back({int64_t{moe_.n_expert} * moe_.n_ff_exp, moe_.n_ff_shexp,
+                                tensor(find(p + "ffn_down_shexp.weight", moe_.n_ff_shexp, 1, "n_ff_shexp x n_embd"))});
+        }
+        down_.push_back(std::move(segs));
     }
     // Tied embeddings (SmolLM2, Gemma) have no output.weight: the token embedding unembeds.
     unembed_name_ = file.find_tensor("output.weight") ? "output.weight" : "token_embd.weight";
@@ -73,7 +97,8 @@ ContributionWeights::ContributionWeights(const GgufFile& file, int n_layers, int
     }
     ::madvise(map_, map_size_, MADV_RANDOM);  // rows are read in blocks; no read-ahead of the whole file
     const uint8_t* base = static_cast<const uint8_t*>(map_);
-    for (Tensor& d : down_) d.data = base + reinterpret_cast<uintptr_t>(d.data);
+    for (auto& layer : down_)
+        for (Segment& s : layer) s.t.data = base + reinterpret_cast<uintptr_t>(s.t.data);
     unembed_.data = base + reinterpret_cast<uintptr_t>(unembed_.data);
 }
 
@@ -90,19 +115,26 @@ void ContributionWeights::dequantize(const Tensor& t, int64_t row, int64_t i0, i
 
 void ContributionWeights::down_row(int layer, int64_t e, float* out) const {
     if (layer < 0 || layer >= n_layers_ || e < 0 || e >= n_embd_) throw ParamError("down_row: out of range");
-    dequantize(down_[static_cast<size_t>(layer)], e, 0, n_ff_, out);
+    for (const Segment& s : down_[static_cast<size_t>(layer)]) dequantize(s.t, e, 0, s.width, out + s.offset);
 }
 
 void ContributionWeights::project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd,
                                   float* scratch) const {
-    const Tensor& t = down_[static_cast<size_t>(layer)];
-    if (i0 < 0 || i1 > n_ff_ || i0 >= i1 || i0 % t.block || (i1 % t.block && i1 != n_ff_))
-        throw ParamError("project: neuron range not on block boundaries");
+    if (layer < 0 || layer >= n_layers_ || i0 < 0 || i1 > n_ff_ || i0 >= i1) throw ParamError("project: out of range");
     for (int m = 0; m < M; ++m) std::fill_n(D + static_cast<size_t>(m) * ldd, i1 - i0, 0.0f);
     const Tile tile = project_tile(M);
-    for (int64_t s0 = i0; s0 < i1; s0 += tile.cols) {
-        const int64_t s1 = std::min(i1, s0 + tile.cols);
-        project_slice(t, U, M, s0, s1, D + (s0 - i0), ldd, tile.rows, scratch);
+    for (const Segment& seg : down_[static_cast<size_t>(layer)]) {
+        // The part of [i0, i1) in this segment, in its own neuron numbers.
+        const int64_t a = std::max(i0, seg.offset) - seg.offset, b = std::min(i1, seg.offset + seg.width) - seg.offset;
+        if (a >= b) continue;
+        const Tensor& t = seg.t;
+        if (a % t.block || (b % t.block && b != seg.width))
+            throw ParamError("project: neuron range not on block boundaries");
+        float* Dseg = D + (seg.offset + a - i0);
+        for (int64_t s0 = a; s0 < b; s0 += tile.cols) {
+            const int64_t s1 = std::min(b, s0 + tile.cols);
+            project_slice(t, U, M, s0, s1, Dseg + (s0 - a), ldd, tile.rows, scratch);
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 
 #include "base/gguf_file.h"
 #include "kernels/kernels.h"
+#include "base/moe_layout.h"
 
 namespace neurotap {
 
@@ -15,7 +16,10 @@ namespace neurotap {
 // Rows are dequantized on the fly with ggml's own to_float, the values the model multiplies by.
 class ContributionWeights {
 public:
-    ContributionWeights(const GgufFile& file, int n_layers, int64_t n_ff, int64_t n_embd, int n_vocab);
+    // moe: a mixture-of-experts model's layout (n_ff == moe->width()): a layer's W_down is then the
+    // experts' ffn_down_exps slices side by side, then ffn_down_shexp, in the flat neuron order.
+    ContributionWeights(const GgufFile& file, int n_layers, int64_t n_ff, int64_t n_embd, int n_vocab,
+                        const MoeLayout* moe = nullptr);
     ~ContributionWeights();
     ContributionWeights(const ContributionWeights&) = delete;
     ContributionWeights& operator=(const ContributionWeights&) = delete;
@@ -27,7 +31,8 @@ public:
     const std::string& unembedding_name() const { return unembed_name_; }
     size_t memory_bytes() const { return 0; }  // private memory: none (the file is mapped)
     size_t mapped_bytes() const { return map_size_; }
-    ggml_type down_type(int layer) const { return down_[static_cast<size_t>(layer)].type; }
+    ggml_type down_type(int layer) const { return down_[static_cast<size_t>(layer)][0].t.type; }
+    const MoeLayout& moe() const { return moe_; }
 
     // W_down row e of `layer` (the n_ff weights from every neuron to output dimension e), dequantized.
     void down_row(int layer, int64_t e, float* out) const;
@@ -43,7 +48,7 @@ public:
     };
     static Tile project_tile(int M);
     static constexpr int64_t kProjectScratch = 131072 + 8192 + 8192 + 16;  // a panel, its padding, a row, alignment
-    int64_t block_size(int layer) const { return down_[static_cast<size_t>(layer)].block; }
+    int64_t block_size(int layer) const { return down_[static_cast<size_t>(layer)][0].t.block; }
     // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
     void unembed_row(int32_t token, float* out) const;
 
@@ -62,9 +67,16 @@ private:
     int n_layers_;
     int64_t n_ff_, n_embd_;
     int n_vocab_;
+    MoeLayout moe_;
     void* map_ = nullptr;
     size_t map_size_ = 0;
-    std::vector<Tensor> down_;
+    // A layer's W_down: one segment (dense), or one per expert and the shared expert's, each the
+    // neurons [offset, offset + width) of the flat layer.
+    struct Segment {
+        int64_t offset = 0, width = 0;
+        Tensor t;
+    };
+    std::vector<std::vector<Segment>> down_;
     Tensor unembed_;
     std::string unembed_name_;
 };

@@ -52,10 +52,49 @@ class ModelInfo:
     kv_bytes_per_cell: int = 0  # K and V of one KV cell, all layers (f16)
     n_head: int = 0  # attention (query) heads per layer
     head_dim_v: int = 0  # each head's output width (before the output projection)
+    # Mixture-of-experts layers (0 for a dense model): a neuron is (layer, expert, unit), flat index
+    # expert * n_ff_exp + unit within its layer; the shared expert's units (n_ff_shexp) come after
+    # the routed ones, as expert number n_expert. n_ff = n_expert * n_ff_exp + n_ff_shexp.
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
 
     @property
     def total_neurons(self) -> int:
         return self.n_layers * self.n_ff
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    def expert_of(self, index: Any) -> Tuple[Any, Any]:
+        """(expert, unit) of a flat neuron index within a layer (int or numpy array); the shared
+        expert is expert n_expert. For a dense model every neuron is unit `index` of expert 0."""
+        idx = np.asarray(index)
+        if not self.is_moe:
+            return (0, int(index)) if idx.ndim == 0 else (np.zeros_like(idx), idx)
+        if np.any((idx < 0) | (idx >= self.n_ff)):
+            raise ValueError(f"neuron index out of range [0, {self.n_ff})")
+        routed = self.n_expert * self.n_ff_exp
+        expert = np.where(idx < routed, idx // self.n_ff_exp, self.n_expert)
+        unit = np.where(idx < routed, idx % self.n_ff_exp, idx - routed)
+        if isinstance(index, (int, np.integer)):
+            return int(expert), int(unit)
+        return expert, unit
+
+    def expert_neuron(self, expert: int, unit: int) -> int:
+        """The flat index within a layer of `unit` of `expert` (n_expert: the shared expert)."""
+        if not self.is_moe:
+            if expert != 0 or not 0 <= unit < self.n_ff:
+                raise ValueError(f"a dense model has expert 0 with units [0, {self.n_ff})")
+            return unit
+        if 0 <= expert < self.n_expert and 0 <= unit < self.n_ff_exp:
+            return expert * self.n_ff_exp + unit
+        if expert == self.n_expert and 0 <= unit < self.n_ff_shexp:
+            return self.n_expert * self.n_ff_exp + unit
+        raise ValueError(f"no unit {unit} of expert {expert} (n_expert={self.n_expert}, n_ff_exp={self.n_ff_exp}, "
+                         f"n_ff_shexp={self.n_ff_shexp})")
 
 
 @dataclass
@@ -135,6 +174,8 @@ class Model:
             tapped_tensors=[f"{i['act_name']}-{il}" for il in range(i["n_layers"])],
             kv_bytes_per_cell=i["kv_bytes_per_cell"],
             n_head=i["n_head"], head_dim_v=i["head_dim_v"],
+            n_expert=i["n_expert"], n_expert_used=i["n_expert_used"], n_ff_exp=i["n_ff_exp"],
+            n_ff_shexp=i["n_ff_shexp"],
         )
 
     @property
@@ -356,7 +397,7 @@ class Model:
                        ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
                        eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
                        neureasoner: Any = None, kv_tokens: int = 0,
-                       forced: Optional[Sequence[Sequence[int]]] = None) -> SampleRun:
+                       forced: Optional[Sequence[Sequence[int]]] = None, hooks: Sequence[str] = ()) -> SampleRun:
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -373,11 +414,15 @@ class Model:
         `run.continue_one(i)` moves the winner into a context of its own). neat= and neureasoner=
         steer every sample as in `generate`. forced=[tokens of sample 0, ..., of sample n-1]
         teacher-forces each sample with its own token stream (then it samples up to max_tokens):
-        real text fed through a model, as `generate(forced=)` does for one sequence.
+        real text fed through a model, as `generate(forced=)` does for one sequence. On a
+        mixture-of-experts model, "routing" keeps each token's experts and gate weights per layer
+        (Sample.routing_ids, routing_weights, shexp_gate) and hooks=["mlp.hook_router_probs"] the
+        router's output over every expert; hooks= takes generate's hook names.
         """
         opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
-                           active_threshold=active_threshold, watch=watch, capture=capture, logprobs=logprobs,
+                           active_threshold=active_threshold, watch=watch, capture=capture, hooks=hooks,
+                           logprobs=logprobs,
                            tap=tap, ignore_eos=ignore_eos, contribution=contribution,
                            contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
                            neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self))

@@ -14,7 +14,7 @@ from ..core.progress import run_with_progress
 from .pool import Lease
 
 #: What a run can keep per sample (see Sample for the arrays each fills).
-REDUCERS = ("counts", "active_sets", "watch", "rows", "contributions")
+REDUCERS = ("counts", "active_sets", "watch", "rows", "contributions", "routing")
 #: Every reason a sample can end with (TokenRecord.finish_reason; "" while it is live), as the
 #: native decode loop names them (cpp/runtime/decode_loop.h, Finish).
 FINISH_REASONS = ("eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit")
@@ -24,6 +24,7 @@ HOOKS = {
     "mlp.hook_post": "activations",        # input of the down projection: act(gate) * up, [n_ff]
     "ln2.hook_normalized": "norm_inputs",  # the normed FFN input (ffn_norm), [n_embd]
     "hook_resid_post": "residuals",        # the residual stream after the block (l_out), [n_embd]
+    "mlp.hook_router_probs": "router_probs",  # MoE: the router's output (ffn_moe_probs), [n_expert]
 }
 _ROWS = {None: 0, "float32": 1, "f32": 1, "float16": 2, "f16": 2}
 
@@ -89,6 +90,14 @@ class TokenRecord:
     activations: Optional[np.ndarray] = None  # [n_tokens, n_layers, n_ff]: blocks.{l}.mlp.hook_post
     norm_inputs: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]: blocks.{l}.ln2.hook_normalized
     residuals: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_embd]: blocks.{l}.hook_resid_post
+    # Mixture-of-experts models. hooks=["mlp.hook_router_probs"]: the router's output per expert
+    # (softmax probabilities; gpt-oss: its biased logits, which it softmaxes over the selected).
+    router_probs: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_expert]
+    # The "routing" reducer: the experts each token's layer ran (the router's order, best first), the
+    # gate weights their outputs were multiplied by, and the shared expert's gate (Qwen2-MoE).
+    routing_ids: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers, n_expert_used]
+    routing_weights: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers, n_expert_used]
+    shexp_gate: Optional[np.ndarray] = None  # float32 [n_tokens, n_layers]
     # NEAT decisions, _native.NeatEvent records: .token, .action (0/1/2; .action_name continue/ban/exit),
     # .similarity, .magnitude (each also reads as that tuple: e[1] is the action).
     neat_events: list = field(default_factory=list)
@@ -335,6 +344,8 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
     o.mlp_post = rows
     o.ln2_normalized = "ln2.hook_normalized" in hook_names
     o.resid_post = "hook_resid_post" in hook_names
+    o.routing = "routing" in reducers
+    o.router_probs = "mlp.hook_router_probs" in hook_names
     o.neat = neat
     o.neureasoner = neureasoner
     o.validate()  # the one check of these options, native (the run checks them again)
