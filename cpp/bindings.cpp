@@ -149,6 +149,8 @@ py::dict sample_dict(const Run& run, int i) {
     d["finish_reason"] = st.finish_reason();
     d["live"] = st.live;
     d["eog_token"] = st.eog_token;
+    d["piece_end"] = to_numpy(std::vector<uint32_t>(st.piece_end.begin(), st.piece_end.begin() + std::min<size_t>(st.piece_end.size(), st.tokens.size())),
+                              {static_cast<py::ssize_t>(std::min<size_t>(st.piece_end.size(), st.tokens.size()))}, py::dtype::of<uint32_t>());
     auto copy = [](const auto& v, std::vector<py::ssize_t> shape, py::dtype dt) {
         using T = typename std::decay_t<decltype(v)>::value_type;
         return to_numpy(std::vector<T>(v), std::move(shape), dt);

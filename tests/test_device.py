@@ -36,6 +36,7 @@ import neurotap
 from neurotap import _native, nad, neat
 from neurotap.methods import neureasoner as nr
 from neurotap.methods.selection import select
+from neurotap.scoring.selectors import knn_scores, medoid_scores
 
 from conftest import THREADS
 
@@ -223,13 +224,28 @@ def test_contributions_equal_numpy_on_the_device(gpu, fixed8, weights):
 
 
 def test_nad_picks_equal_the_cpus(gpu, cpu_sets, fixed8):
+    """NAD's picks on the device's sets are the CPU's, except where the CPU's own scores tie
+    within what the sets' difference can move them: a selector's score moves by at most
+    delta (kNN's mean of k similarities: max |dS|; the medoid's sum over n - 1 others: (n - 1) max |dS|;
+    MinAct's set size: max |d size|), so a different pick is allowed only when the CPU scored it
+    within 2 delta of its own pick."""
     got = forced_run(gpu, fixed8, reducers=("contributions",), chunk=8)
+    n = len(got)
+    agree = 0
     for tokens in (8, 16, 32):
-        for method in ("knn", "medoid", "minact"):
+        S_gpu, S_cpu = nad.similarity(got, tokens), nad.similarity(cpu_sets, tokens)
+        d = np.abs(S_gpu - S_cpu).max()
+        assert d < 0.05
+        sizes_gpu, sizes_cpu = nad.set_sizes(got, tokens), nad.set_sizes(cpu_sets, tokens)
+        scores = {"knn": (knn_scores(S_cpu, 3) / 3, d),
+                  "medoid": (medoid_scores(S_cpu), (n - 1) * d),
+                  "minact": (-sizes_cpu.astype(np.float64), float(np.abs(sizes_gpu.astype(np.int64) - sizes_cpu).max()))}
+        for method, (score, delta) in scores.items():
             a = select(got, method, tokens=tokens, k=3, seed=0, n_vocab=gpu.info.n_vocab)
             b = select(cpu_sets, method, tokens=tokens, k=3, seed=0, n_vocab=gpu.info.n_vocab)
-            assert a == b, (gpu.mode, method, tokens)
-        assert np.abs(nad.similarity(got, tokens) - nad.similarity(cpu_sets, tokens)).max() < 0.05
+            agree += a == b
+            assert a == b or score[b] - score[a] <= 2 * delta + 1e-12, (gpu.mode, method, tokens, score[b] - score[a], delta)
+    print(f"\n{gpu.mode}: NAD picks equal to the CPU's in {agree} of 9 decisions (the others within a near-tie)")
 
 
 def test_neat_decisions_equal_the_cpus(gpu, cpu):

@@ -30,6 +30,7 @@ Handoff& Handoff::operator=(Handoff&& o) noexcept {
         kv = std::move(o.kv);
         tokens = std::move(o.tokens);
         text = std::move(o.text);
+        piece_end = std::move(o.piece_end);
         sampler = o.sampler;
         index = o.index;
         o.sampler = nullptr;
@@ -455,6 +456,7 @@ Handoff DecodeLoop::hand_off(int s) {
     h.prompt = prompt_;
     h.tokens = st.tokens;
     h.text = st.text;
+    h.piece_end = st.piece_end;
     h.index = s;
     std::swap(h.sampler, samplers_[static_cast<size_t>(s)]);  // its RNG goes on where it stands
     samplers_[static_cast<size_t>(s)] = make_sampler_chain(params_, tc_.model().vocab());
@@ -483,6 +485,7 @@ DecodeLoop::DecodeLoop(TappedContext& tc, Handoff&& from, SampleParams params, s
     SampleState& st = samples_[0];
     st.tokens = from.tokens;
     st.text = from.text;
+    st.piece_end = from.piece_end;
     st.logits_row = 0;
     started_ = true;  // the prompt and the tokens so far are in the cells; the next step decodes the last token
 }

@@ -75,6 +75,7 @@ struct Handoff {
     std::vector<uint8_t> kv;
     std::vector<llama_token> tokens;
     std::string text;
+    std::vector<uint32_t> piece_end;   // text size after each token
     llama_sampler* sampler = nullptr;  // owned
     int index = 0;                     // the sample's index in the run it came from
     Handoff() = default;

@@ -21,7 +21,7 @@ import numpy as np
 from ..core.defaults import SAMPLE
 from ..core.io import atomic_path, check_output, write_atomic
 from ..methods.nad import check_early_stop, decision_chunk, early_stop_tokens, set_sizes, similarity
-from ..methods.race import NadRace
+from ..methods.race import NadRace, race_reducers
 from ..methods.neat import load_calibration
 from ..methods.neureasoner import ACTIONS, LEVELS
 from ..methods.neureasoner import load_calibration as load_neureasoner
@@ -63,7 +63,8 @@ def evaluate(model: Model, tasks: Sequence[Task], *, n: int = 16, methods: Seque
         chunk = 1  # NEX reads per-token sets; NAD's chunk sets are their unions (same result)
     logprobs = TOP_LOGPROBS if any(METHODS[m].needs_logprobs for m in methods) else 0
     sampling: Dict[str, Any] = dict(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    reducers=("contributions",), chunk=chunk, logprobs=logprobs)
+                                    reducers=tuple(dict.fromkeys(("contributions", *race_reducers(methods)))),
+                                    chunk=chunk, logprobs=logprobs)
     config = dict(n=n, early_stop=early_stop, max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p,
                   top_k=top_k, k=k, template=template, methods=list(methods),
                   neat=None if neat_cal is None else neat_cal.model.get("sha256", "") + ":" + str(neat_cal.neurons),
@@ -157,7 +158,7 @@ def _evaluate_task(model: Model, task: Task, ti: int, methods: Sequence[str], ea
         assert early_stop is not None
         t1 = time.perf_counter()
         # The early methods' picks (one or several) go on together in the race's context.
-        race_sampling = {key: v for key, v in sampling.items() if key != "reducers"}
+        race_sampling = dict(sampling)  # the same records: NAD's sets and what every method reads
         with NadRace(model, prompt, early_stop=early_stop, seed=s_seed, hand_off=False, **race_sampling) as es:
             es.advance()
             prefix = es.candidates

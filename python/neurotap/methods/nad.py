@@ -22,6 +22,10 @@ from ..scoring.selectors import select_dbscan, select_knn, select_medoid, select
 from .selection import Method, Options, register, select
 
 
+#: What NAD's selectors need the run to record.
+CONTRIBUTIONS = ("contributions",)
+
+
 def _chunks_for(samples: Sequence[Sample], tokens: Optional[int]) -> Optional[int]:
     if samples[0].contribution_sets is None:
         raise ValueError("these samples carry no activated-neuron sets (sample with reducers=('contributions',))")
@@ -50,14 +54,14 @@ def set_sizes(samples: Sequence[Sample], tokens: Optional[int] = None) -> np.nda
 
 
 register(Method("knn", "NAD: highest sum of the k largest neuron-set similarities to other samples",
-                lambda s, o: select_knn(similarity(s, o.tokens), o.k), early=True, min_samples=2))
+                lambda s, o: select_knn(similarity(s, o.tokens), o.k), early=True, min_samples=2, reducers=CONTRIBUTIONS))
 register(Method("medoid", "NAD: global medoid, highest total neuron-set similarity to all other samples",
-                lambda s, o: select_medoid(similarity(s, o.tokens)), early=True, min_samples=2))
+                lambda s, o: select_medoid(similarity(s, o.tokens)), early=True, min_samples=2, reducers=CONTRIBUTIONS))
 register(Method("dbscan", "NAD: medoid of the largest DBSCAN cluster of neuron-set distances 1 - S",
                 lambda s, o: select_dbscan(similarity(s, o.tokens), o.eps_percentile, o.min_samples),
-                early=True, min_samples=2))
+                early=True, min_samples=2, reducers=CONTRIBUTIONS))
 register(Method("minact", "NAD: fewest activated neurons",
-                lambda s, o: select_minact(set_sizes(s, o.tokens)), early=True))
+                lambda s, o: select_minact(set_sizes(s, o.tokens)), early=True, reducers=CONTRIBUTIONS))
 
 
 def sampled_tokens(sample: Sample) -> int:
@@ -105,12 +109,13 @@ def best_of_n(model: Model, prompt: Prompt, *, n: int = 16, method: str = "knn",
     """Sample n answers in parallel and keep the one `method` picks. With early_stop=B the pick
     is made after B tokens, the other n - 1 samples are stopped (their KV cells freed) and only
     the winner runs to the end; early_stop=None decides on complete answers."""
-    from .race import NadRace, check_pick_method, race_logprobs  # race.py builds on this module
+    from .race import NadRace, check_pick_method, race_logprobs, race_reducers  # race.py builds on this module
 
     check_pick_method(method, n, early_stop, max_tokens)
     t0 = time.perf_counter()
     with NadRace(model, prompt, n=n, early_stop=early_stop, max_tokens=max_tokens, seed=seed,
-                 logprobs=race_logprobs([method], sampling.pop("logprobs", 0)), **sampling) as race:
+                 logprobs=race_logprobs([method], sampling.pop("logprobs", 0)), reducers=race_reducers([method]),
+                 **sampling) as race:
         race.advance(progress=progress)
         pick = race.decide(method, k=k)
         race.advance(progress=progress)

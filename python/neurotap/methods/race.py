@@ -15,7 +15,7 @@ best_of_n, `neurotap eval` and the server all run their races through NadRace:
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,6 +53,15 @@ def can_hand_off(model: Model) -> bool:
     return not _sliding_window(model.info.path, model.info.architecture)
 
 
+def race_reducers(methods: Iterable[str]) -> Tuple[str, ...]:
+    """What a race records for its selectors: NAD's neuron sets (always, unless every method reads
+    something else, as RAD reads routing only), plus what each method needs."""
+    need: List[str] = []
+    for m in methods:
+        need += [r for r in METHODS[m].reducers if r not in need]
+    return tuple(need) if need else ("contributions",)
+
+
 def race_logprobs(methods: Iterable[str], logprobs: int = 0) -> int:
     """Top log-probabilities a race records: what its selectors read, or what its caller asked for."""
     return max(int(logprobs), TOP_LOGPROBS if any(METHODS[m].needs_logprobs for m in methods) else 0)
@@ -71,14 +80,14 @@ class NadRace:
 
     def __init__(self, model: Model, prompt: Prompt, *, n: int = 16, early_stop: Optional[int] = 32,
                  max_tokens: int = 256, seed: Optional[int] = SAMPLE.seed, logprobs: int = 0, chunk: Optional[int] = None,
-                 hand_off: bool = True, **sampling: Any):
+                 hand_off: bool = True, reducers: Sequence[str] = ("contributions",), **sampling: Any):
         check_early_stop(early_stop, max_tokens)
         self.model, self.n, self.early_stop, self.max_tokens, self.seed = model, n, early_stop, max_tokens, seed
         self.hand_off = (hand_off and early_stop is not None and early_stop < max_tokens
                          and sampling.get("neat") is None and can_hand_off(model))
         self.decision_at = early_stop if early_stop is not None else max_tokens
         self._run: SampleRun = model.start_sampling(
-            prompt, n=n, max_tokens=max_tokens, seed=seed, reducers=("contributions",),
+            prompt, n=n, max_tokens=max_tokens, seed=seed, reducers=tuple(reducers),
             chunk=decision_chunk(early_stop) if chunk is None else chunk, logprobs=logprobs,
             kv_tokens=early_stop if self.hand_off else 0, **sampling)
         self._tail: Optional[SampleRun] = None  # the winner's run of one, once handed off
@@ -142,11 +151,16 @@ class NadRace:
         return 0 if pick is None else pick
 
     def similarity(self) -> Optional[np.ndarray]:
-        """N x N Jaccard similarity of the candidates' neuron sets at the decision (None for n = 1)."""
-        return similarity(self.candidates, self.early_stop) if self.n >= 2 else None
+        """N x N Jaccard similarity of the candidates' neuron sets at the decision (None for n = 1,
+        or for a race that kept no neuron sets: see race_reducers)."""
+        if self.n < 2 or self.candidates[0].contribution_sets is None:
+            return None
+        return similarity(self.candidates, self.early_stop)
 
-    def set_sizes(self) -> np.ndarray:
-        """Neurons each candidate activated up to the decision."""
+    def set_sizes(self) -> Optional[np.ndarray]:
+        """Neurons each candidate activated up to the decision (None for a race that kept no neuron sets)."""
+        if self.candidates[0].contribution_sets is None:
+            return None
         return set_sizes(self.candidates, self.early_stop)
 
     def keep(self, picks: Iterable[int]) -> None:
@@ -204,4 +218,4 @@ class NadRace:
         self.close()
 
 
-__all__ = ["NadRace", "can_hand_off", "check_pick_method", "race_logprobs"]
+__all__ = ["NadRace", "can_hand_off", "check_pick_method", "race_logprobs", "race_reducers"]

@@ -17,6 +17,7 @@ from ..runtime.sampling import Sample
 from ..scoring.answers import extract_answer, majority_index
 from ..scoring.confidence import select_deepconf, select_selfcert
 from ..scoring.nex import select_nex
+from ..scoring.routing import WINDOW
 
 TOP_LOGPROBS = 20  # DeepConf's k: what logprob methods need recorded
 
@@ -30,6 +31,7 @@ class Options:
     eps_percentile: float = 30.0  # DBSCAN
     min_samples: int = 3  # DBSCAN
     window: int = 32  # DeepConf's sliding window
+    route_window: int = WINDOW  # RAD: routing tokens read from the answer-opening anchor on
     seed: int = 0  # random
     n_vocab: Optional[int] = None  # self-certainty
 
@@ -42,6 +44,7 @@ class Method:
     early: bool = False  # can decide on a prefix of the samples
     needs_logprobs: bool = False  # the run must record logprobs=TOP_LOGPROBS
     min_samples: int = 1  # agreement methods compare samples: 2
+    reducers: Tuple[str, ...] = ()  # what the run must record for it (a race adds NAD's sets anyway)
 
 
 METHODS: Dict[str, Method] = {}

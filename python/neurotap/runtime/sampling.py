@@ -84,6 +84,8 @@ class TokenRecord:
     tokens: List[int] = field(default_factory=list)
     finish_reason: str = ""  # "eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit"; "" while live
     eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
+    # Bytes of the UTF-8 text after each token (the text of tokens [0, j] is text.encode()[:piece_end[j]]).
+    piece_end: Optional[np.ndarray] = None  # uint32 [n_tokens]
     # Neurons with activation > active_threshold, per token and layer ("counts"; generate: tap on).
     active_counts: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers]
     # Full rows, with capture= / hooks= (see `cache`).

@@ -106,9 +106,9 @@ def set_jaccard(masks: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
 
 
-def anchor_position(piece_ends: Sequence[int], text: str, anchors: Sequence[str] = ANCHORS) -> Optional[int]:
-    """Index of the token holding the start of the last anchor in `text`, given each token's text
-    end offset (cumulative characters); None if no anchor occurs."""
+def anchor_position(piece_ends: Sequence[int], text, anchors: Sequence = ANCHORS) -> Optional[int]:
+    """Index of the token holding the start of the last anchor in `text` (str, or bytes with bytes
+    anchors), given each token's end offset in it; None if no anchor occurs."""
     best = -1
     for a in anchors:
         best = max(best, text.rfind(a))

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from ...methods.race import NadRace, race_logprobs
+from ...methods.race import NadRace, race_logprobs, race_reducers
 from ...runtime.model import Model
 from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request
 from .streaming import Streamer
@@ -225,7 +225,8 @@ class Server:
         # not when the answer's top log-probabilities are asked for (a handed-off sample's are not
         # kept whole yet: NadRace.sample), the winner then goes on in the race's context.
         with NadRace(self.model, r.ids, n=n, early_stop=early, max_tokens=r.max_tokens, seed=seed,
-                     logprobs=race_logprobs([method], k), stop=r.stop or None, ignore_eos=r.ignore_eos,
+                     logprobs=race_logprobs([method], k), reducers=race_reducers([method]),
+                     stop=r.stop or None, ignore_eos=r.ignore_eos,
                      neat=r.neat, **r.sampling) as race:
             # Streamed from the decision on: the winner's first tokens at once, then token by token.
             stream = Streamer(job, r.stop) if r.stream else None
@@ -248,7 +249,7 @@ class Server:
         ext = {"method": method, "n": n, "early_stop": early, "pick": pick, "seed": seed,
                "similarity": S.round(6).tolist() if S is not None else None,
                "candidates": [{"index": c.index, "text": c.text, "tokens": c.n_tokens, "finish_reason": c.finish_reason,
-                               "activated_neurons": int(sizes[i]),
+                               "activated_neurons": int(sizes[i]) if sizes is not None else None,
                                "mean_similarity": float((S[i].sum() - S[i, i]) / (n - 1)) if S is not None else None}
                               for i, c in enumerate(cands)]}
         return {"choices": [choice], "nad": ext}
