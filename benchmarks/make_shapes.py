@@ -90,9 +90,20 @@ def copy_tokenizer(w, src) -> int:
 MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "llama", "gpt-oss")
 
 
+#: Mixture-of-experts shapes users run: arch, layers, n_embd, heads, kv heads, head size, experts,
+#: used, expert width, shared expert width, expert weights. The layer counts are the models'; pass
+#: --layers to write fewer layers of the same shape (what fits a machine's memory and disk).
+MOE_SHAPES = {
+    "olmoe-1b-7b": ("olmoe", 16, 2048, 16, 16, 128, 64, 8, 1024, 0, "q4_k"),
+    "gpt-oss-20b": ("gpt-oss", 24, 2880, 64, 8, 64, 32, 4, 2880, 0, "mxfp4"),
+    "qwen3-30b-a3b": ("qwen3moe", 48, 2048, 32, 4, 128, 128, 8, 768, 0, "q4_k"),
+}
+
+
 def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 64, n_ff_exp: int = 32,
               n_expert: int = 8, n_used: int = 2, n_ff_shexp: int = 0, weight_type: str = "f32", seed: int = 0,
-              heads: int = 4, kv_heads: int = 2, ctx: int = 2048, tamper: Optional[dict] = None) -> Path:
+              heads: int = 4, kv_heads: int = 2, ctx: int = 2048, tamper: Optional[dict] = None,
+              head_dim: Optional[int] = None, blocks: bool = False) -> Path:
     """A random mixture-of-experts GGUF of `arch` with the default model's tokenizer.
 
     weight_type: the experts' tensors (ffn_{gate,up,down}_exps): "f32", "q8_0", "q4_k" (n_embd and
@@ -101,6 +112,9 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
     its biases, attention sinks and sliding-window keys. tamper (tests): {"expert_count": n} writes
     that metadata value instead, {"down_exps_width": n} an expert tensor of another width,
     {"arch": name} another architecture name over the same keys, {"nan_router_layer": l} NaN router weights.
+    blocks=True (the large shapes): every quantized tensor is random blocks of its type with the
+    deviation asked for, generated and written one tensor at a time (never the whole file in memory),
+    and the attention weights are Q8_0.
     """
     import gguf
     from gguf.quants import quantize
@@ -117,7 +131,7 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), tamper.get("arch", arch))
-    E, hd = n_embd, n_embd // heads
+    E, hd = n_embd, head_dim or n_embd // heads
     w.add_name(f"neurotap random {arch} moe")
     w.add_block_count(layers)
     w.add_context_length(ctx)
@@ -134,74 +148,131 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
         w.add_expert_feed_forward_length(n_ff_exp)
     if n_ff_shexp:
         w.add_expert_shared_feed_forward_length(n_ff_shexp)
-    if arch == "gpt-oss":
-        w.add_sliding_window(128)
+    if arch == "gpt-oss" or head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
+    if arch == "gpt-oss":
+        w.add_sliding_window(128)
     V = copy_tokenizer(w, src)
-    types = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-             "q4_k": gguf.GGMLQuantizationType.Q4_K, "mxfp4": gguf.GGMLQuantizationType.MXFP4}
+    F32, Q8 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0
+    types = {"f32": F32, "q8_0": Q8, "q4_k": gguf.GGMLQuantizationType.Q4_K, "mxfp4": gguf.GGMLQuantizationType.MXFP4}
     qt = types[weight_type]
+    attn_t = Q8 if blocks else F32
+    pending = []  # blocks=True: (name, shape, std, qtype), generated when written
 
-    def add(name: str, arr: np.ndarray, qtype=gguf.GGMLQuantizationType.F32) -> None:
-        arr = arr.astype(np.float32)
-        if qtype == gguf.GGMLQuantizationType.F32:
+    def add(name: str, shape: tuple, std: Optional[float], qtype=F32, fill: Optional[float] = None) -> None:
+        """A tensor of numpy `shape` (ggml's reversed): random with deviation std, or ones (std None)."""
+        if blocks and qtype != F32:
+            nbytes = int(np.prod(shape[:-1])) * random_blocks(qtype, shape[-1:], 1.0, None, nbytes_only=True)
+            w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            pending.append((name, shape, std, qtype))
+            return
+        arr = np.ones(shape, np.float32) if std is None else rng.standard_normal(shape).astype(np.float32) * std
+        if fill is not None:
+            arr[:] = fill
+        if blocks:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), arr.nbytes)
+            pending.append((name, arr, None, F32))
+        elif qtype == F32:
             w.add_tensor(name, arr)
         elif qtype == gguf.GGMLQuantizationType.Q4_K:
             w.add_tensor(name, q4_k(rng, arr.shape, float(arr.std())), raw_dtype=qtype)
         else:
             w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
 
-    def rnd(*shape: int, std: float) -> np.ndarray:
-        return rng.standard_normal(shape).astype(np.float32) * std
-
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    add("token_embd.weight", rnd(V, E, std=1.0), q8)
-    add("output_norm.weight", np.ones(E))
-    add("output.weight", rnd(V, E, std=1.0 / np.sqrt(E)), q8)
+    add("token_embd.weight", (V, E), 1.0, Q8)
+    add("output_norm.weight", (E,), None)
+    add("output.weight", (V, E), 1.0 / np.sqrt(E), Q8)
     for il in range(layers):
         p = f"blk.{il}."
-        add(p + "attn_norm.weight", np.ones(E))
-        add(p + "attn_q.weight", rnd(heads * hd, E, std=1 / np.sqrt(E)))
-        add(p + "attn_k.weight", rnd(kv_heads * hd, E, std=1 / np.sqrt(E)))
-        add(p + "attn_v.weight", rnd(kv_heads * hd, E, std=1 / np.sqrt(E)))
-        add(p + "attn_output.weight", rnd(E, heads * hd, std=0.5 / np.sqrt(heads * hd)))
+        add(p + "attn_norm.weight", (E,), None)
+        add(p + "attn_q.weight", (heads * hd, E), 1 / np.sqrt(E), attn_t)
+        add(p + "attn_k.weight", (kv_heads * hd, E), 1 / np.sqrt(E), attn_t)
+        add(p + "attn_v.weight", (kv_heads * hd, E), 1 / np.sqrt(E), attn_t)
+        add(p + "attn_output.weight", (E, heads * hd), 0.5 / np.sqrt(heads * hd), attn_t)
         if arch == "qwen3moe":
-            add(p + "attn_q_norm.weight", np.ones(hd))
-            add(p + "attn_k_norm.weight", np.ones(hd))
+            add(p + "attn_q_norm.weight", (hd,), None)
+            add(p + "attn_k_norm.weight", (hd,), None)
         if arch == "olmoe":
-            add(p + "attn_q_norm.weight", np.ones(E))
-            add(p + "attn_k_norm.weight", np.ones(E))
-        if arch == "qwen2moe":
+            add(p + "attn_q_norm.weight", (heads * hd,), None)
+            add(p + "attn_k_norm.weight", (kv_heads * hd,), None)
+        if arch in ("qwen2moe", "gpt-oss"):
             for t, n in (("q", heads * hd), ("k", kv_heads * hd), ("v", kv_heads * hd)):
-                add(p + f"attn_{t}.bias", rnd(n, std=0.1))
+                add(p + f"attn_{t}.bias", (n,), 0.1)
         if arch == "gpt-oss":
-            for t, n in (("q", heads * hd), ("k", kv_heads * hd), ("v", kv_heads * hd)):
-                add(p + f"attn_{t}.bias", rnd(n, std=0.1))
-            add(p + "attn_output.bias", rnd(E, std=0.1))
-            add(p + "attn_sinks.weight", rnd(heads, std=0.5))
-            add(p + "post_attention_norm.weight", np.ones(E))
+            add(p + "attn_output.bias", (E,), 0.1)
+            add(p + "attn_sinks.weight", (heads,), 0.5)
+            add(p + "post_attention_norm.weight", (E,), None)
         else:
-            add(p + "ffn_norm.weight", np.ones(E))
-        router = rnd(n_expert, E, std=2.0 / np.sqrt(E))
-        if tamper.get("nan_router_layer") == il:
-            router[:] = np.nan
-        add(p + "ffn_gate_inp.weight", router)
+            add(p + "ffn_norm.weight", (E,), None)
+        add(p + "ffn_gate_inp.weight", (n_expert, E), 2.0 / np.sqrt(E),
+            fill=np.nan if tamper.get("nan_router_layer") == il else None)
         Fd = tamper.get("down_exps_width", n_ff_exp)
-        add(p + "ffn_gate_exps.weight", rnd(n_expert, n_ff_exp, E, std=1 / np.sqrt(E)), qt)
-        add(p + "ffn_up_exps.weight", rnd(n_expert, n_ff_exp, E, std=1 / np.sqrt(E)), qt)
-        add(p + "ffn_down_exps.weight", rnd(n_expert, E, Fd, std=0.5 / np.sqrt(n_ff_exp)), qt)
+        add(p + "ffn_gate_exps.weight", (n_expert, n_ff_exp, E), 1 / np.sqrt(E), qt)
+        add(p + "ffn_up_exps.weight", (n_expert, n_ff_exp, E), 1 / np.sqrt(E), qt)
+        add(p + "ffn_down_exps.weight", (n_expert, E, Fd), 0.5 / np.sqrt(n_ff_exp), qt)
         if arch == "gpt-oss":
-            add(p + "ffn_gate_inp.bias", rnd(n_expert, std=0.1))
-            add(p + "ffn_gate_exps.bias", rnd(n_expert, n_ff_exp, std=0.1))
-            add(p + "ffn_up_exps.bias", rnd(n_expert, n_ff_exp, std=0.1))
-            add(p + "ffn_down_exps.bias", rnd(n_expert, E, std=0.1))
+            add(p + "ffn_gate_inp.bias", (n_expert,), 0.1)
+            add(p + "ffn_gate_exps.bias", (n_expert, n_ff_exp), 0.1)
+            add(p + "ffn_up_exps.bias", (n_expert, n_ff_exp), 0.1)
+            add(p + "ffn_down_exps.bias", (n_expert, E), 0.1)
         if n_ff_shexp:
-            add(p + "ffn_gate_inp_shexp.weight", rnd(E, std=1 / np.sqrt(E)))
-            add(p + "ffn_gate_shexp.weight", rnd(n_ff_shexp, E, std=1 / np.sqrt(E)))
-            add(p + "ffn_up_shexp.weight", rnd(n_ff_shexp, E, std=1 / np.sqrt(E)))
-            add(p + "ffn_down_shexp.weight", rnd(E, n_ff_shexp, std=0.5 / np.sqrt(n_ff_shexp)))
-    return finish(w, tmp, out)
+            add(p + "ffn_gate_inp_shexp.weight", (E,), 1 / np.sqrt(E))
+            add(p + "ffn_gate_shexp.weight", (n_ff_shexp, E), 1 / np.sqrt(E))
+            add(p + "ffn_up_shexp.weight", (n_ff_shexp, E), 1 / np.sqrt(E))
+            add(p + "ffn_down_shexp.weight", (E, n_ff_shexp), 0.5 / np.sqrt(n_ff_shexp))
+    if not blocks:
+        return finish(w, tmp, out)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, shape, std, qtype in pending:
+        if qtype == F32:
+            w.write_tensor_data(shape)  # a small f32 array made at add()
+        else:
+            w.write_tensor_data(random_blocks(qtype, shape, std, rng))
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def random_blocks(qtype, shape: tuple, std: float, rng, nbytes_only: bool = False):
+    """Random blocks of quantization `qtype` for a weight of numpy `shape` whose values have about
+    `std` deviation: random quant bytes under one scale chosen for that deviation (measured by
+    dequantizing a sample), written fast and in bounded memory for the multi-GB shapes. With
+    nbytes_only, the byte size of one row of shape[-1] values."""
+    import gguf
+    from gguf.quants import dequantize
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    *lead, cols = shape
+    if cols % block:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {block} values, got {cols}")
+    if nbytes_only:
+        return cols // block * size
+    n = int(np.prod(lead)) * cols // block
+    out = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    T = gguf.GGMLQuantizationType
+    if qtype == T.MXFP4:  # one E8M0 exponent byte, then 16 bytes of e2m1 pairs
+        out[:, 0] = 127
+        probe = dequantize(out[:64].reshape(-1), qtype).std()
+        out[:, 0] = np.clip(127 + np.round(np.log2(std / probe)), 1, 254)
+    elif qtype == T.Q8_0:  # f16 d, then 32 int8 values
+        out[:, 0:2] = np.full(n, 1.0, np.float16).view(np.uint8).reshape(n, 2)
+        probe = dequantize(out[:64].reshape(-1), qtype).std()
+        out[:, 0:2] = np.full(n, std / probe, np.float16).view(np.uint8).reshape(n, 2)
+    elif qtype == T.Q4_K:
+        return q4_k(rng, shape, std)
+    else:
+        raise ValueError(f"no random-block writer for {qtype.name}")
+    return out.reshape(*lead, cols // block * size)
+
+
+def write_moe_shape(name: str, out: Path, layers: Optional[int] = None, seed: int = 0) -> Path:
+    """A GGUF with the MoE shape `name` (MOE_SHAPES), random blocks, `layers` of them (default: the model's)."""
+    arch, L, E, H, KV, hd, X, U, F, S, wt = MOE_SHAPES[name]
+    return write_moe(out, arch=arch, layers=layers or L, n_embd=E, heads=H, kv_heads=KV, head_dim=hd, n_expert=X,
+                     n_used=U, n_ff_exp=F, n_ff_shexp=S, weight_type=wt, seed=seed, ctx=8192, blocks=True)
 
 
 def write(shape: str, out: Path, seed: int = 0) -> Path:
@@ -253,14 +324,21 @@ def write(shape: str, out: Path, seed: int = 0) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="1b", choices=[*SHAPES, "all"])
+    ap.add_argument("--shape", default="1b", choices=[*SHAPES, *MOE_SHAPES, "all"],
+                    help="a dense shape, an MoE shape, or all the dense ones")
+    ap.add_argument("--layers", type=int, default=None, help="MoE shapes: write this many layers of the shape")
     ap.add_argument("--out", default=None, help="output .gguf (one shape)")
     ap.add_argument("--out-dir", default="build/shapes", help="folder for --shape all (or when --out is not given)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     for shape in (SHAPES if a.shape == "all" else [a.shape]):
-        out = Path(a.out) if a.out and a.shape != "all" else Path(a.out_dir) / f"llama-{shape}-q4_0.gguf"
-        path = write(shape, out, a.seed)
+        if shape in MOE_SHAPES:
+            tag = f"-{a.layers}l" if a.layers else ""
+            out = Path(a.out) if a.out else Path(a.out_dir) / f"{shape}{tag}-{MOE_SHAPES[shape][-1]}.gguf"
+            path = write_moe_shape(shape, out, a.layers, a.seed)
+        else:
+            out = Path(a.out) if a.out and a.shape != "all" else Path(a.out_dir) / f"llama-{shape}-q4_0.gguf"
+            path = write(shape, out, a.seed)
         print(f"{shape}: {path} ({path.stat().st_size / 2**30:.2f} GiB)")
 
 
