@@ -169,6 +169,16 @@ def test_logit_bias_bans_and_forces(client, model):
         assert e.value.body["param"] == "logit_bias"
 
 
+def test_logit_bias_in_the_python_api(model):
+    plain = model.generate("The sky is", max_tokens=4, temperature=0)
+    g = model.generate("The sky is", max_tokens=4, temperature=0, logit_bias={plain.tokens[0]: -100})
+    assert g.tokens[0] != plain.tokens[0]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate("The sky is", max_tokens=2, logit_bias={model.info.n_vocab: 1.0})
+    with pytest.raises(ValueError, match="logit_bias"):
+        model.sample("The sky is", n=2, max_tokens=2, logit_bias={5: float("nan")})
+
+
 def test_echo(client, model):
     kw = dict(model="m", prompt="The capital of France is", max_tokens=5, temperature=0)
     plain = client.completions.create(**kw).choices[0]
