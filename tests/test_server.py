@@ -52,12 +52,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path, *extra):
+def start_server(model_path, *extra, env=None):
     port = free_port()
     cmd = [sys.executable, "-m", "neurotap", "serve", model_path, "--port", str(port), "--threads", "2",
            "--ctx", "2048", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_WAIT_POLICY": "passive"})
+                            env={**{k: v for k, v in os.environ.items() if k != "NEUROTAP_API_KEY"},  # no key
+                                 "OMP_WAIT_POLICY": "passive", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

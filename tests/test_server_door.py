@@ -4,6 +4,8 @@ last chunk), NeuReasoner as a request option, logit_bias, echo, an API key, /met
 that cannot be decoded (each a 4xx in OpenAI's format, never a 500)."""
 import json
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -243,6 +245,30 @@ def test_metrics_move_after_requests(client, door):
     assert after["neurotap_nad_decisions_total"] == before["neurotap_nad_decisions_total"] + 1
     assert after["neurotap_queue_depth"] == 0 and after["neurotap_sequences_in_flight"] == 0
     assert "neurotap_prompt_cells_reused_total" in after
+    # While a stream of two samples runs and a request waits: the gauges say so.
+    long = client.chat.completions.create(model="m", messages=MSGS, max_tokens=1500, n=2, stream=True,
+                                          extra_body={"ignore_eos": True})
+    next(iter(long))
+    waiting = threading.Thread(target=lambda: client.chat.completions.create(model="m", messages=MSGS, max_tokens=2))
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while (now := scrape(door))["neurotap_queue_depth"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now["neurotap_queue_depth"] == 1 and now["neurotap_sequences_in_flight"] == 2
+    long.close()
+    waiting.join()
+    assert scrape(door)["neurotap_queue_depth"] == 0
+
+
+def test_api_key_from_the_environment(model_path):
+    proc, url = start_server(model_path, env={"NEUROTAP_API_KEY": "from-env"})
+    try:
+        assert http(url + "/v1/models", key=None)[0] == 401
+        assert http(url + "/v1/models", key=KEY)[0] == 401
+        assert http(url + "/v1/models", key="from-env")[0] == 200
+        assert http(url + "/health", key=None)[0] == 200
+    finally:
+        stop_server(proc)
 
 
 ODD_BODIES = [
