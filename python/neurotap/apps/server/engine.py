@@ -72,6 +72,11 @@ class Server:
             self._waiting += 1
         self._queue.put(job)
 
+    def stats_snapshot(self) -> Dict[str, Any]:
+        """A consistent copy of the counters (/metrics)."""
+        with self._lock:
+            return dict(self.stats)
+
     def queue_depth(self) -> int:
         """Requests waiting for the worker (/metrics)."""
         with self._lock:

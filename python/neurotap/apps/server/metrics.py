@@ -31,8 +31,7 @@ class Metrics:
     def render(self, srv: Any) -> str:
         with self._lock:
             requests = sorted(self._requests.items())
-        with srv._lock:
-            stats = dict(srv.stats)
+        stats = srv.stats_snapshot()
         out: List[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: List[Tuple[Dict[str, str], float]]) -> None:

@@ -39,7 +39,7 @@ MAX_DEPTH = 64  # JSON nesting a request may have (a chat body needs 5)
 
 def decode_body(raw: bytes) -> Any:
     """The JSON of a request body, or a RequestError: not JSON, not UTF-8, NaN or Infinity,
-    numbers too long to read, nesting too deep (json's recursion ends in RecursionError)."""
+    numbers too long to read, nesting too deep for json's recursion (RecursionError)."""
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON number")
 
@@ -49,8 +49,7 @@ def decode_body(raw: bytes) -> Any:
         raise RequestError(f"the request body is nested too deeply (more than {MAX_DEPTH} levels)") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, bad UTF-8, over-long integers
         raise RequestError(f"the request body is not valid JSON: {e}") from None
-    check_json(body)
-    return body
+    return body  # parse_request checks the rest (check_json)
 
 
 def check_json(body: Any) -> None:
