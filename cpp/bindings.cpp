@@ -655,6 +655,16 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, uint32_t v) { o.sampling.seed = v; })
         .def_property("ignore_eos", [](const RunOptions& o) { return o.sampling.ignore_eos; },
                       [](RunOptions& o, bool v) { o.sampling.ignore_eos = v; })
+        .def_property("logit_bias",
+                      [](const RunOptions& o) {
+                          std::vector<std::pair<llama_token, float>> out;
+                          for (const auto& b : o.sampling.logit_bias) out.emplace_back(b.token, b.bias);
+                          return out;
+                      },
+                      [](RunOptions& o, const std::vector<std::pair<llama_token, float>>& v) {
+                          o.sampling.logit_bias.clear();
+                          for (const auto& [t, b] : v) o.sampling.logit_bias.push_back({t, b});
+                      })
         .def_property("seed_per_sample", [](const RunOptions& o) { return o.sampling.seed_per_sample; },
                       [](RunOptions& o, bool v) { o.sampling.seed_per_sample = v; })
         .def_property("stop", [](const RunOptions& o) { return o.sampling.stop; },

@@ -1,6 +1,7 @@
 #include "runtime/sampling.h"
 
 #include <cmath>
+#include <string>
 
 #include "base/errors.h"
 
@@ -11,19 +12,26 @@ void SamplingParams::validate() const {
     if (!(top_p > 0.0f && top_p <= 1.0f)) throw ParamError("top_p must be in (0, 1]");
     if (top_k < 0) throw ParamError("top_k must be >= 0 (0 disables it)");
     if (!(min_p >= 0.0f && min_p < 1.0f)) throw ParamError("min_p must be in [0, 1)");
+    for (const llama_logit_bias& b : logit_bias)
+        if (std::isnan(b.bias) || b.bias == INFINITY)  // -inf bans a token; +inf would make every logit inf
+            throw ParamError("logit_bias of token " + std::to_string(b.token) + " must be a number or -inf");
 }
 
 llama_sampler* make_sampler_chain(const SamplingParams& p, const llama_vocab* vocab) {
     p.validate();
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+    for (const llama_logit_bias& b : p.logit_bias)  // before anything is allocated
+        if (b.token < 0 || b.token >= n_vocab)
+            throw ParamError("logit_bias token id " + std::to_string(b.token) + " is outside the vocabulary [0, " +
+                             std::to_string(n_vocab) + ")");
     llama_sampler* chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
-    if (p.ignore_eos) {
-        std::vector<llama_logit_bias> bias;
-        const int n_vocab = llama_vocab_n_tokens(vocab);
+    std::vector<llama_logit_bias> bias = p.logit_bias;
+    if (p.ignore_eos)
         for (llama_token t = 0; t < n_vocab; ++t)
             if (llama_vocab_is_eog(vocab, t)) bias.push_back({t, -INFINITY});
+    if (!bias.empty())
         llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(n_vocab, static_cast<int32_t>(bias.size()),
                                                                      bias.data()));
-    }
     if (p.temperature <= 0.0f) {
         llama_sampler_chain_add(chain, llama_sampler_init_greedy());
         return chain;

@@ -18,6 +18,9 @@ struct SamplingParams {
     float min_p = 0.0f;
     uint32_t seed = 0;
     bool ignore_eos = false;   // ban end-of-generation tokens (fixed-length runs, benchmarks)
+    // Added to these tokens' logits before any other sampler (OpenAI's logit_bias); token ids are
+    // checked against the vocabulary when the chain is built.
+    std::vector<llama_logit_bias> logit_bias;
     void validate() const;     // ParamError naming the value out of range
 };
 

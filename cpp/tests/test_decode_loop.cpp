@@ -411,6 +411,49 @@ void test_parallel_errors() {
     for (int s = 0; s < n; ++s) CHECK(!ok.sample(s).tokens.empty() || ok.sample(s).finish_reason() == "eos");
 }
 
+// OpenAI's logit_bias: a banned token is never drawn, a forced one always; bad entries are
+// refused before any sampler exists (LeakSanitizer checks nothing leaks).
+void test_logit_bias() {
+    auto model = shared_model();
+    const int V = model->info().n_vocab;
+    TappedContext tc(model, parallel_context(2));
+    const std::vector<llama_token> prompt = chat_prompt(*model, kQuestion);
+    SampleParams greedy = sample_params(2, 6, 5);
+    greedy.temperature = 0.0f;
+    greedy.ignore_eos = true;
+    DecodeLoop plain(tc, prompt, greedy, {});
+    plain.advance(6, nullptr);
+    const llama_token first = plain.sample(0).tokens.at(0);
+
+    SampleParams ban = greedy;
+    ban.logit_bias = {{first, -100.0f}};
+    DecodeLoop banned(tc, prompt, ban, {});
+    banned.advance(6, nullptr);
+    for (int s = 0; s < 2; ++s)
+        for (llama_token t : banned.sample(s).tokens) CHECK_MSG(t != first, "a banned token was drawn");
+
+    const llama_token paris = model->tokenize(" Paris", false, false).at(0);
+    SampleParams force = sample_params(2, 6, 5);  // sampled: +100 outweighs every other logit
+    force.ignore_eos = true;  // merged into the same bias list
+    force.logit_bias = {{paris, 100.0f}};
+    DecodeLoop forced(tc, prompt, force, {});
+    forced.advance(6, nullptr);
+    for (int s = 0; s < 2; ++s) CHECK(forced.sample(s).tokens == std::vector<llama_token>(6, paris));
+
+    auto make = [&](const SampleParams& sp) { DecodeLoop loop(tc, prompt, sp, {}); };
+    SampleParams bad = greedy;
+    bad.logit_bias = {{paris, 1.0f}, {V, 1.0f}};
+    EXPECT_THROW_MSG(ParamError, make(bad), "outside the vocabulary", "logit_bias token == n_vocab");
+    bad.logit_bias = {{-1, 1.0f}};
+    EXPECT_THROW_MSG(ParamError, make(bad), "outside the vocabulary", "logit_bias token -1");
+    bad.logit_bias = {{paris, NAN}};
+    EXPECT_THROW(ParamError, make(bad), "logit_bias NaN");
+    bad.logit_bias = {{paris, INFINITY}};
+    EXPECT_THROW(ParamError, make(bad), "logit_bias +inf");
+    bad.logit_bias = {{paris, -INFINITY}};
+    EXPECT_NO_THROW(make(bad), "logit_bias -inf bans");
+}
+
 // log_softmax of a logits row, in double.
 std::vector<double> log_softmax(const float* logits, int n_vocab) {
     double mx = logits[0];
@@ -482,5 +525,6 @@ std::vector<TestCase> decode_loop_tests() {
         {"decode_loop", "parallel_logprobs", test_parallel_logprobs, true},
         {"decode_loop", "hand_off", test_hand_off, true},
         {"decode_loop", "new_method", test_new_method, true},
+        {"decode_loop", "logit_bias", test_logit_bias, true},
     };
 }

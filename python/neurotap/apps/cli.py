@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, List, Optional
@@ -572,27 +573,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for module in ("fastapi", "uvicorn", "sse_starlette"):
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"neurotap serve needs {module}: pip install 'neurotap[server]'")
-    from .server import parse_neat_args, serve
+    from .server import parse_neat_args, parse_neureasoner_args, serve
 
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("NEUROTAP_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key (or NEUROTAP_API_KEY) is empty: give a key, or leave both unset for no key")
     model = _load(args)
     serve(model, host=args.host, port=args.port, name=args.alias, neat=parse_neat_args(args.neat or [], model),
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, neureasoner=parse_neureasoner_args(args.neureasoner or [], model),
+          api_key=api_key.strip() if api_key else None)
     return 0
 
 
 
 def add_serve(sub: Any) -> None:
-    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, n, NAD, NEAT, streaming)")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, n, NAD, NEAT, "
+                                      "NeuReasoner, streaming, metrics)")
     model_args(sv, positional=True)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8080)
     sv.add_argument("--alias", default=None, help="the model id the API reports (default: the model's name)")
     sv.add_argument("--neat", action="append", metavar="NAME=PATH",
                     help="a NEAT calibration requests may name (repeatable; 'default' is always offered)")
+    sv.add_argument("--neureasoner", action="append", metavar="NAME=PATH",
+                    help="a NeuReasoner calibration (neurotap neureasoner calibrate) requests may name (repeatable)")
     sv.add_argument("--max-queue", type=int, default=64,
                     help="requests that may wait while one runs; more get 503 (default 64)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (401 without it; /health "
+                         "stays open); default: the NEUROTAP_API_KEY environment variable, else no key")
     chat_args(sv)
     sv.set_defaults(func=cmd_serve)
 

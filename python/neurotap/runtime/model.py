@@ -6,7 +6,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -292,7 +292,8 @@ class Model:
                  stop: Optional[Union[str, Sequence[str]]] = None, capture: Optional[str] = None,
                  hooks: Sequence[str] = (), tap: bool = True, active_threshold: float = 0.0,
                  progress: Optional[bool] = False, forced: Optional[Sequence[int]] = None,
-                 prefix: Optional[Sequence[int]] = None, neat: Any = None, neureasoner: Any = None) -> Generation:
+                 prefix: Optional[Sequence[int]] = None, neat: Any = None, neureasoner: Any = None,
+                 logit_bias: Optional[Mapping[int, float]] = None) -> Generation:
         """Generate from a prompt (str), chat messages (list of dicts) or token ids.
 
         temperature <= 0 decodes greedily; otherwise the sampler draws with `seed` itself.
@@ -307,6 +308,8 @@ class Model:
         (neurotap.neat.load_calibration) ends the reasoning when its neurons say it is done.
         neureasoner= a NeuReasoner calibration (neurotap.neureasoner.load_calibration) watches its
         detectors and corrects the failures they flag (see Generation.neureasoner_events).
+        logit_bias={token id: bias} adds each bias to its token's logit before sampling (OpenAI's
+        logit_bias: -100 all but bans a token, 100 all but forces it; log-probabilities stay the raw ones).
         """
         forced_ids = [int(t) for t in forced] if forced is not None else []
         if forced is not None:
@@ -323,7 +326,7 @@ class Model:
                            min_p=min_p, seed=seed, stop=stop, reducers=("counts",) if tap else (),
                            active_threshold=active_threshold, capture=capture, hooks=hooks, tap=tap,
                            neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self),
-                           forced=forced_ids, seed_per_sample=False)
+                           forced=forced_ids, seed_per_sample=False, logit_bias=logit_bias)
         ids = self.prompt_tokens(prompt)
         # Full-row captures of long answers, and generate's own context the first time.
         parts = self.run_memory(opts, len(ids), new_context=False)
@@ -349,17 +352,24 @@ class Model:
         """log p(tokens[j] | prompt + tokens[:j]) under the model's raw distribution (llama.cpp's
         logits, full softmax) for each j, and the argmax token at each position (float64, int32):
         one teacher-forced run in generate's context, nothing sampled (lm-eval's loglikelihood)."""
+        lp, top_ids, _ = self.forced_top_logprobs(prompt, tokens, 1)
+        return lp, top_ids[:, 0]
+
+    def forced_top_logprobs(self, prompt: Prompt, tokens: Sequence[int],
+                            k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `forced_logprobs`, with the k most likely tokens at each position: (log p of each
+        given token [T] float64, top ids [T, k], their log-probabilities [T, k])."""
         forced = [int(t) for t in tokens]
         if not forced:
             raise ValueError("tokens must hold at least one token")
         opts = run_options(n=1, max_tokens=len(forced), temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
-                           stop=None, reducers=(), tap=False, logprobs=1, forced=forced, seed_per_sample=False)
+                           stop=None, reducers=(), tap=False, logprobs=k, forced=forced, seed_per_sample=False)
         ids = self.prompt_tokens(prompt)
         with self._lock:
             run = _native.Run(self._generate_context(), ids, opts)
             run.advance(len(forced))
             d = run.sample(0)
-        return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"])[:, 0]
+        return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"]), np.asarray(d["top_logprobs"])
 
     def run_memory(self, opts: Any, n_prompt: int, new_context: bool = True) -> Dict[str, int]:
         """Bytes a run with these native options will need at its peak, by part (the KV cells of
@@ -397,7 +407,8 @@ class Model:
                        ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
                        eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
                        neureasoner: Any = None, kv_tokens: int = 0,
-                       forced: Optional[Sequence[Sequence[int]]] = None, hooks: Sequence[str] = ()) -> SampleRun:
+                       forced: Optional[Sequence[Sequence[int]]] = None, hooks: Sequence[str] = (),
+                       logit_bias: Optional[Mapping[int, float]] = None) -> SampleRun:
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -414,10 +425,11 @@ class Model:
         `run.continue_one(i)` moves the winner into a context of its own). neat= and neureasoner=
         steer every sample as in `generate`. forced=[tokens of sample 0, ..., of sample n-1]
         teacher-forces each sample with its own token stream (then it samples up to max_tokens):
-        real text fed through a model, as `generate(forced=)` does for one sequence. On a
-        mixture-of-experts model, "routing" keeps each token's experts and gate weights per layer
-        (Sample.routing_ids, routing_weights, shexp_gate) and hooks=["mlp.hook_router_probs"] the
-        router's output over every expert; hooks= takes generate's hook names.
+        real text fed through a model, as `generate(forced=)` does for one sequence. logit_bias= as
+        in `generate`. On a mixture-of-experts model, "routing" keeps each token's experts and gate
+        weights per layer (Sample.routing_ids, routing_weights, shexp_gate) and
+        hooks=["mlp.hook_router_probs"] the router's output over every expert; hooks= takes
+        generate's hook names.
         """
         opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                            min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
@@ -425,7 +437,8 @@ class Model:
                            logprobs=logprobs,
                            tap=tap, ignore_eos=ignore_eos, contribution=contribution,
                            contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
-                           neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self))
+                           neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self),
+                           logit_bias=logit_bias)
         if forced is not None:
             streams = [[int(t) for t in f] for f in forced]
             if len(streams) != opts.n:

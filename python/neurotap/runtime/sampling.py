@@ -3,7 +3,7 @@ record reduced natively as it streams (see cpp/run/run.h). A single generation i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -307,7 +307,8 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
                 capture: Optional[str] = None, hooks: Sequence[str] = (), logprobs: int = 0, tap: bool = True,
                 ignore_eos: bool = False, contribution: str = "down", contribution_top: int = 64,
                 eta_rank: int = 500, keep_top: bool = False, neat: Any = None, neureasoner: Any = None,
-                forced: Sequence[int] = (), seed_per_sample: bool = True) -> Any:
+                forced: Sequence[int] = (), seed_per_sample: bool = True,
+                logit_bias: Optional[Mapping[int, float]] = None) -> Any:
     """Checks a run's parameters and returns the native options (one place for generate and sample)."""
     o = _native.RunOptions()
     o.n = positive_int("n", n)
@@ -335,6 +336,7 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
     o.seed = seed_value(seed)
     o.seed_per_sample = bool(seed_per_sample)
     o.ignore_eos = bool(ignore_eos)
+    o.logit_bias = sorted((int(t), float(b)) for t, b in (logit_bias or {}).items())  # ids checked natively
     o.stop = stop_list(stop)
     o.forced = [int(t) for t in forced]
     o.tap = bool(tap)

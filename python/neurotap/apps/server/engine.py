@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ...methods.race import NadRace, race_logprobs, race_reducers
 from ...runtime.model import Model
-from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request
-from .streaming import Streamer
+from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request, rolls_back
+from .streaming import Streamer, Streamers
 
 SLICE = 16  # tokens per native call outside streaming: bounds how late a cancel is seen
 
@@ -29,23 +29,25 @@ class Cancelled(Exception):
 class Server:
     """The worker thread, its bounded queue and the runs it makes, on one model."""
 
-    def __init__(self, model: Model, *, name: str, neat: Optional[Dict[str, Any]] = None, max_queue: int = 64):
+    def __init__(self, model: Model, *, name: str, neat: Optional[Dict[str, Any]] = None, max_queue: int = 64,
+                 neureasoner: Optional[Dict[str, Any]] = None):
         if max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
         self.model, self.name, self.max_queue = model, name, int(max_queue)
         self.neat: Dict[str, Any] = dict(neat or {})
+        self.neureasoner: Dict[str, Any] = dict(neureasoner or {})
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
         self.running: Optional[Job] = None
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "completion_tokens": 0,
-                      "last_cancelled": None}
+                      "prompt_tokens": 0, "nad_decisions": 0, "last_cancelled": None}
         self._pieces: Dict[int, bytes] = {}
         self._thread: Optional[threading.Thread] = None
         self.created = int(time.time())
 
     def parse(self, body: Any, kind: str) -> GenRequest:
-        return parse_request(body, kind, self.model, self.neat)
+        return parse_request(body, kind, self.model, self.neat, self.neureasoner)
 
     # -- queue --------------------------------------------------------------------------
     def start(self) -> None:
@@ -70,6 +72,21 @@ class Server:
             self._waiting += 1
         self._queue.put(job)
 
+    def stats_snapshot(self) -> Dict[str, Any]:
+        """A consistent copy of the counters (/metrics)."""
+        with self._lock:
+            return dict(self.stats)
+
+    def queue_depth(self) -> int:
+        """Requests waiting for the worker (/metrics)."""
+        with self._lock:
+            return self._waiting
+
+    def sequences_in_flight(self) -> int:
+        """Sequences decoding now, all requests (/metrics): the running job's live samples."""
+        with self._lock:
+            return self.running.live if self.running is not None else 0
+
     def health(self) -> Dict[str, Any]:
         with self._lock:
             return {"status": "ok", "model": self.name, "running": self.running.id if self.running else None,
@@ -91,6 +108,7 @@ class Server:
                 with self._lock:
                     self.stats["completed"] += 1
                     self.stats["completion_tokens"] += result["usage"]["completion_tokens"]
+                    self.stats["prompt_tokens"] += result["usage"]["prompt_tokens"]
                 job.emit("done", result)
             except Cancelled:
                 with self._lock:
@@ -127,6 +145,7 @@ class Server:
             finally:
                 job.attach(None)
             job.spent = job.base_spent + run.tokens_sampled
+            job.live = run.n_live
             if job.cancelled:
                 raise Cancelled
             if on_step is not None:
@@ -135,12 +154,15 @@ class Server:
     def _start(self, job: "Job", ids: List[int], **kwargs: Any) -> Any:
         r = job.req
         return self.model.start_sampling(ids, seed=r.seed, stop=r.stop or None, ignore_eos=r.ignore_eos,
-                                         neat=r.neat, **r.sampling, **kwargs)
+                                         neat=r.neat, neureasoner=r.neureasoner, logit_bias=r.logit_bias,
+                                         **r.sampling, **kwargs)
 
     def _execute(self, job: "Job") -> Dict[str, Any]:
         r = job.req
         t0 = time.perf_counter()
         out = self._nad(job) if r.nad is not None else self._sample(job)
+        if r.echo and r.want_logprobs:
+            out["prompt_logprobs"] = self._prompt_logprobs(r)
         out["usage"] = {"prompt_tokens": len(r.ids), "completion_tokens": job.spent,
                         "total_tokens": len(r.ids) + job.spent}
         out["seconds"] = time.perf_counter() - t0
@@ -149,30 +171,48 @@ class Server:
     def _sample(self, job: "Job") -> Dict[str, Any]:
         r = job.req
         k = max(r.logprobs, 1) if r.want_logprobs else 0
-        stream = Streamer(job, r.stop) if r.stream else None
+        held = self.piece if r.neureasoner is not None and rolls_back(r.neureasoner) else None
+        streams = Streamers(job, r.stop, r.n, held) if r.stream else None
+        stream = streams.streams[0] if streams else None  # a reasoning budget's (n = 1)
         step = 1 if stream else SLICE
         budget = r.reasoning_budget
         start = 0
         if budget == 0 and self._thinking_open(r, ""):  # no thinking at all: close the block at once
             return self._force_close(job, None, 0, stream, k)
-        with self._start(job, r.ids, n=r.n, max_tokens=r.max_tokens, reducers=(), tap=r.neat is not None,
+        with self._start(job, r.ids, n=r.n, max_tokens=r.max_tokens, reducers=(), tap=self._taps(r),
                          logprobs=k) as run:
             try:
                 if budget:
                     start = min(budget, r.max_tokens)
-                    self._advance(job, run, start, stream, step)
+                    self._advance(job, run, start, streams, step)
                     s = run.sample(0)
                     if run.n_live and self._thinking_open(r, s.text):  # budget spent mid-thought: force the close
                         run.close()
                         return self._force_close(job, s, run.tokens_sampled, stream, k)
-                self._advance(job, run, r.max_tokens, stream, step, start)
+                self._advance(job, run, r.max_tokens, streams, step, start)
             except Cancelled:
                 run.finish_live("cancelled")
                 raise
             samples = run.samples()
-        if stream:
-            stream.finish(samples[0].text.encode("utf-8"), samples[0])
+        if streams:
+            streams.finish(samples)
         return {"choices": [self._choice(s, r) for s in samples]}
+
+    @staticmethod
+    def _taps(r: GenRequest) -> bool:
+        return r.neat is not None or r.neureasoner is not None  # both read the neurons
+
+    def _prompt_logprobs(self, r: GenRequest) -> List[Any]:
+        """echo with logprobs: each prompt token's log-probability given the ones before it (the
+        first has none), teacher-forced in generate's context."""
+        first: List[Any] = [(r.ids[0], None, None)]
+        if len(r.ids) == 1:
+            return first
+        k = max(r.logprobs, 1)
+        lp, top_ids, top_lp = self.model.forced_top_logprobs(r.ids[:1], r.ids[1:], k)
+        return first + [(t, float(lp[j]), [(int(a), float(b)) for a, b in zip(top_ids[j][:r.logprobs],
+                                                                               top_lp[j][:r.logprobs])])
+                        for j, t in enumerate(r.ids[1:])]
 
     @staticmethod
     def _thinking_open(r: GenRequest, text: str) -> bool:
@@ -200,7 +240,7 @@ class Server:
                 stream.finish(b"")
             return {"choices": [{**head, "text": head_text, "finish": "length", "tokens": len(head_tokens)}],
                     "forced_close": len(tokens1)}
-        with self._start(job, r.ids + head_tokens, n=1, max_tokens=left, reducers=(), tap=r.neat is not None,
+        with self._start(job, r.ids + head_tokens, n=1, max_tokens=left, reducers=(), tap=self._taps(r),
                          logprobs=k) as run:
             try:
                 self._advance(job, run, left, stream, 1 if stream else SLICE)
@@ -227,12 +267,14 @@ class Server:
         with NadRace(self.model, r.ids, n=n, early_stop=early, max_tokens=r.max_tokens, seed=seed,
                      logprobs=race_logprobs([method], k), reducers=race_reducers([method]),
                      stop=r.stop or None, ignore_eos=r.ignore_eos,
-                     neat=r.neat, **r.sampling) as race:
+                     neat=r.neat, logit_bias=r.logit_bias, **r.sampling) as race:
             # Streamed from the decision on: the winner's first tokens at once, then token by token.
             stream = Streamer(job, r.stop) if r.stream else None
             try:
                 self._advance(job, race, race.decision_at)
                 pick = race.decide(method, k=spec["k"])
+                with self._lock:
+                    self.stats["nad_decisions"] += 1
                 on_step = (lambda _: stream.update(race.sample(pick))) if stream else None
                 if on_step is not None:
                     on_step(race)
@@ -270,7 +312,11 @@ class Server:
                    for j, t in enumerate(s.tokens)]
         return {"index": s.index, "text": s.text, "finish": s.finish_reason, "tokens": s.n_tokens, "logprobs": lps,
                 "neat_exit_at": s.neat_exit_at, "neat_events": len(s.neat_events),
-                "neat_bans": sum(1 for e in s.neat_events if e[1] == 1)}
+                "neat_bans": sum(1 for e in s.neat_events if e[1] == 1),
+                "neureasoner_exit_at": s.neureasoner_exit_at,
+                "neureasoner_events": [{"token": e.token, "level": e.level_name, "action": e.action_name,
+                                        "probability": round(float(e.probability), 6), "rollback_to": e.rollback_to}
+                                       for e in s.neureasoner_events]}
 
 
 class Job:
@@ -285,6 +331,7 @@ class Job:
         self.cancelled = False
         self.finished = False
         self.spent = 0  # tokens sampled so far, all samples
+        self.live = req.nad["n"] if req.nad is not None else req.n  # its sequences decoding (/metrics)
         self.base_spent = 0
         self._run: Any = None
         self._lock = threading.Lock()

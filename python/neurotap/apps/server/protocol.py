@@ -2,6 +2,7 @@
 OpenAI's format, finish reasons mapped, and responses (with logprobs and reasoning content) built."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -33,6 +34,51 @@ def error_body(message: str, kind: str, param: Optional[str] = None, code: Optio
 
 
 # -- request parsing --------------------------------------------------------------------
+MAX_DEPTH = 64  # JSON nesting a request may have (a chat body needs 5)
+
+
+def decode_body(raw: bytes) -> Any:
+    """The JSON of a request body, or a RequestError: not JSON, not UTF-8, NaN or Infinity,
+    numbers too long to read, nesting too deep for json's recursion (RecursionError)."""
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        raise RequestError(f"the request body is nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, bad UTF-8, over-long integers
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    return body  # parse_request checks the rest (check_json)
+
+
+def check_json(body: Any) -> None:
+    """RequestError for what JSON can hold and a request cannot: nesting deeper than MAX_DEPTH, a
+    string (or key) that is not valid Unicode (a lone surrogate such as "\\ud800" decodes to a str
+    that UTF-8 cannot encode). Iterative: no recursion on the client's nesting."""
+    stack: List[Tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RequestError(f"the request body is nested too deeply (more than {MAX_DEPTH} levels)", path or None)
+        if isinstance(v, str):
+            _unicode(v, path)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                _unicode(k, path)
+                stack.append((x, f"{path}.{k}" if path else k, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
+def _unicode(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{path or 'the request body'} holds {text[e.start:e.end]!r} at character {e.start}, "
+                           "which is not valid Unicode (a lone surrogate)", path or None) from None
+
+
 def _number(body: Dict[str, Any], key: str, default: Any, lo: float, hi: float, integer: bool = False) -> Any:
     v = body.get(key)
     if v is None:
@@ -84,11 +130,19 @@ class GenRequest:
     neat_name: Optional[str] = None
     neat: Any = None
     reasoning_budget: Optional[int] = None
+    logit_bias: Dict[int, float] = field(default_factory=dict)
+    echo: bool = False
+    prompt_text: str = ""  # what echo prepends (completions)
+    neureasoner_name: Optional[str] = None
+    neureasoner: Any = None
 
 
-def parse_request(body: Any, kind: str, model: Model, neat: Dict[str, Any]) -> GenRequest:
+def parse_request(body: Any, kind: str, model: Model, neat: Dict[str, Any],
+                  neureasoner: Optional[Dict[str, Any]] = None) -> GenRequest:
     """A request body checked and turned into a GenRequest (RequestError names what is wrong).
-    `neat`: the calibrations requests may name ('default' is loaded into it on first use)."""
+    `neat`: the calibrations requests may name ('default' is loaded into it on first use);
+    `neureasoner`: the NeuReasoner calibrations the server was started with, by name."""
+    check_json(body)
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     thinking = False
@@ -122,8 +176,9 @@ def parse_request(body: Any, kind: str, model: Model, neat: Dict[str, Any]) -> G
             ids = list(p)
         else:
             raise RequestError("'prompt' must be a string, a list of one string or a list of token ids", "prompt")
-        if body.get("suffix") or body.get("echo"):
-            raise RequestError("'suffix' and 'echo' are not supported", "suffix" if body.get("suffix") else "echo")
+        if body.get("suffix"):
+            raise RequestError("'suffix' is not supported", "suffix")
+        echo_text = p if isinstance(p, str) else model.detokenize(ids)
     if not ids:
         raise RequestError("the prompt is empty", "prompt" if kind == "completion" else "messages")
     for key in ("presence_penalty", "frequency_penalty"):
@@ -131,10 +186,13 @@ def parse_request(body: Any, kind: str, model: Model, neat: Dict[str, Any]) -> G
             raise RequestError(f"'{key}' is not supported", key)
     if body.get("repeat_penalty") not in (None, 1, 1.0):
         raise RequestError("'repeat_penalty' is not supported (only 1.0)", "repeat_penalty")
-    for key in ("tools", "functions", "response_format", "grammar", "logit_bias"):
+    for key in ("tools", "functions", "response_format", "grammar"):
         if body.get(key):
             raise RequestError(f"'{key}' is not supported", key)
     r = GenRequest(kind=kind, ids=ids, thinking=thinking)
+    if kind == "completion":
+        r.echo, r.prompt_text = _flag(body, "echo"), echo_text
+    r.logit_bias = _logit_bias(body.get("logit_bias"), model.info.n_vocab)
     room = model.n_ctx - len(ids)
     if room <= 0:
         raise RequestError(f"the prompt ({len(ids)} tokens) fills the context of {model.n_ctx} tokens",
@@ -172,13 +230,33 @@ def parse_request(body: Any, kind: str, model: Model, neat: Dict[str, Any]) -> G
             raise RequestError("'stream_options' must be an object", "stream_options")
         r.include_usage = _flag(so, "include_usage")
     r.ignore_eos = _flag(body, "ignore_eos")
-    if r.stream and r.n != 1:
-        raise RequestError("'stream' needs n = 1", "stream")
-    _parse_methods(body, r, model, neat)
+    if r.echo and r.stream and r.want_logprobs:
+        raise RequestError("'echo' with 'logprobs' is not streamed: ask without 'stream' (the prompt's "
+                           "log-probabilities come in the whole answer)", "echo")
+    _parse_methods(body, r, model, neat, neureasoner or {})
     return r
 
 
-def _parse_methods(body: Dict[str, Any], r: GenRequest, model: Model, neat_cals: Dict[str, Any]) -> None:
+def _logit_bias(v: Any, n_vocab: int) -> Dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise RequestError("'logit_bias' must be an object of token ids (as strings) to biases in [-100, 100]",
+                           "logit_bias")
+    out: Dict[int, float] = {}
+    for k, b in v.items():
+        t = int(k) if isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 10 else -1
+        if not 0 <= t < n_vocab:
+            raise RequestError(f"'logit_bias' key {k!r} is not a token id in [0, {n_vocab})", "logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise RequestError(f"'logit_bias' of token {k} must be a number in [-100, 100], got {b!r}", "logit_bias")
+        out[t] = float(b)
+    return out
+
+
+def _parse_methods(body: Dict[str, Any], r: GenRequest, model: Model, neat_cals: Dict[str, Any],
+                   nr_cals: Dict[str, Any]) -> None:
     nad = body.get("nad")
     if nad is not None:
         if not isinstance(nad, dict):
@@ -224,6 +302,45 @@ def _parse_methods(body: Dict[str, Any], r: GenRequest, model: Model, neat_cals:
         r.reasoning_budget = _number(body, "reasoning_budget", None, 0, 2**31 - 1, integer=True)
         if r.n != 1 or r.nad is not None:
             raise RequestError("'reasoning_budget' works with n = 1 and no 'nad'", "reasoning_budget")
+    _parse_neureasoner(body.get("neureasoner"), r, nr_cals)
+
+
+def _parse_neureasoner(v: Any, r: GenRequest, cals: Dict[str, Any]) -> None:
+    """"neureasoner": "NAME" or {"calibration": "NAME", "actions": {"intra": "none", ...}}: a
+    calibration the server was started with (--neureasoner NAME=PATH), its actions overridden."""
+    if v is None:
+        return
+    from ...methods.neureasoner import ACTIONS, LEVELS
+
+    actions: Any = {}
+    if isinstance(v, dict):
+        unknown = set(v) - {"calibration", "actions"}
+        if unknown:
+            raise RequestError(f"unknown 'neureasoner' fields: {', '.join(sorted(unknown))}", "neureasoner")
+        v, actions = v.get("calibration"), v.get("actions") or {}
+        if not isinstance(actions, dict) or not all(
+                k in LEVELS and isinstance(a, str) and a in ACTIONS for k, a in actions.items()):
+            raise RequestError(f"'neureasoner.actions' must map levels ({', '.join(LEVELS)}) to actions "
+                               f"({', '.join(ACTIONS)})", "neureasoner.actions")
+    if not isinstance(v, str) or v not in cals:
+        names = ", ".join(sorted(cals)) or "none"
+        raise RequestError(f"unknown NeuReasoner calibration {v!r} (this server has: {names}; start it with "
+                           "--neureasoner NAME=PATH)", "neureasoner")
+    if r.nad is not None:
+        raise RequestError("'neureasoner' does not run inside a NAD race ('nad'): its rollbacks rewrite the "
+                           "neuron records the race decides on", "neureasoner")
+    if r.reasoning_budget is not None:
+        raise RequestError("'neureasoner' and 'reasoning_budget' both end the reasoning: give one", "neureasoner")
+    cal = cals[v].with_actions(**actions) if actions else cals[v]
+    if r.stream and r.want_logprobs and rolls_back(cal):
+        raise RequestError("a streamed answer's log-probabilities cannot follow NeuReasoner's rollbacks: ask "
+                           "without 'stream', or with actions that do not roll back (none, exit)", "neureasoner")
+    r.neureasoner_name, r.neureasoner = v, cal
+
+
+def rolls_back(cal: Any) -> bool:
+    """Whether a NeuReasoner calibration may take back generated text (resample, redirect)."""
+    return any(d.enabled and d.action in ("resample", "redirect") for d in cal.levels.values())
 
 
 # -- response formatting ----------------------------------------------------------------
@@ -262,6 +379,8 @@ def chat_logprobs(piece: Piece, lps: Optional[list]) -> Optional[Dict[str, Any]]
 
 
 def completion_logprobs(piece: Piece, lps: Optional[list], offset: int = 0) -> Optional[Dict[str, Any]]:
+    """The legacy logprobs object; an entry (token, None, None) is a prompt's first token (echo),
+    which has no log-probability."""
     if lps is None:
         return None
     tokens, offsets, pos = [], [], offset
@@ -271,7 +390,29 @@ def completion_logprobs(piece: Piece, lps: Optional[list], offset: int = 0) -> O
         offsets.append(pos)
         pos += len(s)
     return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in lps], "text_offset": offsets,
-            "top_logprobs": [{piece(a).decode("utf-8", errors="replace"): b for a, b in top} for _, _, top in lps]}
+            "top_logprobs": [None if top is None else {piece(a).decode("utf-8", errors="replace"): b for a, b in top}
+                             for _, _, top in lps]}
+
+
+def extension(job: Any, result: Dict[str, Any]) -> Dict[str, Any]:
+    """The "neurotap" extension of a finished job's response (or its stream's last chunk): finish
+    reasons, seconds, and what NAD, NEAT, NeuReasoner and a reasoning budget did."""
+    r = job.req
+    ext: Dict[str, Any] = {"finish_reasons": [c["finish"] for c in result["choices"]],
+                           "seconds": round(result["seconds"], 4)}
+    if "nad" in result:
+        ext["nad"] = result["nad"]
+    if r.neat is not None:
+        ext["neat"] = {"calibration": r.neat_name,
+                       "samples": [{"exit_at": c["neat_exit_at"], "decisions": c["neat_events"], "bans": c["neat_bans"]}
+                                   for c in result["choices"]]}
+    if r.neureasoner is not None:
+        ext["neureasoner"] = {"calibration": r.neureasoner_name,
+                              "samples": [{"exit_at": c["neureasoner_exit_at"], "events": c["neureasoner_events"]}
+                                          for c in result["choices"]]}
+    if "forced_close" in result:
+        ext["reasoning_budget"] = {"forced_after": result["forced_close"]}
+    return ext
 
 
 def format_response(job: Any, result: Dict[str, Any], name: str, piece: Piece) -> Dict[str, Any]:
@@ -287,18 +428,11 @@ def format_response(job: Any, result: Dict[str, Any], name: str, piece: Piece) -
             choices.append({"index": c["index"], "message": msg, "logprobs": chat_logprobs(piece, c["logprobs"]),
                             "finish_reason": FINISH[c["finish"]]})
         else:
-            choices.append({"index": c["index"], "text": c["text"], "logprobs": completion_logprobs(piece, c["logprobs"]),
-                            "finish_reason": FINISH[c["finish"]]})
-    ext: Dict[str, Any] = {"finish_reasons": [c["finish"] for c in result["choices"]],
-                           "seconds": round(result["seconds"], 4)}
-    if "nad" in result:
-        ext["nad"] = result["nad"]
-    if r.neat is not None:
-        ext["neat"] = {"calibration": r.neat_name,
-                       "samples": [{"exit_at": c["neat_exit_at"], "decisions": c["neat_events"], "bans": c["neat_bans"]}
-                                   for c in result["choices"]]}
-    if "forced_close" in result:
-        ext["reasoning_budget"] = {"forced_after": result["forced_close"]}
+            lps = c["logprobs"]
+            if r.echo and lps is not None:  # the prompt's tokens first (the engine computed them)
+                lps = result["prompt_logprobs"] + lps
+            choices.append({"index": c["index"], "text": (r.prompt_text if r.echo else "") + c["text"],
+                            "logprobs": completion_logprobs(piece, lps), "finish_reason": FINISH[c["finish"]]})
     return {"id": job.id, "object": "chat.completion" if r.kind == "chat" else "text_completion",
             "created": job.created, "model": name, "choices": choices, "usage": result["usage"],
-            "neurotap": ext}
+            "neurotap": extension(job, result)}

@@ -3,18 +3,20 @@ deltas into OpenAI's server-sent events (sse_events, on the event loop)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
-from .protocol import (FINISH, Piece, RequestError, chat_logprobs, completion_logprobs, error_body, pending_marker,
-                       split_reasoning)
+from .protocol import (FINISH, Piece, RequestError, chat_logprobs, completion_logprobs, error_body, extension,
+                       pending_marker, split_reasoning)
 
 
 class Streamer:
-    """Turns a run's growing text into stream deltas: never half a UTF-8 character, never the
-    beginning of a stop string (the engine cuts a matched stop string from the text)."""
+    """Turns a run's growing text into stream deltas of choice `index`: never half a UTF-8
+    character, never the beginning of a stop string (the engine cuts a matched stop string from
+    the text). `piece` given: only whole lines before the newest token go out until the end (text
+    that NeuReasoner's rollbacks, which go back to the start of the current line, cannot take back)."""
 
-    def __init__(self, job: Any, stops: List[str]):
-        self.job = job
+    def __init__(self, job: Any, stops: List[str], index: int = 0, piece: Optional[Piece] = None):
+        self.job, self.index, self.piece = job, index, piece
         self.stops = [s.encode("utf-8") for s in stops]
         self.base = b""  # text before the current run's (thoughts and a forced close)
         self.sent = 0  # bytes sent
@@ -45,6 +47,9 @@ class Streamer:
     def _push(self, data: bytes, sample: Any, final: bool) -> None:
         full = self.base + data
         end = len(full) if final else self._safe_end(full)
+        if self.piece is not None and not final:
+            last = len(self.piece(sample.tokens[-1])) if sample is not None and sample.tokens else 0
+            end = min(end, full.rfind(b"\n", 0, max(len(full) - last, 0)) + 1)
         text = full[self.sent:end].decode("utf-8", errors="replace") if end > self.sent else ""
         self.sent = max(self.sent, end)
         lps = None
@@ -55,7 +60,7 @@ class Streamer:
                    for j in range(self.run_sent, sample.n_tokens)]
             self.run_sent = sample.n_tokens
         if text or lps:
-            self.job.emit("delta", {"text": text, "logprobs": lps})
+            self.job.emit("delta", {"index": self.index, "text": text, "logprobs": lps})
 
     def __call__(self, run: Any) -> None:
         self.update(run.sample(0))
@@ -68,61 +73,97 @@ class Streamer:
         self._push(data, sample, True)
 
 
+class Streamers:
+    """The streams of a run's n samples (OpenAI's indexed choices): each step, what every live
+    sample added goes out under its index; a sample that ended sends the rest of its text once."""
 
-def chunk(job: Any, name: str, choice: Dict[str, Any]) -> Dict[str, Any]:
+    def __init__(self, job: Any, stops: List[str], n: int, piece: Optional[Piece] = None):
+        self.streams = [Streamer(job, stops, i, piece) for i in range(n)]
+        self.done = [False] * n
+
+    def __call__(self, run: Any) -> None:
+        for i, st in enumerate(self.streams):
+            if not self.done[i]:
+                s = run.sample(i)
+                self.done[i] = s.finish_reason != ""
+                (st.finish(s.text.encode("utf-8"), s) if self.done[i] else st.update(s))
+
+    def finish(self, samples: List[Any]) -> None:
+        for i, s in enumerate(samples):
+            if not self.done[i]:
+                self.done[i] = True
+                self.streams[i].finish(s.text.encode("utf-8"), s)
+
+
+
+def chunk(job: Any, name: str, choices: List[Dict[str, Any]], **extra: Any) -> Dict[str, Any]:
     obj = "chat.completion.chunk" if job.req.kind == "chat" else "text_completion"
     return {"data": json.dumps({"id": job.id, "object": obj, "created": job.created, "model": name,
-                                "choices": [{"index": 0, **choice}]})}
+                                "choices": choices, **extra})}
+
+
+class _Choice:
+    """What one streamed choice has sent: its text (chat: split into reasoning and content)."""
+
+    def __init__(self) -> None:
+        self.text, self.sent_r, self.sent_c = "", 0, 0
+
+    def delta(self, thinking: bool) -> Dict[str, Any]:
+        reasoning, content = split_reasoning(self.text, thinking)
+        d: Dict[str, Any] = {}
+        if reasoning is not None and len(reasoning) > self.sent_r:
+            d["reasoning_content"] = reasoning[self.sent_r:]
+            self.sent_r = len(reasoning)
+        if len(content) > self.sent_c:
+            d["content"] = content[self.sent_c:]
+            self.sent_c = len(content)
+        return d
+
 
 async def sse_events(job: Any, name: str, piece: Piece) -> Any:
-    """The server-sent events of a streamed job: its deltas as they come (chat text split into
-    reasoning and content), the finish, the usage if asked, [DONE]; an error event instead."""
+    """The server-sent events of a streamed job: each choice's deltas as they come under its index
+    (chat text split into reasoning and content), every choice's finish, the usage if asked,
+    [DONE]; the last chunk before [DONE] carries the "neurotap" extension (NAD's candidates, NEAT's
+    and NeuReasoner's events); an error event instead."""
     r = job.req
-    text = ""  # all streamed text; chat splits it into reasoning and content
-    sent_r = sent_c = 0
+    n = 1 if r.nad is not None else r.n
+    choices = [_Choice() for _ in range(n)]
     try:
         if r.kind == "chat":
-            yield chunk(job, name, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None})
+            for i in range(n):
+                yield chunk(job, name, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                         "finish_reason": None}])
+        elif r.echo:  # the prompt first, as OpenAI's legacy completions stream it
+            for i in range(n):
+                yield chunk(job, name, [{"index": i, "text": r.prompt_text, "logprobs": None, "finish_reason": None}])
         while True:
             kind_, payload = await job.events.get()
             if kind_ == "delta":
+                i = payload["index"]
+                c = choices[i]
                 if r.kind == "completion":
-                    yield chunk(job, name, {"text": payload["text"], "finish_reason": None,
-                                      "logprobs": completion_logprobs(piece, payload["logprobs"], len(text))})
-                    text += payload["text"]
+                    yield chunk(job, name, [{"index": i, "text": payload["text"], "finish_reason": None,
+                                             "logprobs": completion_logprobs(piece, payload["logprobs"], len(c.text))}])
+                    c.text += payload["text"]
                     continue
-                text += payload["text"]
-                if pending_marker(text, r.thinking):
+                c.text += payload["text"]
+                if pending_marker(c.text, r.thinking):
                     continue
-                reasoning, content = split_reasoning(text, r.thinking)
-                delta: Dict[str, Any] = {}
-                if reasoning is not None and len(reasoning) > sent_r:
-                    delta["reasoning_content"] = reasoning[sent_r:]
-                    sent_r = len(reasoning)
-                if len(content) > sent_c:
-                    delta["content"] = content[sent_c:]
-                    sent_c = len(content)
+                delta = c.delta(r.thinking)
                 lps = chat_logprobs(piece, payload["logprobs"])
                 if delta or lps:
-                    yield chunk(job, name, {"delta": delta, "logprobs": lps, "finish_reason": None})
+                    yield chunk(job, name, [{"index": i, "delta": delta, "logprobs": lps, "finish_reason": None}])
             elif kind_ == "done":
-                c = payload["choices"][0]
-                fin = FINISH[c["finish"]]
-                if r.kind == "chat":
-                    reasoning, content = split_reasoning(text, r.thinking)
-                    delta = {}
-                    if reasoning is not None and len(reasoning) > sent_r:
-                        delta["reasoning_content"] = reasoning[sent_r:]
-                    if len(content) > sent_c:
-                        delta["content"] = content[sent_c:]
-                    yield chunk(job, name, {"delta": delta, "logprobs": None, "finish_reason": fin})
-                else:
-                    yield chunk(job, name, {"text": "", "logprobs": None, "finish_reason": fin})
+                ext = extension(job, payload)
+                final = payload["choices"]
+                for i, c in enumerate(final):
+                    fin = FINISH[c["finish"]]
+                    one = ({"delta": choices[i].delta(r.thinking)} if r.kind == "chat" else {"text": ""})
+                    # The extension goes on the last chunk: this one, or the usage after it.
+                    extra = {"neurotap": ext} if not r.include_usage and i == len(final) - 1 else {}
+                    yield chunk(job, name, [{"index": i, **one, "logprobs": None, "finish_reason": fin}], **extra)
                 if r.include_usage:
-                    obj = "chat.completion.chunk" if r.kind == "chat" else "text_completion"
-                    yield {"data": json.dumps({"id": job.id, "object": obj, "created": job.created,
-                                               "model": name, "choices": [], "usage": payload["usage"]})}
+                    yield chunk(job, name, [], usage=payload["usage"], neurotap=ext)
                 yield {"data": "[DONE]"}
                 return
             else:
