@@ -167,7 +167,7 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
             w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
             pending.append((name, shape, std, qtype))
             return
-        arr = np.ones(shape, np.float32) if std is None else rng.standard_normal(shape).astype(np.float32) * std
+        arr = np.ones(shape, np.float32) if std is None else (rng.standard_normal(shape) * std).astype(np.float32)
         if fill is not None:
             arr[:] = fill
         if blocks:
