@@ -147,11 +147,21 @@ private:
     std::vector<int32_t> missing_ids_;    // the pass's ids not cached before it, in row order
     std::vector<int> missing_slot_;       // and the slot each is cached in (-1: none free)
     std::unordered_map<int32_t, int> pass_row_;
+    struct Target {  // MoE: one projection of one expert to compute
+        int urow, prow, slot;  // row of u_; row of the pass's projections (-1: none); cache slot (-1: none)
+    };
     struct Scratch {  // one thread's
         std::vector<float> proj;  // [missing ids, n_ff]: one layer's new projections
         std::vector<float> row, c, top;
         std::vector<int32_t> idx;
+        std::vector<std::vector<Target>> targets;  // MoE: per expert segment
+        std::vector<uint8_t> seen;
+        std::vector<float> u, d;
     };
+    int moe_segments() const;  // experts + the shared one (0: dense)
+    void project_experts(int l, const std::vector<int>& which, Scratch& s);
+    std::vector<uint8_t> valid_;                 // MoE: [slot, layer, segment] projection computed
+    std::unordered_map<int, int> hit_row_;       // MoE: cache slot -> its row after the new ids in u_
     std::vector<Scratch> scratch_;
     int64_t step_ = 0, hits_ = 0, misses_ = 0;
 };
