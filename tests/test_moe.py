@@ -220,10 +220,21 @@ def test_contribution_cache_computes_experts_lazily(moe_dir):
     W = _tensors(path)
     ids = model.tokenize(" the cat sat on a mat", add_special=False)[:6]
     streams = [[ids[(3 * k + i) % len(ids)] for k in range(100)] for i in range(4)]
-    samples, watch = run_all(model, n=4, max_tokens=100, hooks=("ln2.hook_normalized",), forced=streams)
+    info = model.info
+    watch = [(0, 0), (1, info.n_ff - 1), (1, info.n_ff_exp + 3), (0, info.n_ff // 2)]
+    with model.start_sampling(PROMPT, n=4, max_tokens=100, seed=7, forced=streams, watch=watch, keep_top=True,
+                              chunk=4, hooks=["ln2.hook_normalized"],
+                              reducers=("counts", "active_sets", "watch", "rows", "contributions", "routing")) as run:
+        run.advance()
+        stats = run._native.contribution_stats
+        samples = run.samples()
     for s in samples:
         assert s.n_tokens == 100
-        check_sample(s, W, model.info, "qwen2moe", False, watch)
+        check_sample(s, W, info, "qwen2moe", False, watch)
+    # Lazy: far fewer projections than every expert of every (id, layer), some added to cached ids.
+    segments = info.n_expert + 1
+    assert 0 < stats["expert_projections"] < stats["cache_misses"] * info.n_layers * segments
+    assert stats["cache_hits"] > 0 and stats["expert_projections_cached"] > 0, stats
 
 
 def test_neuron_layout_helpers(moe_dir):

@@ -89,6 +89,7 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     cache_used_.clear();
     cache_index_.clear();
     valid_.clear();
+    expert_proj_ = expert_proj_cached_ = 0;
     step_ = hits_ = misses_ = 0;
 }
 
@@ -290,6 +291,8 @@ void ContributionReducer::project_experts(int l, const std::vector<int>& which, 
     for (int e = 0; e < segs; ++e) {
         const auto& tg = s.targets[static_cast<size_t>(e)];
         if (tg.empty()) continue;
+        expert_proj_ += static_cast<int64_t>(tg.size());
+        for (const Target& t : tg) expert_proj_cached_ += t.prow < 0;
         const int64_t off = int64_t{e} * moe.n_ff_exp, width = e < moe.n_expert ? moe.n_ff_exp : moe.n_ff_shexp;
         for (size_t t0 = 0; t0 < tg.size(); t0 += kMaxBatch) {
             const int mn = static_cast<int>(std::min<size_t>(kMaxBatch, tg.size() - t0));
