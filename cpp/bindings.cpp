@@ -780,11 +780,14 @@ PYBIND11_MODULE(_native, m) {
             d["tokens"] = c ? c->tokens_processed() : 0;
             d["cache_hits"] = c ? c->cache_hits() : 0;
             d["cache_misses"] = c ? c->cache_misses() : 0;
+            d["expert_projections"] = c ? c->expert_projections() : 0;
+            d["expert_projections_cached"] = c ? c->expert_projections_cached() : 0;
             d["seconds"] = c ? c->seconds() : 0.0;
             d["dot_seconds"] = c ? c->dot_seconds() : 0.0;
             return d;
         }, "the contribution pass: tokens processed, token ids whose projection was cached or computed, "
-           "seconds in the pass and in its dot products")
+           "seconds in the pass and in its dot products; MoE: (token id, layer, expert) projections computed, and "
+           "those added to an id already cached")
         .def("sample", [](const RunHandle& h, int i) {
             if (i < 0 || i >= h.run->loop().n()) throw ParamError("sample index out of range: " + std::to_string(i));
             return sample_dict(*h.run, i);

@@ -108,6 +108,94 @@ def run_all(model, n=4, max_tokens=8, **kw):
                         chunk=4, **kw), watch
 
 
+def check_sample(s, W: dict, info, arch: str, quant: bool, watch, chunk: int = 4) -> int:
+    """Checks one sample's tap and reducers against numpy; returns the routing decisions compared."""
+    E, F, U, Fs, L = info.n_expert, info.n_ff_exp, info.n_expert_used, info.n_ff_shexp, info.n_layers
+    W_U = W["output.weight"]
+    checked_ids = 0
+    n = s.n_tokens
+    assert s.activations.shape == (n, L, info.n_ff)
+    assert s.routing_ids.shape == (n, L, U)
+    contrib = np.full((n, L, info.n_ff), -np.inf)
+    for t in range(n):
+        for l in range(L):
+            x = s.norm_inputs[t, l].astype(np.float64)
+            probs, ids, margin, w, act, sh, gate = reference_layer(W, arch, l, x, U)
+            row = s.activations[t, l]
+            got_ids = s.routing_ids[t, l]
+            # The tapped route is self-consistent: rows are zero outside the experts that ran.
+            ran = np.zeros(E, bool)
+            ran[got_ids] = True
+            assert len(set(got_ids.tolist())) == U
+            assert np.all(row[: E * F].reshape(E, F)[~ran] == 0)
+            if s.router_probs is not None:
+                np.testing.assert_allclose(s.router_probs[t, l], probs, rtol=1e-3 if not quant else 0.05,
+                                           atol=1e-5 if not quant else 0.05 * np.abs(probs).max())
+            scale = np.abs(act).max()
+            tol = 0.04 * scale if quant else 1e-4 * scale + 1e-6
+            if margin > (0.05 * abs(probs).max() if quant else 1e-4):
+                assert list(got_ids) == list(ids), (t, l, got_ids, ids)
+                np.testing.assert_allclose(s.routing_weights[t, l], w, rtol=0.05 if quant else 1e-4, atol=1e-6)
+                for j, e in enumerate(ids):
+                    np.testing.assert_allclose(row[e * F:(e + 1) * F], act[j], atol=tol)
+                checked_ids += 1
+            if Fs:
+                np.testing.assert_allclose(row[E * F:], sh, atol=1e-4 * np.abs(sh).max() + 1e-6)
+                np.testing.assert_allclose(s.shexp_gate[t, l], gate, rtol=1e-4)
+            else:
+                assert s.shexp_gate is None
+            # Exact contributions from the tapped route and rows: c = a * w * (W_down[e][:, i] . W_U[y]).
+            u = W_U[s.tokens[t]]
+            for j, e in enumerate(got_ids):
+                d = W[f"blk.{l}.ffn_down_exps.weight"][e].T @ u  # [F]
+                contrib[t, l, e * F:(e + 1) * F] = row[e * F:(e + 1) * F] * s.routing_weights[t, l, j] * d
+            if Fs:
+                d = W[f"blk.{l}.ffn_down_shexp.weight"].T @ u
+                contrib[t, l, E * F:] = row[E * F:] * s.shexp_gate[t, l] * d
+    # counts, active sets, watch: from the rows.
+    np.testing.assert_array_equal(s.active_counts, (s.activations > 0).sum(axis=2))
+    sets = np.asarray(s.active_sets)
+    for c in range(sets.shape[0]):
+        bits = (s.activations[c * chunk:(c + 1) * chunk] > 0).any(axis=0).reshape(-1)
+        want = np.packbits(np.pad(bits, (0, sets.shape[1] * 64 - bits.size)).astype(np.uint8), bitorder="little")
+        np.testing.assert_array_equal(sets[c].view(np.uint8), want)
+    np.testing.assert_array_equal(s.watched, np.stack([s.activations[:, l, i] for l, i in watch], axis=1))
+    # Contributions: each layer's top k (idle experts are no candidates), eta, activated sets.
+    K = s.contribution_top_values.shape[2]
+    top = -np.sort(-contrib, axis=2)[:, :, :K]
+    fin = np.isfinite(top)
+    np.testing.assert_array_equal(np.isfinite(s.contribution_top_values), fin)
+    np.testing.assert_allclose(s.contribution_top_values[fin], top[fin], rtol=1e-4,
+                               atol=1e-6 * np.abs(top[fin]).max())
+    idx = s.contribution_top_index
+    csets = np.asarray(s.contribution_sets)
+    for t in range(n):
+        vals = top[t].reshape(-1)
+        eta = -np.sort(-vals)[min(500, vals.size) - 1]
+        np.testing.assert_allclose(s.contribution_eta[t], eta, rtol=1e-4, atol=1e-7)
+        for l in range(L):
+            for r in range(K):
+                i = int(idx[t, l, r])
+                if not np.isfinite(s.contribution_top_values[t, l, r]):
+                    continue
+                # The reducer's neuron has the numpy contribution it reports (an expert that ran).
+                np.testing.assert_allclose(contrib[t, l, i], s.contribution_top_values[t, l, r], rtol=1e-4,
+                                           atol=1e-6 * np.abs(top[fin]).max())
+                bit = l * info.n_ff + i
+                active = bool(csets[t // chunk].view(np.uint8)[bit // 8] >> (bit % 8) & 1)
+                if s.contribution_top_values[t, l, r] > s.contribution_eta[t]:
+                    assert active, (t, l, i)
+    return checked_ids
+
+
+def run_all(model, n=4, max_tokens=8, hooks=("ln2.hook_normalized", "mlp.hook_router_probs"), **kw):
+    info = model.info
+    watch = [(0, 0), (1, info.n_ff - 1), (1, info.n_ff_exp + 3), (0, info.n_ff // 2)]
+    return model.sample(PROMPT, n=n, max_tokens=max_tokens, seed=7, temperature=0.9,
+                        reducers=("counts", "active_sets", "watch", "rows", "contributions", "routing"),
+                        watch=watch, hooks=list(hooks), keep_top=True, chunk=4, **kw), watch
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_moe_layer_and_reducers_match_numpy(moe_dir, name):
     path = moe_file(moe_dir, name)
@@ -115,80 +203,38 @@ def test_moe_layer_and_reducers_match_numpy(moe_dir, name):
     quant = CONFIGS[name].get("weight_type", "f32") != "f32"
     model = neurotap.load(str(path), n_ctx=512)
     info = model.info
-    E, F, U, Fs = info.n_expert, info.n_ff_exp, info.n_expert_used, info.n_ff_shexp
-    assert info.is_moe and info.n_ff == E * F + Fs
+    assert info.is_moe and info.n_ff == info.n_expert * info.n_ff_exp + info.n_ff_shexp
     assert info.tapped_tensors[0] == ("ffn_moe_swiglu_oai-0" if arch == "gpt-oss" else "ffn_moe_swiglu-0")
     W = _tensors(path)
     samples, watch = run_all(model)
-    L = info.n_layers
-    W_U = W["output.weight"]
-    checked_ids = 0
+    assert all(s.router_probs.shape == (s.n_tokens, info.n_layers, info.n_expert) for s in samples)
+    assert sum(check_sample(s, W, info, arch, quant, watch) for s in samples) > 0
+
+
+def test_contribution_cache_computes_experts_lazily(moe_dir):
+    """Recurring token ids in new contexts: after the queue's first pass their projections are
+    cached for the experts they ran then, and later tokens that route elsewhere need more of them
+    (a pass of cache hits that computes only the experts still missing); still exact."""
+    path = moe_file(moe_dir, "qwen2moe-shexp")
+    model = neurotap.load(str(path), n_ctx=1024)
+    W = _tensors(path)
+    ids = model.tokenize(" the cat sat on a mat", add_special=False)[:6]
+    streams = [[ids[(3 * k + i) % len(ids)] for k in range(100)] for i in range(4)]
+    info = model.info
+    watch = [(0, 0), (1, info.n_ff - 1), (1, info.n_ff_exp + 3), (0, info.n_ff // 2)]
+    with model.start_sampling(PROMPT, n=4, max_tokens=100, seed=7, forced=streams, watch=watch, keep_top=True,
+                              chunk=4, hooks=["ln2.hook_normalized"],
+                              reducers=("counts", "active_sets", "watch", "rows", "contributions", "routing")) as run:
+        run.advance()
+        stats = run._native.contribution_stats
+        samples = run.samples()
     for s in samples:
-        n = s.n_tokens
-        assert s.activations.shape == (n, L, info.n_ff)
-        assert s.routing_ids.shape == (n, L, U) and s.router_probs.shape == (n, L, E)
-        contrib = np.full((n, L, info.n_ff), -np.inf)
-        for t in range(n):
-            for l in range(L):
-                x = s.norm_inputs[t, l].astype(np.float64)
-                probs, ids, margin, w, act, sh, gate = reference_layer(W, arch, l, x, U)
-                row = s.activations[t, l]
-                got_ids = s.routing_ids[t, l]
-                # The tapped route is self-consistent: rows are zero outside the experts that ran.
-                ran = np.zeros(E, bool)
-                ran[got_ids] = True
-                assert len(set(got_ids.tolist())) == U
-                assert np.all(row[: E * F].reshape(E, F)[~ran] == 0)
-                np.testing.assert_allclose(s.router_probs[t, l], probs, rtol=1e-3 if not quant else 0.05,
-                                           atol=1e-5 if not quant else 0.05 * np.abs(probs).max())
-                scale = np.abs(act).max()
-                tol = 0.04 * scale if quant else 1e-4 * scale + 1e-6
-                if margin > (0.05 * abs(probs).max() if quant else 1e-4):
-                    assert list(got_ids) == list(ids), (t, l, got_ids, ids)
-                    np.testing.assert_allclose(s.routing_weights[t, l], w, rtol=0.05 if quant else 1e-4, atol=1e-6)
-                    for j, e in enumerate(ids):
-                        np.testing.assert_allclose(row[e * F:(e + 1) * F], act[j], atol=tol)
-                    checked_ids += 1
-                if Fs:
-                    np.testing.assert_allclose(row[E * F:], sh, atol=1e-4 * np.abs(sh).max() + 1e-6)
-                    np.testing.assert_allclose(s.shexp_gate[t, l], gate, rtol=1e-4)
-                else:
-                    assert s.shexp_gate is None
-                # Exact contributions from the tapped route and rows: c = a * w * (W_down[e][:, i] . W_U[y]).
-                u = W_U[s.tokens[t]]
-                for j, e in enumerate(got_ids):
-                    d = W[f"blk.{l}.ffn_down_exps.weight"][e].T @ u  # [F]
-                    contrib[t, l, e * F:(e + 1) * F] = row[e * F:(e + 1) * F] * s.routing_weights[t, l, j] * d
-                if Fs:
-                    d = W[f"blk.{l}.ffn_down_shexp.weight"].T @ u
-                    contrib[t, l, E * F:] = row[E * F:] * s.shexp_gate[t, l] * d
-        # counts, active sets, watch: from the rows.
-        np.testing.assert_array_equal(s.active_counts, (s.activations > 0).sum(axis=2))
-        sets = np.asarray(s.active_sets)
-        for c in range(sets.shape[0]):
-            bits = (s.activations[c * 4:(c + 1) * 4] > 0).any(axis=0).reshape(-1)
-            want = np.packbits(np.pad(bits, (0, sets.shape[1] * 64 - bits.size)).astype(np.uint8), bitorder="little")
-            np.testing.assert_array_equal(sets[c].view(np.uint8), want)
-        np.testing.assert_array_equal(s.watched, np.stack([s.activations[:, l, i] for l, i in watch], axis=1))
-        # Contributions: each layer's top k (idle experts are no candidates), eta, activated sets.
-        K = s.contribution_top_values.shape[2]
-        top = -np.sort(-contrib, axis=2)[:, :, :K]
-        fin = np.isfinite(top)
-        np.testing.assert_array_equal(np.isfinite(s.contribution_top_values), fin)
-        np.testing.assert_allclose(s.contribution_top_values[fin], top[fin], rtol=1e-4, atol=1e-6 * np.abs(top[fin]).max())
-        idx = s.contribution_top_index
-        assert np.all((idx[fin] // F >= 0))
-        for t in range(n):
-            vals = top[t].reshape(-1)
-            eta = -np.sort(-vals)[min(500, vals.size) - 1]
-            np.testing.assert_allclose(s.contribution_eta[t], eta, rtol=1e-4, atol=1e-7)
-            # Activated neurons: only computed ones (an expert that ran, or the shared expert).
-            for l in range(L):
-                for r in range(K):
-                    i = int(idx[t, l, r])
-                    if np.isfinite(s.contribution_top_values[t, l, r]) and i < E * F:
-                        assert i // F in s.routing_ids[t, l]
-    assert checked_ids > 0
+        assert s.n_tokens == 100
+        check_sample(s, W, info, "qwen2moe", False, watch)
+    # Lazy: far fewer projections than every expert of every (id, layer), some added to cached ids.
+    segments = info.n_expert + 1
+    assert 0 < stats["expert_projections"] < stats["cache_misses"] * info.n_layers * segments
+    assert stats["cache_hits"] > 0 and stats["expert_projections_cached"] > 0, stats
 
 
 def test_neuron_layout_helpers(moe_dir):

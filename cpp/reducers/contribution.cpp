@@ -88,6 +88,8 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     cache_token_.clear();
     cache_used_.clear();
     cache_index_.clear();
+    valid_.clear();
+    expert_proj_ = expert_proj_cached_ = 0;
     step_ = hits_ = misses_ = 0;
 }
 
@@ -240,6 +242,76 @@ void ContributionReducer::assign_sources(const std::vector<int>& which) {
         ++misses_;
     }
     cache_.resize(cache_token_.size() * static_cast<size_t>(n_layers_) * static_cast<size_t>(n_ff_));
+    if (const int segs = moe_segments(); segs > 0) {
+        // MoE: a slot holds the projections of the experts computed so far for its id; a slot
+        // given to a new id holds none.
+        const size_t per = static_cast<size_t>(n_layers_) * segs;
+        valid_.resize(cache_token_.size() * per, 0);
+        for (const int slot : missing_slot_)
+            if (slot >= 0) std::fill_n(valid_.begin() + static_cast<std::ptrdiff_t>(slot * per), per, uint8_t{0});
+    }
+}
+
+int ContributionReducer::moe_segments() const {
+    const MoeLayout& m = w_->moe();
+    return m.moe() ? m.n_expert + (m.n_ff_shexp > 0 ? 1 : 0) : 0;
+}
+
+// MoE: layer l's projections d(y) = W_down^T W_U[y] of the experts the pass's tokens ran, and no
+// others (llama.cpp ran n_used of n_expert; the others' contributions are not candidates). For a
+// new id of the pass they go into its row of `proj` (zero elsewhere) and its cache slot, if it has
+// one; for an id already cached, into the slot where an expert it now needs was never computed.
+// u_ holds the unembedding rows of the pass's new ids, then of its cached ids (hit_row_).
+void ContributionReducer::project_experts(int l, const std::vector<int>& which, Scratch& s) {
+    const MoeLayout& moe = w_->moe();
+    const int segs = moe_segments();
+    const int64_t E = w_->n_embd(), total = static_cast<int64_t>(n_layers_) * n_ff_;
+    const int M = static_cast<int>(missing_ids_.size());
+    std::fill(s.proj.begin(), s.proj.end(), 0.0f);
+    // Targets per segment: (u row, pass row or -1, cache slot or -1).
+    s.targets.assign(static_cast<size_t>(segs), {});
+    s.seen.assign(static_cast<size_t>(M) * segs, 0);
+    for (const int q : which) {
+        const uint8_t* ran = ran_[static_cast<size_t>(queue_[q].buf)].data() + static_cast<size_t>(l) * moe.n_expert;
+        for (int e = 0; e < segs; ++e) {
+            if (e < moe.n_expert && !ran[e]) continue;  // the shared expert always runs
+            if (const int m = row_of_[q]; m >= 0) {
+                if (s.seen[static_cast<size_t>(m) * segs + e]) continue;
+                s.seen[static_cast<size_t>(m) * segs + e] = 1;
+                s.targets[static_cast<size_t>(e)].push_back({m, m, missing_slot_[static_cast<size_t>(m)]});
+            } else {
+                const int slot = slot_of_[q];
+                uint8_t& v = valid_[(static_cast<size_t>(slot) * n_layers_ + l) * segs + e];
+                if (v) continue;
+                v = 1;  // scheduled now (one thread per layer: no other writer of this byte)
+                s.targets[static_cast<size_t>(e)].push_back({M + hit_row_.at(slot), -1, slot});
+            }
+        }
+    }
+    for (int e = 0; e < segs; ++e) {
+        const auto& tg = s.targets[static_cast<size_t>(e)];
+        if (tg.empty()) continue;
+        expert_proj_ += static_cast<int64_t>(tg.size());
+        for (const Target& t : tg) expert_proj_cached_ += t.prow < 0;
+        const int64_t off = int64_t{e} * moe.n_ff_exp, width = e < moe.n_expert ? moe.n_ff_exp : moe.n_ff_shexp;
+        for (size_t t0 = 0; t0 < tg.size(); t0 += kMaxBatch) {
+            const int mn = static_cast<int>(std::min<size_t>(kMaxBatch, tg.size() - t0));
+            s.u.resize(static_cast<size_t>(mn) * E);
+            s.d.resize(static_cast<size_t>(mn) * width);
+            for (int k = 0; k < mn; ++k)
+                std::copy_n(u_.data() + static_cast<size_t>(tg[t0 + k].urow) * E, E, s.u.data() + static_cast<size_t>(k) * E);
+            w_->project(l, s.u.data(), mn, off, off + width, s.d.data(), width, s.row.data());
+            for (int k = 0; k < mn; ++k) {
+                const Target& t = tg[t0 + k];
+                const float* d = s.d.data() + static_cast<size_t>(k) * width;
+                if (t.prow >= 0) std::copy_n(d, width, s.proj.data() + static_cast<size_t>(t.prow) * n_ff_ + off);
+                if (t.slot >= 0) {
+                    std::copy_n(d, width, cache_.data() + static_cast<size_t>(t.slot) * total + static_cast<size_t>(l) * n_ff_ + off);
+                    valid_[(static_cast<size_t>(t.slot) * n_layers_ + l) * segs + e] = 1;
+                }
+            }
+        }
+    }
 }
 
 // The exact top k of one layer's contributions c (n values): descending, ties by lower index.
@@ -296,8 +368,16 @@ void ContributionReducer::select(const std::vector<int>& which) {
     const int64_t E = w_->n_embd();
     const int64_t total = static_cast<int64_t>(n_layers_) * n_ff_;
     const int M = static_cast<int>(missing_ids_.size());
-    u_.resize(static_cast<size_t>(M) * E);
+    const MoeLayout& moe = w_->moe();
+    // MoE: the cached ids may lack experts their tokens ran now, so their unembedding rows follow.
+    hit_row_.clear();
+    if (moe.moe())
+        for (const int q : which)
+            if (slot_of_[q] >= 0 && !hit_row_.count(slot_of_[q])) hit_row_.emplace(slot_of_[q], static_cast<int>(hit_row_.size()));
+    u_.resize(static_cast<size_t>(M + hit_row_.size()) * E);
     for (int m = 0; m < M; ++m) w_->unembed_row(missing_ids_[static_cast<size_t>(m)], u_.data() + static_cast<size_t>(m) * E);
+    for (const auto& [slot, row] : hit_row_)
+        w_->unembed_row(cache_token_[static_cast<size_t>(slot)], u_.data() + static_cast<size_t>(M + row) * E);
     const int K = n_layers_ * k_;
     const size_t base = sel_eta_.size();
     sel_c_.resize((base + W) * K);
@@ -305,7 +385,6 @@ void ContributionReducer::select(const std::vector<int>& which) {
     sel_eta_.resize(base + W);
     sel_kth_.resize(static_cast<size_t>(W) * n_layers_);
     const int threads = (static_cast<int64_t>(M + W) * total > 200000) ? p_.n_threads : 1;
-    const MoeLayout& moe = w_->moe();
     if (static_cast<int>(scratch_.size()) < threads) scratch_.resize(static_cast<size_t>(threads));
     std::atomic<int> next_scratch{0};
     std::atomic<int64_t> project_ns{0};
@@ -320,15 +399,19 @@ void ContributionReducer::select(const std::vector<int>& which) {
 #pragma omp for schedule(dynamic)
         for (int l = 0; l < n_layers_; ++l) {
             const auto t0 = std::chrono::steady_clock::now();
-            for (int m0 = 0; m0 < M; m0 += kMaxBatch) {
-                const int mn = std::min(kMaxBatch, M - m0);
-                w_->project(l, u_.data() + static_cast<size_t>(m0) * E, mn, 0, n_ff_,
-                            s.proj.data() + static_cast<size_t>(m0) * n_ff_, n_ff_, s.row.data());
+            if (moe.moe()) {
+                project_experts(l, which, s);
+            } else {
+                for (int m0 = 0; m0 < M; m0 += kMaxBatch) {
+                    const int mn = std::min(kMaxBatch, M - m0);
+                    w_->project(l, u_.data() + static_cast<size_t>(m0) * E, mn, 0, n_ff_,
+                                s.proj.data() + static_cast<size_t>(m0) * n_ff_, n_ff_, s.row.data());
+                }
+                for (int m = 0; m < M; ++m)
+                    if (const int slot = missing_slot_[static_cast<size_t>(m)]; slot >= 0)
+                        std::copy_n(s.proj.data() + static_cast<size_t>(m) * n_ff_, n_ff_,
+                                    cache_.data() + static_cast<size_t>(slot) * total + static_cast<size_t>(l) * n_ff_);
             }
-            for (int m = 0; m < M; ++m)
-                if (const int slot = missing_slot_[static_cast<size_t>(m)]; slot >= 0)
-                    std::copy_n(s.proj.data() + static_cast<size_t>(m) * n_ff_, n_ff_,
-                                cache_.data() + static_cast<size_t>(slot) * total + static_cast<size_t>(l) * n_ff_);
             project_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
             for (int j = 0; j < W; ++j) {
                 const int q = which[j];

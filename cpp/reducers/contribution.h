@@ -12,6 +12,7 @@
 // so W_down streams from memory once per pass, with AVX-512 or AVX2/FMA kernels on the OpenMP
 // threads ggml already runs.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
@@ -88,6 +89,10 @@ public:
     int64_t cache_bytes() const { return static_cast<int64_t>(cache_.capacity() * sizeof(float)); }
     int64_t cache_hits() const { return hits_; }
     int64_t cache_misses() const { return misses_; }
+    // MoE: (token id, layer, expert) projections computed, and of those, ones added to an id
+    // already cached (a token routed to an expert the id had not needed before).
+    int64_t expert_projections() const { return expert_proj_.load(); }
+    int64_t expert_projections_cached() const { return expert_proj_cached_.load(); }
 
 private:
     struct Queued {
@@ -147,11 +152,22 @@ private:
     std::vector<int32_t> missing_ids_;    // the pass's ids not cached before it, in row order
     std::vector<int> missing_slot_;       // and the slot each is cached in (-1: none free)
     std::unordered_map<int32_t, int> pass_row_;
+    struct Target {  // MoE: one projection of one expert to compute
+        int urow, prow, slot;  // row of u_; row of the pass's projections (-1: none); cache slot (-1: none)
+    };
     struct Scratch {  // one thread's
         std::vector<float> proj;  // [missing ids, n_ff]: one layer's new projections
         std::vector<float> row, c, top;
         std::vector<int32_t> idx;
+        std::vector<std::vector<Target>> targets;  // MoE: per expert segment
+        std::vector<uint8_t> seen;
+        std::vector<float> u, d;
     };
+    int moe_segments() const;  // experts + the shared one (0: dense)
+    void project_experts(int l, const std::vector<int>& which, Scratch& s);
+    std::vector<uint8_t> valid_;                 // MoE: [slot, layer, segment] projection computed
+    std::atomic<int64_t> expert_proj_{0}, expert_proj_cached_{0};
+    std::unordered_map<int, int> hit_row_;       // MoE: cache slot -> its row after the new ids in u_
     std::vector<Scratch> scratch_;
     int64_t step_ = 0, hits_ = 0, misses_ = 0;
 };

@@ -409,6 +409,8 @@ class RunOptions:
     norm_inputs: bool
     resid_post: bool
     residuals: bool
+    router_probs: bool
+    routing: bool
     seed_per_sample: bool
     tap: bool
     def __init__(self) -> None:

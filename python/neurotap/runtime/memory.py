@@ -25,8 +25,11 @@ def available_bytes() -> Optional[int]:
 
 
 def record_bytes_per_token(info, *, counts: bool, active_chunk: int, contribution_chunk: int, keep_top: bool,
-                           rows: int, norm_inputs: bool, residuals: bool, logprobs: int) -> float:
-    """Bytes a sample's records grow by per generated token."""
+                           rows: int, norm_inputs: bool, residuals: bool, logprobs: int,
+                           routing: bool = False, router_probs: bool = False) -> float:
+    """Bytes a sample's records grow by per generated token. On a mixture-of-experts model n_ff is
+    every expert's units (n_expert * n_ff_exp + n_ff_shexp): rows, sets and the contribution state
+    are all at that width."""
     L, F, E = info.n_layers, info.n_ff, info.n_embd
     words = (L * F + 63) // 64
     b = 8.0 + 2  # token id, text
@@ -44,6 +47,10 @@ def record_bytes_per_token(info, *, counts: bool, active_chunk: int, contributio
     b += 4 * L * E * (int(norm_inputs) + int(residuals))
     if logprobs:
         b += 8 + 8 * logprobs
+    if routing:  # ids, gate weights, the shared expert's gate
+        b += L * (8 * getattr(info, "n_expert_used", 0) + 4)
+    if router_probs:
+        b += 4 * L * getattr(info, "n_expert", 0)
     return b
 
 

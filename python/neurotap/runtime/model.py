@@ -377,7 +377,7 @@ class Model:
         per_token = record_bytes_per_token(
             self.info, counts=opts.counts, active_chunk=opts.active_chunk, contribution_chunk=opts.contribution_chunk,
             keep_top=opts.keep_top, rows=opts.mlp_post, norm_inputs=opts.ln2_normalized, residuals=opts.resid_post,
-            logprobs=opts.top_logprobs)
+            logprobs=opts.top_logprobs, routing=opts.routing, router_probs=opts.router_probs)
         held = opts.kv_tokens + 1 if opts.kv_tokens else opts.max_tokens
         parts = run_parts(self.info, n=opts.n, cells_per_seq=(n_prompt + held + 255) // 256 * 256,
                           max_tokens=opts.kv_tokens or opts.max_tokens, per_token_record=per_token,
