@@ -294,3 +294,32 @@ def test_nan_gate_weights_name_the_layer(tmp_path):
     model = neurotap.load(str(path), n_ctx=256)
     with pytest.raises(RuntimeError, match=r"layer 1: gate weight nan"):
         model.sample("Hello", n=2, max_tokens=3)
+
+
+@pytest.mark.parametrize("name", ["qwen3moe-q8_0", "qwen2moe-shexp"])
+def test_neat_down_projection_reads_experts_in_the_flat_order(moe_dir, name):
+    """NEAT's calibration scores a neuron by a_i W_down[:, i]: on an MoE layer W_down is the experts'
+    down projections side by side (then the shared expert's), read per expert from the file."""
+    from neurotap.methods.neat import DownProjection, neuron_name
+
+    path = moe_file(moe_dir, name)
+    model = neurotap.load(str(path), n_ctx=256)
+    i = model.info
+    W = _tensors(path)
+    full = np.concatenate([W["blk.1.ffn_down_exps.weight"][e] for e in range(i.n_expert)], axis=1)
+    if i.n_ff_shexp:
+        full = np.concatenate([full, W["blk.1.ffn_down_shexp.weight"]], axis=1)
+    assert full.shape == (i.n_embd, i.n_ff)
+    down = DownProjection(model, 1)
+    v = np.random.default_rng(0).standard_normal(i.n_embd)
+    active = np.zeros(i.n_ff, bool)
+    active[[3, i.n_ff_exp * 2 + 1, i.n_ff - 1]] = True  # experts 0 and 2, and the last part
+    got = down.project(v, active)
+    want = full.T.astype(np.float64) @ v
+    for a in (0, 2 * i.n_ff_exp, i.n_ff - (i.n_ff_shexp or i.n_ff_exp)):
+        w = i.n_ff_shexp if a == i.n_expert * i.n_ff_exp else i.n_ff_exp
+        np.testing.assert_allclose(got[a:a + w], want[a:a + w], rtol=1e-5, atol=1e-6)
+    assert got[i.n_ff_exp:2 * i.n_ff_exp].sum() == 0  # expert 1 held no active neuron: not read
+    np.testing.assert_allclose(down.column(i.n_ff - 1), full[:, -1], rtol=1e-6)
+    e, u = i.expert_of(i.n_ff - 1)
+    assert neuron_name(model, i.n_ff - 1) == {"expert": int(e), "unit": int(u)}

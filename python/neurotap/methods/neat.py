@@ -129,6 +129,58 @@ def ban_tokens(model: Model, words: Sequence[str]) -> List[int]:
     return out
 
 
+class DownProjection:
+    """W_down of one layer in the flat neuron order (a dense layer's ffn_down; an MoE layer's
+    experts side by side, then the shared expert: ModelInfo.expert_of), read from the file per
+    expert when needed, so a wide MoE layer (gpt-oss: 92,160 neurons) is never held whole."""
+
+    def __init__(self, model: Model, layer: int):
+        self.info, self.layer = model.info, layer
+        self._parts: Dict[int, np.ndarray] = {}  # expert -> [n_embd, width] (dense: expert 0)
+
+    def _part(self, expert: int) -> np.ndarray:
+        if expert not in self._parts:
+            i, p, E = self.info, f"blk.{self.layer}.", self.info.n_embd
+            if not i.is_moe:
+                self._parts[expert] = _native.read_tensor_rows(i.path, p + "ffn_down.weight", 0, E)
+            elif expert == i.n_expert:
+                self._parts[expert] = _native.read_tensor_rows(i.path, p + "ffn_down_shexp.weight", 0, E)
+            else:  # ne = {n_ff_exp, n_embd, n_expert}: expert e is rows [e * n_embd, (e + 1) * n_embd)
+                self._parts[expert] = _native.read_tensor_rows(i.path, p + "ffn_down_exps.weight", expert * E, E)
+        return self._parts[expert]
+
+    def _experts(self) -> List[Tuple[int, int, int]]:
+        """(expert, first flat index, width) of each part."""
+        i = self.info
+        if not i.is_moe:
+            return [(0, 0, i.n_ff)]
+        out = [(e, e * i.n_ff_exp, i.n_ff_exp) for e in range(i.n_expert)]
+        return out + ([(i.n_expert, i.n_expert * i.n_ff_exp, i.n_ff_shexp)] if i.n_ff_shexp else [])
+
+    def project(self, v: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """W_down^T v for every flat neuron (float64 [n_ff]); only the parts holding a neuron of
+        `active` (bool [n_ff]: the others' activations are 0 and their value is not read) are read."""
+        out = np.zeros(self.info.n_ff)
+        for e, a, w in self._experts():
+            if active[a:a + w].any():
+                out[a:a + w] = self._part(e).T.astype(np.float64) @ v
+        return out
+
+    def column(self, index: int) -> np.ndarray:
+        """W_down[:, index]: the neuron's output direction, float64 [n_embd]."""
+        e, u = self.info.expert_of(int(index))
+        return self._part(int(e))[:, int(u)].astype(np.float64)
+
+
+def neuron_name(model: Model, index: int) -> Dict[str, int]:
+    """{"expert", "unit"} of a flat neuron index on a mixture-of-experts model (the shared expert is
+    expert n_expert); {} on a dense model."""
+    if not model.info.is_moe:
+        return {}
+    e, u = model.info.expert_of(int(index))
+    return {"expert": int(e), "unit": int(u)}
+
+
 def save_calibration(cal: NeatCalibration, path: Union[str, os.PathLike]) -> None:
     write_atomic(path, json.dumps(asdict(cal), indent=1).encode())
 
@@ -268,8 +320,7 @@ def calibrate(model: Model, tasks: Sequence[Task], *, problems: int = 20, layers
             raise ValueError(f"the termination marker {marker!r} must be a single token, got {len(ids)}")
         marker_text, marker_id = marker, ids[0]
     scorer = Scorer(model)
-    W = [_native.read_tensor_rows(model.info.path, f"blk.{il}.ffn_down.weight", 0, model.info.n_embd)
-         for il in range(lo, hi)]  # [E, F] each
+    W = [DownProjection(model, il) for il in range(lo, hi)]
 
     # Greedy traces; a trace counts when the model itself ends it (its own end token, or the marker).
     bar = tqdm(list(tasks)[:problems], desc="NEAT traces", unit="problem", disable=not progress, dynamic_ncols=True)
@@ -307,14 +358,14 @@ def calibrate(model: Model, tasks: Sequence[Task], *, problems: int = 20, layers
     for acts, h in traces:
         gh = scorer.grad(h, marker_id)
         a = acts[-1].astype(np.float64)
-        est += np.stack([a[k] * (W[k].T.astype(np.float64) @ gh) for k in range(hi - lo)])
+        est += np.stack([a[k] * W[k].project(gh, a[k] != 0) for k in range(hi - lo)])
     est /= len(traces)
     flat = np.argsort(-est, axis=None, kind="stable")[:candidates]
     cand = [(int(f // F), int(f % F)) for f in flat]
 
     # Exact scores of the candidates: log p(marker | h + a_i W_down[:, i]) - log p(marker | h).
     exact = np.zeros((len(traces), len(cand)))
-    cols = np.stack([W[k][:, i] for k, i in cand]).astype(np.float64)  # [C, E]
+    cols = np.stack([W[k].column(i) for k, i in cand])  # [C, E]
     bar = tqdm(traces, desc="NEAT exact scores", unit="trace", disable=not progress, dynamic_ncols=True)
     for t, (acts, h) in enumerate(bar):
         a = np.array([acts[-1][k, i] for k, i in cand], np.float64)
@@ -340,7 +391,8 @@ def calibrate(model: Model, tasks: Sequence[Task], *, problems: int = 20, layers
             ents.append(float(-(q[q > 0] * np.log(q[q > 0])).sum() / math.log(T)))
         vote = float((exact[:, j] > 0).mean())
         rows.append({"layer": lo + k, "index": i, "score": float(mean_exact[j]), "estimate": float(est[k, i]),
-                     "vote": vote, "com": float(np.mean(coms)), "entropy": float(np.mean(ents))})
+                     "vote": vote, "com": float(np.mean(coms)), "entropy": float(np.mean(ents)),
+                     **neuron_name(model, i)})
     passed = [r for r in rows if r["vote"] >= min_vote and r["com"] >= min_com][:final]
     if not passed:
         raise ValueError(f"none of the top {len(rows)} neurons passed the temporal filter (vote >= {min_vote}, "

@@ -382,8 +382,23 @@ def calibrate(model: Model, tasks: Sequence[Task], *, n: int = 4, max_tokens: in
                "template": template, "hidden": list(hidden), "components": "i < n_ff: FFN neuron i; n_ff + h: head h",
                "n_ff": model.info.n_ff, "n_head": model.info.n_head,
                "failing_tokens": {lv: int(sum(t.labels[lv].sum() for t in traces)) for lv in LEVELS}}
+    if model.info.is_moe:  # name the experts of the monitored neurons (the shared expert is expert n_expert)
+        details["components"] += "; an MoE neuron i is unit u of expert e (component_names)"
+        details["component_names"] = {lv: [component_name(model, c) for c in levels[lv].components] for lv in levels}
     return NeuReasonerCalibration(layer=cfg.layer, window=window, levels=levels, top_k=top_k,
                                   exit_text=exit_text_for(model), model=fingerprint(model), details=details)
+
+
+def component_name(model: Model, c: int) -> Dict[str, int]:
+    """A monitored component by name: {"head"} for an attention head, {"neuron"} on a dense model,
+    {"neuron", "expert", "unit"} on a mixture-of-experts model."""
+    i = model.info
+    if c >= i.n_ff:
+        return {"head": int(c - i.n_ff)}
+    if not i.is_moe:
+        return {"neuron": int(c)}
+    e, u = i.expert_of(int(c))
+    return {"neuron": int(c), "expert": int(e), "unit": int(u)}
 
 
 def summary(cal: NeuReasonerCalibration) -> str:
