@@ -578,7 +578,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     model = _load(args)
     serve(model, host=args.host, port=args.port, name=args.alias, neat=parse_neat_args(args.neat or [], model),
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, parallel=args.parallel, reuse_prompt=not args.no_prompt_reuse)
     return 0
 
 
@@ -592,7 +592,12 @@ def add_serve(sub: Any) -> None:
     sv.add_argument("--neat", action="append", metavar="NAME=PATH",
                     help="a NEAT calibration requests may name (repeatable; 'default' is always offered)")
     sv.add_argument("--max-queue", type=int, default=64,
-                    help="requests that may wait while one runs; more get 503 (default 64)")
+                    help="requests that may wait for a place in the batch; more get 503 (default 64)")
+    sv.add_argument("--parallel", "-np", type=int, default=4,
+                    help="sequences decoded together (continuous batching): a request takes n of them, a NAD "
+                         "race nad.n; one needing more runs alone between batches (default 4; KV: parallel x --ctx cells)")
+    sv.add_argument("--no-prompt-reuse", action="store_true",
+                    help="decode every prompt whole instead of reusing the cells of a prefix a slot still holds")
     chat_args(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -122,12 +122,14 @@ def parse_neat_args(items: List[str], model: Model) -> Dict[str, Any]:
 
 
 def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8080, name: Optional[str] = None,
-          neat: Optional[Dict[str, Any]] = None, max_queue: int = 64, log_level: str = "warning") -> None:
+          neat: Optional[Dict[str, Any]] = None, max_queue: int = 64, log_level: str = "warning", parallel: int = 4,
+          reuse_prompt: bool = True) -> None:
     import sys
 
     import uvicorn
 
-    srv = Server(model, name=name or model.info.name, neat=neat, max_queue=max_queue)
+    srv = Server(model, name=name or model.info.name, neat=neat, max_queue=max_queue, parallel=parallel,
+                 reuse_prompt=reuse_prompt)
     app = create_app(srv)
     print(f"neurotap serve: {srv.name} on http://{host}:{port}/v1 (max queue {max_queue}"
           f"{', NEAT: ' + ', '.join(sorted(srv.neat)) if srv.neat else ''})", file=sys.stderr, flush=True)
