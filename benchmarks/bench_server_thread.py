@@ -9,6 +9,13 @@ requests, max_tokens=1 and max_tokens=--tokens, timed at the client: (tokens - 1
 which leaves out the prompt and the HTTP round trip as generate's own decode rate does. The ratio
 printed is median(server tokens/s) / median(main thread tokens/s); issue 25 asks for >= 0.95.
 
+Each arm also reports the voluntary context switches of its process's threads per decoded token, a
+figure machine noise barely moves: llama.cpp's OpenMP build waits at an OpenMP barrier after every
+graph node, and libgomp sleeps there in the kernel (hundreds of switches per token instead of a
+few dozen) when OMP_WAIT_POLICY=passive or when more OpenMP threads exist than CPUs (a second
+thread that decodes gets a second thread team). Run it under the same OMP_WAIT_POLICY as what you
+compare with: the arms inherit this process's environment.
+
     python benchmarks/bench_server_thread.py [--model NAME|PATH] [--threads 2] [--rounds 3] [--tokens 128]
 """
 from __future__ import annotations
@@ -28,6 +35,18 @@ from neurotap.apps.cli import model_arg, threads_arg
 PROMPT = "Write a long story about a lighthouse keeper and the storm that changed his life."
 
 
+def switches(pid: str = "self") -> int:
+    """Voluntary context switches of every thread of a process so far."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arg(ap)
@@ -43,8 +62,7 @@ def main() -> None:
 
     def gen_rate() -> float:
         g = model.generate(messages, **kw)
-        assert g.n_tokens == a.tokens or g.finish_reason != "length", g.finish_reason
-        return g.tokens_per_second
+        return g.tokens_per_second, g.n_tokens
 
     def thread_rate() -> float:
         out = []
@@ -52,6 +70,13 @@ def main() -> None:
         t.start()
         t.join()
         return out[0]
+
+    def own(f):
+        def g():
+            s0 = switches()
+            rate, n = f()
+            return rate, (switches() - s0) / max(n, 1)
+        return g
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -63,13 +88,16 @@ def main() -> None:
         t0 = time.perf_counter()
         post(base + "/v1/chat/completions", {**body, "max_tokens": 1})
         t1 = time.perf_counter()
+        s0 = switches(str(proc.pid))
         r = post(base + "/v1/chat/completions", {**body, "max_tokens": a.tokens})
         t2 = time.perf_counter()
         n = r["usage"]["completion_tokens"]
-        return (n - 1) / ((t2 - t1) - (t1 - t0))
+        return (n - 1) / ((t2 - t1) - (t1 - t0)), (switches(str(proc.pid)) - s0) / n
 
-    arms = {"generate, main thread": gen_rate, "generate, worker thread": thread_rate, "server, one request": server_rate}
+    arms = {"generate, main thread": own(gen_rate), "generate, worker thread": own(thread_rate),
+            "server, one request": server_rate}
     rates: dict = {k: [] for k in arms}
+    per_token: dict = {k: [] for k in arms}
     try:
         for f in arms.values():  # warm-up: page in the weights, build the graphs
             f()
@@ -77,8 +105,10 @@ def main() -> None:
             order = list(arms) if r % 2 == 0 else list(reversed(arms))
             for name in order:
                 time.sleep(0.5)
-                rates[name].append(arms[name]())
-                print(f"  round {r + 1} {name}: {rates[name][-1]:.1f} tok/s", file=sys.stderr)
+                rate, sw = arms[name]()
+                rates[name].append(rate)
+                per_token[name].append(sw)
+                print(f"  round {r + 1} {name}: {rate:.1f} tok/s, {sw:.0f} switches/token", file=sys.stderr)
     finally:
         proc.terminate()
         try:
@@ -86,11 +116,11 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     main_rate = statistics.median(rates["generate, main thread"])
-    print("| arm | decode tokens/s (median) | / main thread |")
-    print("|---|---|---|")
+    print("| arm | decode tokens/s (median) | / main thread | voluntary switches per token |")
+    print("|---|---|---|---|")
     for name, v in rates.items():
         m = statistics.median(v)
-        print(f"| {name} | {m:.1f} | {m / main_rate:.2f} |")
+        print(f"| {name} | {m:.1f} | {m / main_rate:.2f} | {statistics.median(per_token[name]):.0f} |")
     print(f"[{a.tokens} tokens greedy, {a.rounds} rounds, {a.threads} threads, {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}]")
 

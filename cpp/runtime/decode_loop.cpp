@@ -234,9 +234,10 @@ void DecodeLoop::end_sample(int s, Finish why) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     st.live = false;
     st.finish = why;
-    // The first sample's cells stay for a later run to reuse (its slot's record says what they
-    // hold); the others are freed now.
-    if (!tc_.closed() && !(params_.reuse_prompt && s == 0)) tc_.seq_rm(seqs_[static_cast<size_t>(s)], 0);
+    // The first sample's cells stay for a later run to reuse when it ended by itself (its slot's
+    // record says what they hold); a stopped or cancelled sample's, and the others', are freed now.
+    const bool natural = why != Finish::Stopped && why != Finish::Cancelled;
+    if (!tc_.closed() && !(params_.reuse_prompt && s == 0 && natural)) tc_.seq_rm(seqs_[static_cast<size_t>(s)], 0);
     for (Reducer* r : reducers_) r->finish(s, static_cast<int>(st.tokens.size()));
 }
 
@@ -351,7 +352,7 @@ void DecodeLoop::start() {
     check_finite();
     for (int s = 1; s < params_.n; ++s)
         if (samples_[static_cast<size_t>(s)].live) tc_.seq_cp(base, seqs_[static_cast<size_t>(s)]);
-    if (!samples_[0].live && !params_.reuse_prompt) tc_.seq_rm(base, 0);
+    if (!samples_[0].live) tc_.seq_rm(base, 0);  // stopped before the start
     prompt_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
     for (int s = 0; s < params_.n; ++s) {
         if (!samples_[static_cast<size_t>(s)].live) continue;  // stopped before the start

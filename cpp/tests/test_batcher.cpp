@@ -129,9 +129,11 @@ void test_prompt_reuse() {
     TappedContext tc(model, cp);
     const int C = tc.params().n_batch;
     CHECK(C == 64);
-    const std::vector<llama_token> p1 = chat_prompt(
-        *model, "Tell me a short story about a dragon who lived in a cave by the sea, guarding a treasure of old "
-                "books, and about the girl who came to read them one stormy winter night.");
+    std::string question;
+    for (int i = 0; i < 4; ++i)
+        question += "Tell me a short story about a dragon who lived in a cave by the sea, guarding a treasure of "
+                    "old books, and about the girl who came to read them one stormy winter night. ";
+    const std::vector<llama_token> p1 = chat_prompt(*model, question);
     const int np1 = static_cast<int>(p1.size());
     CHECK_MSG(np1 > 2 * C + 1, std::to_string(np1));
     SampleParams sp = sample_params(1, 12, 5);
@@ -155,6 +157,21 @@ void test_prompt_reuse() {
     reused.advance(12, nullptr);
     CHECK_MSG(reused.n_reused() == (np1 - 1) / C * C, std::to_string(reused.n_reused()));
     CHECK(tc.reused_cells() == reused.n_reused());
+    // The same prompt again: its whole chunks, never its last token.
+    const int np2 = static_cast<int>(p2.size());
+    DecodeLoop again(tc, p2, sp, {});
+    again.advance(2, nullptr);
+    CHECK_MSG(again.n_reused() == (np2 - 1) / C * C, std::to_string(again.n_reused()));
+    // Another prompt sharing only the first chunk's tokens reuses that chunk.
+    CHECK(np2 > C + 4);
+    if (np2 <= C + 4) return;
+    std::vector<llama_token> p3(p2.begin(), p2.begin() + C + 3);
+    p3.push_back(p2[static_cast<size_t>(C + 3)] == 100 ? 101 : 100);
+    p3.insert(p3.end(), p2.begin() + C + 4, p2.end());
+    DecodeLoop third(tc, p3, sp, {});
+    third.advance(2, nullptr);
+    CHECK_MSG(third.n_reused() == C, std::to_string(third.n_reused()));
+    // Without reuse (last: a run without reuse frees its cells), the same tokens and rows.
     SampleParams no = sp;
     no.reuse_prompt = false;
     DecodeLoop fresh(tc, p2, no, {&r_fresh});
@@ -163,18 +180,6 @@ void test_prompt_reuse() {
     CHECK_MSG(reused.sample(0).tokens == fresh.sample(0).tokens, "reuse changed the tokens");
     // The rows too: the reused cells are those the prompt's own decode computes.
     CHECK_MSG(r_reuse.rows_f32(0) == r_fresh.rows_f32(0), "reuse changed the tapped rows");
-    // The same prompt again: its whole chunks, never its last token.
-    const int np2 = static_cast<int>(p2.size());
-    DecodeLoop again(tc, p2, sp, {});
-    again.advance(2, nullptr);
-    CHECK_MSG(again.n_reused() == (np2 - 1) / C * C, std::to_string(again.n_reused()));
-    // Another prompt sharing only the first chunk's tokens reuses that chunk.
-    std::vector<llama_token> p3(p2.begin(), p2.begin() + C + 3);
-    p3.push_back(p2[static_cast<size_t>(C + 3)] == 100 ? 101 : 100);
-    p3.insert(p3.end(), p2.begin() + C + 4, p2.end());
-    DecodeLoop third(tc, p3, sp, {});
-    third.advance(2, nullptr);
-    CHECK_MSG(third.n_reused() == C, std::to_string(third.n_reused()));
 }
 
 }  // namespace

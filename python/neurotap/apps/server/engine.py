@@ -19,10 +19,10 @@ import time
 import uuid
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from ... import _native
 from ...methods.nad import decision_chunk, set_sizes, similarity
 from ...methods.race import NadRace, race_logprobs
 from ...methods.selection import select
+from ...runtime.batch import Batch
 from ...runtime.model import Model
 from ...runtime.sampling import sample_from
 from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request
@@ -64,7 +64,7 @@ class _Waker:
         self.server = server
 
     def cancel(self) -> None:
-        self.server._wake()
+        self.server.wake()
 
 
 class Server:
@@ -81,8 +81,7 @@ class Server:
         self.parallel = parallel
         #: Reuse the cells of a prompt prefix a slot still holds (Model.reuse_prompt, per server).
         self.reuse_prompt = bool(reuse_prompt)
-        self._ctx: Any = None  # the shared context and its batcher, made by the worker on first use
-        self._batcher: Any = None
+        self._batch: Optional[Batch] = None  # the shared context and its batcher, made by the worker on first use
         self._free: List[int] = list(range(parallel))
         self._active: List[_Batched] = []
         self._pending: Deque[Job] = collections.deque()  # taken from the queue, waiting for slots
@@ -115,12 +114,14 @@ class Server:
         if running is not None:
             running.cancel()
         self._queue.put(None)
-        self._wake()
+        self.wake()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def _wake(self) -> None:
-        b = self._batcher
+    def wake(self) -> None:
+        """Makes the batch in flight return to the worker after its current step (a request came
+        or was cancelled); safe from any thread."""
+        b = self._batch
         if b is not None:
             b.wake()
 
@@ -136,11 +137,11 @@ class Server:
             self._waiting += 1
             self._demand += need
         self._queue.put(job)
-        self._wake()  # a batch in flight lets it join after its current step
+        self.wake()  # a batch in flight lets it join after its current step
 
     def health(self) -> Dict[str, Any]:
         with self._lock:
-            kv = self._ctx.n_ctx * self.model.info.kv_bytes_per_cell if self._ctx is not None else 0
+            kv = self._batch.kv_cells * self.model.info.kv_bytes_per_cell if self._batch is not None else 0
             return {"status": "ok", "model": self.name, "running": self.running.id if self.running else None,
                     "waiting": self._waiting, "max_queue": self.max_queue, "parallel": self.parallel,
                     "requests_in_batch": len(self._active),
@@ -245,11 +246,10 @@ class Server:
                     self._end(job, error=e)
 
     # -- the batch (worker thread) --------------------------------------------------------
-    def _context(self) -> Any:
-        if self._ctx is None:
-            self._ctx = self.model.batch_context(self.parallel)
-            self._batcher = _native.Batcher(self._ctx)
-        return self._ctx
+    def _context(self) -> Batch:
+        if self._batch is None:
+            self._batch = Batch(self.model, self.parallel)
+        return self._batch
 
     def _pick_slots(self, ids: List[int], need: int) -> List[int]:
         """Free slots for a run, increasing: the first is the one holding the longest prefix of
@@ -257,10 +257,10 @@ class Server:
         free = sorted(self._free)
         if not self.reuse_prompt:
             return free[:need]
-        ctx = self._context()
+        batch = self._context()
 
         def common(s: int) -> int:
-            held = ctx.seq_tokens(s)
+            held = batch.seq_tokens(s)
             k, m = 0, min(len(held), len(ids))
             while k < m and held[k] == ids[k]:
                 k += 1
@@ -292,11 +292,10 @@ class Server:
         if r.stream:
             until = 1 if r.nad is None else until  # a race streams from its decision on
         opts.reuse_prompt = self.reuse_prompt
-        ctx = self._context()
+        batch = self._context()
         slots = self._pick_slots(r.ids, opts.n)
         opts.seqs = slots
-        run = _native.Run(ctx, r.ids, opts)
-        self._batcher.add(run, until)
+        run = batch.start(r.ids, opts, until)
         b = _Batched(job, run, slots, until, chunk, Streamer(job, r.stop) if r.stream else None)
         b.seed = r.seed
         for s in slots:
@@ -310,7 +309,7 @@ class Server:
         """A request leaves the batch: its run and slots go, its outcome is reported."""
         if error is not None and b.run.n_live:
             b.run.finish_live("cancelled")
-        self._batcher.remove(b.run)
+        self._batch.remove(b.run)
         self._active.remove(b)
         self._free.extend(s for s in b.slots if s not in self._free)
         b.job.attach(None)
@@ -319,21 +318,21 @@ class Server:
     def _step(self) -> None:
         """Decodes the batch until a request needs the worker (it reached its target or ended, a
         new request or a cancel woke it), then serves the requests that need it."""
-        self._batcher.clear_wake()
+        self._batch.clear_wake()
         for b in list(self._active):
             if b.job.cancelled:
                 self._leave(b, error=Cancelled())
         if not self._active or not self._queue.empty():
             return  # requests that came before the wake was cleared: the worker takes them first
         try:
-            ready = self._batcher.run(1 << 30)
+            ready = self._batch.run()
         except Exception as e:  # noqa: BLE001 - the context itself failed (the model was closed)
             for b in list(self._active):
                 self._leave(b, error=e)
             return
         with self._lock:
-            self.stats["batch_steps"] = self._batcher.steps
-            self.stats["batch_rows"] = self._batcher.rows
+            self.stats["batch_steps"] = self._batch.steps
+            self.stats["batch_rows"] = self._batch.rows
         for b in list(self._active):
             b.job.spent = b.run.tokens_sampled
             if not b.counted and b.run.started:
@@ -369,7 +368,7 @@ class Server:
         elif b.stream:
             b.stream.update(b.sample(b.pick or 0))
         b.until = b.until + 1 if b.stream else r.max_tokens
-        self._batcher.set_until(run, b.until)
+        self._batch.set_until(run, b.until)
 
     def _decide(self, b: _Batched) -> None:
         """A race at its decision: select (as NadRace does), stop the losers and free their slots;
