@@ -21,6 +21,7 @@
 #include "reducers/reducers.h"
 #include "reducers/set_record.h"
 #include "run/run.h"
+#include "runtime/batcher.h"
 #include "runtime/ffn_tap.h"
 #include "runtime/model.h"
 #include "runtime/tapped_context.h"
@@ -134,6 +135,14 @@ py::tuple nr_fields(const NrEvent& e) {
 struct RunHandle {
     py::object context_owner;
     std::unique_ptr<Run> run;
+    Progress progress;
+};
+
+// A batcher, its context and its member runs (kept alive while they are members).
+struct BatcherHandle {
+    py::object context_owner;
+    std::vector<std::pair<py::object, RunHandle*>> members;
+    std::unique_ptr<Batcher> batcher;  // last: gone before the members it points into
     Progress progress;
 };
 
@@ -379,6 +388,10 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_ctx", [](const ContextHandle& c) { return c.tc->n_ctx(); })
         .def_property_readonly("n_ctx_seq", [](const ContextHandle& c) { return static_cast<int>(llama_n_ctx_seq(c.tc->ctx())); })
         .def_property_readonly("n_seq_max", [](const ContextHandle& c) { return c.tc->params().n_seq_max; })
+        .def_property_readonly("reused_cells", [](const ContextHandle& c) { return c.tc->reused_cells(); },
+                               "prompt cells reused instead of decoded, over this context's life")
+        .def("seq_tokens", [](const ContextHandle& c, int s) { return c.tc->seq_tokens(s); }, py::arg("seq"),
+             "the tokens whose KV cells sequence `seq` holds (positions 0..), as far as they are known")
         .def_property_readonly("tapped_tensors", [](ContextHandle& c) {
             std::vector<std::string> names;
             for (int il = 0; il < c.tc->tap().n_layers(); ++il)
@@ -677,6 +690,10 @@ PYBIND11_MODULE(_native, m) {
                       })
         .def_property("tap", [](const RunOptions& o) { return o.sampling.tap; },
                       [](RunOptions& o, bool v) { o.sampling.tap = v; })
+        .def_property("seqs", [](const RunOptions& o) { return o.sampling.seqs; },
+                      [](RunOptions& o, std::vector<int> v) { o.sampling.seqs = std::move(v); })
+        .def_property("reuse_prompt", [](const RunOptions& o) { return o.sampling.reuse_prompt; },
+                      [](RunOptions& o, bool v) { o.sampling.reuse_prompt = v; })
         .def_property("kv_tokens", [](const RunOptions& o) { return o.sampling.kv_tokens; },
                       [](RunOptions& o, int v) { o.sampling.kv_tokens = v; })
         .def_property("top_logprobs", [](const RunOptions& o) { return o.sampling.top_logprobs; },
@@ -769,6 +786,13 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n", [](const RunHandle& h) { return h.run->loop().n(); })
         .def_property_readonly("n_live", [](const RunHandle& h) { return h.run->loop().n_live(); })
         .def_property_readonly("n_prompt", [](const RunHandle& h) { return h.run->loop().n_prompt(); })
+        .def_property_readonly("n_reused", [](const RunHandle& h) { return h.run->loop().n_reused(); },
+                               "prompt tokens whose KV cells were reused instead of decoded")
+        .def_property_readonly("started", [](const RunHandle& h) { return h.run->loop().started(); })
+        .def_property_readonly("failed", [](const RunHandle& h) { return h.run->loop().failed(); },
+                               "why the run cannot go on ('' while it can)")
+        .def("untap", [](RunHandle& h) { h.run->decode_loop().untap(); },
+             "stop feeding the records: the live samples go on untapped (a decided race's winner)")
         .def_property_readonly("tokens_sampled", [](const RunHandle& h) { return h.run->loop().tokens_sampled(); })
         .def_property_readonly("decode_steps", [](const RunHandle& h) { return h.run->loop().decode_steps(); })
         .def_property_readonly("prompt_seconds", [](const RunHandle& h) { return h.run->loop().prompt_seconds(); })
@@ -792,4 +816,51 @@ PYBIND11_MODULE(_native, m) {
             if (i < 0 || i >= h.run->loop().n()) throw ParamError("sample index out of range: " + std::to_string(i));
             return sample_dict(*h.run, i);
         });
+
+    // Continuous batching: runs on slots of one context, decoded together (runtime/batcher.h).
+    py::class_<BatcherHandle>(m, "Batcher")
+        .def(py::init([](py::object ctx_obj) {
+            auto& c = ctx_obj.cast<ContextHandle&>();
+            auto b = std::make_unique<BatcherHandle>();
+            b->context_owner = ctx_obj;
+            b->batcher = std::make_unique<Batcher>(*c.tc);
+            return b;
+        }), py::arg("context"))
+        .def("add", [](BatcherHandle& b, py::object run_obj, int until) {
+            auto& h = run_obj.cast<RunHandle&>();
+            if (h.context_owner.ptr() != b.context_owner.ptr())
+                throw ParamError("the run decodes in another context than the batcher's");
+            b.batcher->add(&h.run->decode_loop(), until);
+            b.members.emplace_back(run_obj, &h);
+        }, py::arg("run"), py::arg("until"))
+        .def("set_until", [](BatcherHandle& b, py::object run_obj, int until) {
+            b.batcher->set_until(&run_obj.cast<RunHandle&>().run->decode_loop(), until);
+        }, py::arg("run"), py::arg("until"))
+        .def("remove", [](BatcherHandle& b, py::object run_obj) {
+            auto& h = run_obj.cast<RunHandle&>();
+            b.batcher->remove(&h.run->decode_loop());
+            b.members.erase(std::remove_if(b.members.begin(), b.members.end(),
+                                           [&](const auto& m) { return m.second == &h; }),
+                            b.members.end());
+        }, py::arg("run"))
+        .def("run", [](BatcherHandle& b, int max_steps) {
+            std::vector<DecodeLoop*> ready;
+            {
+                py::gil_scoped_release nogil;
+                ready = b.batcher->run(max_steps, &b.progress);
+            }
+            py::list out;
+            for (DecodeLoop* l : ready)
+                for (auto& m : b.members)
+                    if (&m.second->run->decode_loop() == l) out.append(m.first);
+            return out;
+        }, py::arg("max_steps"),
+           "Decode (prompts of joining runs, then shared steps) until a run needs its owner (it reached its "
+           "target or ended), max_steps steps, or wake(); returns the runs that need their owner.")
+        .def("wake", [](BatcherHandle& b) { b.progress.cancel.store(true); },
+             "make run() return after its current step (safe from any thread); the flag stays set until clear_wake()")
+        .def("clear_wake", [](BatcherHandle& b) { b.progress.cancel.store(false); })
+        .def_property_readonly("size", [](const BatcherHandle& b) { return b.batcher->size(); })
+        .def_property_readonly("steps", [](const BatcherHandle& b) { return b.batcher->steps(); })
+        .def_property_readonly("rows", [](const BatcherHandle& b) { return b.batcher->rows(); });
 }

@@ -83,7 +83,9 @@ def stop_server(proc):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    proc, url = start_server(model_path, "--max-queue", str(MAX_QUEUE), "--neat",
+    # One slot: requests decode one at a time (the queue and the hand-off as without batching);
+    # tests/test_server_batch.py runs a batch of four.
+    proc, url = start_server(model_path, "--parallel", "1", "--max-queue", str(MAX_QUEUE), "--neat",
                              f"shipped={shipped_file('neat-smollm2-135m.json')}")
     yield url
     stop_server(proc)

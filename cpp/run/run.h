@@ -61,6 +61,7 @@ public:
     void stop(const std::vector<int>& samples) { loop_->stop(samples); }
     void finish_live(Finish why) { loop_->finish_live(why); }
     const DecodeLoop& loop() const { return *loop_; }
+    DecodeLoop& decode_loop() { return *loop_; }  // for a scheduler (Batcher) to drive
     const RunOptions& options() const { return opts_; }
     const ModelInfo& model_info() const { return tc_.model().info(); }
 

@@ -49,6 +49,13 @@ void SampleParams::validate() const {
         throw ParamError("logprobs (top_logprobs) must be in [0, 100], got " + std::to_string(top_logprobs));
     if (kv_tokens < 0 || kv_tokens > max_tokens) throw ParamError("kv_tokens must be in [0, max_tokens]");
     SamplingParams::validate();
+    if (!seqs.empty()) {
+        if (seqs.size() != static_cast<size_t>(n))
+            throw ParamError("seqs names " + std::to_string(seqs.size()) + " slots for n=" + std::to_string(n) + " samples");
+        for (size_t i = 0; i < seqs.size(); ++i)
+            if (seqs[i] < 0 || (i > 0 && seqs[i] <= seqs[i - 1]))
+                throw ParamError("seqs must be increasing, non-negative sequence ids");
+    }
     if (!forced_per_sample.empty()) {
         if (!forced.empty()) throw ParamError("give one forced stream for every sample or one per sample, not both");
         if (forced_per_sample.size() != static_cast<size_t>(n))
@@ -74,6 +81,13 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
         if (t < 0 || t >= info.n_vocab) throw ParamError("prompt token id out of range: " + std::to_string(t));
     if (params_.n > tc_.params().n_seq_max)
         throw ParamError("n=" + std::to_string(params_.n) + " exceeds the context's " +
+                         std::to_string(tc_.params().n_seq_max) + " sequences");
+    if (params_.seqs.empty())
+        for (int s = 0; s < params_.n; ++s) seqs_.push_back(s);
+    else
+        seqs_.assign(params_.seqs.begin(), params_.seqs.end());
+    if (seqs_.back() >= tc_.params().n_seq_max)
+        throw ParamError("sequence id " + std::to_string(seqs_.back()) + " is beyond the context's " +
                          std::to_string(tc_.params().n_seq_max) + " sequences");
     if (params_.n > tc_.params().n_batch)
         throw ParamError("n=" + std::to_string(params_.n) + " exceeds the context's batch of " +
@@ -202,14 +216,14 @@ void DecodeLoop::record_logprobs(SampleState& st, const float* logits, llama_tok
     st.token_logprob.push_back(logits[chosen] - lse);
 }
 
-void DecodeLoop::check_finite(int n_rows) const {
+void DecodeLoop::check_finite() const {
     const std::string why = " (the model's weights or metadata hold NaN/inf, or its values overflow): "
                             "this model cannot be generated from";
     if (bad_layer_ >= 0)
         throw RuntimeError("non-finite activations from layer " + std::to_string(bad_layer_) + " (" +
                            tc_.tap().act_name() + "-" + std::to_string(bad_layer_) + ")" + why);
     const int V = tc_.model().info().n_vocab;
-    for (int r = 0; r < n_rows; ++r) {
+    for (int r : row_logits_) {
         const float* logits = llama_get_logits_ith(tc_.ctx(), r);
         for (int i = 0; i < V; ++i)
             if (std::isnan(logits[i]) || logits[i] == INFINITY)  // -inf is a legitimate ban
@@ -221,7 +235,10 @@ void DecodeLoop::end_sample(int s, Finish why) {
     SampleState& st = samples_[static_cast<size_t>(s)];
     st.live = false;
     st.finish = why;
-    if (!tc_.closed()) llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, -1, -1);
+    // The first sample's cells stay for a later run to reuse when it ended by itself (its slot's
+    // record says what they hold); a stopped or cancelled sample's, and the others', are freed now.
+    const bool natural = why != Finish::Stopped && why != Finish::Cancelled;
+    if (!tc_.closed() && !(params_.reuse_prompt && s == 0 && natural)) tc_.seq_rm(seqs_[static_cast<size_t>(s)], 0);
     for (Reducer* r : reducers_) r->finish(s, static_cast<int>(st.tokens.size()));
 }
 
@@ -299,7 +316,7 @@ uint32_t DecodeLoop::roll_back(int s, int n) {
     }
     // The cells from the position that predicts token n on: the next step decodes it again.
     const int np = static_cast<int>(prompt_.size());
-    llama_memory_seq_rm(llama_get_memory(tc_.ctx()), s, np + n - 1, -1);
+    tc_.seq_rm(seqs_[static_cast<size_t>(s)], np + n - 1);
     for (Reducer* r : reducers_) r->roll_back(s, n);
     // A fresh sampler (its RNG and any penalty history restart) with a seed of its own, recorded:
     // the continuation is the one a fresh run from the kept tokens with that seed draws.
@@ -316,18 +333,27 @@ void DecodeLoop::start() {
     using clock = std::chrono::steady_clock;
     started_ = true;
     const auto t0 = clock::now();
-    tc_.clear();
     const int np = static_cast<int>(prompt_.size());
-    if (np > 1) tc_.decode_seq(prompt_.data(), np - 1, 0, 0, nullptr, false);
+    const llama_seq_id base = seqs_[0];
+    // The longest prefix of the prompt whose cells the first slot holds already and that decoding
+    // the prompt would compute the same (TappedContext::reusable_prefix), never its last token
+    // (its row is tapped and its logits are sampled). The rest is decoded from there in the same
+    // chunks as a whole prompt: the cells, and so the tokens, are those of a run without reuse.
+    const int keep = params_.reuse_prompt ? tc_.reusable_prefix(base, prompt_, np - 1) : 0;
+    for (size_t s = 1; s < seqs_.size(); ++s) tc_.seq_rm(seqs_[s], 0);
+    tc_.seq_rm(base, keep);
+    tc_.count_reused(keep);
+    n_reused_ = keep;
+    if (np - 1 > keep) tc_.decode_seq(prompt_.data() + keep, np - 1 - keep, keep, base, nullptr, false);
     broadcast_ = true;
     bad_layer_ = -1;
-    tc_.decode_seq(prompt_.data() + np - 1, 1, np - 1, 0, params_.tap ? this : nullptr);
+    row_logits_.assign(1, 0);
+    tc_.decode_seq(prompt_.data() + np - 1, 1, np - 1, base, params_.tap ? this : nullptr);
     broadcast_ = false;
-    check_finite(1);
-    llama_memory_t mem = llama_get_memory(tc_.ctx());
+    check_finite();
     for (int s = 1; s < params_.n; ++s)
-        if (samples_[static_cast<size_t>(s)].live) llama_memory_seq_cp(mem, 0, s, -1, -1);
-    if (!samples_[0].live) llama_memory_seq_rm(mem, 0, -1, -1);
+        if (samples_[static_cast<size_t>(s)].live) tc_.seq_cp(base, seqs_[static_cast<size_t>(s)]);
+    if (!samples_[0].live) tc_.seq_rm(base, 0);  // stopped before the start
     prompt_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
     for (int s = 0; s < params_.n; ++s) {
         if (!samples_[static_cast<size_t>(s)].live) continue;  // stopped before the start
@@ -337,36 +363,94 @@ void DecodeLoop::start() {
     for (Reducer* r : reducers_) r->end_step();
 }
 
+bool DecodeLoop::begin() {
+    if (started_) return false;
+    if (!failed_.empty()) throw RuntimeError("this run failed earlier and cannot go on: " + failed_);
+    try {
+        start();
+    } catch (const std::exception& e) {
+        failed_ = e.what();
+        throw;
+    }
+    return true;
+}
+
+int DecodeLoop::plan(int until, std::vector<llama_token>& tokens, std::vector<int>& pos,
+                     std::vector<llama_seq_id>& seqs) {
+    if (!failed_.empty()) throw RuntimeError("this run failed earlier and cannot go on: " + failed_);
+    row_sample_.clear();
+    row_token_.clear();
+    row_logits_.clear();
+    bad_layer_ = -1;
+    const int np = static_cast<int>(prompt_.size());
+    until = std::min(until, params_.max_tokens);
+    // Increasing sequence ids: llama.cpp keeps batch order within and across ubatches.
+    for (int s = 0; s < params_.n; ++s) {
+        SampleState& st = samples_[static_cast<size_t>(s)];
+        const int j = static_cast<int>(st.tokens.size());
+        if (!st.live || j >= until) continue;
+        st.logits_row = static_cast<int>(tokens.size());
+        row_logits_.push_back(st.logits_row);
+        // After a rollback to the start, the prompt's last token predicts the first one again.
+        tokens.push_back(j > 0 ? st.tokens.back() : prompt_.back());
+        pos.push_back(np + j - 1);
+        seqs.push_back(seqs_[static_cast<size_t>(s)]);
+        row_sample_.push_back(s);
+        row_token_.push_back(j);  // this position predicts token j
+    }
+    return static_cast<int>(row_sample_.size());
+}
+
+int DecodeLoop::pending(int until) const {
+    until = std::min(until, params_.max_tokens);
+    int c = 0;
+    for (const SampleState& st : samples_) c += st.live && static_cast<int>(st.tokens.size()) < until;
+    return c;
+}
+
+void DecodeLoop::place(int local, int batch_row) {
+    row_logits_.at(static_cast<size_t>(local)) = batch_row;
+    samples_[static_cast<size_t>(row_sample_.at(static_cast<size_t>(local)))].logits_row = batch_row;
+}
+
+void DecodeLoop::untap() {
+    if (!methods_.empty()) throw ParamError(std::string(methods_[0]->name()) + " steers this run: it cannot go on untapped");
+    for (Reducer* r : reducers_) {
+        for (int s = 0; s < params_.n; ++s) {
+            const SampleState& st = samples_[static_cast<size_t>(s)];
+            if (st.live) r->finish(s, static_cast<int>(st.tokens.size()));
+        }
+        r->sync();
+    }
+    reducers_.clear();
+    params_.tap = false;
+}
+
+void DecodeLoop::commit(double seconds) {
+    if (row_sample_.empty()) return;
+    try {
+        check_finite();
+        ++steps_;
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int s : row_sample_) sample_and_commit(s);
+        for (Reducer* r : reducers_) r->end_step();
+        sample_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } catch (const std::exception& e) {
+        failed_ = e.what();
+        throw;
+    }
+    decode_seconds_ += seconds;
+    row_sample_.clear();
+}
+
 void DecodeLoop::step() {
     b_tokens_.clear();
     b_pos_.clear();
     b_seqs_.clear();
-    row_sample_.clear();
-    row_token_.clear();
-    const int np = static_cast<int>(prompt_.size());
-    // Increasing sequence ids: llama.cpp keeps batch order within and across ubatches.
-    for (int s = 0; s < params_.n; ++s) {
-        SampleState& st = samples_[static_cast<size_t>(s)];
-        if (!st.live) continue;
-        const int j = static_cast<int>(st.tokens.size());
-        st.logits_row = static_cast<int>(b_tokens_.size());
-        // After a rollback to the start, the prompt's last token predicts the first one again.
-        b_tokens_.push_back(j > 0 ? st.tokens.back() : prompt_.back());
-        b_pos_.push_back(np + j - 1);
-        b_seqs_.push_back(s);
-        row_sample_.push_back(s);
-        row_token_.push_back(j);  // this position predicts token j
-    }
-    if (b_tokens_.empty()) return;
-    bad_layer_ = -1;
+    if (plan(params_.max_tokens, b_tokens_, b_pos_, b_seqs_) == 0) return;
     tc_.decode_rows(b_tokens_.data(), b_pos_.data(), b_seqs_.data(), static_cast<int>(b_tokens_.size()),
                     params_.tap ? this : nullptr);
-    check_finite(static_cast<int>(b_tokens_.size()));
-    ++steps_;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int s : row_sample_) sample_and_commit(s);
-    for (Reducer* r : reducers_) r->end_step();
-    sample_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    commit(0);
 }
 
 int DecodeLoop::advance(int until, Progress* progress) {
@@ -447,12 +531,13 @@ Handoff DecodeLoop::hand_off(int s) {
     if (!methods_.empty()) throw ParamError(std::string("a run ") + methods_[0]->name() + " watches cannot hand off");
     auto in_use = tc_.lock_use();
     Handoff h;
-    const size_t size = llama_state_seq_get_size(tc_.ctx(), s);
+    const llama_seq_id slot = seqs_[static_cast<size_t>(s)];
+    const size_t size = llama_state_seq_get_size(tc_.ctx(), slot);
     h.kv.resize(size);
-    if (llama_state_seq_get_data(tc_.ctx(), h.kv.data(), size, s) != size)
+    if (llama_state_seq_get_data(tc_.ctx(), h.kv.data(), size, slot) != size)
         throw RuntimeError("could not read the KV state of sample " + std::to_string(s));
     // Per-sequence streams: sequence s lives in stream s (one stream: nothing to cut).
-    if (!tc_.params().kv_unified) h.kv = single_stream_state(h.kv, static_cast<uint32_t>(s));
+    if (!tc_.params().kv_unified) h.kv = single_stream_state(h.kv, static_cast<uint32_t>(slot));
     h.prompt = prompt_;
     h.tokens = st.tokens;
     h.text = st.text;
@@ -469,6 +554,7 @@ DecodeLoop::DecodeLoop(TappedContext& tc, Handoff&& from, SampleParams params, s
     : DecodeLoop(tc, from.prompt, [&] {
           params.n = 1;
           params.kv_tokens = 0;
+          params.seqs.clear();  // the handed-off state goes into sequence 0
           return params;
       }(), std::move(reducers)) {
     if (!from.sampler) throw ParamError("the handoff was used already");
@@ -479,6 +565,7 @@ DecodeLoop::DecodeLoop(TappedContext& tc, Handoff&& from, SampleParams params, s
     tc_.clear();
     if (llama_state_seq_set_data(tc_.ctx(), from.kv.data(), from.kv.size(), 0) == 0)
         throw RuntimeError("could not restore the handed-off KV state (another model or context layout?)");
+    tc_.set_seq_tokens(0, from.prompt);  // what is surely there: the prompt (its tokens' cells follow)
     llama_sampler_free(samplers_[0]);  // the fresh chain of the delegated constructor: the sample's own goes on
     samplers_[0] = from.sampler;
     from.sampler = nullptr;            // a handoff is used once

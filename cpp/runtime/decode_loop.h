@@ -40,6 +40,13 @@ struct SampleParams : SamplingParams {
     // > 0: this context holds KV cells for only the first `kv_tokens` tokens of each sample (a
     // race decided early, whose winner goes on elsewhere: see Handoff); advance stops there.
     int kv_tokens = 0;
+    // The context's sequence ids (KV slots) of samples 0..n-1, increasing; empty: 0..n-1. A
+    // scheduler (Batcher) gives each run its own slots of one shared context.
+    std::vector<int> seqs;
+    // Reuse the KV cells of the longest prefix of the prompt that the first slot already holds
+    // (an earlier run's prompt and tokens) instead of decoding it again. Only the prompt's last
+    // token is ever tapped, and it is always decoded, so reuse never hides a row from a reducer.
+    bool reuse_prompt = true;
     // ParamError for what is wrong whatever the model (what the model bounds, DecodeLoop checks).
     void validate() const;
 };
@@ -100,6 +107,31 @@ public:
     // Decodes until every live sample holds `until` tokens (or ends); starts the run on the first
     // call. Returns the number of live samples. A cancel request returns early, samples still live.
     int advance(int until, Progress* progress);
+
+    // The pieces of advance a scheduler (Batcher) drives, holding the context's use lock itself:
+    // begin() decodes the prompt (once; false when it was started already); plan() appends the
+    // next row of every live sample holding fewer than `until` tokens to a shared batch (in
+    // increasing sequence order) and returns how many it added; after the one shared decode, in
+    // which the scheduler routes this run's rows to on_rows by their order in plan(), commit()
+    // samples and commits them. `seconds`: the step's wall time, counted as this run's decoding.
+    bool begin();
+    int plan(int until, std::vector<llama_token>& tokens, std::vector<int>& pos, std::vector<llama_seq_id>& seqs);
+    void commit(double seconds);
+    bool started() const { return started_; }
+    // Live samples holding fewer than `until` tokens (the rows plan would add).
+    int pending(int until) const;
+    // Sets where the scheduler put this run's own row `local` in the shared batch (its logits).
+    void place(int local, int batch_row);
+    // Why the run cannot go on ("" while it can); fail() marks it so (a shared decode failed).
+    const std::string& failed() const { return failed_; }
+    void fail(const std::string& why) { if (failed_.empty()) failed_ = why; }
+    bool tapped() const { return params_.tap; }
+    const TappedContext& context() const { return tc_; }
+    // Stops feeding the records (a decided race's winner goes on untapped): every reducer ends
+    // the live samples where they stand, as a hand-off to a context of its own would. Not for a
+    // run that methods steer (ParamError).
+    void untap();
+    llama_seq_id slot(int s) const { return seqs_.at(static_cast<size_t>(s)); }
     // Ends the given samples now ("stopped") and frees their KV cells.
     void stop(const std::vector<int>& samples);
     // Ends every live sample with `why` (Cancelled after an interrupted advance, say).
@@ -112,6 +144,7 @@ public:
     const SampleState& sample(int i) const { return samples_.at(static_cast<size_t>(i)); }
     int64_t tokens_sampled() const { return tokens_sampled_; }
     int n_prompt() const { return static_cast<int>(prompt_.size()); }
+    int n_reused() const { return n_reused_; }  // prompt tokens whose cells were reused, not decoded
     double prompt_seconds() const { return prompt_seconds_; }
     double decode_seconds() const { return decode_seconds_; }
     int decode_steps() const { return steps_; }
@@ -130,13 +163,14 @@ private:
     // reseeded; returns the new seed.
     uint32_t roll_back(int s, int n);
     // RuntimeError naming the first layer (or the logits) where the last decode gave NaN/inf.
-    void check_finite(int n_rows) const;
+    void check_finite() const;
 
     TappedContext& tc_;
     std::vector<llama_token> prompt_;
     SampleParams params_;
     std::vector<Reducer*> reducers_;  // the methods last
     std::vector<Steering*> methods_;
+    std::vector<llama_seq_id> seqs_;  // slot of each sample
     TapRequest want_{kTapMlpPost, -1};
     std::vector<SampleState> samples_;
     std::vector<llama_sampler*> samplers_;
@@ -146,6 +180,7 @@ private:
     bool broadcast_ = false;  // the prompt's last row belongs to token 0 of every sample
     std::vector<int> row_sample_;
     std::vector<int> row_token_;
+    std::vector<int> row_logits_;  // the batch row of each of this run's rows (its logits)
 
     std::vector<llama_token> b_tokens_;
     std::vector<int> b_pos_;
@@ -156,6 +191,7 @@ private:
     int bad_layer_ = -1;  // first layer whose tapped rows held NaN/inf in the decode in flight
     int64_t tokens_sampled_ = 0;
     int steps_ = 0;
+    int n_reused_ = 0;
     double prompt_seconds_ = 0, decode_seconds_ = 0, sample_seconds_ = 0;
 };
 

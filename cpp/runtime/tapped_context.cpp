@@ -49,6 +49,8 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
     // context): decode in batches of what it really accepts, or a long prompt aborts inside it.
     params_.n_batch = std::min<int>(params_.n_batch, static_cast<int>(llama_n_batch(ctx_)));
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
+    cells_.resize(static_cast<size_t>(params_.n_seq_max));
+    chunked_.resize(static_cast<size_t>(params_.n_seq_max));
     model_->attach(this);
 
     if (!params_.install_tap) return;
@@ -102,7 +104,68 @@ llama_context* TappedContext::ctx() const {
 
 int TappedContext::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx())); }
 
-void TappedContext::clear() { llama_memory_clear(llama_get_memory(ctx()), true); }
+void TappedContext::clear() {
+    llama_memory_clear(llama_get_memory(ctx()), true);
+    for (auto& c : cells_) c.clear();
+    for (auto& c : chunked_) c.clear();
+}
+
+static void check_seq(llama_seq_id s, size_t n) {
+    if (s < 0 || static_cast<size_t>(s) >= n)
+        throw ParamError("sequence id " + std::to_string(s) + " outside the context's " + std::to_string(n));
+}
+
+const std::vector<llama_token>& TappedContext::seq_tokens(llama_seq_id s) const {
+    check_seq(s, cells_.size());
+    return cells_[static_cast<size_t>(s)];
+}
+
+void TappedContext::set_seq_tokens(llama_seq_id s, std::vector<llama_token> tokens) {
+    check_seq(s, cells_.size());
+    chunked_[static_cast<size_t>(s)].assign(tokens.size(), 0);
+    cells_[static_cast<size_t>(s)] = std::move(tokens);
+}
+
+int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit) const {
+    check_seq(s, cells_.size());
+    const auto& c = cells_[static_cast<size_t>(s)];
+    const auto& w = chunked_[static_cast<size_t>(s)];
+    const size_t most = std::min({c.size(), prompt.size(), static_cast<size_t>(std::max(limit, 0))});
+    size_t k = 0;
+    while (k < most && c[k] == prompt[k] && w[k]) ++k;
+    const size_t chunk = static_cast<size_t>(params_.n_batch);
+    return static_cast<int>(k / chunk * chunk);
+}
+
+void TappedContext::seq_rm(llama_seq_id s, int p0) {
+    check_seq(s, cells_.size());
+    llama_memory_seq_rm(llama_get_memory(ctx()), s, p0, -1);
+    auto& c = cells_[static_cast<size_t>(s)];
+    if (static_cast<size_t>(p0) < c.size()) c.resize(static_cast<size_t>(std::max(p0, 0)));
+    auto& w = chunked_[static_cast<size_t>(s)];
+    if (w.size() > c.size()) w.resize(c.size());
+}
+
+void TappedContext::seq_cp(llama_seq_id src, llama_seq_id dst) {
+    check_seq(src, cells_.size());
+    check_seq(dst, cells_.size());
+    if (src == dst) return;
+    seq_rm(dst, 0);
+    llama_memory_seq_cp(llama_get_memory(ctx()), src, dst, -1, -1);
+    cells_[static_cast<size_t>(dst)] = cells_[static_cast<size_t>(src)];
+    chunked_[static_cast<size_t>(dst)] = chunked_[static_cast<size_t>(src)];
+}
+
+void TappedContext::note(llama_seq_id s, int pos, llama_token t, bool whole_chunk) {
+    auto& c = cells_[static_cast<size_t>(s)];
+    auto& w = chunked_[static_cast<size_t>(s)];
+    // A position past the record (after a restored state) leaves the record as it is: a prefix.
+    if (pos < 0 || static_cast<size_t>(pos) > c.size()) return;
+    c.resize(static_cast<size_t>(pos));
+    w.resize(static_cast<size_t>(pos));
+    c.push_back(t);
+    w.push_back(whole_chunk);
+}
 
 void TappedContext::run_decode(int n_rows, RowSink* sink) {
     ctx();  // closed: RuntimeError, never a decode on freed memory
@@ -114,6 +177,8 @@ void TappedContext::run_decode(int n_rows, RowSink* sink) {
     const int32_t rc = llama_decode(ctx_, batch_);
     if (rc != 0) {
         tap_.disarm();
+        for (auto& c : cells_) c.clear();  // what the cells hold is unknown now: reuse nothing
+        for (auto& c : chunked_) c.clear();
         std::string why = take_logged_errors();
         if (rc == 1)
             throw ContextError("llama_decode found no free KV cells for the batch (context full)" +
@@ -121,11 +186,17 @@ void TappedContext::run_decode(int n_rows, RowSink* sink) {
         throw RuntimeError("llama_decode failed with code " + std::to_string(rc) + (why.empty() ? "" : ": " + why));
     }
     if (sink) tap_.disarm_and_check();
+    // A whole prompt chunk: one sequence's n_batch consecutive positions from a multiple of n_batch.
+    const bool whole = n_rows == params_.n_batch && batch_.pos[0] % params_.n_batch == 0 &&
+                       batch_.seq_id[0][0] == batch_.seq_id[n_rows - 1][0] &&
+                       batch_.pos[n_rows - 1] == batch_.pos[0] + n_rows - 1;
+    for (int i = 0; i < n_rows; ++i) note(batch_.seq_id[i][0], batch_.pos[i], batch_.token[i], whole);
 }
 
 void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
                                bool logits_last) {
     if (sink && n > params_.n_batch) throw ParamError("a tapped decode must fit one batch");
+    check_seq(seq, cells_.size());
     for (int start = 0; start < n; start += params_.n_batch) {
         const int m = std::min(params_.n_batch, n - start);
         for (int i = 0; i < m; ++i) {
@@ -143,6 +214,7 @@ void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama
 void TappedContext::decode_rows(const llama_token* tokens, const int* pos, const llama_seq_id* seqs, int n,
                                 RowSink* sink) {
     if (n > params_.n_batch) throw ParamError("decode_rows: more rows than n_batch");
+    for (int i = 0; i < n; ++i) check_seq(seqs[i], cells_.size());
     for (int i = 0; i < n; ++i) {
         batch_.token[i] = tokens[i];
         batch_.pos[i] = pos[i];

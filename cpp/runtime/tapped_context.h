@@ -44,6 +44,27 @@ public:
 
     void clear();  // drops all KV cells
 
+    // What each sequence's cells hold: seq_tokens(s)[p] is the token at position p, for the
+    // positions 0..size-1 known to be in the cache (decodes append; removals cut). A prefix of the
+    // truth: cells past it may exist (a restored state) and are removed before a prompt reuses it.
+    const std::vector<llama_token>& seq_tokens(llama_seq_id s) const;
+    void set_seq_tokens(llama_seq_id s, std::vector<llama_token> tokens);
+    // Removes sequence s's cells from position p0 on (0: all of them).
+    void seq_rm(llama_seq_id s, int p0);
+    // Sequence dst holds exactly src's cells afterwards (its own removed first; with one stream
+    // the cells are shared, with a stream per sequence they are copied).
+    void seq_cp(llama_seq_id src, llama_seq_id dst);
+    // The longest prefix of `prompt`, at most `limit` tokens, whose cells sequence s holds and
+    // may reuse: whole prompt chunks (n_batch tokens at a multiple of n_batch) that were decoded
+    // as such. llama.cpp's values for a row depend on the batch it was decoded in (a generated
+    // token's cell, decoded alone, differs in the last bits from the same token's cell in a
+    // prompt batch, and later tokens can change: a ten-turn chat did at its fifth turn), so only
+    // cells that a decode of `prompt` itself would compute in exactly the same batch are reused.
+    int reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit) const;
+    // Prompt cells reused instead of decoded, over this context's life.
+    int64_t reused_cells() const { return reused_; }
+    void count_reused(int n) { reused_ += n; }
+
     // Decodes tokens[i] at pos0 + i of sequence `seq`. With a sink, every row requests logits
     // and is tapped; without, only the last row requests logits (or none if logits_last=false).
     void decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
@@ -55,12 +76,16 @@ public:
 
 private:
     void run_decode(int n_rows, RowSink* sink);
+    void note(llama_seq_id s, int pos, llama_token t, bool whole_chunk);
     std::shared_ptr<Model> model_;
     ContextParams params_;
     FfnTap tap_;
     llama_context* ctx_ = nullptr;
     std::mutex use_mu_;
     llama_batch batch_{};
+    std::vector<std::vector<llama_token>> cells_;  // per sequence: see seq_tokens
+    std::vector<std::vector<uint8_t>> chunked_;    // per sequence and position: decoded in a whole prompt chunk
+    int64_t reused_ = 0;
 };
 
 }  // namespace neurotap

@@ -266,4 +266,5 @@ std::vector<TestCase> nad_tests();
 std::vector<TestCase> neat_tests();
 std::vector<TestCase> generate_tests();
 std::vector<TestCase> decode_loop_tests();
+std::vector<TestCase> batcher_tests();
 std::vector<TestCase> neureasoner_tests();

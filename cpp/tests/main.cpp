@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
     // Model-free tests first, then those on the real model, each in component order.
     std::vector<TestCase> model_free, with_model;
     for (auto tests : {tap_tests, gguf_tests, reducers_tests, moe_tests, nad_tests, neat_tests, generate_tests, decode_loop_tests,
-                       neureasoner_tests})
+                       batcher_tests, neureasoner_tests})
         for (const TestCase& tc : tests()) (tc.needs_model ? with_model : model_free).push_back(tc);
 
     int passed = 0, failed = 0;

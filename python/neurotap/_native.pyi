@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeatEvent', 'NeuReasonerConfig', 'NeuReasonerEvent', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'devices', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features', 'tap_reads']
+__all__: list[str] = ['Batcher', 'ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeatEvent', 'NeuReasonerConfig', 'NeuReasonerEvent', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'devices', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features', 'tap_reads']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -62,6 +62,10 @@ class Model:
 class Context:
     def __init__(self, model: Model, n_ctx: typing.SupportsInt | typing.SupportsIndex = 4096, n_batch: typing.SupportsInt | typing.SupportsIndex = 512, n_seq_max: typing.SupportsInt | typing.SupportsIndex = 1, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, kv_unified: bool = True, flash_attn: bool = True, install_tap: bool = True) -> None:
         ...
+    def seq_tokens(self, seq: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
+        """
+        the tokens whose KV cells sequence `seq` holds (positions 0..), as far as they are known
+        """
     @property
     def n_ctx(self) -> int:
         ...
@@ -71,6 +75,11 @@ class Context:
     @property
     def n_seq_max(self) -> int:
         ...
+    @property
+    def reused_cells(self) -> int:
+        """
+        prompt cells reused instead of decoded, over this context's life
+        """
     @property
     def tapped_tensors(self) -> list[str]:
         ...
@@ -84,9 +93,11 @@ class NeatEvent:
         ...
     def __hash__(self) -> int:
         ...
-    def __iter__(self) -> typing.Iterator[typing.Any]:
+    def __iter__(self) -> collections.abc.Iterator:
         ...
     def __len__(self) -> int:
+        ...
+    def __repr__(self) -> str:
         ...
     @property
     def action(self) -> int:
@@ -106,6 +117,56 @@ class NeatEvent:
     def token(self) -> int:
         """
         index of the token the decision applied to
+        """
+class NeuReasonerEvent:
+    """
+    One NeuReasoner detection and what was done
+    """
+    def __eq__(self, arg0: typing.Any) -> bool:
+        ...
+    def __getitem__(self, arg0: typing.Any) -> typing.Any:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __iter__(self) -> collections.abc.Iterator:
+        ...
+    def __len__(self) -> int:
+        ...
+    def __repr__(self) -> str:
+        ...
+    @property
+    def action(self) -> int:
+        """
+        0 none, 1 resample, 2 redirect, 3 exit (action_name)
+        """
+    @property
+    def action_name(self) -> str:
+        ...
+    @property
+    def level(self) -> int:
+        """
+        0 intra, 1 inter, 2 instance (level_name)
+        """
+    @property
+    def level_name(self) -> str:
+        ...
+    @property
+    def probability(self) -> float:
+        ...
+    @property
+    def rollback_to(self) -> int:
+        """
+        tokens kept by the rollback, -1 for none
+        """
+    @property
+    def seed(self) -> int:
+        """
+        the sampler's new seed after a rollback, 0 for none
+        """
+    @property
+    def token(self) -> int:
+        """
+        tokens the sample held when it was detected
         """
 class NeatConfig:
     line_starts_only: bool
@@ -187,54 +248,6 @@ class Mlp:
     @weights.setter
     def weights(self, arg0: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex]]) -> None:
         ...
-class NeuReasonerEvent:
-    """
-    One NeuReasoner detection and what was done
-    """
-    def __eq__(self, arg0: typing.Any) -> bool:
-        ...
-    def __getitem__(self, arg0: typing.Any) -> typing.Any:
-        ...
-    def __hash__(self) -> int:
-        ...
-    def __iter__(self) -> typing.Iterator[typing.Any]:
-        ...
-    def __len__(self) -> int:
-        ...
-    @property
-    def action(self) -> int:
-        """
-        0 none, 1 resample, 2 redirect, 3 exit (action_name)
-        """
-    @property
-    def action_name(self) -> str:
-        ...
-    @property
-    def level(self) -> int:
-        """
-        0 intra, 1 inter, 2 instance (level_name)
-        """
-    @property
-    def level_name(self) -> str:
-        ...
-    @property
-    def probability(self) -> float:
-        ...
-    @property
-    def rollback_to(self) -> int:
-        """
-        tokens kept by the rollback, -1 for none
-        """
-    @property
-    def seed(self) -> int:
-        """
-        the sampler's new seed after a rollback, 0 for none
-        """
-    @property
-    def token(self) -> int:
-        """
-        tokens the sample held when it was detected
-        """
 class NeuReasonerLevel:
     enabled: bool
     mlp: Mlp
@@ -403,12 +416,13 @@ class RunOptions:
     counts: bool
     ignore_eos: bool
     keep_top: bool
-    neat: NeatConfig | None
     ln2_normalized: bool
+    neat: NeatConfig | None
     neureasoner: NeuReasonerConfig | None
     norm_inputs: bool
     resid_post: bool
     residuals: bool
+    reuse_prompt: bool
     router_probs: bool
     routing: bool
     seed_per_sample: bool
@@ -419,12 +433,6 @@ class RunOptions:
         """
         ValueError naming the first option out of range (Run checks it too)
         """
-    @property
-    def mlp_post(self) -> int:
-        ...
-    @mlp_post.setter
-    def mlp_post(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
     @property
     def active_chunk(self) -> int:
         ...
@@ -492,6 +500,12 @@ class RunOptions:
     def min_p(self, arg1: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     @property
+    def mlp_post(self) -> int:
+        ...
+    @mlp_post.setter
+    def mlp_post(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
     def n(self) -> int:
         ...
     @n.setter
@@ -508,6 +522,12 @@ class RunOptions:
         ...
     @seed.setter
     def seed(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def seqs(self) -> list[int]:
+        ...
+    @seqs.setter
+    def seqs(self, arg1: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
     @property
     def stop(self) -> list[str]:
@@ -584,6 +604,10 @@ class Run:
         ...
     def stop(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
+    def untap(self) -> None:
+        """
+        stop feeding the records: the live samples go on untapped (a decided race's winner)
+        """
     @property
     def contribution_stats(self) -> dict:
         """
@@ -596,6 +620,11 @@ class Run:
     def decode_steps(self) -> int:
         ...
     @property
+    def failed(self) -> str:
+        """
+        why the run cannot go on ('' while it can)
+        """
+    @property
     def n(self) -> int:
         ...
     @property
@@ -605,13 +634,49 @@ class Run:
     def n_prompt(self) -> int:
         ...
     @property
+    def n_reused(self) -> int:
+        """
+        prompt tokens whose KV cells were reused instead of decoded
+        """
+    @property
     def prompt_seconds(self) -> float:
         ...
     @property
     def sample_seconds(self) -> float:
         ...
     @property
+    def started(self) -> bool:
+        ...
+    @property
     def tokens_sampled(self) -> int:
+        ...
+class Batcher:
+    def __init__(self, context: typing.Any) -> None:
+        ...
+    def add(self, run: typing.Any, until: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def clear_wake(self) -> None:
+        ...
+    def remove(self, run: typing.Any) -> None:
+        ...
+    def run(self, max_steps: typing.SupportsInt | typing.SupportsIndex) -> list:
+        """
+        Decode (prompts of joining runs, then shared steps) until a run needs its owner (it reached its target or ended), max_steps steps, or wake(); returns the runs that need their owner.
+        """
+    def set_until(self, run: typing.Any, until: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def wake(self) -> None:
+        """
+        make run() return after its current step (safe from any thread); the flag stays set until clear_wake()
+        """
+    @property
+    def rows(self) -> int:
+        ...
+    @property
+    def size(self) -> int:
+        ...
+    @property
+    def steps(self) -> int:
         ...
 def contribution_budget(file_bytes: typing.SupportsInt | typing.SupportsIndex, n_samples: typing.SupportsInt | typing.SupportsIndex, n_layers: typing.SupportsInt | typing.SupportsIndex, n_ff: typing.SupportsInt | typing.SupportsIndex) -> int:
     """
@@ -653,7 +718,7 @@ def spectral_features(signal: typing.Annotated[numpy.typing.ArrayLike, numpy.flo
     """
     NeuReasoner's spectral features [T, 5] (high, low, dominant ratio, entropy, TV energy) of the window ending at each token, exactly as a run computes them.
     """
-def tap_reads() -> tuple:
+def tap_reads() -> tuple[int, int]:
     """
     Tapped tensors read so far in this process: (from host memory, copied from device buffers).
     """

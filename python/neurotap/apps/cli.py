@@ -583,7 +583,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _load(args)
     serve(model, host=args.host, port=args.port, name=args.alias, neat=parse_neat_args(args.neat or [], model),
           max_queue=args.max_queue, neureasoner=parse_neureasoner_args(args.neureasoner or [], model),
-          api_key=api_key.strip() if api_key else None)
+          api_key=api_key.strip() if api_key else None, parallel=args.parallel,
+          reuse_prompt=not args.no_prompt_reuse)
     return 0
 
 
@@ -600,10 +601,15 @@ def add_serve(sub: Any) -> None:
     sv.add_argument("--neureasoner", action="append", metavar="NAME=PATH",
                     help="a NeuReasoner calibration (neurotap neureasoner calibrate) requests may name (repeatable)")
     sv.add_argument("--max-queue", type=int, default=64,
-                    help="requests that may wait while one runs; more get 503 (default 64)")
+                    help="requests that may wait for a place in the batch; more get 503 (default 64)")
     sv.add_argument("--api-key", default=None,
                     help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (401 without it; /health "
                          "stays open); default: the NEUROTAP_API_KEY environment variable, else no key")
+    sv.add_argument("--parallel", "-np", type=int, default=4,
+                    help="sequences decoded together (continuous batching): a request takes n of them, a NAD "
+                         "race nad.n; one needing more runs alone between batches (default 4; KV: parallel x --ctx cells)")
+    sv.add_argument("--no-prompt-reuse", action="store_true",
+                    help="decode every prompt whole instead of reusing the cells of a prefix a slot still holds")
     chat_args(sv)
     sv.set_defaults(func=cmd_serve)
 

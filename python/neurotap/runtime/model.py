@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
 import threading
 from dataclasses import dataclass, field
@@ -166,6 +167,14 @@ class Model:
         self._lock = threading.Lock()  # generate() uses the one single-sequence context
         self.max_sample_cells = int(max_sample_cells)
         self._pool = ContextPool(self._new_sampling_context)
+        #: Reuse the KV cells of a prompt's longest prefix already in a context (the previous
+        #: turns of a chat, a shared system prompt) instead of decoding it again, as llama-cpp-python's
+        #: Llama does. The cells are those the context holds anyway (generate's one sequence, the
+        #: first sequence of the idle sampling context): reuse costs no memory. False: every prompt
+        #: is decoded whole.
+        self.reuse_prompt = True
+        self._reused = 0
+        self._reused_lock = threading.Lock()
         i = native.info
         self.info = ModelInfo(
             name=name, path=i["path"], architecture=i["architecture"], description=i["description"],
@@ -197,6 +206,15 @@ class Model:
         fail at their next step; their finished records stay readable."""
         self._pool.clear()
         self._native.close()
+
+    @property
+    def reused_cells(self) -> int:
+        """Prompt tokens whose KV cells runs of this model reused instead of decoding them."""
+        return self._reused
+
+    def _count_reused(self, n: int) -> None:
+        with self._reused_lock:
+            self._reused += int(n)
 
     @property
     def closed(self) -> bool:
@@ -333,10 +351,14 @@ class Model:
         if self._ctx is None:
             parts["kv"] = self.n_ctx * self.info.kv_bytes_per_cell
         check_fits(parts, f"a run of n=1 x {opts.max_tokens} tokens", 1)
+        opts.reuse_prompt = self.reuse_prompt
         with self._lock:
             run = _native.Run(self._generate_context(), ids, opts)
-            run_with_progress(lambda: run.advance(opts.max_tokens), run.progress_tokens,
-                              total=opts.max_tokens, desc="generating", enabled=progress)
+            try:
+                run_with_progress(lambda: run.advance(opts.max_tokens), run.progress_tokens,
+                                  total=opts.max_tokens, desc="generating", enabled=progress)
+            finally:
+                self._count_reused(run.n_reused)
             run.finish_live("cancelled")  # a cancelled run's sample ends here
             d = run.sample(0)
         return Generation(prompt_tokens=ids, prompt_seconds=run.prompt_seconds, decode_seconds=run.decode_seconds,
@@ -365,9 +387,11 @@ class Model:
         opts = run_options(n=1, max_tokens=len(forced), temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
                            stop=None, reducers=(), tap=False, logprobs=k, forced=forced, seed_per_sample=False)
         ids = self.prompt_tokens(prompt)
+        opts.reuse_prompt = self.reuse_prompt
         with self._lock:
             run = _native.Run(self._generate_context(), ids, opts)
             run.advance(len(forced))
+            self._count_reused(run.n_reused)
             d = run.sample(0)
         return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"]), np.asarray(d["top_logprobs"])
 
@@ -391,11 +415,52 @@ class Model:
                    opts.n)
 
     # -- parallel sampling ------------------------------------------------------------
+    def batch_context(self, n_seq: int) -> Any:
+        """A context of n_seq sequence slots of n_ctx cells each (per-sequence streams), for runs
+        decoded together by a _native.Batcher (the server's continuous batching)."""
+        cells = plan_cells(n_seq, self.n_ctx, max(self.max_sample_cells, n_seq * self.n_ctx))
+        check_fits({"kv": cells * self.info.kv_bytes_per_cell}, f"a batch of {n_seq} sequences x {self.n_ctx} tokens",
+                   n_seq)
+        return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n_seq), n_seq_max=n_seq,
+                               n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
+
     def _new_sampling_context(self, n: int, need: int) -> Any:
         """A context with n per-sequence KV streams of at least `need` cells each."""
         cells = plan_cells(n, need, self.max_sample_cells)
         return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n), n_seq_max=n,
                                n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
+
+    def sampling_options(self, **options: Any) -> Any:
+        """The native options of a parallel sampling run, checked, from start_sampling's keyword
+        options (its defaults for those not given): what start_sampling runs, and what the server's
+        batched runs use (the same run either way)."""
+        bound = inspect.signature(self.start_sampling).bind(None, **options)
+        bound.apply_defaults()
+        o = bound.arguments
+        n, max_tokens, temperature, top_p, top_k, min_p, seed, stop = (
+            o["n"], o["max_tokens"], o["temperature"], o["top_p"], o["top_k"], o["min_p"], o["seed"], o["stop"])
+        reducers, chunk, active_threshold, watch, capture, logprobs, tap, ignore_eos = (
+            o["reducers"], o["chunk"], o["active_threshold"], o["watch"], o["capture"], o["logprobs"], o["tap"],
+            o["ignore_eos"])
+        contribution, contribution_top, eta_rank, keep_top, neat, neureasoner, kv_tokens, forced = (
+            o["contribution"], o["contribution_top"], o["eta_rank"], o["keep_top"], o["neat"], o["neureasoner"],
+            o["kv_tokens"], o["forced"])
+        opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
+                           active_threshold=active_threshold, watch=watch, capture=capture, hooks=o["hooks"],
+                           logprobs=logprobs, tap=tap, ignore_eos=ignore_eos, contribution=contribution,
+                           contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
+                           neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self),
+                           logit_bias=o["logit_bias"])
+        if forced is not None:
+            streams = [[int(t) for t in f] for f in forced]
+            if len(streams) != opts.n:
+                raise ValueError(f"forced holds {len(streams)} token streams for n={opts.n} samples: give one per sample")
+            opts.forced_per_sample = streams
+        if kv_tokens:
+            opts.kv_tokens = int_in("kv_tokens", kv_tokens, 1, opts.max_tokens + 1)
+        opts.reuse_prompt = self.reuse_prompt
+        return opts
 
     def start_sampling(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256,
                        temperature: float = SAMPLE.temperature, top_p: float = SAMPLE.top_p,
@@ -431,21 +496,8 @@ class Model:
         hooks=["mlp.hook_router_probs"] the router's output over every expert; hooks= takes
         generate's hook names.
         """
-        opts = run_options(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                           min_p=min_p, seed=seed, stop=stop, reducers=tuple(reducers), chunk=chunk,
-                           active_threshold=active_threshold, watch=watch, capture=capture, hooks=hooks,
-                           logprobs=logprobs,
-                           tap=tap, ignore_eos=ignore_eos, contribution=contribution,
-                           contribution_top=contribution_top, eta_rank=eta_rank, keep_top=keep_top,
-                           neat=native_neat(neat, self), neureasoner=native_neureasoner(neureasoner, self),
-                           logit_bias=logit_bias)
-        if forced is not None:
-            streams = [[int(t) for t in f] for f in forced]
-            if len(streams) != opts.n:
-                raise ValueError(f"forced holds {len(streams)} token streams for n={opts.n} samples: give one per sample")
-            opts.forced_per_sample = streams
-        if kv_tokens:
-            opts.kv_tokens = int_in("kv_tokens", kv_tokens, 1, opts.max_tokens + 1)
+        options = {k: v for k, v in locals().items() if k not in ("self", "prompt")}  # every option, as given
+        opts = self.sampling_options(**options)
         ids = self.prompt_tokens(prompt)
         if len(ids) + opts.max_tokens > self.n_ctx:  # the same bound as generate(): n_ctx per sequence
             raise ContextError(f"the prompt ({len(ids)} tokens) plus max_tokens ({opts.max_tokens}) exceeds the context "
@@ -459,7 +511,8 @@ class Model:
         except BaseException:
             lease.release()
             raise
-        return SampleRun(lease, native, opts.max_tokens, int(chunk), pool=self._pool, options=opts)
+        return SampleRun(lease, native, opts.max_tokens, int(chunk), pool=self._pool, options=opts,
+                         on_start=self._count_reused)
 
     def sample(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, progress: Optional[bool] = False,
                **kwargs: Any) -> List[Sample]:

@@ -206,7 +206,8 @@ class SampleRun:
     """
 
     def __init__(self, lease: Lease, native: Any, max_tokens: int, chunk: int = 32, *, pool: Any = None,
-                 options: Any = None):
+                 options: Any = None, on_start: Any = None):
+        self._on_start = on_start  # called once with the prompt cells reused, when the run started
         self._lease = lease
         self._native = native
         self.chunk = chunk
@@ -217,6 +218,7 @@ class SampleRun:
     n = _native_attr("n", "samples in the run")
     n_live = _native_attr("n_live", "samples still generating")
     n_prompt = _native_attr("n_prompt", "prompt tokens")
+    n_reused = _native_attr("n_reused", "prompt tokens whose KV cells were reused instead of decoded")
     tokens_sampled = _native_attr("tokens_sampled", "tokens drawn by all samples, end-of-generation tokens included")
     decode_steps = _native_attr("decode_steps", "batched decode steps after the prompt")
     prompt_seconds = _native_attr("prompt_seconds", "seconds decoding the prompt")
@@ -233,8 +235,14 @@ class SampleRun:
         if self._lease.released:
             return 0  # ended or closed: nothing may decode in a context given back
         total = self.n_live * min(until, self.max_tokens)
-        n_live = run_with_progress(lambda: self._native.advance(until), self._native.progress_tokens, total=max(total, 1), desc=f"sampling x{self.n}",
-                                   enabled=progress, postfix=lambda: {"live": self._native.progress_live()})
+        try:
+            n_live = run_with_progress(lambda: self._native.advance(until), self._native.progress_tokens,
+                                       total=max(total, 1), desc=f"sampling x{self.n}", enabled=progress,
+                                       postfix=lambda: {"live": self._native.progress_live()})
+        finally:
+            if self._on_start is not None and self._native.started:
+                on_start, self._on_start = self._on_start, None
+                on_start(self._native.n_reused)
         if n_live == 0:
             self._lease.release()
         return n_live
@@ -282,7 +290,7 @@ class SampleRun:
         self._lease.release(keep=False)
         lease = self._pool.acquire(1, self.n_prompt + self.max_tokens)
         try:
-            native = _native.Run.continue_from(lease.ctx, handoff, self._options)
+            native = _native.Run.continue_from(lease.ctx, handoff, self._options)  # its prompt is in the handoff
         except BaseException:
             lease.release()
             raise

@@ -1,17 +1,30 @@
-"""The server's engine: one worker thread runs every request's native work, one at a time (no two
-runs ever share a context), from a bounded queue; plain runs, reasoning budgets and NAD races
-(neurotap.methods.race.NadRace), each advanced in slices so a cancel is seen soon."""
+"""The server's engine: one worker thread runs every request's native work, from a bounded queue.
+
+Continuous batching (cpp/runtime/batcher.h): every request's samples are sequences ("slots") of
+one shared context of --parallel slots, decoded together, one llama_decode per step over every
+request's rows; requests join and leave between steps, each with its own reducers, NAD race,
+NEAT, stop strings, streaming and cancel, and each draws exactly what it draws alone. A joining
+request's prompt is decoded before the next shared step (the others wait for it), reusing the
+cells of the longest prompt prefix a slot still holds. Requests are admitted in arrival order
+(FIFO: one that waits for slots is not overtaken); those needing more slots than --parallel, and
+reasoning budgets (which restart a run with the thoughts in its prompt), run alone between
+batches, as before batching (plain runs and NadRace, advanced in slices so a cancel is seen soon)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from ...methods.nad import decision_chunk, set_sizes, similarity
 from ...methods.race import NadRace, race_logprobs, race_reducers
+from ...methods.selection import select
+from ...runtime.batch import Batch
 from ...runtime.model import Model
+from ...runtime.sampling import sample_from
 from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request, rolls_back
 from .streaming import Streamer, Streamers
 
@@ -26,14 +39,55 @@ class Cancelled(Exception):
     pass
 
 
+class _Batched:
+    """A request decoding in the shared batch: its run, slots and where it stands."""
+
+    def __init__(self, job: "Job", run: Any, slots: List[int], until: int, chunk: int, stream: Any):
+        self.job, self.run, self.slots, self.until, self.chunk, self.stream = job, run, list(slots), until, chunk, stream
+        self.t0 = time.perf_counter()
+        self.counted = False  # its reused prompt cells are in the stats
+        # A NAD race: the decision's figures once it was taken.
+        self.seed: Optional[int] = None
+        self.pick: Optional[int] = None
+        self.cands: Any = None
+        self.S: Any = None
+        self.sizes: Any = None
+
+    def sample(self, i: int) -> Any:
+        return sample_from(self.run.sample(i), self.chunk)
+
+
+class _Waker:
+    """What a job in the batch attaches: its cancel wakes the batcher (the worker then ends it)."""
+
+    def __init__(self, server: "Server"):
+        self.server = server
+
+    def cancel(self) -> None:
+        self.server.wake()
+
+
 class Server:
     """The worker thread, its bounded queue and the runs it makes, on one model."""
 
     def __init__(self, model: Model, *, name: str, neat: Optional[Dict[str, Any]] = None, max_queue: int = 64,
-                 neureasoner: Optional[Dict[str, Any]] = None):
+                 neureasoner: Optional[Dict[str, Any]] = None, parallel: int = 4, reuse_prompt: bool = True):
         if max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
+        if not isinstance(parallel, int) or parallel < 1 or parallel > 256:
+            raise ValueError(f"--parallel must be in [1, 256], got {parallel}")
         self.model, self.name, self.max_queue = model, name, int(max_queue)
+        #: Sequence slots decoded together (each request takes n of them, a NAD race nad.n).
+        self.parallel = parallel
+        #: Reuse the cells of a prompt prefix a slot still holds (Model.reuse_prompt, per server).
+        self.reuse_prompt = bool(reuse_prompt)
+        self._batch: Optional[Batch] = None  # the shared context and its batcher, made by the worker on first use
+        self._free: List[int] = list(range(parallel))
+        self._active: List[_Batched] = []
+        self._pending: Deque[Job] = collections.deque()  # taken from the queue, waiting for slots
+        self._demand = 0  # slots the requests not yet in the batch will take
+        self._alone = False  # a request runs alone: nothing joins until it ends
+        self._waker = _Waker(self)
         self.neat: Dict[str, Any] = dict(neat or {})
         self.neureasoner: Dict[str, Any] = dict(neureasoner or {})
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -41,7 +95,8 @@ class Server:
         self._waiting = 0
         self.running: Optional[Job] = None
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "completion_tokens": 0,
-                      "prompt_tokens": 0, "nad_decisions": 0, "last_cancelled": None}
+                      "prompt_tokens": 0, "nad_decisions": 0, "reused_cells": 0, "batch_steps": 0, "batch_rows": 0,
+                      "last_cancelled": None}
         self._pieces: Dict[int, bytes] = {}
         self._thread: Optional[threading.Thread] = None
         self.created = int(time.time())
@@ -60,17 +115,30 @@ class Server:
         if running is not None:
             running.cancel()
         self._queue.put(None)
+        self.wake()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def wake(self) -> None:
+        """Makes the batch in flight return to the worker after its current step (a request came
+        or was cancelled); safe from any thread."""
+        b = self._batch
+        if b is not None:
+            b.wake()
+
     def submit(self, job: "Job") -> None:
+        need = self._demand_of(job.req)
         with self._lock:
-            if self._waiting >= self.max_queue and (self.running is not None or self._waiting > 0):
+            # A request that joins the batch at once never waits; the others may fill the queue.
+            fits = need and not self._alone and len(self._free) - self._demand >= need
+            if not fits and self._waiting >= self.max_queue and (self.running is not None or self._waiting > 0):
                 self.stats["rejected"] += 1
                 raise QueueFull(f"server busy: {self._waiting} requests already wait (--max-queue {self.max_queue}); "
                                 "retry later")
             self._waiting += 1
+            self._demand += need
         self._queue.put(job)
+        self.wake()  # a batch in flight lets it join after its current step
 
     def stats_snapshot(self) -> Dict[str, Any]:
         """A consistent copy of the counters (/metrics)."""
@@ -83,50 +151,293 @@ class Server:
             return self._waiting
 
     def sequences_in_flight(self) -> int:
-        """Sequences decoding now, all requests (/metrics): the running job's live samples."""
+        """Sequences decoding now, all requests (/metrics): the batch's taken slots, or the live
+        samples of a request that runs alone."""
         with self._lock:
-            return self.running.live if self.running is not None else 0
+            if self._alone and self.running is not None:
+                return self.running.live
+            return self.parallel - len(self._free)
 
     def health(self) -> Dict[str, Any]:
         with self._lock:
+            kv = self._batch.kv_cells * self.model.info.kv_bytes_per_cell if self._batch is not None else 0
             return {"status": "ok", "model": self.name, "running": self.running.id if self.running else None,
-                    "waiting": self._waiting, "max_queue": self.max_queue, **self.stats,
-                    "memory": self.model.memory()}
+                    "waiting": self._waiting, "max_queue": self.max_queue, "parallel": self.parallel,
+                    "requests_in_batch": len(self._active),
+                    "sequences_in_flight": self.parallel - len(self._free), **self.stats,
+                    "memory": {**self.model.memory(), "batch_kv": kv}}
+
+    def _end(self, job: "Job", result: Any = None, error: Optional[BaseException] = None) -> None:
+        """Reports a request's outcome (a result, or the error that ended it) and counts it."""
+        if error is None:
+            with self._lock:
+                self.stats["completed"] += 1
+                self.stats["completion_tokens"] += result["usage"]["completion_tokens"]
+            job.emit("done", result)
+        elif isinstance(error, Cancelled):
+            with self._lock:
+                self.stats["cancelled"] += 1
+                self.stats["last_cancelled"] = {"id": job.id, "tokens_sampled": job.spent,
+                                                "max_tokens": job.req.max_tokens}
+            job.emit("error", RequestError("the request was cancelled", code="cancelled", status=499))
+        elif isinstance(error, (ValueError, RequestError)):  # ContextError is a ValueError
+            with self._lock:
+                self.stats["failed"] += 1
+            job.emit("error", error if isinstance(error, RequestError) else RequestError(str(error)))
+        else:  # reported to the client, the worker goes on
+            with self._lock:
+                self.stats["failed"] += 1
+            job.emit("error", error)
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            if not self._take(block=not self._active and not self._pending):
+                for b in list(self._active):  # shutting down: what runs is cancelled
+                    self._leave(b, error=Cancelled())
                 return
+            self._admit()
+            if self._active:
+                self._step()
+            with self._lock:
+                self.running = self._active[0].job if self._active else None
+
+    def _take(self, block: bool) -> bool:
+        """Moves what the queue holds to the pending line (waiting for it when `block`); False on
+        the shutdown sentinel."""
+        try:
+            item = self._queue.get() if block else self._queue.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if item is None:
+                return False
+            self._pending.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+
+    @staticmethod
+    def _slots_needed(r: GenRequest) -> int:
+        return r.nad["n"] if r.nad is not None else r.n
+
+    def _demand_of(self, r: GenRequest) -> int:
+        """Slots a request will take in the batch (0: it runs alone)."""
+        need = self._slots_needed(r)
+        return need if need <= self.parallel and r.reasoning_budget is None else 0
+
+    def _admit(self) -> None:
+        """Admits pending requests in arrival order while slots are free (FIFO: none overtakes one
+        that waits); one that cannot join a batch runs alone once the batch has drained."""
+        for job in [j for j in self._pending if j.cancelled]:  # a cancelled request leaves the line at once
+            self._pending.remove(job)
             with self._lock:
                 self._waiting -= 1
-                self.running = job
+                self._demand -= self._demand_of(job.req)
+            self._end(job, error=Cancelled())
+        while self._pending:
+            job = self._pending[0]
+            alone = self._slots_needed(job.req) > self.parallel or job.req.reasoning_budget is not None
+            if not job.cancelled and (self._active if alone else self._slots_needed(job.req) > len(self._free)):
+                return
+            self._pending.popleft()
+            with self._lock:
+                self._waiting -= 1
+                self._demand -= self._demand_of(job.req)
+            if job.cancelled:
+                self._end(job, error=Cancelled())
+            elif alone:
+                with self._lock:
+                    self.running, self._alone = job, True
+                    self.stats["prompt_tokens"] += len(job.req.ids)
+                try:
+                    result = self._execute(job)
+                except Exception as e:  # noqa: BLE001 - reported to its client
+                    self._end(job, error=e)
+                else:
+                    self._end(job, result)
+                finally:
+                    with self._lock:
+                        self._alone = False
+            else:
+                try:
+                    self._join(job)
+                except Exception as e:  # noqa: BLE001 - reported to its client
+                    self._end(job, error=e)
+
+    # -- the batch (worker thread) --------------------------------------------------------
+    def _context(self) -> Batch:
+        if self._batch is None:
+            self._batch = Batch(self.model, self.parallel)
+        return self._batch
+
+    def _pick_slots(self, ids: List[int], need: int) -> List[int]:
+        """Free slots for a run, increasing: the first is the one holding the longest prefix of
+        the prompt (its cells are reused), when enough free slots follow it."""
+        free = sorted(self._free)
+        if not self.reuse_prompt:
+            return free[:need]
+        batch = self._context()
+
+        def common(s: int) -> int:
+            held = batch.seq_tokens(s)
+            k, m = 0, min(len(held), len(ids))
+            while k < m and held[k] == ids[k]:
+                k += 1
+            return k
+
+        best = max(free, key=lambda s: (common(s), -s))
+        after = [s for s in free if s > best]
+        return [best] + after[:need - 1] if len(after) >= need - 1 else free[:need]
+
+    def _join(self, job: "Job") -> None:
+        """Starts a request's run on free slots of the shared context; it decodes from the next step."""
+        r = job.req
+        k = max(r.logprobs, 1) if r.want_logprobs else 0
+        common = dict(max_tokens=r.max_tokens, seed=r.seed, stop=r.stop or None, ignore_eos=r.ignore_eos, neat=r.neat,
+                      neureasoner=r.neureasoner, logit_bias=r.logit_bias, **r.sampling)
+        if r.nad is not None:
+            spec = r.nad
+            if r.seed is None:  # best_of_n's seeding: sample i from (seed, i), selection from seed
+                r.seed = int.from_bytes(uuid.uuid4().bytes[:4], "little")
+            common["seed"] = r.seed
+            chunk = decision_chunk(spec["early_stop"])
+            opts = self.model.sampling_options(n=spec["n"], reducers=race_reducers([spec["method"]]), chunk=chunk,
+                                               logprobs=race_logprobs([spec["method"]], k), **common)
+            until = spec["early_stop"] if spec["early_stop"] is not None else r.max_tokens
+        else:
+            chunk = 32
+            opts = self.model.sampling_options(n=r.n, reducers=(), tap=self._taps(r), logprobs=k, **common)
+            until = r.max_tokens
+        if r.stream:
+            until = 1 if r.nad is None else until  # a race streams from its decision on
+        opts.reuse_prompt = self.reuse_prompt
+        batch = self._context()
+        slots = self._pick_slots(r.ids, opts.n)
+        opts.seqs = slots
+        run = batch.start(r.ids, opts, until)
+        if not r.stream:
+            stream = None
+        elif r.nad is not None:
+            stream = Streamer(job, r.stop)  # the winner streams from the decision on
+        else:  # every sample under its index; NeuReasoner rollbacks hold text back to a line start
+            held = self.piece if r.neureasoner is not None and rolls_back(r.neureasoner) else None
+            stream = Streamers(job, r.stop, r.n, held)
+        b = _Batched(job, run, slots, until, chunk, stream)
+        b.seed = r.seed
+        for s in slots:
+            self._free.remove(s)
+        self._active.append(b)
+        with self._lock:
+            self.stats["prompt_tokens"] += len(r.ids)
+        job.attach(self._waker)
+
+    def _leave(self, b: _Batched, result: Any = None, error: Optional[BaseException] = None) -> None:
+        """A request leaves the batch: its run and slots go, its outcome is reported."""
+        if error is not None and b.run.n_live:
+            b.run.finish_live("cancelled")
+        self._batch.remove(b.run)
+        self._active.remove(b)
+        self._free.extend(s for s in b.slots if s not in self._free)
+        b.job.attach(None)
+        self._end(b.job, result, error)
+
+    def _step(self) -> None:
+        """Decodes the batch until a request needs the worker (it reached its target or ended, a
+        new request or a cancel woke it), then serves the requests that need it."""
+        self._batch.clear_wake()
+        for b in list(self._active):
+            if b.job.cancelled:
+                self._leave(b, error=Cancelled())
+        if not self._active or not self._queue.empty():
+            return  # requests that came before the wake was cleared: the worker takes them first
+        try:
+            ready = self._batch.run()
+        except Exception as e:  # noqa: BLE001 - the context itself failed (the model was closed)
+            for b in list(self._active):
+                self._leave(b, error=e)
+            return
+        with self._lock:
+            self.stats["batch_steps"] = self._batch.steps
+            self.stats["batch_rows"] = self._batch.rows
+        for b in list(self._active):
+            b.job.spent = b.run.tokens_sampled
+            if not b.counted and b.run.started:
+                b.counted = True
+                with self._lock:
+                    self.stats["reused_cells"] += b.run.n_reused
+        for run in ready:
+            b = next(x for x in self._active if x.run is run)
             try:
-                if job.cancelled:
-                    raise Cancelled
-                result = self._execute(job)
-                with self._lock:
-                    self.stats["completed"] += 1
-                    self.stats["completion_tokens"] += result["usage"]["completion_tokens"]
-                    self.stats["prompt_tokens"] += result["usage"]["prompt_tokens"]
-                job.emit("done", result)
-            except Cancelled:
-                with self._lock:
-                    self.stats["cancelled"] += 1
-                    self.stats["last_cancelled"] = {"id": job.id, "tokens_sampled": job.spent,
-                                                    "max_tokens": job.req.max_tokens}
-                job.emit("error", RequestError("the request was cancelled", code="cancelled", status=499))
-            except (ValueError, RequestError) as e:  # ContextError is a ValueError
-                with self._lock:
-                    self.stats["failed"] += 1
-                job.emit("error", e if isinstance(e, RequestError) else RequestError(str(e)))
-            except Exception as e:  # noqa: BLE001 - reported to the client, the worker goes on
-                with self._lock:
-                    self.stats["failed"] += 1
-                job.emit("error", e)
-            finally:
-                with self._lock:
-                    self.running = None
+                self._serve(b)
+            except Exception as e:  # noqa: BLE001 - reported to its client
+                self._leave(b, error=e)
+
+    def _serve(self, b: _Batched) -> None:
+        """A request's run reached its target or ended: stream, decide a race, or finish."""
+        r, run = b.job.req, b.run
+        if run.failed:
+            raise RuntimeError(run.failed)
+        if r.nad is not None and b.pick is None:
+            self._decide(b)
+            if run.n_live == 0 or r.nad["early_stop"] is None:
+                self._finish_race(b)
+                return
+        elif run.n_live == 0:
+            if r.nad is not None:
+                self._finish_race(b)
+            else:
+                samples = [b.sample(i) for i in range(run.n)]
+                if b.stream:
+                    b.stream.finish(samples)
+                self._leave(b, self._result(b, {"choices": [self._choice(s, r) for s in samples]}))
+            return
+        elif b.stream:
+            if r.nad is not None:
+                b.stream.update(b.sample(b.pick))
+            else:
+                b.stream(b)  # Streamers read b.sample(i)
+        b.until = b.until + 1 if b.stream else r.max_tokens
+        self._batch.set_until(run, b.until)
+
+    def _decide(self, b: _Batched) -> None:
+        """A race at its decision: select (as NadRace does), stop the losers and free their slots;
+        the winner goes on untapped (NadRace hands it off with the tap off) unless NEAT steers it."""
+        r, spec, run = b.job.req, b.job.req.nad, b.run
+        n = spec["n"]
+        b.cands = [b.sample(i) for i in range(n)]
+        pick = select(b.cands, spec["method"], tokens=spec["early_stop"], k=spec["k"], seed=b.seed or 0,
+                      n_vocab=self.model.info.n_vocab)
+        b.pick = 0 if pick is None else pick
+        with self._lock:
+            self.stats["nad_decisions"] += 1
+        sets = b.cands[0].contribution_sets is not None  # a RAD race keeps routing only
+        b.S = similarity(b.cands, spec["early_stop"]) if n >= 2 and sets else None
+        b.sizes = set_sizes(b.cands, spec["early_stop"]) if sets else None
+        losers = [i for i in range(n) if i != b.pick]
+        run.stop(losers)
+        self._free.extend(b.slots[i] for i in losers)
+        b.slots = [b.slots[b.pick]]
+        if run.n_live and r.neat is None:
+            run.untap()
+        if b.stream and run.n_live:
+            b.stream.update(b.sample(b.pick))
+
+    def _finish_race(self, b: _Batched) -> None:
+        winner = b.sample(b.pick)
+        if b.stream:
+            b.stream.finish(winner.text.encode("utf-8"), winner)
+        self._leave(b, self._result(b, self._nad_result(b.job.req, b.seed, b.pick, winner, b.cands, b.S, b.sizes)))
+
+    def _result(self, b: _Batched, out: Dict[str, Any]) -> Dict[str, Any]:
+        r = b.job.req
+        spent = b.run.tokens_sampled
+        b.job.spent = spent
+        if r.echo and r.want_logprobs:
+            out["prompt_logprobs"] = self._prompt_logprobs(r)
+        out["usage"] = {"prompt_tokens": len(r.ids), "completion_tokens": spent, "total_tokens": len(r.ids) + spent}
+        out["seconds"] = time.perf_counter() - b.t0
+        return out
 
     # -- native work (worker thread) ----------------------------------------------------
     def _advance(self, job: "Job", run: Any, until: int, on_step: Any = None, step: int = SLICE,
@@ -286,6 +597,13 @@ class Server:
             if stream:
                 stream.finish(winner.text.encode("utf-8"), winner)
             cands, S, sizes = race.candidates, race.similarity(), race.set_sizes()
+        return self._nad_result(r, seed, pick, winner, cands, S, sizes)
+
+    def _nad_result(self, r: GenRequest, seed: int, pick: int, winner: Any, cands: List[Any], S: Any,
+                    sizes: Any) -> Dict[str, Any]:
+        """The choice of a NAD race's winner and the race's figures (the "nad" extension)."""
+        spec = r.nad
+        method, n, early = spec["method"], spec["n"], spec["early_stop"]
         choice = self._choice(winner, r)
         choice["index"] = 0
         ext = {"method": method, "n": n, "early_stop": early, "pick": pick, "seed": seed,

@@ -52,7 +52,7 @@ class Metrics:
                [({}, stats.get("completion_tokens", 0))])
         metric("neurotap_prompt_cells_reused_total", "counter",
                "Prompt tokens whose KV cells were reused instead of evaluated again.",
-               [({}, stats.get("prompt_cells_reused", 0))])
+               [({}, stats.get("reused_cells", 0))])
         metric("neurotap_nad_decisions_total", "counter", "NAD best-of-N races decided.",
                [({}, stats.get("nad_decisions", 0))])
         metric("neurotap_queue_depth", "gauge", "Requests waiting for the engine.", [({}, srv.queue_depth())])
