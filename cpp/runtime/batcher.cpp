@@ -156,6 +156,10 @@ std::vector<DecodeLoop*> Batcher::run(int max_steps, Progress* progress) {
         if (!step()) break;
         if (progress) progress->tokens.fetch_add(1, std::memory_order_relaxed);
     }
+    // Every run pauses here: its records must be readable, as after DecodeLoop::advance (the
+    // contribution reducer, for one, keeps the last step's rows until a sync).
+    for (const Member& m : members_)
+        if (m.loop->started() && m.loop->failed().empty()) m.loop->sync();
     return out;
 }
 

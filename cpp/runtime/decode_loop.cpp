@@ -413,6 +413,10 @@ void DecodeLoop::place(int local, int batch_row) {
     samples_[static_cast<size_t>(row_sample_.at(static_cast<size_t>(local)))].logits_row = batch_row;
 }
 
+void DecodeLoop::sync() {
+    for (Reducer* r : reducers_) r->sync();
+}
+
 void DecodeLoop::untap() {
     if (!methods_.empty()) throw ParamError(std::string(methods_[0]->name()) + " steers this run: it cannot go on untapped");
     for (Reducer* r : reducers_) {

@@ -118,6 +118,9 @@ public:
     int plan(int until, std::vector<llama_token>& tokens, std::vector<int>& pos, std::vector<llama_seq_id>& seqs);
     void commit(double seconds);
     bool started() const { return started_; }
+    // The run pauses (a scheduler hands it to its owner): every reducer's records made readable,
+    // as advance() leaves them (a reducer may hold the last step's rows until then).
+    void sync();
     // Live samples holding fewer than `until` tokens (the rows plan would add).
     int pending(int until) const;
     // Sets where the scheduler put this run's own row `local` in the shared batch (its logits).

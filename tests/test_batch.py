@@ -1,0 +1,36 @@
+"""runtime.batch.Batch (the server's continuous batching) in process: a run paused by the batcher
+at a token target holds the same records as the same run advanced alone to that target (NAD
+decides on them there), and the same tokens."""
+import numpy as np
+
+import neurotap
+from neurotap.methods import nad
+from neurotap.runtime.batch import Batch
+from neurotap.runtime.sampling import sample_from
+
+MSGS = [{"role": "user", "content": "Name three colors."}]
+SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05)
+
+
+def test_a_paused_batched_run_holds_every_record_of_its_tokens():
+    m = neurotap.load(n_ctx=1024)
+    ids = m.prompt_tokens(MSGS)
+    kw = dict(n=4, reducers=("contributions", "active_sets"), chunk=8, max_tokens=32, seed=3, **SAMPLING)
+    alone = m.start_sampling(ids, **kw)
+    batch = Batch(m, 4)
+    opts = m.sampling_options(**kw)
+    opts.seqs = [0, 1, 2, 3]
+    run = batch.start(ids, opts, 8)
+    for until in (8, 16):
+        alone.advance(until)
+        batch.set_until(run, until)
+        while run.n_live and run not in batch.run():
+            pass
+        a, b = alone.samples(), [sample_from(run.sample(i), 8) for i in range(4)]
+        assert [s.tokens for s in a] == [s.tokens for s in b]
+        chunks = until // 8
+        np.testing.assert_array_equal(nad.set_sizes(a, until), nad.set_sizes(b, until))
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.contribution_set(chunks), y.contribution_set(chunks))
+            np.testing.assert_array_equal(x.active_set(chunks), y.active_set(chunks))
+    alone.close()
