@@ -178,7 +178,7 @@ def test_check_methods():
     with pytest.raises(ValueError, match="method 'dbscan' needs at least 2"):
         selection.check_methods(["minact", "dbscan"], n=1)
     assert set(selection.METHODS) == {"knn", "medoid", "dbscan", "minact", "random", "deepconf",
-                                      "selfcert", "majority", "avg", "nex"}
+                                      "selfcert", "majority", "avg", "nex", "rad", "route-knn"}
 
 
 # -- against the reference selectors -----------------------------------------------------------
