@@ -156,10 +156,11 @@ std::vector<DecodeLoop*> Batcher::run(int max_steps, Progress* progress) {
         if (!step()) break;
         if (progress) progress->tokens.fetch_add(1, std::memory_order_relaxed);
     }
-    // Every run pauses here: its records must be readable, as after DecodeLoop::advance (the
-    // contribution reducer, for one, keeps the last step's rows until a sync).
-    for (const Member& m : members_)
-        if (m.loop->started() && m.loop->failed().empty()) m.loop->sync();
+    // The runs handed back are read by their owners: their records must be readable, as after
+    // DecodeLoop::advance (the contribution reducer keeps the last step's rows until a sync).
+    // The others go on batching their work.
+    for (DecodeLoop* loop : out)
+        if (loop->started() && loop->failed().empty()) loop->sync();
     return out;
 }
 
