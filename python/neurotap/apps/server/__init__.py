@@ -9,9 +9,9 @@ named at start), NeuReasoner ("neureasoner": a calibration named at start), a re
 logit_bias and (completions) echo are OpenAI's; chat answers of models that think in
 <think>...</think> come with "reasoning_content". --api-key guards /v1/* and /metrics.
 
-All native work runs on one worker thread, one request at a time, so no two runs ever share a
-context; requests wait in a bounded queue (--max-queue) and get a 503 when it is full. A client
-that disconnects cancels its request: a waiting one is dropped, a running one's native decode
+All native work runs on one worker thread, which decodes the running requests together in one
+batch (continuous batching over --parallel sequence slots of one context); requests wait in a
+bounded queue (--max-queue) and get a 503 when it is full. A client that disconnects cancels its request: a waiting one is dropped, a running one's native decode
 loop is told to stop at its next step.
 
 The package: protocol (requests, OpenAI's formats), engine (the worker and its runs), streaming
