@@ -64,6 +64,17 @@ def start(cmd: list, url: str, env: dict) -> subprocess.Popen:
     raise RuntimeError(f"{cmd} did not start")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stops a server that start() started: SIGTERM, then SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log.close()  # type: ignore[attr-defined]
+
+
 def workload(base: str, prompts: list, max_tokens: int, clients: int, n: int = 1) -> tuple:
     """(seconds, requests, completion tokens) of one workload."""
     def one(p):
@@ -128,11 +139,7 @@ def main() -> None:
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
     finally:
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
 
     out = []
     print("| workload | server | requests/s | tokens/s | neurotap / llama_cpp.server (req/s, median of rounds) |")

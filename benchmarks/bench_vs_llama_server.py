@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import neurotap
-from bench_server import TOPICS, free_port, start
+from bench_server import TOPICS, free_port, start, stop
 from common import save_rows
 from neurotap.apps.cli import model_arg, threads_arg
 from neurotap.core.defaults import SERVER
@@ -239,12 +239,7 @@ def main() -> None:
                     print(f"  round {r + 1} {name} chat: TTFT turn 1 {row['ttft'][0]:.3f} s, turn {a.turns} "
                           f"{row['ttft'][-1]:.3f} s ({row['prompt_tokens'][-1]} prompt tokens)", file=sys.stderr)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc)
 
     summary = report(runs, counts, a)
     if a.out:
