@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -44,11 +45,16 @@ def post(url: str, body: dict) -> dict:
 
 
 def start(cmd: list, url: str, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    """A server started and answering `url`. Its log goes to an unnamed file, not a pipe: a pipe
+    nobody reads fills up and stalls a server that logs every request (llama-server)."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    proc.log = log  # type: ignore[attr-defined]  # kept open as long as the server
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[2]} exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd[:3])} exited: {log.read()[-2000:].decode(errors='replace')}")
         try:
             urllib.request.urlopen(url, timeout=1)
             return proc
@@ -56,6 +62,17 @@ def start(cmd: list, url: str, env: dict) -> subprocess.Popen:
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"{cmd} did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stops a server that start() started: SIGTERM, then SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.log.close()  # type: ignore[attr-defined]
 
 
 def workload(base: str, prompts: list, max_tokens: int, clients: int, n: int = 1) -> tuple:
@@ -122,11 +139,7 @@ def main() -> None:
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
     finally:
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
 
     out = []
     print("| workload | server | requests/s | tokens/s | neurotap / llama_cpp.server (req/s, median of rounds) |")

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 import neurotap
-from bench_server import free_port, post, start
+from bench_server import free_port, post, start, stop
 from neurotap.apps.cli import model_arg, threads_arg
 
 PROMPT = "Write a long story about a lighthouse keeper and the storm that changed his life."
@@ -110,11 +109,7 @@ def main() -> None:
                 per_token[name].append(sw)
                 print(f"  round {r + 1} {name}: {rate:.1f} tok/s, {sw:.0f} switches/token", file=sys.stderr)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     main_rate = statistics.median(rates["generate, main thread"])
     print("| arm | decode tokens/s (median) | / main thread | voluntary switches per token |")
     print("|---|---|---|---|")
