@@ -446,7 +446,8 @@ class Model:
     def sampling_options(self, **options: Any) -> Any:
         """The native options of a parallel sampling run, checked, from start_sampling's keyword
         options (its defaults for those not given): what start_sampling runs, and what the server's
-        batched runs use (the same run either way)."""
+        batched runs use (the same run either way). share_prompt chooses start_sampling's context,
+        not an option of the run: batched runs decode in the slots of their batch context."""
         bound = inspect.signature(self.start_sampling).bind(None, **options)
         bound.apply_defaults()
         o = bound.arguments
