@@ -388,6 +388,8 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_ctx", [](const ContextHandle& c) { return c.tc->n_ctx(); })
         .def_property_readonly("n_ctx_seq", [](const ContextHandle& c) { return static_cast<int>(llama_n_ctx_seq(c.tc->ctx())); })
         .def_property_readonly("n_seq_max", [](const ContextHandle& c) { return c.tc->params().n_seq_max; })
+        .def_property_readonly("kv_unified", [](const ContextHandle& c) { return c.tc->params().kv_unified; },
+                               "one KV stream shared by the sequences (else a stream per sequence)")
         .def_property_readonly("reused_cells", [](const ContextHandle& c) { return c.tc->reused_cells(); },
                                "prompt cells reused instead of decoded, over this context's life")
         .def("seq_tokens", [](const ContextHandle& c, int s) { return c.tc->seq_tokens(s); }, py::arg("seq"),

@@ -111,6 +111,11 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
         if (!m->rolls_back()) continue;
         // Rollbacks change the token stream: every record must be able to follow.
         if (params_.kv_tokens > 0) throw ParamError(name + "'s rollbacks cannot run in an early-stopped race");
+        // A rolled-back tail's cells, freed mid-run in one shared stream, would take the other
+        // samples' next tokens out of order (see end_sample).
+        if (tc_.params().kv_unified && params_.n > 1)
+            throw ParamError(name + "'s rollbacks cannot run in samples that share one KV stream (share_prompt): "
+                             "sample with per-sequence streams");
         for (Reducer* r : reducers_)
             if (!r->can_roll_back())
                 throw ParamError(name + "'s rollbacks cannot be combined with chunked set records "
@@ -121,7 +126,8 @@ DecodeLoop::DecodeLoop(TappedContext& tc, std::vector<llama_token> prompt, Sampl
     if (tc_.params().kv_unified) {
         // One stream: the prompt's cells are shared, each sample adds its own tokens.
         const int64_t total = tc_.n_ctx();
-        if (np + int64_t(params_.n) * params_.max_tokens > total) {
+        const int64_t held = params_.kv_tokens > 0 ? params_.kv_tokens + 1 : params_.max_tokens;
+        if (np + int64_t(params_.n) * held > total) {
             const int64_t fit = std::max<int64_t>(0, (total - np) / params_.n);
             throw ContextError("the prompt (" + std::to_string(np) + " tokens) plus " +
                                (params_.n > 1 ? std::to_string(params_.n) + " x " : std::string()) + "max_tokens (" +
@@ -236,10 +242,24 @@ void DecodeLoop::end_sample(int s, Finish why) {
     st.live = false;
     st.finish = why;
     // The first sample's cells stay for a later run to reuse when it ended by itself (its slot's
-    // record says what they hold); a stopped or cancelled sample's, and the others', are freed now.
+    // record says what they hold); a stopped or cancelled sample's, and the others', are freed.
     const bool natural = why != Finish::Stopped && why != Finish::Cancelled;
-    if (!tc_.closed() && !(params_.reuse_prompt && s == 0 && natural)) tc_.seq_rm(seqs_[static_cast<size_t>(s)], 0);
+    st.cells_to_free = !(params_.reuse_prompt && s == 0 && natural);
+    // In one stream shared by the samples, cells freed mid-run take the next step's tokens, placed
+    // before the live samples' earlier cells: flash attention visits a sample's cells in cell order
+    // with an f16 accumulator, so its tokens would change with when the others ended. Those cells
+    // go when the run ends (the context was sized to hold them all).
+    if (!tc_.params().kv_unified || n_live() == 0) free_ended_cells();
     for (Reducer* r : reducers_) r->finish(s, static_cast<int>(st.tokens.size()));
+}
+
+void DecodeLoop::free_ended_cells() {
+    if (tc_.closed()) return;
+    for (size_t s = 0; s < samples_.size(); ++s)
+        if (samples_[s].cells_to_free) {
+            samples_[s].cells_to_free = false;
+            tc_.seq_rm(seqs_[s], 0);
+        }
 }
 
 void DecodeLoop::sample_and_commit(int s) {

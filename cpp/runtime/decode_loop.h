@@ -70,6 +70,7 @@ struct SampleState {
     std::vector<float> top_logprobs;    // [tokens, top_logprobs]
     std::vector<uint32_t> piece_end;    // text size after each token (a rollback cuts the text there)
     int reseeds = 0;                    // rollbacks so far (each reseeds the sampler)
+    bool cells_to_free = false;         // ended with KV cells not yet freed (one shared stream: at the run's end)
     // The one name of why it ended: finish_name, or the exiting method's exit_reason ("neat_exit").
     std::string finish_reason() const { return finish == Finish::Exit && exit_by ? exit_by->exit_reason() : finish_name(finish); }
 };
@@ -161,6 +162,7 @@ private:
     void step();
     void sample_and_commit(int s);
     void end_sample(int s, Finish why);
+    void free_ended_cells();
     void record_logprobs(SampleState& st, const float* logits, llama_token chosen);
     // Sample s goes on from its first n tokens: tokens, text, records and KV cells cut, sampler
     // reseeded; returns the new seed.

@@ -515,6 +515,46 @@ void test_parallel_logprobs() {
     }
 }
 
+// One KV stream shared by the samples (the prompt's cells once): the same tokens and counts as
+// per-sequence streams, with samples ending at different steps; an ended sample's cells stay
+// until the run ends (freed mid-run, they would take the live samples' next tokens out of order).
+void test_shared_stream() {
+    auto model = shared_model();
+    const int n = 6, max_tokens = 24;
+    const std::vector<llama_token> prompt = chat_prompt(*model, kQuestion);
+    const SampleParams sp = sample_params(n, max_tokens, 99);
+    TappedContext per_stream(model, parallel_context(n));
+    ActiveCountReducer ref_counts(0.0f);
+    DecodeLoop ref(per_stream, prompt, sp, {&ref_counts});
+    CHECK(ref.advance(max_tokens, nullptr) == 0);
+
+    ContextParams cp = parallel_context(n);
+    cp.n_ctx = 256;  // prompt + n x max_tokens, padded
+    cp.kv_unified = true;
+    TappedContext shared(model, cp);
+    ActiveCountReducer counts(0.0f);
+    DecodeLoop ps(shared, prompt, sp, {&counts});
+    llama_memory_t mem = llama_get_memory(shared.ctx());
+    bool ended_first = false;
+    for (int until = 1; ps.advance(until, nullptr) > 0; ++until)
+        for (int s = 0; s < n; ++s)
+            if (!ps.sample(s).live) {
+                ended_first = true;
+                CHECK_MSG(llama_memory_seq_pos_max(mem, s) >= 0, "ended sample " + std::to_string(s) + " freed mid-run");
+            }
+    CHECK_MSG(ended_first, "no sample ended before the others: the case is not exercised");
+    for (int s = 1; s < n; ++s) CHECK(llama_memory_seq_pos_max(mem, s) == -1);  // freed at the end
+    CHECK_MSG(all_tokens(ps) == all_tokens(ref), "a shared stream drew other tokens than per-sequence streams");
+    for (int s = 0; s < n; ++s) CHECK(counts.counts(s) == ref_counts.counts(s));
+
+    // Too small for prompt + n x max_tokens: refused before decoding.
+    SampleParams big = sp;
+    big.max_tokens = 64;
+    EXPECT_THROW(ContextError, DecodeLoop(shared, prompt, big, {}), "prompt + n x max_tokens over the stream");
+    big.kv_tokens = 24;  // a race holds kv_tokens + 1 per sample
+    EXPECT_NO_THROW(DecodeLoop(shared, prompt, big, {}), "a race of n x (kv_tokens + 1) fits");
+}
+
 }  // namespace
 
 std::vector<TestCase> decode_loop_tests() {
@@ -526,5 +566,6 @@ std::vector<TestCase> decode_loop_tests() {
         {"decode_loop", "hand_off", test_hand_off, true},
         {"decode_loop", "new_method", test_new_method, true},
         {"decode_loop", "logit_bias", test_logit_bias, true},
+        {"decode_loop", "shared_stream", test_shared_stream, true},
     };
 }

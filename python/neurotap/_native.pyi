@@ -67,6 +67,11 @@ class Context:
         the tokens whose KV cells sequence `seq` holds (positions 0..), as far as they are known
         """
     @property
+    def kv_unified(self) -> bool:
+        """
+        one KV stream shared by the sequences (else a stream per sequence)
+        """
+    @property
     def n_ctx(self) -> int:
         ...
     @property

@@ -54,10 +54,10 @@ def record_bytes_per_token(info, *, counts: bool, active_chunk: int, contributio
     return b
 
 
-def run_parts(info, *, n: int, cells_per_seq: int, max_tokens: int, per_token_record: float,
+def run_parts(info, *, n: int, kv_cells: int, max_tokens: int, per_token_record: float,
               contributions: bool, file_bytes: int) -> Dict[str, int]:
-    """Bytes a run will hold at its peak, by part."""
-    parts = {"kv": int(n * cells_per_seq * info.kv_bytes_per_cell),
+    """Bytes a run will hold at its peak, by part (kv_cells: its context's, all samples together)."""
+    parts = {"kv": int(kv_cells * info.kv_bytes_per_cell),
              "records": int(n * max_tokens * per_token_record)}
     if contributions:
         # Cache and queue budgets (the reducer's own figure), the rows of the samples in flight, and

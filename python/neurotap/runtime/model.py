@@ -17,10 +17,10 @@ from ..core.errors import ContextError
 from ..core.params import int_in
 from ..core.progress import run_with_progress
 from .chat import ChatTemplate, check_chat_template, check_messages, load_template
-from .memory import check_fits, record_bytes_per_token, run_parts
+from .memory import GIB, available_bytes, check_fits, record_bytes_per_token, run_parts
 from .pool import ContextPool
 from .registry import default_model, registry_chat_template, resolve
-from .sampling import Sample, SampleRun, TokenRecord, plan_cells, record_fields, run_options
+from .sampling import Sample, SampleRun, TokenRecord, plan_cells, record_fields, run_options, sample_cells
 
 Messages = Sequence[Dict[str, str]]
 #: The renderer `load` and `tap` give a model when chat_template is not named: "jinja" or "builtin".
@@ -395,24 +395,36 @@ class Model:
             d = run.sample(0)
         return np.asarray(d["token_logprob"], np.float64), np.asarray(d["top_ids"]), np.asarray(d["top_logprobs"])
 
-    def run_memory(self, opts: Any, n_prompt: int, new_context: bool = True) -> Dict[str, int]:
+    def run_memory(self, opts: Any, n_prompt: int, new_context: bool = True,
+                   share_prompt: bool = False) -> Dict[str, int]:
         """Bytes a run with these native options will need at its peak, by part (the KV cells of
-        the context it takes when `new_context`)."""
+        the context it takes when `new_context`: n x (prompt + held), or with share_prompt
+        prompt + n x held, each padded to 256; held is max_tokens, or kv_tokens + 1 in a race)."""
         per_token = record_bytes_per_token(
             self.info, counts=opts.counts, active_chunk=opts.active_chunk, contribution_chunk=opts.contribution_chunk,
             keep_top=opts.keep_top, rows=opts.mlp_post, norm_inputs=opts.ln2_normalized, residuals=opts.resid_post,
             logprobs=opts.top_logprobs, routing=opts.routing, router_probs=opts.router_probs)
         held = opts.kv_tokens + 1 if opts.kv_tokens else opts.max_tokens
-        parts = run_parts(self.info, n=opts.n, cells_per_seq=(n_prompt + held + 255) // 256 * 256,
+        parts = run_parts(self.info, n=opts.n, kv_cells=sample_cells(opts.n, n_prompt, held, share_prompt),
                           max_tokens=opts.kv_tokens or opts.max_tokens, per_token_record=per_token,
                           contributions=opts.contribution_chunk > 0, file_bytes=os.path.getsize(self.info.path))
         if not new_context:
             del parts["kv"]
         return parts
 
-    def _check_memory(self, opts: Any, n_prompt: int, new_context: bool = True) -> None:
-        check_fits(self.run_memory(opts, n_prompt, new_context), f"a run of n={opts.n} x {opts.max_tokens} tokens",
-                   opts.n)
+    def _check_memory(self, opts: Any, n_prompt: int, new_context: bool = True, share_prompt: bool = False) -> None:
+        what = f"a run of n={opts.n} x {opts.max_tokens} tokens" + (" sharing the prompt's cells" if share_prompt else "")
+        try:
+            check_fits(self.run_memory(opts, n_prompt, new_context, share_prompt), what, opts.n)
+        except ContextError as e:
+            if share_prompt or opts.n == 1 or not new_context:
+                raise
+            shared = sum(self.run_memory(opts, n_prompt, new_context, True).values())
+            avail = available_bytes()
+            if avail is None or shared > avail:
+                raise
+            raise ContextError(f"{e}; with share_prompt=True the samples share the prompt's KV cells and the run "
+                               f"needs about {shared / GIB:.2f} GiB, which fits") from None
 
     # -- parallel sampling ------------------------------------------------------------
     def batch_context(self, n_seq: int) -> Any:
@@ -424,16 +436,18 @@ class Model:
         return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n_seq), n_seq_max=n_seq,
                                n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
 
-    def _new_sampling_context(self, n: int, need: int) -> Any:
-        """A context with n per-sequence KV streams of at least `need` cells each."""
-        cells = plan_cells(n, need, self.max_sample_cells)
+    def _new_sampling_context(self, n: int, need: int, shared_cells: int = 0) -> Any:
+        """A context with n per-sequence KV streams of at least `need` cells each, or with
+        shared_cells one stream of that many cells (planned by the caller) for n sequences."""
+        cells = shared_cells or plan_cells(n, need, self.max_sample_cells)
         return _native.Context(self._native, n_ctx=cells, n_batch=max(512, n), n_seq_max=n,
-                               n_threads=self.n_threads, kv_unified=False, flash_attn=self.flash_attn)
+                               n_threads=self.n_threads, kv_unified=bool(shared_cells), flash_attn=self.flash_attn)
 
     def sampling_options(self, **options: Any) -> Any:
         """The native options of a parallel sampling run, checked, from start_sampling's keyword
         options (its defaults for those not given): what start_sampling runs, and what the server's
-        batched runs use (the same run either way)."""
+        batched runs use (the same run either way). share_prompt chooses start_sampling's context,
+        not an option of the run: batched runs decode in the slots of their batch context."""
         bound = inspect.signature(self.start_sampling).bind(None, **options)
         bound.apply_defaults()
         o = bound.arguments
@@ -473,7 +487,7 @@ class Model:
                        eta_rank: int = 500, keep_top: bool = False, neat: Any = None,
                        neureasoner: Any = None, kv_tokens: int = 0,
                        forced: Optional[Sequence[Sequence[int]]] = None, hooks: Sequence[str] = (),
-                       logit_bias: Optional[Mapping[int, float]] = None) -> SampleRun:
+                       logit_bias: Optional[Mapping[int, float]] = None, share_prompt: bool = False) -> SampleRun:
         """Start N samples of one prompt, decoded in parallel; advance them with `run.advance()`.
 
         Sample i draws from its own RNG seeded by (seed, i). Reducers keep, per sample:
@@ -495,17 +509,31 @@ class Model:
         weights per layer (Sample.routing_ids, routing_weights, shexp_gate) and
         hooks=["mlp.hook_router_probs"] the router's output over every expert; hooks= takes
         generate's hook names.
+
+        share_prompt=True puts the samples in one KV stream where they share the prompt's cells:
+        the run holds prompt + n x held cells (held: max_tokens, or kv_tokens + 1) instead of
+        n x (prompt + held), each padded to 256, so best-of-64 of a long prompt fits where 64
+        copies of it would not. A sample's attention then skips the other samples' cells (a mask
+        check each), and an ended sample's cells are freed when the run ends. Its tokens equal
+        the per-sequence streams' (the default) while fewer than 64 samples decode in a step and
+        no sample decodes alone over 512 cells or more; otherwise llama.cpp's flash attention
+        takes another path in one layout than in the other (tiled, or split over the cells) and
+        its f16 accumulator rounds differently, so samples drawn with the same seeds can differ:
+        equally valid, not the same. NeuReasoner's rollbacks need per-sequence streams.
         """
         options = {k: v for k, v in locals().items() if k not in ("self", "prompt")}  # every option, as given
         opts = self.sampling_options(**options)
+        shared = bool(share_prompt) and opts.n > 1  # one sample: one stream either way
         ids = self.prompt_tokens(prompt)
         if len(ids) + opts.max_tokens > self.n_ctx:  # the same bound as generate(): n_ctx per sequence
             raise ContextError(f"the prompt ({len(ids)} tokens) plus max_tokens ({opts.max_tokens}) exceeds the context "
                                f"of {self.n_ctx} tokens; at most {max(0, self.n_ctx - len(ids))} new tokens fit. "
                                "Load with a larger n_ctx or lower max_tokens.")
-        self._check_memory(opts, len(ids))
+        self._check_memory(opts, len(ids), share_prompt=shared)
         # A race decided after kv_tokens holds cells for those only (plus the token in flight).
-        lease = self._pool.acquire(opts.n, len(ids) + (opts.kv_tokens + 1 if opts.kv_tokens else opts.max_tokens))
+        need = len(ids) + (opts.kv_tokens + 1 if opts.kv_tokens else opts.max_tokens)
+        cells = plan_cells(opts.n, need, self.max_sample_cells, prompt=len(ids), shared=shared)
+        lease = self._pool.acquire(opts.n, need, cells if shared else 0)
         try:
             native = _native.Run(lease.ctx, ids, opts)
         except BaseException:
@@ -535,7 +563,8 @@ def load(model: Union[str, os.PathLike, None] = None, *, n_threads: Optional[int
     """Load a GGUF model by known name (see `neurotap models`) or path, with the tap installed.
 
     max_sample_cells bounds the KV cells a parallel sampling run may allocate (n samples x
-    (prompt + max_tokens), each padded to 256); a larger request fails before decoding.
+    (prompt + max_tokens), each padded to 256; prompt + n x max_tokens, padded, with
+    share_prompt=True); a larger request fails before decoding.
     flash_attn=True lets llama.cpp use flash attention where the backend has it (faster; its
     results differ from the plain attention path in the last bits, like llama.cpp's own -fa).
     chat_template="jinja" (the default, DEFAULT_CHAT_TEMPLATE) renders chat messages with the GGUF's

@@ -32,18 +32,27 @@ class ContextPool:
     """Keeps at most one idle context (the largest recently used) for reuse; a run that needs more
     sequences or cells than the idle one has, or that starts while it is lent, gets a new one."""
 
-    def __init__(self, create: Callable[[int, int], Any]):
-        self._create = create  # (n_seq, cells per sequence) -> a new context
+    def __init__(self, create: Callable[[int, int, int], Any]):
+        self._create = create  # (n_seq, cells per sequence, shared cells) -> a new context
         self._idle: Optional[Any] = None
         self._lock = threading.Lock()
         self._lent: dict = {}  # id -> KV cells of the contexts runs hold now
 
-    def acquire(self, n_seq: int, cells_per_seq: int) -> Lease:
+    def acquire(self, n_seq: int, cells_per_seq: int, shared_cells: int = 0) -> Lease:
+        """A context of n_seq sequences: per-sequence streams of cells_per_seq cells each, or with
+        shared_cells one stream of that many cells (the sequences share their prompt's cells)."""
         with self._lock:
             ctx, self._idle = self._idle, None
-        if ctx is None or ctx.n_seq_max < n_seq or ctx.n_ctx_seq < cells_per_seq:
-            ctx = self._create(n_seq, cells_per_seq)
+        if ctx is None or not self._fits(ctx, n_seq, cells_per_seq, shared_cells):
+            ctx = self._create(n_seq, cells_per_seq, shared_cells)
         return Lease(self, ctx)
+
+    @staticmethod
+    def _fits(ctx: Any, n_seq: int, cells_per_seq: int, shared_cells: int) -> bool:
+        # The stream layout must match too: it decides how attention rounds (see Model.start_sampling).
+        if ctx.n_seq_max < n_seq or bool(ctx.kv_unified) != bool(shared_cells):
+            return False
+        return ctx.n_ctx >= shared_cells if shared_cells else ctx.n_ctx_seq >= cells_per_seq
 
     def _give_back(self, ctx: Any) -> None:
         with self._lock:

@@ -215,6 +215,11 @@ class SampleRun:
         self._pool = pool
         self._options = options
 
+    @property
+    def shares_prompt(self) -> bool:
+        """Whether the samples share the prompt's KV cells (one stream) instead of each holding a copy."""
+        return bool(self._lease.ctx.kv_unified) and self.n > 1
+
     n = _native_attr("n", "samples in the run")
     n_live = _native_attr("n_live", "samples still generating")
     n_prompt = _native_attr("n_prompt", "prompt tokens")
@@ -364,15 +369,35 @@ def run_options(*, n: int, max_tokens: int, temperature: float, top_p: float, to
     return o
 
 
-def plan_cells(n: int, need: int, max_cells: int) -> int:
-    """Total KV cells for n per-sequence streams of `need` tokens; ContextError if over budget."""
+def sample_cells(n: int, prompt: int, held: int, shared: bool = False) -> int:
+    """KV cells of n samples of a `prompt`-token prompt that each hold `held` tokens beyond it:
+    n per-sequence streams of prompt + held cells each, padded to 256, or with shared=True one
+    stream holding the prompt's cells once, prompt + n x held, padded to 256."""
+    return _pad256(prompt + n * held) if shared else n * _pad256(prompt + held)
+
+
+def plan_cells(n: int, need: int, max_cells: int, *, prompt: int = 0, shared: bool = False) -> int:
+    """Total KV cells for n samples of `need` tokens each, `prompt` of them the prompt's (see
+    sample_cells; shared=True shares those); ContextError if over budget, naming what would fit."""
+    held = need - prompt
+    one_stream = sample_cells(n, prompt, held, shared=True)
+    if shared:
+        if one_stream > max_cells:
+            fit_n = max(0, (max_cells // 256 * 256 - prompt) // max(held, 1))
+            raise ContextError(
+                f"n={n} samples sharing a prompt of {prompt} tokens, each holding {held} more, need {one_stream} KV "
+                f"cells (prompt + n x {held}, padded to 256), beyond max_sample_cells={max_cells}: at most n={fit_n} "
+                f"samples of this length fit; load with a larger max_sample_cells to allow more")
+        return one_stream
     per_seq = _pad256(need)
     if n * per_seq > max_cells:
         fit_n = max_cells // per_seq
         fit_tokens = max_cells // n // 256 * 256
+        hint = (f"; with share_prompt=True the samples share the prompt's cells and need {one_stream}"
+                if prompt and n > 1 and one_stream <= max_cells else "")
         raise ContextError(
             f"n={n} samples x {need} tokens (prompt + max_tokens, {per_seq} cells each after padding to 256) "
             f"need {n * per_seq} KV cells, beyond max_sample_cells={max_cells}: at most n={fit_n} samples of "
-            f"this length fit, or {fit_tokens} tokens (prompt + max_tokens) per sample at n={n}; "
+            f"this length fit, or {fit_tokens} tokens (prompt + max_tokens) per sample at n={n}{hint}; "
             f"load with a larger max_sample_cells to allow more")
     return n * per_seq
