@@ -61,6 +61,36 @@ void Batcher::on_rows(TapKind kind, int layer, int row0, int n_rows, const float
     }
 }
 
+// The same split for an MoE layer's compact rows: each member gets its rows as a MoeRows of its
+// own (row-major arrays: a sub-range is an offset into each).
+void Batcher::on_moe_rows(const MoeRows& m, unsigned kinds) {
+    const MoeLayout& L = *m.layout;
+    const size_t U = static_cast<size_t>(L.n_used);
+    int r = m.row0;
+    const int end = m.row0 + m.n_rows;
+    while (r < end) {
+        const int mi = row_member_[static_cast<size_t>(r)];
+        int k = r + 1;
+        while (k < end && row_member_[static_cast<size_t>(k)] == mi &&
+               row_local_[static_cast<size_t>(k)] == row_local_[static_cast<size_t>(k - 1)] + 1)
+            ++k;
+        Member& member = members_[static_cast<size_t>(mi)];
+        if (member.tapped) {
+            const size_t i = static_cast<size_t>(r - m.row0);
+            MoeRows sub = m;
+            sub.row0 = row_local_[static_cast<size_t>(r)];
+            sub.n_rows = k - r;
+            sub.act = m.act + i * U * static_cast<size_t>(L.n_ff_exp);
+            sub.ids = m.ids + i * U;
+            sub.weights = m.weights + i * U;
+            if (m.shexp_act) sub.shexp_act = m.shexp_act + i * static_cast<size_t>(L.n_ff_shexp);
+            if (m.shexp_gate) sub.shexp_gate = m.shexp_gate + i;
+            member.loop->on_moe_rows(sub, kinds);
+        }
+        r = k;
+    }
+}
+
 bool Batcher::step() {
     tokens_.clear(), pos_.clear(), seqs_.clear();
     m_tokens_.clear(), m_pos_.clear(), m_seqs_.clear();

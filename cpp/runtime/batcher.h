@@ -42,6 +42,7 @@ public:
 
     TapRequest tap_request() const override { return want_; }
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
+    void on_moe_rows(const MoeRows& m, unsigned kinds) override;
 
 private:
     struct Member {
