@@ -134,6 +134,26 @@ void WatchReducer::on_row(int sample, int token, int layer, const float* a) {
     for (const auto& [s, idx] : by_layer_[layer]) out[s] = a[idx];
 }
 
+bool WatchReducer::on_moe_row(int sample, int token, const MoeRows& m, int r) {
+    if (neurons_.empty()) return true;
+    const MoeLayout& L = *m.layout;
+    const int U = L.n_used;
+    const int64_t F = L.n_ff_exp, routed = int64_t{L.n_expert} * F;
+    float* out = slot(values_[sample], token, neurons_.size());
+    const int32_t* ids = m.ids + static_cast<size_t>(r) * U;
+    for (const auto& [s, idx] : by_layer_[m.layer]) {
+        float v = 0.0f;  // what the scatter writes for an expert that did not run
+        if (idx >= routed) {
+            v = m.shexp_act[static_cast<size_t>(r) * L.n_ff_shexp + static_cast<size_t>(idx - routed)];
+        } else {
+            for (int j = 0; j < U; ++j)
+                if (ids[j] == idx / F) v = m.act[(static_cast<size_t>(r) * U + j) * F + static_cast<size_t>(idx % F)];
+        }
+        out[s] = v;
+    }
+    return true;
+}
+
 void WatchReducer::finish(int sample, int n_tokens) {
     values_[sample].resize(static_cast<size_t>(n_tokens) * neurons_.size());
 }

@@ -80,6 +80,8 @@ public:
     explicit WatchReducer(std::vector<std::pair<int, int>> neurons);  // (layer, index)
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
+    // MoE: each watched neuron read where it is computed, 0 for an expert that did not run.
+    bool on_moe_row(int sample, int token, const MoeRows& m, int r) override;
     void finish(int sample, int n_tokens) override;
     bool can_roll_back() const override { return true; }
     void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
