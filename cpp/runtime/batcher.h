@@ -52,6 +52,8 @@ private:
         bool tapped = false;       // fed tapped rows this step
     };
     Member* find(DecodeLoop* loop);
+    template <typename F>
+    void for_member_runs(int row0, int n_rows, F&& f);
     bool needs_owner(const Member& m) const;
     // One shared step over every member with rows; returns whether anything was decoded.
     bool step();
