@@ -52,6 +52,9 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     k_ = static_cast<int>(std::min<int64_t>(p_.top_per_layer, n_ff));
     bufs_.clear();
     ran_.clear();
+    exps_.clear();
+    const MoeLayout& moe = w_->moe();
+    compact_ = moe.moe() ? int64_t{moe.n_used} * moe.n_ff_exp + moe.n_ff_shexp : 0;
     route_.assign(w_->moe().moe() ? n_samples : 0,
                   std::vector<float>(static_cast<size_t>(n_layers * moe_route_width(w_->moe())), 0.0f));
     free_.clear();
@@ -99,8 +102,9 @@ int ContributionReducer::take_buffer() {
         free_.pop_back();
         return b;
     }
-    bufs_.emplace_back(static_cast<size_t>(n_layers_) * n_ff_, 0.0f);
+    bufs_.emplace_back(static_cast<size_t>(n_layers_) * static_cast<size_t>(w_->moe().moe() ? compact_ : n_ff_), 0.0f);
     ran_.emplace_back(static_cast<size_t>(n_layers_) * w_->moe().n_expert, uint8_t{0});
+    exps_.emplace_back(static_cast<size_t>(n_layers_) * w_->moe().n_used, 0);
     return static_cast<int>(bufs_.size()) - 1;
 }
 
@@ -116,26 +120,69 @@ void ContributionReducer::on_hidden_row(TapKind kind, int sample, int, int layer
 
 void ContributionReducer::on_row(int sample, int, int layer, const float* a) {
     if (p_.gate_variant) return;
-    float* out = row_buffer(sample) + static_cast<size_t>(layer) * n_ff_;
-    std::memcpy(out, a, static_cast<size_t>(n_ff_) * sizeof(float));
     const MoeLayout& m = w_->moe();
-    if (!m.moe()) return;
-    // What reaches the residual is the expert's output times its gate weight (llama.cpp applies it
-    // after the down projection, so it scales each neuron's term): c = a * w * (W_down[e][:, i] . W_U[y]).
-    const int64_t RW = moe_route_width(m);
+    if (!m.moe()) {
+        std::memcpy(row_buffer(sample) + static_cast<size_t>(layer) * n_ff_, a, static_cast<size_t>(n_ff_) * sizeof(float));
+        return;
+    }
+    // A full-width MoE row: its experts from the route row that came before it.
+    const int64_t RW = moe_route_width(m), F = m.n_ff_exp;
     const float* route = route_[sample].data() + static_cast<size_t>(layer) * RW;
-    uint8_t* ran = ran_[static_cast<size_t>(cur_[sample])].data() + static_cast<size_t>(layer) * m.n_expert;
+    const int U = m.n_used;
+    store_moe_row(
+        sample, layer, [&](int j) { return static_cast<int32_t>(route[j]); },  // checked in range by the tap
+        [&](int j) { return route[U + j]; }, [&](int j) { return a + static_cast<int64_t>(route[j]) * F; },
+        a + int64_t{m.n_expert} * F, m.n_ff_shexp > 0 ? route[2 * U] : 0.0f);
+}
+
+bool ContributionReducer::on_moe_row(int sample, int, const MoeRows& rows, int r) {
+    const MoeLayout& m = w_->moe();
+    if (p_.gate_variant || !m.moe() || rows.layout->width() != n_ff_ || rows.layout->n_used != m.n_used ||
+        rows.layout->n_ff_exp != m.n_ff_exp)
+        return false;
+    const size_t U = static_cast<size_t>(m.n_used), at = static_cast<size_t>(r) * U;
+    const int64_t F = m.n_ff_exp;
+    store_moe_row(
+        sample, rows.layer, [&](int j) { return rows.ids[at + j]; }, [&](int j) { return rows.weights[at + j]; },
+        [&](int j) { return rows.act + (at + j) * F; },
+        m.n_ff_shexp > 0 ? rows.shexp_act + static_cast<size_t>(r) * m.n_ff_shexp : nullptr,
+        m.n_ff_shexp > 0 ? rows.shexp_gate[r] : 0.0f);
+    return true;
+}
+
+// What reaches the residual is the expert's output times its gate weight (llama.cpp applies it
+// after the down projection, so it scales each neuron's term): c = a * w * (W_down[e][:, i] . W_U[y]).
+// Only the experts that ran are kept, by ascending id, so that a compact index orders as the flat one.
+template <typename IdOf, typename WeightOf, typename ActOf>
+void ContributionReducer::store_moe_row(int sample, int layer, IdOf id_of, WeightOf weight_of, ActOf act_of,
+                                        const float* shexp, float shexp_gate) {
+    const MoeLayout& m = w_->moe();
+    const int U = m.n_used;
+    const int64_t F = m.n_ff_exp;
+    float* out = row_buffer(sample) + static_cast<size_t>(layer) * compact_;
+    const size_t b = static_cast<size_t>(cur_[sample]);
+    int32_t* exps = exps_[b].data() + static_cast<size_t>(layer) * U;
+    uint8_t* ran = ran_[b].data() + static_cast<size_t>(layer) * m.n_expert;
     std::fill_n(ran, m.n_expert, uint8_t{0});
-    for (int j = 0; j < m.n_used; ++j) {
-        const int e = static_cast<int>(route[j]);  // checked in range by the tap
+    order_.resize(static_cast<size_t>(U));
+    for (int j = 0; j < U; ++j) {  // insertion sort of the slots by expert id: n_used is small
+        int k = j;
+        for (; k > 0 && id_of(order_[static_cast<size_t>(k - 1)]) > id_of(j); --k)
+            order_[static_cast<size_t>(k)] = order_[static_cast<size_t>(k - 1)];
+        order_[static_cast<size_t>(k)] = j;
+    }
+    for (int k = 0; k < U; ++k) {
+        const int j = order_[static_cast<size_t>(k)];
+        const int32_t e = id_of(j);
         ran[e] = 1;
-        float* seg = out + int64_t{e} * m.n_ff_exp;
-        for (int64_t i = 0; i < m.n_ff_exp; ++i) seg[i] *= route[m.n_used + j];
+        exps[k] = e;
+        const float* a = act_of(j);
+        const float w = weight_of(j);
+        float* seg = out + int64_t{k} * F;
+        for (int64_t i = 0; i < F; ++i) seg[i] = a[i] * w;
     }
-    if (m.n_ff_shexp > 0) {
-        float* seg = out + int64_t{m.n_expert} * m.n_ff_exp;
-        for (int64_t i = 0; i < m.n_ff_shexp; ++i) seg[i] *= route[2 * m.n_used];
-    }
+    float* seg = out + int64_t{U} * F;
+    for (int64_t i = 0; i < m.n_ff_shexp; ++i) seg[i] = shexp[i] * shexp_gate;
 }
 
 void ContributionReducer::on_gate_row(int sample, int, int layer, const float* g) {
@@ -158,6 +205,8 @@ void ContributionReducer::commit(int sample, int token, int32_t token_id) {
 
 int64_t ContributionReducer::queued_bytes() const {
     const int64_t selected = static_cast<int64_t>(queue_.size()) - held_;
+    // Held tokens count at full width even where MoE buffers are compact: passes come when they
+    // always did (the budget's schedule, and so the cache's statistics, stay as they were).
     return held_ * n_layers_ * n_ff_ * static_cast<int64_t>(sizeof(float)) +
            selected * n_layers_ * (k_ * 8 + 4) + selected * 4;
 }
@@ -267,7 +316,7 @@ void ContributionReducer::project_experts(int l, const std::vector<int>& which, 
     const int segs = moe_segments();
     const int64_t E = w_->n_embd(), total = static_cast<int64_t>(n_layers_) * n_ff_;
     const int M = static_cast<int>(missing_ids_.size());
-    std::fill(s.proj.begin(), s.proj.end(), 0.0f);
+    // No clearing of s.proj: a token reads only the experts it ran, all computed below.
     // Targets per segment: (u row, pass row or -1, cache slot or -1).
     s.targets.assign(static_cast<size_t>(segs), {});
     s.seen.assign(static_cast<size_t>(M) * segs, 0);
@@ -345,16 +394,30 @@ static float layer_top(const float* c, int64_t n, int k, int32_t* idx, int64_t m
     return kth;
 }
 
-// MoE: the neurons of experts that did not run are no candidates (-inf, out of the candidate list
-// idx[0, m)); returns the candidates left.
-static int64_t drop_idle_experts(const MoeLayout& moe, const uint8_t* ran, float* c, int32_t* idx, int64_t m) {
-    const int64_t F = moe.n_ff_exp, routed = int64_t{moe.n_expert} * F;
-    for (int e = 0; e < moe.n_expert; ++e)
-        if (!ran[e]) std::fill_n(c + e * F, F, -INFINITY);
-    int64_t w = 0;
-    for (int64_t j = 0; j < m; ++j)
-        if (idx[j] >= routed || ran[idx[j] / F]) idx[w++] = idx[j];
-    return w;
+// MoE: the products over the computed neurons only, ranked in the compact order (ascending
+// expert id, the shared expert last: the flat order), their indices then mapped to flat ones. The
+// neurons of experts that did not run are no candidates (-inf); they only matter where fewer than
+// k neurons ran or the k-th value is -inf, when the row is ranked at full width as those ties need.
+float ContributionReducer::moe_layer_top(const float* a, const int32_t* exps, const float* d, float guess, Scratch& s,
+                                         float* top_c, int32_t* top_i, ProductsFn products) const {
+    const MoeLayout& moe = w_->moe();
+    const int U = moe.n_used;
+    const int64_t F = moe.n_ff_exp, Fs = moe.n_ff_shexp, routed = int64_t{moe.n_expert} * F, nc = compact_;
+    s.dc.resize(static_cast<size_t>(nc));
+    for (int k = 0; k < U; ++k) std::copy_n(d + int64_t{exps[k]} * F, F, s.dc.data() + int64_t{k} * F);
+    std::copy_n(d + routed, Fs, s.dc.data() + int64_t{U} * F);
+    const int64_t mc = products(a, s.dc.data(), nc, guess, s.c.data(), s.idx.data());
+    auto flat = [&](int64_t i) { return i < int64_t{U} * F ? int64_t{exps[i / F]} * F + i % F : routed + (i - int64_t{U} * F); };
+    if (nc >= k_) {
+        const float kth = layer_top(s.c.data(), nc, k_, s.idx.data(), mc, s.top, top_c, top_i);
+        if (kth != -INFINITY) {
+            for (int r = 0; r < k_; ++r) top_i[r] = static_cast<int32_t>(flat(top_i[r]));
+            return kth;
+        }
+    }
+    s.full.assign(static_cast<size_t>(n_ff_), -INFINITY);
+    for (int64_t i = 0; i < nc; ++i) s.full[static_cast<size_t>(flat(i))] = s.c[static_cast<size_t>(i)];
+    return layer_top(s.full.data(), n_ff_, k_, s.idx.data(), 0, s.top, top_c, top_i);
 }
 
 // Selects the queued tokens in `which` (their activations held, their projections' sources
@@ -417,7 +480,6 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 const int q = which[j];
                 const size_t at = base + j;
                 // c = a * d(y) in a buffer that stays in L1, and the candidates.
-                const float* a = bufs_[queue_[q].buf].data() + static_cast<size_t>(l) * n_ff_;
                 const float* d = row_of_[q] >= 0 ? s.proj.data() + static_cast<size_t>(row_of_[q]) * n_ff_
                                                  : cache_.data() + static_cast<size_t>(slot_of_[q]) * total +
                                                        static_cast<size_t>(l) * n_ff_;
@@ -425,11 +487,18 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 const float guess = kth_[queue_[q].sample][static_cast<size_t>(l)];
                 // No finite guess: no candidates, so layer_top ranks every value.
                 const float g = std::isfinite(guess) ? guess : INFINITY;
-                int64_t mc = products(a, d, n_ff_, g, s.c.data(), s.idx.data());
-                if (moe.moe()) mc = drop_idle_experts(moe, ran_[static_cast<size_t>(queue_[q].buf)].data() + static_cast<size_t>(l) * moe.n_expert,
-                                                      s.c.data(), s.idx.data(), mc);
-                const float kth = layer_top(s.c.data(), n_ff_, k_, s.idx.data(), mc, s.top,
-                                            sel_c_.data() + at * K + l * k_, sel_i_.data() + at * K + l * k_);
+                float* top_c = sel_c_.data() + at * K + l * k_;
+                int32_t* top_i = sel_i_.data() + at * K + l * k_;
+                float kth;
+                if (moe.moe()) {
+                    const size_t b = static_cast<size_t>(queue_[q].buf);
+                    kth = moe_layer_top(bufs_[b].data() + static_cast<size_t>(l) * compact_,
+                                        exps_[b].data() + static_cast<size_t>(l) * moe.n_used, d, g, s, top_c, top_i, products);
+                } else {
+                    const float* a = bufs_[queue_[q].buf].data() + static_cast<size_t>(l) * n_ff_;
+                    const int64_t mc = products(a, d, n_ff_, g, s.c.data(), s.idx.data());
+                    kth = layer_top(s.c.data(), n_ff_, k_, s.idx.data(), mc, s.top, top_c, top_i);
+                }
                 // A positive guess prunes; otherwise rank all.
                 sel_kth_[static_cast<size_t>(j) * n_layers_ + l] = kth > 0 ? 0.5f * kth : -INFINITY;
             }

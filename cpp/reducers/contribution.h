@@ -57,6 +57,8 @@ public:
     ContributionReducer(std::shared_ptr<const ContributionWeights> w, ContributionParams p);
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
+    // MoE: the compact row, kept compact (only the experts that ran are stored and multiplied).
+    bool on_moe_row(int sample, int token, const MoeRows& m, int r) override;
     void on_gate_row(int sample, int token, int layer, const float* g) override;
     // MoE layers: the route (experts and gate weights) of the row that follows.
     void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t width) override;
@@ -115,11 +117,18 @@ private:
     int n_layers_ = 0;
     int64_t n_ff_ = 0, n_words_ = 0;
     int k_ = 0;
-    std::vector<std::vector<float>> bufs_;  // activation buffers (layers * n_ff each)
+    // Activation buffers: layers * n_ff each; MoE: layers * compact_ (the experts that ran, by
+    // ascending id, then the shared expert, times their gate weights), their ids in exps_.
+    std::vector<std::vector<float>> bufs_;
+    int64_t compact_ = 0;  // MoE: n_used * n_ff_exp + n_ff_shexp, the neurons a token computes per layer
     // MoE: per buffer, which experts ran [layers * n_expert] (the others' neurons are no
-    // candidates: their contribution is -inf, so they are never in a top k nor activated), and per
-    // sample the route of its current row [layers * route width].
+    // candidates: their contribution is -inf, so they are never in a top k nor activated), the
+    // experts of each layer's compact row [layers * n_used], ascending, and per sample the route
+    // of its current row [layers * route width].
     std::vector<std::vector<uint8_t>> ran_;
+    std::vector<std::vector<int32_t>> exps_;
+
+    std::vector<int> order_;  // scratch: slots by expert id
     std::vector<std::vector<float>> route_;
     std::vector<int> free_;                 // unused buffers
     std::vector<int> cur_;                  // [sample] -> the buffer its current rows go to (-1: none yet)
@@ -162,7 +171,17 @@ private:
         std::vector<std::vector<Target>> targets;  // MoE: per expert segment
         std::vector<uint8_t> seen;
         std::vector<float> u, d;
+        std::vector<float> dc, full;  // MoE: a token's projections gathered compact; a full-width row
     };
+    // MoE: row `layer` of the sample's buffer from slot j's expert id_of(j), gate weight
+    // weight_of(j) and activations act_of(j) (n_ff_exp floats), and the shared expert's and its gate.
+    template <typename IdOf, typename WeightOf, typename ActOf>
+    void store_moe_row(int sample, int layer, IdOf id_of, WeightOf weight_of, ActOf act_of, const float* shexp,
+                       float shexp_gate);
+    // MoE: layer l's top k of one token from its compact activations `a` and its experts `exps`
+    // (ascending), the layer's full-width projections d; returns the k-th value (as layer_top).
+    float moe_layer_top(const float* a, const int32_t* exps, const float* d, float guess, Scratch& s, float* top_c,
+                        int32_t* top_i, ProductsFn products) const;
     int moe_segments() const;  // experts + the shared one (0: dense)
     void project_experts(int l, const std::vector<int>& which, Scratch& s);
     std::vector<uint8_t> valid_;                 // MoE: [slot, layer, segment] projection computed

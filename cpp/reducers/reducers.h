@@ -23,6 +23,9 @@ public:
     explicit ActiveCountReducer(float threshold = 0.0f) : thr_(threshold) {}
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
+    // MoE: counts over the computed neurons only (a threshold below 0 counts the idle experts'
+    // zeros as active: such rows are taken scattered).
+    bool on_moe_row(int sample, int token, const MoeRows& m, int r) override;
     void finish(int sample, int n_tokens) override;
     bool can_roll_back() const override { return true; }
     void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
@@ -43,6 +46,10 @@ public:
     ActiveSetReducer(int chunk, float threshold);
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
+    // MoE: sets the bits of the computed neurons only and remembers their words, so that commit
+    // merges and clears those words, not the whole [layers x width] bitset (as with on_threshold
+    // below 0, where idle zeros are active, the row is then taken scattered).
+    bool on_moe_row(int sample, int token, const MoeRows& m, int r) override;
     void commit(int sample, int token, int32_t token_id) override;
     void finish(int sample, int n_tokens) override;
     int64_t n_words() const { return n_words_; }
@@ -60,6 +67,11 @@ private:
     int64_t n_words_ = 0;
     SetRecorder sets_;
     std::vector<std::vector<uint64_t>> pending_;  // the current token's bits, until committed
+    // Per sample: the word ranges [first, last] of pending_ that compact rows wrote since the last
+    // commit, unless a full row came (then every word is merged).
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> dirty_;
+    std::vector<uint8_t> all_dirty_;
+    std::vector<MoeSegment> seg_;  // scratch
 };
 
 // Per token: the activations of a fixed list of watched neurons (NEAT's monitor).
@@ -68,6 +80,8 @@ public:
     explicit WatchReducer(std::vector<std::pair<int, int>> neurons);  // (layer, index)
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int sample, int token, int layer, const float* a) override;
+    // MoE: each watched neuron read where it is computed, 0 for an expert that did not run.
+    bool on_moe_row(int sample, int token, const MoeRows& m, int r) override;
     void finish(int sample, int n_tokens) override;
     bool can_roll_back() const override { return true; }
     void roll_back(int sample, int n_tokens) override { finish(sample, n_tokens); }
@@ -115,6 +129,7 @@ public:
     }
     void begin(int n_samples, int n_layers, int64_t n_ff, int max_tokens) override;
     void on_row(int, int, int, const float*) override {}
+    bool on_moe_row(int, int, const MoeRows&, int) override { return true; }  // reads the route rows only: no scatter
     void on_hidden_row(TapKind kind, int sample, int token, int layer, const float* h, int64_t width) override;
     void finish(int sample, int n_tokens) override;
     bool can_roll_back() const override { return true; }

@@ -43,8 +43,10 @@ bool Batcher::needs_owner(const Member& m) const {
     return m.loop->started() && (!m.loop->failed().empty() || m.loop->pending(m.until) == 0);
 }
 
-void Batcher::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
-    // Consecutive rows of one member with consecutive own rows go to it in one call.
+// Consecutive rows of one member with consecutive own rows go to it in one call:
+// f(member, first batch row, end batch row) for each such run of tapped members' rows.
+template <typename F>
+void Batcher::for_member_runs(int row0, int n_rows, F&& f) {
     int r = row0;
     const int end = row0 + n_rows;
     while (r < end) {
@@ -54,11 +56,35 @@ void Batcher::on_rows(TapKind kind, int layer, int row0, int n_rows, const float
                row_local_[static_cast<size_t>(k)] == row_local_[static_cast<size_t>(k - 1)] + 1)
             ++k;
         Member& m = members_[static_cast<size_t>(mi)];
-        if (m.tapped)
-            m.loop->on_rows(kind, layer, row_local_[static_cast<size_t>(r)], k - r,
-                            data + static_cast<int64_t>(r - row0) * width, width);
+        if (m.tapped) f(m, r, k);
         r = k;
     }
+}
+
+void Batcher::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
+    for_member_runs(row0, n_rows, [&](Member& m, int r, int k) {
+        m.loop->on_rows(kind, layer, row_local_[static_cast<size_t>(r)], k - r,
+                        data + static_cast<int64_t>(r - row0) * width, width);
+    });
+}
+
+// An MoE layer's compact rows: each member gets its rows as a MoeRows of its own (row-major
+// arrays: a sub-range is an offset into each).
+void Batcher::on_moe_rows(const MoeRows& m, unsigned kinds) {
+    const MoeLayout& L = *m.layout;
+    const size_t U = static_cast<size_t>(L.n_used);
+    for_member_runs(m.row0, m.n_rows, [&](Member& member, int r, int k) {
+        const size_t i = static_cast<size_t>(r - m.row0);
+        MoeRows sub = m;
+        sub.row0 = row_local_[static_cast<size_t>(r)];
+        sub.n_rows = k - r;
+        sub.act = m.act + i * U * static_cast<size_t>(L.n_ff_exp);
+        sub.ids = m.ids + i * U;
+        sub.weights = m.weights + i * U;
+        if (m.shexp_act) sub.shexp_act = m.shexp_act + i * static_cast<size_t>(L.n_ff_shexp);
+        if (m.shexp_gate) sub.shexp_gate = m.shexp_gate + i;
+        member.loop->on_moe_rows(sub, kinds);
+    });
 }
 
 bool Batcher::step() {

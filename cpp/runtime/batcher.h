@@ -42,6 +42,7 @@ public:
 
     TapRequest tap_request() const override { return want_; }
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
+    void on_moe_rows(const MoeRows& m, unsigned kinds) override;
 
 private:
     struct Member {
@@ -51,6 +52,8 @@ private:
         bool tapped = false;       // fed tapped rows this step
     };
     Member* find(DecodeLoop* loop);
+    template <typename F>
+    void for_member_runs(int row0, int n_rows, F&& f);
     bool needs_owner(const Member& m) const;
     // One shared step over every member with rows; returns whether anything was decoded.
     bool step();

@@ -172,29 +172,58 @@ int DecodeLoop::n_live() const {
 void DecodeLoop::on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) {
     // A NaN/inf anywhere (a flipped weight scale, corrupt metadata) is found where it starts: the
     // first layer in graph order whose rows hold one. Reported after the decode (no throwing here).
-    if (kind == TapKind::MlpPost && (bad_layer_ < 0 || layer < bad_layer_)) {
-        const int64_t n = static_cast<int64_t>(n_rows) * width;
-        for (int64_t i = 0; i < n; ++i)
-            if (!std::isfinite(data[i])) {
-                bad_layer_ = layer;
-                break;
-            }
-    }
-    auto offer = [&](int s, int t, const float* a) {
-        for (Reducer* red : reducers_) {
-            if (kind == TapKind::MlpPost) red->on_row(s, t, layer, a);
-            else if (kind == TapKind::MlpPre) red->on_gate_row(s, t, layer, a);
-            else red->on_hidden_row(kind, s, t, layer, a, width);
-        }
-    };
+    if (kind == TapKind::MlpPost) note_finite(layer, data, static_cast<int64_t>(n_rows) * width);
     for (int r = 0; r < n_rows; ++r) {
         const float* a = data + static_cast<int64_t>(r) * width;
-        if (broadcast_) {
-            for (int s = 0; s < params_.n; ++s)
-                if (samples_[static_cast<size_t>(s)].live) offer(s, 0, a);  // not those stopped before the start
-        } else {
-            offer(row_sample_[static_cast<size_t>(row0 + r)], row_token_[static_cast<size_t>(row0 + r)], a);
+        for_targets(row0 + r, [&](int s, int t) {
+            for (Reducer* red : reducers_) {
+                if (kind == TapKind::MlpPost) red->on_row(s, t, layer, a);
+                else if (kind == TapKind::MlpPre) red->on_gate_row(s, t, layer, a);
+                else red->on_hidden_row(kind, s, t, layer, a, width);
+            }
+        });
+    }
+}
+
+void DecodeLoop::note_finite(int layer, const float* data, int64_t n) {
+    if (bad_layer_ >= 0 && layer >= bad_layer_) return;
+    for (int64_t i = 0; i < n; ++i)
+        if (!std::isfinite(data[i])) {
+            bad_layer_ = layer;
+            return;
         }
+}
+
+// The compact rows go to the reducers that take them (on_moe_row); a row is scattered to full
+// width at most once, and only when some reducer declines it. Per row, as the default
+// scatter_moe_rows orders them: the route row first, then the activations.
+void DecodeLoop::on_moe_rows(const MoeRows& m, unsigned kinds) {
+    const MoeLayout& L = *m.layout;
+    const int64_t RW = moe_route_width(L);
+    // The experts that did not run are zeros, finite: only the computed values are checked.
+    note_finite(m.layer, m.act, static_cast<int64_t>(m.n_rows) * L.n_used * L.n_ff_exp);
+    if (L.n_ff_shexp > 0) note_finite(m.layer, m.shexp_act, static_cast<int64_t>(m.n_rows) * L.n_ff_shexp);
+    thread_local std::vector<float> route, full;  // the decode's thread: no allocation per layer
+    route.resize(static_cast<size_t>(RW));
+    for (int r = 0; r < m.n_rows; ++r) {
+        if (kinds & tap_bit(TapKind::MoeRoute)) {
+            moe_route_row(m, r, route.data());
+            for_targets(m.row0 + r, [&](int s, int t) {
+                for (Reducer* red : reducers_) red->on_hidden_row(TapKind::MoeRoute, s, t, m.layer, route.data(), RW);
+            });
+        }
+        bool scattered = false;
+        for_targets(m.row0 + r, [&](int s, int t) {
+            for (Reducer* red : reducers_) {
+                if (red->on_moe_row(s, t, m, r)) continue;
+                if (!scattered) {
+                    full.resize(static_cast<size_t>(L.width()));
+                    scatter_moe_row(m, r, full.data());
+                    scattered = true;
+                }
+                red->on_row(s, t, m.layer, full.data());
+            }
+        });
     }
 }
 

@@ -156,8 +156,22 @@ public:
 
     TapRequest tap_request() const override { return want_; }
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
+    void on_moe_rows(const MoeRows& m, unsigned kinds) override;
 
 private:
+    // f(sample, token) for each (sample, token) that row `row` of the decode in flight belongs to:
+    // one, or token 0 of every live sample for the prompt's last row.
+    template <typename F>
+    void for_targets(int row, F&& f) {
+        if (broadcast_) {
+            for (int s = 0; s < params_.n; ++s)
+                if (samples_[static_cast<size_t>(s)].live) f(s, 0);  // not those stopped before the start
+        } else {
+            f(row_sample_[static_cast<size_t>(row)], row_token_[static_cast<size_t>(row)]);
+        }
+    }
+    // Marks `layer` as the first bad one if data[0, n) holds NaN/inf and no earlier layer did.
+    void note_finite(int layer, const float* data, int64_t n);
     void start();
     void step();
     void sample_and_commit(int s);

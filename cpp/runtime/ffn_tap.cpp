@@ -408,6 +408,22 @@ void moe_route_row(const MoeRows& m, int r, float* out) {
     if (m.layout->n_ff_shexp > 0) out[2 * U] = m.shexp_gate[r];
 }
 
+void moe_row_segments(const MoeRows& m, int r, std::vector<MoeSegment>& out) {
+    const MoeLayout& L = *m.layout;
+    const int U = L.n_used;
+    const int64_t F = L.n_ff_exp;
+    const int32_t* ids = m.ids + static_cast<size_t>(r) * U;
+    out.resize(static_cast<size_t>(U) + (L.n_ff_shexp > 0 ? 1 : 0));
+    for (int j = 0; j < U; ++j) {  // insertion sort by expert id: n_used is small
+        const MoeSegment s{ids[j], j, int64_t{ids[j]} * F, F, m.act + (static_cast<size_t>(r) * U + j) * F};
+        int k = j;
+        for (; k > 0 && out[k - 1].expert > s.expert; --k) out[k] = out[k - 1];
+        out[k] = s;
+    }
+    if (L.n_ff_shexp > 0)
+        out[U] = MoeSegment{L.n_expert, U, int64_t{L.n_expert} * F, L.n_ff_shexp, m.shexp_act + static_cast<size_t>(r) * L.n_ff_shexp};
+}
+
 void scatter_moe_row(const MoeRows& m, int r, float* out) {
     const MoeLayout& L = *m.layout;
     const int U = L.n_used;

@@ -65,6 +65,16 @@ void scatter_moe_rows(RowSink& sink, const MoeRows& m, unsigned kinds);
 void scatter_moe_row(const MoeRows& m, int r, float* out);
 // Route row r of m into `out` (moe_route_width floats).
 void moe_route_row(const MoeRows& m, int r, float* out);
+// One computed piece of an MoE row: an expert that ran (slot j of the row) or the shared expert
+// (slot n_used, expert n_expert): `width` values from flat neuron `offset` of the layer.
+struct MoeSegment {
+    int expert = 0, slot = 0;
+    int64_t offset = 0, width = 0;
+    const float* a = nullptr;
+};
+// Row r's segments in ascending flat order (the experts by id, then the shared one) into `out`
+// (resized to their number).
+void moe_row_segments(const MoeRows& m, int r, std::vector<MoeSegment>& out);
 
 // Receives rows of one decode batch, per layer, in batch order.
 class RowSink {

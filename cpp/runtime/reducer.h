@@ -17,6 +17,15 @@ public:
     // Activations `a` (n_ff floats) of `layer` at the position that predicts token `token` of
     // sample `sample`. Rows of one token arrive layer by layer; tokens arrive in order.
     virtual void on_row(int sample, int token, int layer, const float* a) = 0;
+    // Row r of an MoE layer's compact rows `m` (layer m.layer), at the position that predicts token
+    // `token` of `sample`: only the experts that ran (ffn_tap.h MoeRows; flat neuron index expert *
+    // n_ff_exp + unit, the shared expert last). Returns whether the reducer consumed it; false (the
+    // default) has it offered to on_row instead, scattered to the full layer width with zeros for
+    // the experts that did not run. Reducers that override it touch only the computed neurons.
+    virtual bool on_moe_row(int sample, int token, const MoeRows& m, int r) {
+        (void)sample, (void)token, (void)m, (void)r;
+        return false;
+    }
     // What the tap must read for this reducer besides the activation.
     virtual TapRequest tap_request() const { return {}; }
     // The FFN gate's pre-activation, for reducers that asked for TapKind::MlpPre (same order).

@@ -146,6 +146,300 @@ void test_moe_scatter_chunks() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The compact path (Reducer::on_moe_row) against the scatter (on_row at full width): the same
+// counts, sets, routes and contributions, bit for bit.
+
+struct MoeShape {
+    int n_expert, n_used;
+    int64_t n_ff_exp, n_ff_shexp;
+    MoeLayout layout() const {
+        MoeLayout m;
+        m.n_expert = n_expert;
+        m.n_used = n_used;
+        m.n_ff_exp = n_ff_exp;
+        m.n_ff_shexp = n_ff_shexp;
+        return m;
+    }
+    std::string name() const {
+        return std::to_string(n_expert) + "x" + std::to_string(n_ff_exp) + " top " + std::to_string(n_used) +
+               (n_ff_shexp ? " + shared " + std::to_string(n_ff_shexp) : "");
+    }
+};
+
+// One layer's compact rows for n rows: experts in random order (not sorted), dyadic values with
+// zeros, negatives and repeats (exact products, ties).
+struct MoeBatch {
+    std::vector<float> act, weights, shexp, gate;
+    std::vector<int32_t> ids;
+    MoeRows rows;
+    MoeBatch(const MoeLayout& L, int layer, int n, std::mt19937& rng) {
+        const int U = L.n_used;
+        std::uniform_int_distribution<int> v(-4, 8), w(1, 8);
+        auto value = [&] { const int x = v(rng); return x <= 0 && x > -3 ? 0.0f : 0.25f * static_cast<float>(x); };
+        act.resize(static_cast<size_t>(n) * U * L.n_ff_exp);
+        for (float& x : act) x = value();
+        shexp.resize(static_cast<size_t>(n) * L.n_ff_shexp);
+        for (float& x : shexp) x = value();
+        for (int r = 0; r < n; ++r) {
+            std::vector<int32_t> all(static_cast<size_t>(L.n_expert));
+            std::iota(all.begin(), all.end(), 0);
+            std::shuffle(all.begin(), all.end(), rng);
+            for (int j = 0; j < U; ++j) {
+                ids.push_back(all[static_cast<size_t>(j)]);
+                weights.push_back(0.125f * static_cast<float>(w(rng)));
+            }
+            gate.push_back(0.0625f * static_cast<float>(w(rng)));
+        }
+        rows = MoeRows{layer, 0, n, nullptr, act.data(), ids.data(), weights.data(),
+                       L.n_ff_shexp ? shexp.data() : nullptr, L.n_ff_shexp ? gate.data() : nullptr};
+    }
+};
+
+// Decodes T steps of n samples through two sets of reducers as the decode loop offers rows:
+// per layer, each sample's route row, then its activations, compact to `compact` (scattered for
+// those that decline: DecodeLoop::on_moe_rows) and scattered to every one of `full`. Sample s's
+// token ids come from ids(s, t). The last sample's last token is offered but never committed.
+// fed: if given, every row offered, [sample][token][layer] as (route row, scattered row).
+using FedRows = std::vector<std::vector<std::vector<std::pair<std::vector<float>, std::vector<float>>>>>;
+void run_both(const MoeShape& shape, int n, int L, int T, const std::vector<Reducer*>& compact,
+              const std::vector<Reducer*>& full, const std::function<int32_t(int, int)>& ids, uint32_t seed,
+              FedRows* fed = nullptr) {
+    const MoeLayout lay = shape.layout();
+    const int64_t W = lay.width(), RW = moe_route_width(lay);
+    std::mt19937 rng(seed);
+    for (Reducer* r : compact) r->begin(n, L, W, T);
+    for (Reducer* r : full) r->begin(n, L, W, T);
+    std::vector<float> route(static_cast<size_t>(RW)), row(static_cast<size_t>(W));
+    if (fed) fed->assign(static_cast<size_t>(n), FedRows::value_type(static_cast<size_t>(T), std::vector<std::pair<std::vector<float>, std::vector<float>>>(static_cast<size_t>(L))));
+    for (int t = 0; t < T; ++t) {
+        for (int l = 0; l < L; ++l) {
+            MoeBatch b(lay, l, n, rng);
+            b.rows.layout = &lay;
+            for (int s = 0; s < n; ++s) {
+                moe_route_row(b.rows, s, route.data());
+                scatter_moe_row(b.rows, s, row.data());
+                if (fed) (*fed)[static_cast<size_t>(s)][static_cast<size_t>(t)][static_cast<size_t>(l)] = {route, row};
+                for (Reducer* r : compact) {
+                    r->on_hidden_row(TapKind::MoeRoute, s, t, l, route.data(), RW);
+                    if (!r->on_moe_row(s, t, b.rows, s)) r->on_row(s, t, l, row.data());
+                }
+                for (Reducer* r : full) {
+                    r->on_hidden_row(TapKind::MoeRoute, s, t, l, route.data(), RW);
+                    r->on_row(s, t, l, row.data());
+                }
+            }
+        }
+        for (int s = 0; s < n; ++s) {
+            if (s == n - 1 && t == T - 1) continue;
+            for (Reducer* r : compact) r->commit(s, t, ids(s, t));
+            for (Reducer* r : full) r->commit(s, t, ids(s, t));
+        }
+        for (Reducer* r : compact) r->end_step();
+        for (Reducer* r : full) r->end_step();
+    }
+    for (int s = 0; s < n; ++s) {
+        for (Reducer* r : compact) r->finish(s, s == n - 1 ? T - 1 : T);
+        for (Reducer* r : full) r->finish(s, s == n - 1 ? T - 1 : T);
+    }
+    for (Reducer* r : compact) r->sync();
+    for (Reducer* r : full) r->sync();
+}
+
+const std::vector<MoeShape>& compact_shapes() {
+    static const std::vector<MoeShape> shapes = {
+        {8, 2, 32, 0},     // 64 computed neurons a layer, word-aligned experts
+        {16, 3, 40, 24},   // experts and the shared one across word boundaries
+        {4, 1, 5, 3},      // fewer computed neurons than a contribution top k
+        {64, 8, 100, 0},   // wide, many experts a token
+    };
+    return shapes;
+}
+
+void test_moe_compact_counts_sets_routes() {
+    for (const MoeShape& shape : compact_shapes()) {
+        for (const float thr : {0.0f, 0.3f, -0.5f}) {  // below 0 the idle zeros are active: taken scattered
+            const std::string tag = shape.name() + ", threshold " + std::to_string(thr);
+            const int n = 3, L = 3, T = 7;
+            ActiveCountReducer c1(thr), c2(thr);
+            ActiveSetReducer s1(3, thr), s2(3, thr);
+            MoeRouteReducer r1(shape.layout(), false), r2(shape.layout(), false);
+            const int64_t W = shape.layout().width(), F = shape.n_ff_exp;
+            const std::vector<std::pair<int, int>> watch = {{0, 0}, {1, static_cast<int>(W - 1)}, {2, static_cast<int>(F + 3)},
+                                                            {0, static_cast<int>(W / 2)}, {1, static_cast<int>(shape.n_ff_shexp ? shape.n_expert * F : W - 2)},
+                                                            {2, static_cast<int>(3 * F + 1)}};
+            WatchReducer w1(watch), w2(watch);
+            run_both(shape, n, L, T, {&c1, &s1, &r1, &w1}, {&c2, &s2, &r2, &w2}, [](int s, int t) { return s + t; }, 5);
+            for (int s = 0; s < n; ++s) {
+                CHECK_MSG(c1.counts(s) == c2.counts(s), tag + ": counts of sample " + std::to_string(s));
+                CHECK_MSG(s1.sets(s) == s2.sets(s), tag + ": active sets of sample " + std::to_string(s));
+                CHECK_MSG(r1.ids(s) == r2.ids(s) && r1.weights(s) == r2.weights(s) && r1.shexp_gate(s) == r2.shexp_gate(s),
+                          tag + ": routes of sample " + std::to_string(s));
+                CHECK_MSG(w1.values(s) == w2.values(s), tag + ": watched neurons of sample " + std::to_string(s));
+            }
+            // Not trivial: something active, not everything.
+            int64_t active = 0;
+            for (int32_t v : c1.counts(0)) active += v;
+            CHECK_MSG(active > 0 && active < int64_t{L} * T * shape.layout().width(), tag + ": " + std::to_string(active) + " active");
+            CHECK_MSG(static_cast<int>(c1.counts(n - 1).size()) == (T - 1) * L, tag + ": the uncommitted token is dropped");
+        }
+    }
+}
+
+// ffn_down_exps (F32 ne = {n_ff_exp, n_embd, n_expert}), ffn_down_shexp, token_embd: small integers.
+struct MoeDownWeights {
+    std::vector<std::vector<float>> exps, shexp;  // [layer] in ggml order: (i, k, e) at (e * n_embd + k) * n_ff_exp + i
+    std::vector<float> embd;                      // (k, y) at y * n_embd + k
+};
+MoeDownWeights write_moe_down_gguf(const std::string& path, const MoeLayout& m, int L, int64_t E, int V, uint32_t seed) {
+    MoeDownWeights out;
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> val(-3, 3);
+    gguf_context* g = gguf_init_empty();
+    gguf_set_val_str(g, "general.architecture", "qwen2moe");
+    const size_t floats = static_cast<size_t>(L) * static_cast<size_t>(m.width() * E) + static_cast<size_t>(V) * E;
+    ggml_init_params ip{floats * sizeof(float) + static_cast<size_t>(2 * L + 1) * ggml_tensor_overhead() + 4096, nullptr, false};
+    ggml_context* tctx = ggml_init(ip);
+    auto fill = [&](ggml_tensor* t) {
+        float* d = static_cast<float*>(t->data);
+        for (int64_t i = 0; i < ggml_nelements(t); ++i) d[i] = static_cast<float>(val(rng));
+        gguf_add_tensor(g, t);
+        return std::vector<float>(d, d + ggml_nelements(t));
+    };
+    for (int l = 0; l < L; ++l) {
+        ggml_tensor* t = ggml_new_tensor_3d(tctx, GGML_TYPE_F32, m.n_ff_exp, E, m.n_expert);
+        ggml_set_name(t, ("blk." + std::to_string(l) + ".ffn_down_exps.weight").c_str());
+        out.exps.push_back(fill(t));
+        out.shexp.emplace_back();
+        if (m.n_ff_shexp > 0) {
+            ggml_tensor* sh = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, m.n_ff_shexp, E);
+            ggml_set_name(sh, ("blk." + std::to_string(l) + ".ffn_down_shexp.weight").c_str());
+            out.shexp.back() = fill(sh);
+        }
+    }
+    ggml_tensor* u = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, E, V);
+    ggml_set_name(u, "token_embd.weight");
+    out.embd = fill(u);
+    const bool ok = gguf_write_to_file(g, path.c_str(), false);
+    gguf_free(g);
+    ggml_free(tctx);
+    if (!ok) throw std::runtime_error("gguf_write_to_file failed for " + path);
+    return out;
+}
+
+// NAD's selection from the rows by brute force at full width, as the reducer defines it: c = a * w
+// * (W_down[e][:, i] . W_U[y]) for the experts that ran (exact: small integers and dyadic values),
+// -inf for the others; each layer's top k by value, ties by lower index; eta the eta_rank-th of
+// them all; a neuron activated when among its layer's top k and above eta.
+NadResult moe_reference(const FedRows::value_type& rows, const MoeLayout& m, const MoeDownWeights& w, int L, int64_t E,
+                        int n_tokens, const std::function<int32_t(int)>& id, const ContributionParams& p) {
+    const int64_t W = m.width(), F = m.n_ff_exp, routed = int64_t{m.n_expert} * F;
+    const int U = m.n_used, k = static_cast<int>(std::min<int64_t>(p.top_per_layer, W));
+    NadResult out;
+    const int64_t words = (int64_t{L} * W + 63) / 64;
+    for (int t = 0; t < n_tokens; ++t) {
+        const float* u = w.embd.data() + static_cast<size_t>(id(t)) * static_cast<size_t>(E);
+        std::vector<float> topc, all;
+        std::vector<int32_t> topi;
+        for (int l = 0; l < L; ++l) {
+            const auto& [route, row] = rows[static_cast<size_t>(t)][static_cast<size_t>(l)];
+            std::vector<float> c(static_cast<size_t>(W), -INFINITY);
+            for (int64_t i = 0; i < W; ++i) {
+                float scale = 0.0f;
+                bool ran = i >= routed;
+                if (ran) scale = route[static_cast<size_t>(2 * U)];
+                for (int j = 0; j < U && !ran; ++j)
+                    if (static_cast<int64_t>(route[static_cast<size_t>(j)]) == i / F) ran = true, scale = route[static_cast<size_t>(U + j)];
+                if (!ran) continue;
+                float d = 0.0f;
+                for (int64_t e = 0; e < E; ++e)
+                    d += (i >= routed ? w.shexp[static_cast<size_t>(l)][static_cast<size_t>(e * m.n_ff_shexp + i - routed)]
+                                      : w.exps[static_cast<size_t>(l)][static_cast<size_t>(((i / F) * E + e) * F + i % F)]) * u[e];
+                c[static_cast<size_t>(i)] = row[static_cast<size_t>(i)] * scale * d;
+            }
+            std::vector<int32_t> order(static_cast<size_t>(W));
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return c[static_cast<size_t>(x)] > c[static_cast<size_t>(y)]; });
+            for (int r = 0; r < k; ++r) {
+                topi.push_back(order[static_cast<size_t>(r)]);
+                topc.push_back(c[static_cast<size_t>(order[static_cast<size_t>(r)])]);
+            }
+        }
+        all = topc;
+        const int rank = std::min(p.eta_rank, L * k);
+        std::nth_element(all.begin(), all.begin() + (rank - 1), all.end(), std::greater<float>());
+        const float eta = all[static_cast<size_t>(rank - 1)];
+        const size_t chunk = static_cast<size_t>(t / p.chunk);
+        if (out.bits.size() < (chunk + 1) * static_cast<size_t>(words)) out.bits.resize((chunk + 1) * static_cast<size_t>(words), 0);
+        int32_t active = 0;
+        for (int l = 0; l < L; ++l)
+            for (int r = 0; r < k && topc[static_cast<size_t>(l * k + r)] > eta; ++r) {
+                const int64_t bit = int64_t{l} * W + topi[static_cast<size_t>(l * k + r)];
+                out.bits[chunk * static_cast<size_t>(words) + static_cast<size_t>(bit / 64)] |= uint64_t{1} << (bit % 64);
+                ++active;
+            }
+        out.eta.push_back(eta);
+        out.n_active.push_back(active);
+        out.top_c.insert(out.top_c.end(), topc.begin(), topc.end());
+        out.top_i.insert(out.top_i.end(), topi.begin(), topi.end());
+    }
+    return out;
+}
+
+void test_moe_compact_contributions() {
+    TempDir dir;
+    const int L = 2, V = 9, n = 3, T = 9;
+    const int64_t E = 16;
+    for (const MoeShape& shape : compact_shapes()) {
+        const MoeLayout lay = shape.layout();
+        const std::string path = dir.file("moe-" + std::to_string(lay.width()) + ".gguf");
+        const MoeDownWeights weights = write_moe_down_gguf(path, lay, L, E, V, 17);
+        GgufFile file(path);
+        auto cw = std::make_shared<const ContributionWeights>(file, L, lay.width(), E, V, &lay);
+        // Small budgets: evictions and several passes, cache hits that need more experts.
+        const int64_t per_token = int64_t{L} * lay.width() * 4;
+        for (const int k : {4, 12, 64}) {  // 64: the k-th value near 0, among many tied zeros
+            ContributionParams p;
+            p.chunk = 2;
+            p.top_per_layer = k;
+            p.eta_rank = 5;
+            p.keep_top = true;
+            p.n_threads = 2;
+            p.cache_bytes = 3 * per_token;
+            p.queue_bytes = 4 * per_token;
+            const std::string tag = shape.name() + ", top " + std::to_string(k);
+            ContributionReducer a(cw, p), b(cw, p);
+            auto id = [](int s, int t) { return (s * 2 + t * 5) % V; };
+            FedRows fed;
+            run_both(shape, n, L, T, {&a}, {&b}, id, 23, &fed);
+            for (int s = 0; s < n; ++s) {
+                const NadResult x = snapshot(a, s), y = snapshot(b, s);
+                const std::string ts = tag + ", sample " + std::to_string(s);
+                const NadResult want = moe_reference(fed[static_cast<size_t>(s)], lay, weights, L, E, s == n - 1 ? T - 1 : T,
+                                                     [&](int t) { return id(s, t); }, p);
+                CHECK_MSG(x.bits == want.bits && x.eta == want.eta && x.n_active == want.n_active, ts + ": sets, eta, counts vs brute force");
+                CHECK_MSG(x.top_c == want.top_c && x.top_i == want.top_i, ts + ": top values and neurons vs brute force");
+                CHECK_MSG(x.bits == y.bits, ts + ": activated sets");
+                CHECK_MSG(x.eta == y.eta && x.n_active == y.n_active, ts + ": eta and counts");
+                CHECK_MSG(x.top_c == y.top_c && x.top_i == y.top_i, ts + ": top values and their neurons");
+                int32_t any = 0;
+                for (int32_t c : x.n_active) any += c;
+                CHECK_MSG(any > 0, ts + ": nothing activated");
+            }
+            CHECK_MSG(a.cache_hits() == b.cache_hits() && a.cache_misses() == b.cache_misses() &&
+                          a.expert_projections() == b.expert_projections() &&
+                          a.expert_projections_cached() == b.expert_projections_cached(),
+                      tag + ": the cache's work");
+            CHECK_MSG(a.cache_hits() > 0 && a.expert_projections_cached() > 0, tag + ": cache hits needing more experts");
+            // A top k beyond the computed neurons holds idle ones at -inf, lowest index first.
+            if (k > lay.n_used * lay.n_ff_exp + lay.n_ff_shexp) {
+                const NadResult x = snapshot(a, 0);
+                CHECK_MSG(!x.top_c.empty() && x.top_c[static_cast<size_t>(k - 1)] == -INFINITY, tag + ": -inf fill");
+            }
+        }
+    }
+}
+
 }  // namespace
 
 std::vector<TestCase> moe_tests() {
@@ -153,5 +447,7 @@ std::vector<TestCase> moe_tests() {
         {"moe", "moe_tap_route_and_scatter", test_moe_tap_route_and_scatter, false},
         {"moe", "moe_tap_bad_routes", test_moe_tap_bad_routes, false},
         {"moe", "moe_scatter_chunks", test_moe_scatter_chunks, false},
+        {"moe", "moe_compact_counts_sets_routes", test_moe_compact_counts_sets_routes, false},
+        {"moe", "moe_compact_contributions", test_moe_compact_contributions, false},
     };
 }
