@@ -111,7 +111,9 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
     f32. qwen2moe gets a shared expert of n_ff_shexp units (and its sigmoid gate); gpt-oss gets
     its biases, attention sinks and sliding-window keys. tamper (tests): {"expert_count": n} writes
     that metadata value instead, {"down_exps_width": n} an expert tensor of another width,
-    {"arch": name} another architecture name over the same keys, {"nan_router_layer": l} NaN router weights.
+    {"arch": name} another architecture name over the same keys, {"nan_router_layer": l} NaN router weights,
+    {"kv_heads": n} olmoe with n key/value heads (which llama.cpp cannot run), {"f64": name} that tensor
+    stored as F64.
     blocks=True (the large shapes): every quantized tensor is random blocks of its type with the
     deviation asked for, generated and written one tensor at a time (never the whole file in memory),
     and the attention weights are Q8_0.
@@ -125,7 +127,7 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
         raise ValueError(f"arch must be one of {MOE_ARCHS}")
     tamper = dict(tamper or {})
     if arch == "olmoe":
-        kv_heads = heads  # its K norm spans n_embd: no grouped-query attention
+        kv_heads = tamper.get("kv_heads", heads)  # its K norm spans n_embd: no grouped-query attention
     src = gguf.GGUFReader(str(neurotap.resolve("smollm2-135m")))
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,7 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
             w.add_tensor_info(name, shape, np.dtype(np.float32), arr.nbytes)
             pending.append((name, arr, None, F32))
         elif qtype == F32:
-            w.add_tensor(name, arr)
+            w.add_tensor(name, arr.astype(np.float64) if tamper.get("f64") == name else arr)
         elif qtype == gguf.GGMLQuantizationType.Q4_K:
             w.add_tensor(name, q4_k(rng, arr.shape, float(arr.std())), raw_dtype=qtype)
         else:
@@ -195,7 +197,7 @@ def write_moe(out: Path, arch: str = "qwen3moe", layers: int = 2, n_embd: int = 
             add(p + "attn_k_norm.weight", (hd,), None)
         if arch == "olmoe":
             add(p + "attn_q_norm.weight", (heads * hd,), None)
-            add(p + "attn_k_norm.weight", (kv_heads * hd,), None)
+            add(p + "attn_k_norm.weight", (heads * hd,), None)  # n_embd wide, as llama.cpp's loader reads it
         if arch in ("qwen2moe", "gpt-oss"):
             for t, n in (("q", heads * hd), ("k", kv_heads * hd), ("v", kv_heads * hd)):
                 add(p + f"attn_{t}.bias", (n,), 0.1)

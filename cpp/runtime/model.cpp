@@ -133,6 +133,44 @@ static void check_hparams(const GgufFile& f, const std::string& a, const std::st
     }
 }
 
+// F64 weights: llama.cpp's CPU backend has no F64 matrix multiply or binary op (norm gains,
+// biases, routers), so such a file aborts or segfaults in the first decode. A row lookup
+// (get_rows) does read F64: the token embedding passes when the file has its own output matrix.
+static void check_f64(const GgufFile& f, const std::string& path) {
+    const bool tied = f.find_tensor("output.weight") == nullptr;
+    for (const TensorInfo& t : f.tensors())
+        if (t.type == GGML_TYPE_F64 && (t.name != "token_embd.weight" || tied))
+            throw ModelError("unsupported model: tensor '" + t.name + "' of " + path + " is F64, which llama.cpp " +
+                             "cannot compute with (it would crash in the first decode); convert the file to F32, F16 " +
+                             "or a quantized type");
+}
+
+// llama.cpp's OLMoE graph normalizes K with an n_embd-wide weight (attn_k_norm): with fewer
+// key/value heads than query heads, or a head size other than n_embd / n_head, K is narrower
+// than that weight and ggml aborts the process (GGML_ASSERT ggml_can_repeat) in the first decode.
+static void check_olmoe_heads(const GgufFile& f, const std::string& path) {
+    auto get = [&](const std::string& key, int64_t fallback) -> int64_t {
+        if (!f.has_key(key)) return fallback;
+        try {
+            return f.get_int(key);
+        } catch (const ModelError&) {
+            throw ModelError("unsupported model: metadata 'olmoe." + key.substr(6) + "' of " + path +
+                             " is a per-layer array; llama.cpp's OLMoE graph needs one head count for every layer");
+        }
+    };
+    const int64_t n_head = get("olmoe.attention.head_count", 0);
+    const int64_t n_kv = get("olmoe.attention.head_count_kv", n_head);
+    const int64_t n_embd = get("olmoe.embedding_length", 0);
+    if (n_head <= 0) return;  // llama.cpp's loader reports a missing head count itself
+    const int64_t head_k = get("olmoe.attention.key_length", n_embd / n_head);
+    if (n_kv != n_head || head_k * n_head != n_embd)
+        throw ModelError("unsupported model: olmoe file " + path + " has " + std::to_string(n_kv) +
+                         " key/value heads of size " + std::to_string(head_k) + " for " + std::to_string(n_head) +
+                         " query heads and n_embd " + std::to_string(n_embd) + "; llama.cpp's OLMoE graph normalizes "
+                         "K with an n_embd-wide weight, so it needs head_count_kv == head_count and head size "
+                         "n_embd / head_count (otherwise it aborts in the first decode)");
+}
+
 // An MoE file's expert shape, from its metadata, checked against every layer's expert tensors
 // (a file whose tensors disagree with its metadata is refused here, naming the layer, before
 // llama.cpp reads it).
@@ -235,6 +273,8 @@ static ModelInfo inspect(const std::string& path) {
     info.n_layers = static_cast<int>(f.get_int(a + ".block_count"));
     if (info.n_layers <= 0 || info.n_layers > 1024) throw ModelError("implausible block_count in " + path);
     check_hparams(f, a, path);
+    check_f64(f, path);
+    if (a == "olmoe") check_olmoe_heads(f, path);
     for (auto [key, dst] : {std::make_pair(a + ".attention.key_length", &info.head_dim_k),
                             std::make_pair(a + ".attention.value_length", &info.head_dim_v)}) {
         if (!f.has_key(key)) continue;
