@@ -205,9 +205,11 @@ void ContributionReducer::commit(int sample, int token, int32_t token_id) {
 
 int64_t ContributionReducer::queued_bytes() const {
     const int64_t selected = static_cast<int64_t>(queue_.size()) - held_;
-    // Held tokens count at full width even where MoE buffers are compact: passes come when they
-    // always did (the budget's schedule, and so the cache's statistics, stay as they were).
-    return held_ * n_layers_ * n_ff_ * static_cast<int64_t>(sizeof(float)) +
+    // Held tokens count at the width their buffers have: an MoE token holds only the experts it
+    // ran (compact_), so the budget holds n_expert / n_used times more of them and a pass, which
+    // dequantizes every expert its tokens ran, carries that many more ids.
+    const int64_t width = compact_ > 0 ? compact_ : n_ff_;
+    return held_ * n_layers_ * width * static_cast<int64_t>(sizeof(float)) +
            selected * n_layers_ * (k_ * 8 + 4) + selected * 4;
 }
 
