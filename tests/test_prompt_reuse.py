@@ -214,3 +214,32 @@ def test_sampling_reuses_the_first_sequence(model, whole_chunk_model, by_token):
     assert [s.tokens for s in again] == [s.tokens for s in first]
     for a, b in zip(again, first):
         assert (a.active_counts == b.active_counts).all()
+
+
+def test_large_batch_rows_do_not_depend_on_the_split(model_path):
+    """What exact reuse at token granularity rests on, checked on this machine's llama.cpp (CPU,
+    flash attention): a prompt decoded in batches of >= LARGE rows gives every row's logits bit
+    for bit as one batch does, however it is split. A small batch does not (which shows the
+    comparison can tell): that is why a reused prefix leaves >= LARGE rows to decode."""
+    from llama_cpp import Llama
+
+    n = 300
+    toks = [int(t) for t in np.random.RandomState(0).randint(100, 30000, size=n)]
+    llm = Llama(model_path, n_ctx=1024, n_batch=CHUNK, n_ubatch=CHUNK, logits_all=True, verbose=False,
+                n_threads=THREADS, flash_attn=True)
+    try:
+        def rows(splits):
+            llm.reset()
+            pos = 0
+            for end in list(splits) + [n]:
+                llm.eval(toks[pos:end])
+                pos = end
+            return np.array(llm.scores[:n])
+
+        whole = rows([])
+        for splits in ([LARGE], [LARGE + 1], [n - LARGE], [70, 140, 210]):
+            assert np.array_equal(rows(splits), whole), splits
+        small = rows([n - 8])  # the last 8 rows in a batch of their own
+        assert np.array_equal(small[:n - 8], whole[:n - 8]) and not np.array_equal(small, whole)
+    finally:
+        llm.close()
