@@ -394,6 +394,14 @@ PYBIND11_MODULE(_native, m) {
                                "prompt cells reused instead of decoded, over this context's life")
         .def("seq_tokens", [](const ContextHandle& c, int s) { return c.tc->seq_tokens(s); }, py::arg("seq"),
              "the tokens whose KV cells sequence `seq` holds (positions 0..), as far as they are known")
+        .def("reusable_prefix", [](const ContextHandle& c, int s, const std::vector<llama_token>& prompt,
+                                   const std::string& mode) {
+                 return c.tc->reusable_prefix(s, prompt, static_cast<int>(prompt.size()) - 1, parse_prompt_reuse(mode));
+             }, py::arg("seq"), py::arg("prompt"), py::arg("mode") = "exact",
+             "cells of sequence `seq` a run of `prompt` would reuse with prompt_reuse `mode`")
+        .def_property_readonly("reuse_by_token", [](const ContextHandle& c) { return c.tc->reuse_by_token(); },
+                               "exact prompt reuse at token granularity (CPU-only build, flash attention), "
+                               "else in whole n_batch chunks")
         .def_property_readonly("tapped_tensors", [](ContextHandle& c) {
             std::vector<std::string> names;
             for (int il = 0; il < c.tc->tap().n_layers(); ++il)
@@ -694,8 +702,12 @@ PYBIND11_MODULE(_native, m) {
                       [](RunOptions& o, bool v) { o.sampling.tap = v; })
         .def_property("seqs", [](const RunOptions& o) { return o.sampling.seqs; },
                       [](RunOptions& o, std::vector<int> v) { o.sampling.seqs = std::move(v); })
-        .def_property("reuse_prompt", [](const RunOptions& o) { return o.sampling.reuse_prompt; },
-                      [](RunOptions& o, bool v) { o.sampling.reuse_prompt = v; })
+        .def_property("reuse_prompt", [](const RunOptions& o) { return o.sampling.reuse_prompt != PromptReuse::Off; },
+                      [](RunOptions& o, bool v) { o.sampling.reuse_prompt = v ? PromptReuse::Exact : PromptReuse::Off; },
+                      "True: prompt_reuse 'exact'; False: 'off'")
+        .def_property("prompt_reuse", [](const RunOptions& o) { return prompt_reuse_name(o.sampling.reuse_prompt); },
+                      [](RunOptions& o, const std::string& v) { o.sampling.reuse_prompt = parse_prompt_reuse(v); },
+                      "'exact' (the tokens of a run without reuse), 'prefix' (the whole common prefix) or 'off'")
         .def_property("kv_tokens", [](const RunOptions& o) { return o.sampling.kv_tokens; },
                       [](RunOptions& o, int v) { o.sampling.kv_tokens = v; })
         .def_property("top_logprobs", [](const RunOptions& o) { return o.sampling.top_logprobs; },

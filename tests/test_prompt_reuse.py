@@ -1,26 +1,47 @@
 """Prompt reuse in the Python API: consecutive calls on one Model reuse the KV cells of the prompt
-prefix a context already holds (a long system prompt, a chat's earlier turns) in whole prompt
-chunks (n_batch = 512 tokens here), and generate exactly what they generate without reuse."""
+prefix a context already holds (a long system prompt, a chat's earlier turns). "exact" (the
+default) reuses only cells that decoding the prompt computes bit for bit the same, so the tokens
+are those of a run without reuse: with flash attention on the CPU, at token granularity (cells
+made in batches of at least 64 rows; see LARGE), otherwise in whole prompt chunks (n_batch = 512
+tokens here). "prefix" reuses the whole common prefix, generated tokens' cells included."""
 from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import neurotap
+from conftest import THREADS
 
 QUESTIONS = ["Hi! Who are you?", "Name a color.", "Why is the sky blue?", "Say a number.", "What is 2 + 3?",
              "Name an animal.", "Tell me a fruit.", "What day comes after Monday?", "Name a planet.", "Thanks, bye!"]
 
 
-CHUNK = 512  # generate's context decodes prompts in chunks of n_batch tokens: the unit of reuse
-SYSTEM = ("You are a careful assistant. Answer in one short sentence. " * 2 +
-          " ".join(f"Rule {i}: be kind, be brief, be clear." for i in range(40)))
+CHUNK = 512  # generate's context decodes prompts in chunks of n_batch tokens: the old unit of reuse
+LARGE = 64  # rows from which the CPU flash-attention kernel takes its tiled path (GGML_FA_TILE_Q)
+def system_prompt(rules: int) -> str:
+    return ("You are a careful assistant. Answer in one short sentence. " * 2 +
+            " ".join(f"Rule {i}: be kind, be brief, be clear." for i in range(rules)))
 
 
-def chat(model, reuse: bool, **kw):
-    """Ten turns after a long system prompt: each prompt holds the whole conversation so far."""
+SYSTEM = system_prompt(40)
+# A chat that starts under a chunk (~430 tokens) and crosses it: a turn ends just past it.
+SHORT_SYSTEM = system_prompt(28)
+
+
+def chat(model, reuse, system=SYSTEM, log=None, **kw):
+    """Ten turns after a long system prompt: each prompt holds the whole conversation so far.
+    `log` (a list) gets (prompt ids, cells held before the turn, cells reused) per turn."""
     model.reuse_prompt = reuse
-    msgs, turns = [{"role": "system", "content": SYSTEM}], []
+    msgs, turns = [{"role": "system", "content": system}], []
     before = model.reused_cells
     try:
         for q in QUESTIONS:
             msgs.append({"role": "user", "content": q})
+            held = list(model._ctx.seq_tokens(0)) if model._ctx is not None else []
+            at = model.reused_cells
             g = model.generate(msgs, max_tokens=16, **kw)
+            if log is not None:
+                log.append((g.prompt_tokens, held, model.reused_cells - at))
             turns.append(g.tokens)
             msgs.append({"role": "assistant", "content": g.text})
     finally:
@@ -28,15 +49,122 @@ def chat(model, reuse: bool, **kw):
     return turns, model.reused_cells - before
 
 
-def test_ten_turn_chat_same_tokens_with_and_without_reuse(model):
-    plain, reused_plain = chat(model, False, temperature=0.0)
-    reused, n = chat(model, True, temperature=0.0)
+def common(a, b):
+    k, m = 0, min(len(a), len(b))
+    while k < m and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def exact_reuse(held_large, ids):
+    """What exact reuse keeps at token granularity: of the cells made in large batches (a prompt's
+    all but its last, decoded apart), a prefix leaving 0 or >= LARGE rows to decode; nothing when
+    the prompt's batch part is under LARGE rows (a decode without reuse makes it in a small batch)."""
+    limit = len(ids) - 1
+    k = common(held_large, ids[:limit])
+    if limit < LARGE:
+        return 0
+    return k if k == limit else min(k, limit - LARGE)
+
+
+@pytest.fixture(scope="module")
+def whole_chunk_model():
+    """Flash attention off: exact reuse keeps to whole chunks (other kernels, rows unverified)."""
+    m = neurotap.load("smollm2-135m", n_ctx=1024, n_threads=THREADS, flash_attn=False)
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("system", [SYSTEM, SHORT_SYSTEM], ids=["long", "crossing"])
+def test_ten_turn_chat_same_tokens_with_and_without_reuse(model, system):
+    plain, reused_plain = chat(model, False, system, temperature=0.0)
+    log = []
+    reused, n = chat(model, True, system, temperature=0.0, log=log)
     assert reused_plain == 0
     assert reused == plain
     assert len({tuple(t) for t in plain}) > 5  # the turns are different answers
-    # Every turn after the first reuses the system prompt's first chunk (the first turn too when
-    # an earlier test left it in the cells).
-    assert n >= 9 * CHUNK, n
+    if system == SYSTEM:
+        # Every turn after the first reuses the system prompt's first chunk (the first turn too when
+        # an earlier test left it in the cells).
+        assert n >= 9 * CHUNK, n
+    # At token granularity: each later turn keeps the earlier prompt's cells but for the last
+    # LARGE rows, which are decoded again with the new part (short turns: under LARGE tokens).
+    assert model._ctx.reuse_by_token
+    prompts = [ids for ids, _, _ in log]
+    for (prev, _, _), (ids, _, got) in zip(log, log[1:]):
+        assert got == exact_reuse(prev[:-1], ids) > 0, (got, len(ids))
+    assert min(len(b) - len(a) for a, b in zip(prompts, prompts[1:])) < LARGE
+    if system == SHORT_SYSTEM:  # a tail the old rule left small, decoded then with the chunk before it
+        assert any(0 < (len(ids) - 1) % CHUNK < LARGE for ids in prompts), [len(ids) for ids in prompts]
+    old_rule = sum((len(ids) - 1) // CHUNK * CHUNK for ids in prompts)  # the most whole chunks could give
+    assert n > old_rule, (n, old_rule)
+
+
+def test_prefix_mode_reuses_the_whole_common_prefix(model):
+    plain, _ = chat(model, "off", temperature=0.0)
+    log = []
+    turns, n = chat(model, "prefix", temperature=0.0, log=log)
+    for ids, held, got in log:
+        # Every cell held that the prompt begins with, generated tokens' cells included; never the
+        # prompt's last token (its row is sampled).
+        assert got == min(common(held, ids), len(ids) - 1), (got, len(ids))
+    for (prev, _, _), (ids, _, got) in zip(log, log[1:]):
+        assert got >= len(prev)  # the previous prompt whole, its last token too: more than exact reuse
+    # Valid answers, though not those of a run without reuse (the reused cells of generated tokens
+    # differ from a prompt batch's, by up to ~1 in a logit on this small model, and once an answer
+    # differs the conversation does): decoding each prompt and answer whole, nearly every token is
+    # greedy's pick and the others are close to it.
+    assert all(t for t in turns)
+    model.reuse_prompt = "off"
+    try:
+        gaps = np.concatenate([_greedy_gap(model, ids, toks) for (ids, _, _), toks in zip(log, turns)])
+    finally:
+        model.reuse_prompt = True
+    assert gaps.max() < 1.0 and (gaps == 0).mean() > 0.9, gaps
+    print(f"prefix mode: {sum(a == b for a, b in zip(turns, plain))} of {len(plain)} turns as without reuse; "
+          f"{(gaps > 0).sum()} of {gaps.size} tokens not greedy's pick (largest log-probability gap {gaps.max():.3f})")
+
+
+def _greedy_gap(model, ids, toks):
+    """log p(greedy's pick) - log p(token) at each position of `toks` after `ids`."""
+    lp, _, top_lp = model.forced_top_logprobs(ids, toks, 1)
+    return top_lp[:, 0] - lp
+
+
+def test_reuse_modes_and_their_names(model):
+    assert model.reuse_prompt == "exact"
+    for given, mode in ((True, "exact"), (False, "off"), ("prefix", "prefix"), ("off", "off"), ("exact", "exact")):
+        model.reuse_prompt = given
+        assert model.reuse_prompt == mode
+    for bad in ("all", 1, None):
+        with pytest.raises(ValueError, match="prompt reuse must be"):
+            model.reuse_prompt = bad
+    assert model.reuse_prompt == "exact"
+
+
+def test_exact_reuse_at_token_granularity_equals_decoding_whole(model):
+    """Prompts that end just past a chunk, end after a short new part, or are too short to reuse:
+    the reused count follows the rule and the tokens and tapped rows equal a run without reuse."""
+    base = model.tokenize("The quick brown fox jumps over the lazy dog. " * 60)
+    more = model.tokenize(" Then it ran home.", add_special=False)
+    cases = [base[:CHUNK + 20], base[:CHUNK + 20] + more, base[:CHUNK + 200], base[:CHUNK + 200] + more,
+             base[:CHUNK - 10] + more, base[:40], base[:40] + more, base[:LARGE + 3]]
+    kw = dict(max_tokens=6, temperature=0, capture="float32")
+    model.reuse_prompt = "off"
+    fresh = [model.generate(ids, **kw) for ids in cases]
+    model.reuse_prompt = "exact"
+    held = []
+    for ids, f in zip(cases, fresh):
+        before = model.reused_cells
+        g = model.generate(ids, **kw)
+        assert model.reused_cells - before == exact_reuse(held, ids), (len(ids), model.reused_cells - before)
+        assert g.tokens == f.tokens
+        assert np.array_equal(g.activations, f.activations)
+        before = model.reused_cells
+        again = model.generate(ids, **kw)  # the same prompt again: all but its last token
+        assert model.reused_cells - before == (len(ids) - 1 if len(ids) - 1 >= LARGE else 0)
+        assert again.tokens == f.tokens
+        held = ids[:-1] if len(ids) - 1 >= LARGE else []  # what the last prompt left made in large batches
 
 
 def test_long_system_prompt_is_long_enough(model):
@@ -44,7 +172,9 @@ def test_long_system_prompt_is_long_enough(model):
     assert CHUNK + 1 < len(ids) < model.n_ctx - 400
 
 
-def test_reuse_counts_whole_chunks_of_the_common_prefix(model):
+def test_reuse_counts_whole_chunks_of_the_common_prefix(whole_chunk_model):
+    model = whole_chunk_model
+    assert not model._generate_context().reuse_by_token
     p = "The quick brown fox jumps over the lazy dog. " * 60
     ids = model.tokenize(p)
     assert len(ids) > CHUNK + 10
@@ -69,14 +199,47 @@ def test_reuse_counts_whole_chunks_of_the_common_prefix(model):
         model.reuse_prompt = True
 
 
-def test_sampling_reuses_the_first_sequence(model):
+@pytest.mark.parametrize("by_token", [False, True])
+def test_sampling_reuses_the_first_sequence(model, whole_chunk_model, by_token):
+    model = model if by_token else whole_chunk_model
     p = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Write a haiku about rain."}]
     kw = dict(n=3, max_tokens=12, temperature=1.0, seed=5, reducers=("counts",))
     first = model.sample(p, **kw)
     with model.start_sampling(p, **kw) as run:
         run.advance()
         again = run.samples()
-        assert run.n_reused == (len(model.prompt_tokens(p)) - 1) // CHUNK * CHUNK > 0
+        np_ = len(model.prompt_tokens(p))
+        # The first sample's cells of the same prompt: all but the last token, or whole chunks.
+        assert run.n_reused == (np_ - 1 if by_token else (np_ - 1) // CHUNK * CHUNK) > 0
     assert [s.tokens for s in again] == [s.tokens for s in first]
     for a, b in zip(again, first):
         assert (a.active_counts == b.active_counts).all()
+
+
+def test_large_batch_rows_do_not_depend_on_the_split(model_path):
+    """What exact reuse at token granularity rests on, checked on this machine's llama.cpp (CPU,
+    flash attention): a prompt decoded in batches of >= LARGE rows gives every row's logits bit
+    for bit as one batch does, however it is split. A small batch does not (which shows the
+    comparison can tell): that is why a reused prefix leaves >= LARGE rows to decode."""
+    from llama_cpp import Llama
+
+    n = 300
+    toks = [int(t) for t in np.random.RandomState(0).randint(100, 30000, size=n)]
+    llm = Llama(model_path, n_ctx=1024, n_batch=CHUNK, n_ubatch=CHUNK, logits_all=True, verbose=False,
+                n_threads=THREADS, flash_attn=True)
+    try:
+        def rows(splits):
+            llm.reset()
+            pos = 0
+            for end in list(splits) + [n]:
+                llm.eval(toks[pos:end])
+                pos = end
+            return np.array(llm.scores[:n])
+
+        whole = rows([])
+        for splits in ([LARGE], [LARGE + 1], [n - LARGE], [70, 140, 210]):
+            assert np.array_equal(rows(splits), whole), splits
+        small = rows([n - 8])  # the last 8 rows in a batch of their own
+        assert np.array_equal(small[:n - 8], whole[:n - 8]) and not np.array_equal(small, whole)
+    finally:
+        llm.close()

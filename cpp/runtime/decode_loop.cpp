@@ -273,7 +273,7 @@ void DecodeLoop::end_sample(int s, Finish why) {
     // The first sample's cells stay for a later run to reuse when it ended by itself (its slot's
     // record says what they hold); a stopped or cancelled sample's, and the others', are freed.
     const bool natural = why != Finish::Stopped && why != Finish::Cancelled;
-    st.cells_to_free = !(params_.reuse_prompt && s == 0 && natural);
+    st.cells_to_free = !(params_.reuse_prompt != PromptReuse::Off && s == 0 && natural);
     // In one stream shared by the samples, cells freed mid-run take the next step's tokens, placed
     // before the live samples' earlier cells: flash attention visits a sample's cells in cell order
     // with an f16 accumulator, so its tokens would change with when the others ended. Those cells
@@ -384,11 +384,11 @@ void DecodeLoop::start() {
     const auto t0 = clock::now();
     const int np = static_cast<int>(prompt_.size());
     const llama_seq_id base = seqs_[0];
-    // The longest prefix of the prompt whose cells the first slot holds already and that decoding
-    // the prompt would compute the same (TappedContext::reusable_prefix), never its last token
-    // (its row is tapped and its logits are sampled). The rest is decoded from there in the same
-    // chunks as a whole prompt: the cells, and so the tokens, are those of a run without reuse.
-    const int keep = params_.reuse_prompt ? tc_.reusable_prefix(base, prompt_, np - 1) : 0;
+    // The longest prefix of the prompt whose cells the first slot holds already and may keep
+    // (TappedContext::reusable_prefix: in Exact mode those that decoding the prompt would compute
+    // the same), never its last token (its row is tapped and its logits are sampled). The rest is
+    // decoded from there; in Exact mode the cells, and so the tokens, are those of a run without reuse.
+    const int keep = tc_.reusable_prefix(base, prompt_, np - 1, params_.reuse_prompt);
     for (size_t s = 1; s < seqs_.size(); ++s) tc_.seq_rm(seqs_[s], 0);
     tc_.seq_rm(base, keep);
     tc_.count_reused(keep);

@@ -44,9 +44,11 @@ struct SampleParams : SamplingParams {
     // scheduler (Batcher) gives each run its own slots of one shared context.
     std::vector<int> seqs;
     // Reuse the KV cells of the longest prefix of the prompt that the first slot already holds
-    // (an earlier run's prompt and tokens) instead of decoding it again. Only the prompt's last
-    // token is ever tapped, and it is always decoded, so reuse never hides a row from a reducer.
-    bool reuse_prompt = true;
+    // (an earlier run's prompt and tokens) instead of decoding it again: Exact keeps only cells
+    // that give the tokens of a run without reuse, Prefix every common one (see PromptReuse). Only
+    // the prompt's last token is ever tapped, and it is always decoded, so reuse never hides a
+    // row from a reducer.
+    PromptReuse reuse_prompt = PromptReuse::Exact;
     // ParamError for what is wrong whatever the model (what the model bounds, DecodeLoop checks).
     void validate() const;
 };

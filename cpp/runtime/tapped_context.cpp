@@ -5,8 +5,32 @@
 
 #include "base/errors.h"
 #include "base/log_capture.h"
+#include "ggml-backend.h"
 
 namespace neurotap {
+
+const char* prompt_reuse_name(PromptReuse mode) {
+    switch (mode) {
+        case PromptReuse::Off: return "off";
+        case PromptReuse::Prefix: return "prefix";
+        default: return "exact";
+    }
+}
+
+PromptReuse parse_prompt_reuse(const std::string& name) {
+    if (name == "exact") return PromptReuse::Exact;
+    if (name == "prefix") return PromptReuse::Prefix;
+    if (name == "off") return PromptReuse::Off;
+    throw ParamError("prompt reuse must be 'exact', 'prefix' or 'off', got '" + name + "'");
+}
+
+// Every device ggml offers is the CPU: nothing can take a batch's matmuls elsewhere (a GPU
+// build offloads large batches' matmuls to the GPU even with no layer there: op offload).
+static bool cpu_only_build() {
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i)
+        if (ggml_backend_dev_type(ggml_backend_dev_get(i)) != GGML_BACKEND_DEVICE_TYPE_CPU) return false;
+    return true;
+}
 
 TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& params)
     : model_(std::move(model)),
@@ -50,7 +74,10 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
     params_.n_batch = std::min<int>(params_.n_batch, static_cast<int>(llama_n_batch(ctx_)));
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
     cells_.resize(static_cast<size_t>(params_.n_seq_max));
-    chunked_.resize(static_cast<size_t>(params_.n_seq_max));
+    made_.resize(static_cast<size_t>(params_.n_seq_max));
+    // Flash attention AUTO is on for every layer on the CPU (llama.cpp turns it off only for a
+    // device without the op).
+    reuse_by_token_ = params_.flash_attn && params_.n_batch >= 2 * kLargeBatch && cpu_only_build();
     model_->attach(this);
 
     if (!params_.install_tap) return;
@@ -107,7 +134,7 @@ int TappedContext::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx())); 
 void TappedContext::clear() {
     llama_memory_clear(llama_get_memory(ctx()), true);
     for (auto& c : cells_) c.clear();
-    for (auto& c : chunked_) c.clear();
+    for (auto& c : made_) c.clear();
 }
 
 static void check_seq(llama_seq_id s, size_t n) {
@@ -122,19 +149,27 @@ const std::vector<llama_token>& TappedContext::seq_tokens(llama_seq_id s) const 
 
 void TappedContext::set_seq_tokens(llama_seq_id s, std::vector<llama_token> tokens) {
     check_seq(s, cells_.size());
-    chunked_[static_cast<size_t>(s)].assign(tokens.size(), 0);
+    made_[static_cast<size_t>(s)].assign(tokens.size(), 0);
     cells_[static_cast<size_t>(s)] = std::move(tokens);
 }
 
-int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit) const {
+int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit,
+                                   PromptReuse mode) const {
     check_seq(s, cells_.size());
+    if (mode == PromptReuse::Off) return 0;
     const auto& c = cells_[static_cast<size_t>(s)];
-    const auto& w = chunked_[static_cast<size_t>(s)];
+    const auto& w = made_[static_cast<size_t>(s)];
     const size_t most = std::min({c.size(), prompt.size(), static_cast<size_t>(std::max(limit, 0))});
+    const uint8_t need = mode == PromptReuse::Prefix ? 0 : reuse_by_token_ ? kLargeRun : kWholeChunk;
     size_t k = 0;
-    while (k < most && c[k] == prompt[k] && w[k]) ++k;
-    const size_t chunk = static_cast<size_t>(params_.n_batch);
-    return static_cast<int>(k / chunk * chunk);
+    while (k < most && c[k] == prompt[k] && (w[k] & need) == need) ++k;
+    const int n = static_cast<int>(k);
+    if (mode == PromptReuse::Prefix) return n;
+    if (!reuse_by_token_) return n / params_.n_batch * params_.n_batch;
+    // decode_seq makes fewer than kLargeBatch rows in one small batch: no large-batch cell equals them.
+    if (limit < kLargeBatch) return 0;
+    if (n == limit) return n;  // nothing left to decode
+    return std::min(n, limit - kLargeBatch);  // what is decoded again fills a large batch
 }
 
 void TappedContext::seq_rm(llama_seq_id s, int p0) {
@@ -142,7 +177,7 @@ void TappedContext::seq_rm(llama_seq_id s, int p0) {
     llama_memory_seq_rm(llama_get_memory(ctx()), s, p0, -1);
     auto& c = cells_[static_cast<size_t>(s)];
     if (static_cast<size_t>(p0) < c.size()) c.resize(static_cast<size_t>(std::max(p0, 0)));
-    auto& w = chunked_[static_cast<size_t>(s)];
+    auto& w = made_[static_cast<size_t>(s)];
     if (w.size() > c.size()) w.resize(c.size());
 }
 
@@ -153,18 +188,21 @@ void TappedContext::seq_cp(llama_seq_id src, llama_seq_id dst) {
     seq_rm(dst, 0);
     llama_memory_seq_cp(llama_get_memory(ctx()), src, dst, -1, -1);
     cells_[static_cast<size_t>(dst)] = cells_[static_cast<size_t>(src)];
-    chunked_[static_cast<size_t>(dst)] = chunked_[static_cast<size_t>(src)];
+    made_[static_cast<size_t>(dst)] = made_[static_cast<size_t>(src)];
 }
 
-void TappedContext::note(llama_seq_id s, int pos, llama_token t, bool whole_chunk) {
+void TappedContext::note(llama_seq_id s, int pos, llama_token t, uint8_t made) {
     auto& c = cells_[static_cast<size_t>(s)];
-    auto& w = chunked_[static_cast<size_t>(s)];
+    auto& w = made_[static_cast<size_t>(s)];
     // A position past the record (after a restored state) leaves the record as it is: a prefix.
     if (pos < 0 || static_cast<size_t>(pos) > c.size()) return;
     c.resize(static_cast<size_t>(pos));
     w.resize(static_cast<size_t>(pos));
+    // A row's values depend on the cells before it: a large-batch row equals a fresh decode's
+    // only when every earlier cell does.
+    if (pos > 0 && !(w.back() & kLargeRun)) made &= static_cast<uint8_t>(~kLargeRun);
     c.push_back(t);
-    w.push_back(whole_chunk);
+    w.push_back(made);
 }
 
 void TappedContext::run_decode(int n_rows, RowSink* sink) {
@@ -178,7 +216,7 @@ void TappedContext::run_decode(int n_rows, RowSink* sink) {
     if (rc != 0) {
         tap_.disarm();
         for (auto& c : cells_) c.clear();  // what the cells hold is unknown now: reuse nothing
-        for (auto& c : chunked_) c.clear();
+        for (auto& c : made_) c.clear();
         std::string why = take_logged_errors();
         if (rc == 1)
             throw ContextError("llama_decode found no free KV cells for the batch (context full)" +
@@ -186,19 +224,28 @@ void TappedContext::run_decode(int n_rows, RowSink* sink) {
         throw RuntimeError("llama_decode failed with code " + std::to_string(rc) + (why.empty() ? "" : ": " + why));
     }
     if (sink) tap_.disarm_and_check();
-    // A whole prompt chunk: one sequence's n_batch consecutive positions from a multiple of n_batch.
-    const bool whole = n_rows == params_.n_batch && batch_.pos[0] % params_.n_batch == 0 &&
-                       batch_.seq_id[0][0] == batch_.seq_id[n_rows - 1][0] &&
-                       batch_.pos[n_rows - 1] == batch_.pos[0] + n_rows - 1;
-    for (int i = 0; i < n_rows; ++i) note(batch_.seq_id[i][0], batch_.pos[i], batch_.token[i], whole);
+    // One sequence's consecutive positions: a large batch from kLargeBatch rows, a whole prompt
+    // chunk when n_batch of them start at a multiple of n_batch.
+    bool run = true;
+    for (int i = 1; i < n_rows && run; ++i)
+        run = batch_.seq_id[i][0] == batch_.seq_id[0][0] && batch_.pos[i] == batch_.pos[0] + i;
+    uint8_t made = 0;
+    if (run && n_rows >= kLargeBatch) made |= kLargeRun;
+    if (run && n_rows == params_.n_batch && batch_.pos[0] % params_.n_batch == 0) made |= kWholeChunk;
+    for (int i = 0; i < n_rows; ++i) note(batch_.seq_id[i][0], batch_.pos[i], batch_.token[i], made);
 }
 
 void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
                                bool logits_last) {
     if (sink && n > params_.n_batch) throw ParamError("a tapped decode must fit one batch");
     check_seq(seq, cells_.size());
-    for (int start = 0; start < n; start += params_.n_batch) {
-        const int m = std::min(params_.n_batch, n - start);
+    const int nb = params_.n_batch;
+    for (int start = 0; start < n;) {
+        int m = std::min(nb, n - start);
+        // The last two batches share their rows rather than leave fewer than kLargeBatch to the
+        // last (a small batch computes other values: see reusable_prefix).
+        const int rest = n - start;
+        if (reuse_by_token_ && rest > nb && rest < nb + kLargeBatch) m = (rest + 1) / 2;
         for (int i = 0; i < m; ++i) {
             batch_.token[i] = tokens[start + i];
             batch_.pos[i] = pos0 + start + i;
@@ -208,6 +255,7 @@ void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama
             batch_.logits[i] = sink != nullptr || (logits_last && last);
         }
         run_decode(m, sink);
+        start += m;
     }
 }
 

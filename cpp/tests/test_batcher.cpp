@@ -173,7 +173,7 @@ void test_prompt_reuse() {
     CHECK_MSG(third.n_reused() == C, std::to_string(third.n_reused()));
     // Without reuse (last: a run without reuse frees its cells), the same tokens and rows.
     SampleParams no = sp;
-    no.reuse_prompt = false;
+    no.reuse_prompt = PromptReuse::Off;
     DecodeLoop fresh(tc, p2, no, {&r_fresh});
     fresh.advance(12, nullptr);
     CHECK(fresh.n_reused() == 0);

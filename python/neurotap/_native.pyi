@@ -62,6 +62,10 @@ class Model:
 class Context:
     def __init__(self, model: Model, n_ctx: typing.SupportsInt | typing.SupportsIndex = 4096, n_batch: typing.SupportsInt | typing.SupportsIndex = 512, n_seq_max: typing.SupportsInt | typing.SupportsIndex = 1, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, kv_unified: bool = True, flash_attn: bool = True, install_tap: bool = True) -> None:
         ...
+    def reusable_prefix(self, seq: typing.SupportsInt | typing.SupportsIndex, prompt: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], mode: str = 'exact') -> int:
+        """
+        cells of sequence `seq` a run of `prompt` would reuse with prompt_reuse `mode`
+        """
     def seq_tokens(self, seq: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
         """
         the tokens whose KV cells sequence `seq` holds (positions 0..), as far as they are known
@@ -70,6 +74,11 @@ class Context:
     def kv_unified(self) -> bool:
         """
         one KV stream shared by the sequences (else a stream per sequence)
+        """
+    @property
+    def reuse_by_token(self) -> bool:
+        """
+        exact prompt reuse at token granularity (CPU-only build, flash attention), else in whole n_batch chunks
         """
     @property
     def n_ctx(self) -> int:
@@ -425,6 +434,7 @@ class RunOptions:
     neat: NeatConfig | None
     neureasoner: NeuReasonerConfig | None
     norm_inputs: bool
+    prompt_reuse: str
     resid_post: bool
     residuals: bool
     reuse_prompt: bool

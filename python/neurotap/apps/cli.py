@@ -584,7 +584,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(model, host=args.host, port=args.port, name=args.alias, neat=parse_neat_args(args.neat or [], model),
           max_queue=args.max_queue, neureasoner=parse_neureasoner_args(args.neureasoner or [], model),
           api_key=api_key.strip() if api_key else None, parallel=args.parallel,
-          reuse_prompt=not args.no_prompt_reuse)
+          reuse_prompt=args.prompt_reuse)
     return 0
 
 
@@ -608,8 +608,12 @@ def add_serve(sub: Any) -> None:
     sv.add_argument("--parallel", "-np", type=int, default=4,
                     help="sequences decoded together (continuous batching): a request takes n of them, a NAD "
                          "race nad.n; one needing more runs alone between batches (default 4; KV: parallel x --ctx cells)")
-    sv.add_argument("--no-prompt-reuse", action="store_true",
-                    help="decode every prompt whole instead of reusing the cells of a prefix a slot still holds")
+    sv.add_argument("--prompt-reuse", choices=("exact", "prefix", "off"), default="exact",
+                    help="reuse the KV cells of a prompt prefix a slot still holds: 'exact' only cells that give "
+                         "the tokens of a run without reuse (default), 'prefix' the whole common prefix with the "
+                         "generated tokens' cells (as llama-server; tokens may differ), 'off' decode every prompt whole")
+    sv.add_argument("--no-prompt-reuse", dest="prompt_reuse", action="store_const", const="off",
+                    help="the same as --prompt-reuse off")
     chat_args(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -45,6 +45,10 @@ class Batch:
         """The tokens whose KV cells slot `seq` holds (what a prompt may reuse)."""
         return list(self.ctx.seq_tokens(int(seq)))
 
+    def reusable_prefix(self, seq: int, ids: Sequence[int], mode: str = "exact") -> int:
+        """The cells of slot `seq` a run of `ids` would reuse with prompt reuse `mode`."""
+        return int(self.ctx.reusable_prefix(int(seq), [int(t) for t in ids], mode))
+
     @property
     def kv_cells(self) -> int:
         return int(self.ctx.n_ctx)

@@ -29,6 +29,19 @@ DEFAULT_CHAT_TEMPLATE = "jinja"
 Prompt = Union[str, Messages, Sequence[int]]
 
 
+#: Prompt reuse modes (Model.reuse_prompt, `neurotap serve --prompt-reuse`): see docs/server.md.
+PROMPT_REUSE_MODES = ("exact", "prefix", "off")
+
+
+def prompt_reuse_mode(mode: Union[bool, str]) -> str:
+    """The prompt reuse mode `mode` names: "exact" (True), "prefix" or "off" (False)."""
+    if mode is True or mode is False:
+        return "exact" if mode else "off"
+    if isinstance(mode, str) and mode in PROMPT_REUSE_MODES:
+        return mode
+    raise ValueError(f"prompt reuse must be 'exact' (True), 'prefix' or 'off' (False), got {mode!r}")
+
+
 def default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -167,12 +180,7 @@ class Model:
         self._lock = threading.Lock()  # generate() uses the one single-sequence context
         self.max_sample_cells = int(max_sample_cells)
         self._pool = ContextPool(self._new_sampling_context)
-        #: Reuse the KV cells of a prompt's longest prefix already in a context (the previous
-        #: turns of a chat, a shared system prompt) instead of decoding it again, as llama-cpp-python's
-        #: Llama does. The cells are those the context holds anyway (generate's one sequence, the
-        #: first sequence of the idle sampling context): reuse costs no memory. False: every prompt
-        #: is decoded whole.
-        self.reuse_prompt = True
+        self.reuse_prompt = "exact"
         self._reused = 0
         self._reused_lock = threading.Lock()
         i = native.info
@@ -206,6 +214,22 @@ class Model:
         fail at their next step; their finished records stay readable."""
         self._pool.clear()
         self._native.close()
+
+    @property
+    def reuse_prompt(self) -> str:
+        """Reuse the KV cells of a prompt's prefix already in a context (the previous turns of a
+        chat, a shared system prompt) instead of decoding it again. The cells are those the context
+        holds anyway (generate's one sequence, the first sequence of the idle sampling context):
+        reuse costs no memory. "exact" (or True, the default): only cells that decoding the prompt
+        computes bit for bit the same, so the tokens are those of a run without reuse; "prefix":
+        the whole common prefix, generated tokens' cells included, as llama-cpp-python's Llama
+        and llama-server do (the tokens may differ from a run without reuse); "off" (or False):
+        every prompt is decoded whole. Reads back as the mode's name."""
+        return self._reuse_prompt
+
+    @reuse_prompt.setter
+    def reuse_prompt(self, mode: Union[bool, str]) -> None:
+        self._reuse_prompt = prompt_reuse_mode(mode)
 
     @property
     def reused_cells(self) -> int:
@@ -351,7 +375,7 @@ class Model:
         if self._ctx is None:
             parts["kv"] = self.n_ctx * self.info.kv_bytes_per_cell
         check_fits(parts, f"a run of n=1 x {opts.max_tokens} tokens", 1)
-        opts.reuse_prompt = self.reuse_prompt
+        opts.prompt_reuse = self.reuse_prompt
         with self._lock:
             run = _native.Run(self._generate_context(), ids, opts)
             try:
@@ -387,7 +411,7 @@ class Model:
         opts = run_options(n=1, max_tokens=len(forced), temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0,
                            stop=None, reducers=(), tap=False, logprobs=k, forced=forced, seed_per_sample=False)
         ids = self.prompt_tokens(prompt)
-        opts.reuse_prompt = self.reuse_prompt
+        opts.prompt_reuse = self.reuse_prompt
         with self._lock:
             run = _native.Run(self._generate_context(), ids, opts)
             run.advance(len(forced))
@@ -473,7 +497,7 @@ class Model:
             opts.forced_per_sample = streams
         if kv_tokens:
             opts.kv_tokens = int_in("kv_tokens", kv_tokens, 1, opts.max_tokens + 1)
-        opts.reuse_prompt = self.reuse_prompt
+        opts.prompt_reuse = self.reuse_prompt
         return opts
 
     def start_sampling(self, prompt: Prompt, *, n: int = 16, max_tokens: int = 256,

@@ -23,7 +23,7 @@ from ...methods.nad import decision_chunk, set_sizes, similarity
 from ...methods.race import NadRace, race_logprobs, race_reducers
 from ...methods.selection import select
 from ...runtime.batch import Batch
-from ...runtime.model import Model
+from ...runtime.model import Model, prompt_reuse_mode
 from ...runtime.sampling import sample_from
 from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request, rolls_back
 from .streaming import Streamer, Streamers
@@ -71,7 +71,7 @@ class Server:
     """The worker thread, its bounded queue and the runs it makes, on one model."""
 
     def __init__(self, model: Model, *, name: str, neat: Optional[Dict[str, Any]] = None, max_queue: int = 64,
-                 neureasoner: Optional[Dict[str, Any]] = None, parallel: int = 4, reuse_prompt: bool = True):
+                 neureasoner: Optional[Dict[str, Any]] = None, parallel: int = 4, reuse_prompt: Any = "exact"):
         if max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
         if not isinstance(parallel, int) or parallel < 1 or parallel > 256:
@@ -79,8 +79,9 @@ class Server:
         self.model, self.name, self.max_queue = model, name, int(max_queue)
         #: Sequence slots decoded together (each request takes n of them, a NAD race nad.n).
         self.parallel = parallel
-        #: Reuse the cells of a prompt prefix a slot still holds (Model.reuse_prompt, per server).
-        self.reuse_prompt = bool(reuse_prompt)
+        #: Reuse the cells of a prompt prefix a slot still holds: "exact", "prefix" or "off"
+        #: (Model.reuse_prompt's modes, per server).
+        self.reuse_prompt = prompt_reuse_mode(reuse_prompt)
         self._batch: Optional[Batch] = None  # the shared context and its batcher, made by the worker on first use
         self._free: List[int] = list(range(parallel))
         self._active: List[_Batched] = []
@@ -163,7 +164,7 @@ class Server:
             kv = self._batch.kv_cells * self.model.info.kv_bytes_per_cell if self._batch is not None else 0
             return {"status": "ok", "model": self.name, "running": self.running.id if self.running else None,
                     "waiting": self._waiting, "max_queue": self.max_queue, "parallel": self.parallel,
-                    "requests_in_batch": len(self._active),
+                    "prompt_reuse": self.reuse_prompt, "requests_in_batch": len(self._active),
                     "sequences_in_flight": self.parallel - len(self._free), **self.stats,
                     "memory": {**self.model.memory(), "batch_kv": kv}}
 
@@ -272,21 +273,18 @@ class Server:
         return self._batch
 
     def _pick_slots(self, ids: List[int], need: int) -> List[int]:
-        """Free slots for a run, increasing: the first is the one holding the longest prefix of
-        the prompt (its cells are reused), when enough free slots follow it."""
+        """Free slots for a run, increasing: the first is the one holding the most cells the
+        prompt may reuse in this server's mode (then the longest common prefix), when enough free
+        slots follow it."""
         free = sorted(self._free)
-        if not self.reuse_prompt:
+        if self.reuse_prompt == "off":
             return free[:need]
         batch = self._context()
 
-        def common(s: int) -> int:
-            held = batch.seq_tokens(s)
-            k, m = 0, min(len(held), len(ids))
-            while k < m and held[k] == ids[k]:
-                k += 1
-            return k
+        def reusable(s: int) -> Tuple[int, int]:
+            return batch.reusable_prefix(s, ids, self.reuse_prompt), batch.reusable_prefix(s, ids, "prefix")
 
-        best = max(free, key=lambda s: (common(s), -s))
+        best = max(free, key=lambda s: (*reusable(s), -s))
         after = [s for s in free if s > best]
         return [best] + after[:need - 1] if len(after) >= need - 1 else free[:need]
 
@@ -311,7 +309,7 @@ class Server:
             until = r.max_tokens
         if r.stream:
             until = 1 if r.nad is None else until  # a race streams from its decision on
-        opts.reuse_prompt = self.reuse_prompt
+        opts.prompt_reuse = self.reuse_prompt
         batch = self._context()
         slots = self._pick_slots(r.ids, opts.n)
         opts.seqs = slots

@@ -198,7 +198,7 @@ def parse_neureasoner_args(items: List[str], model: Model) -> Dict[str, Any]:
 def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8080, name: Optional[str] = None,
           neat: Optional[Dict[str, Any]] = None, max_queue: int = 64, log_level: str = "warning",
           neureasoner: Optional[Dict[str, Any]] = None, api_key: Optional[str] = None, parallel: int = 4,
-          reuse_prompt: bool = True) -> None:
+          reuse_prompt: Any = "exact") -> None:
     import sys
 
     import uvicorn
