@@ -346,7 +346,7 @@ def test_memory_estimate_covers_what_an_moe_run_records(moe, arch):
         assert s.router_probs.nbytes / T == est(router_probs=True) > 0
     # The run's own estimate (what start_sampling checks) holds these parts at this width.
     from neurotap.runtime.memory import run_parts
-    parts = run_parts(i, n=2, cells_per_seq=256, max_tokens=T, per_token_record=est(rows=1), contributions=True,
+    parts = run_parts(i, n=2, kv_cells=2 * 256, max_tokens=T, per_token_record=est(rows=1), contributions=True,
                       file_bytes=1)
     assert parts["records"] == 2 * T * i.n_layers * i.n_ff * 4
     assert parts["contribution state"] >= 2 * 2 * i.n_layers * i.n_ff * 4
