@@ -164,13 +164,7 @@ void ContributionReducer::store_moe_row(int sample, int layer, IdOf id_of, Weigh
     int32_t* exps = exps_[b].data() + static_cast<size_t>(layer) * U;
     uint8_t* ran = ran_[b].data() + static_cast<size_t>(layer) * m.n_expert;
     std::fill_n(ran, m.n_expert, uint8_t{0});
-    order_.resize(static_cast<size_t>(U));
-    for (int j = 0; j < U; ++j) {  // insertion sort of the slots by expert id: n_used is small
-        int k = j;
-        for (; k > 0 && id_of(order_[static_cast<size_t>(k - 1)]) > id_of(j); --k)
-            order_[static_cast<size_t>(k)] = order_[static_cast<size_t>(k - 1)];
-        order_[static_cast<size_t>(k)] = j;
-    }
+    order_slots_by_expert(U, id_of, order_);
     for (int k = 0; k < U; ++k) {
         const int j = order_[static_cast<size_t>(k)];
         const int32_t e = id_of(j);

@@ -413,12 +413,12 @@ void moe_row_segments(const MoeRows& m, int r, std::vector<MoeSegment>& out) {
     const int U = L.n_used;
     const int64_t F = L.n_ff_exp;
     const int32_t* ids = m.ids + static_cast<size_t>(r) * U;
+    thread_local std::vector<int> order;
+    order_slots_by_expert(U, [&](int j) { return ids[j]; }, order);
     out.resize(static_cast<size_t>(U) + (L.n_ff_shexp > 0 ? 1 : 0));
-    for (int j = 0; j < U; ++j) {  // insertion sort by expert id: n_used is small
-        const MoeSegment s{ids[j], j, int64_t{ids[j]} * F, F, m.act + (static_cast<size_t>(r) * U + j) * F};
-        int k = j;
-        for (; k > 0 && out[k - 1].expert > s.expert; --k) out[k] = out[k - 1];
-        out[k] = s;
+    for (int k = 0; k < U; ++k) {
+        const int j = order[static_cast<size_t>(k)];
+        out[static_cast<size_t>(k)] = MoeSegment{ids[j], j, int64_t{ids[j]} * F, F, m.act + (static_cast<size_t>(r) * U + j) * F};
     }
     if (L.n_ff_shexp > 0)
         out[U] = MoeSegment{L.n_expert, U, int64_t{L.n_expert} * F, L.n_ff_shexp, m.shexp_act + static_cast<size_t>(r) * L.n_ff_shexp};

@@ -75,6 +75,18 @@ struct MoeSegment {
 // Row r's segments in ascending flat order (the experts by id, then the shared one) into `out`
 // (resized to their number).
 void moe_row_segments(const MoeRows& m, int r, std::vector<MoeSegment>& out);
+// The slots 0 .. n_used - 1 of a row ordered by their expert ids (id_of(slot)) into `order`: the
+// flat order of their neurons. Insertion sort: n_used is small.
+template <typename IdOf>
+void order_slots_by_expert(int n_used, IdOf id_of, std::vector<int>& order) {
+    order.resize(static_cast<size_t>(n_used));
+    for (int j = 0; j < n_used; ++j) {
+        int k = j;
+        for (; k > 0 && id_of(order[static_cast<size_t>(k - 1)]) > id_of(j); --k)
+            order[static_cast<size_t>(k)] = order[static_cast<size_t>(k - 1)];
+        order[static_cast<size_t>(k)] = j;
+    }
+}
 
 // Receives rows of one decode batch, per layer, in batch order.
 class RowSink {
