@@ -2,8 +2,8 @@
 prefix a context already holds (a long system prompt, a chat's earlier turns). "exact" (the
 default) reuses only cells that decoding the prompt computes bit for bit the same, so the tokens
 are those of a run without reuse: with flash attention on the CPU, at token granularity (cells
-made in batches of at least 64 rows; see LARGE), otherwise in whole prompt chunks (n_batch = 512
-tokens here). "prefix" reuses the whole common prefix, generated tokens' cells included."""
+whose row class, see row_class, is the one decoding the prompt whole gives them), otherwise in
+whole prompt chunks (n_batch = 512 tokens here). "prefix" reuses the whole common prefix, generated tokens' cells included."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +18,7 @@ QUESTIONS = ["Hi! Who are you?", "Name a color.", "Why is the sky blue?", "Say a
 
 CHUNK = 512  # generate's context decodes prompts in chunks of n_batch tokens: the old unit of reuse
 LARGE = 64  # rows from which the CPU flash-attention kernel takes its tiled path (GGML_FA_TILE_Q)
+SMALL = 8  # rows under which some kernels vary with the batch (on the Q4_K_M file): never reused
 def system_prompt(rules: int) -> str:
     return ("You are a careful assistant. Answer in one short sentence. " * 2 +
             " ".join(f"Rule {i}: be kind, be brief, be clear." for i in range(rules)))
@@ -56,15 +57,40 @@ def common(a, b):
     return k
 
 
-def exact_reuse(held_large, ids):
-    """What exact reuse keeps at token granularity: of the cells made in large batches (a prompt's
-    all but its last, decoded apart), a prefix leaving 0 or >= LARGE rows to decode; nothing when
-    the prompt's batch part is under LARGE rows (a decode without reuse makes it in a small batch)."""
-    limit = len(ids) - 1
-    k = common(held_large, ids[:limit])
-    if limit < LARGE:
-        return 0
-    return k if k == limit else min(k, limit - LARGE)
+def row_class(i, n):
+    """What decides row i's values in a one-sequence batch of n rows on the CPU with flash
+    attention: the attention kernel (by the batch's rows) and whether the matmuls on repacked
+    weights take it in a group of 4 or as one of the last n % 4 (TappedContext::batch_class)."""
+    return ("tiled" if n >= LARGE else "small" if n >= SMALL else "tiny" if n >= 2 else "single"), i >= n - n % 4
+
+
+def planned(p, limit):
+    """The class decoding limit prompt rows from the start gives position p (batches end at
+    multiples of CHUNK)."""
+    start = p // CHUNK * CHUNK
+    return row_class(p - start, min(start + CHUNK, limit) - start)
+
+
+def exact_reuse(held, ids):
+    """What exact reuse keeps at token granularity of the cells `held`, which a prompt decoded them
+    as its first len(held) rows (all but its last token): the common prefix whose cells have the
+    class decoding `ids` whole gives them (a batch of SMALL rows or more), cut back until the
+    rest's first batch gives its rows their planned classes too: it is the planned batch, or holds
+    as many rows mod 4 in the same size class (SMALL rows or more)."""
+    limit, k = len(ids) - 1, 0
+    reliable = ("small", "tiled")
+    while (k < min(len(held), limit) and held[k] == ids[k] and planned(k, len(held)) == planned(k, limit)
+           and planned(k, limit)[0] in reliable):
+        k += 1
+    for n in range(k, 0, -1):
+        if n == limit:
+            return n
+        start = n // CHUNK * CHUNK
+        end = min(start + CHUNK, limit)
+        part = row_class(0, end - n)[0]
+        if n == start or ((n - start) % 4 == 0 and part == row_class(0, end - start)[0] and part in reliable):
+            return n
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +113,8 @@ def test_ten_turn_chat_same_tokens_with_and_without_reuse(model, system):
         # Every turn after the first reuses the system prompt's first chunk (the first turn too when
         # an earlier test left it in the cells).
         assert n >= 9 * CHUNK, n
-    # At token granularity: each later turn keeps the earlier prompt's cells but for the last
-    # LARGE rows, which are decoded again with the new part (short turns: under LARGE tokens).
+    # At token granularity: each later turn keeps the earlier prompt's cells of the class its own
+    # decode gives them, the rest decoded again with the new part (short turns: under LARGE tokens).
     assert model._ctx.reuse_by_token
     prompts = [ids for ids, _, _ in log]
     for (prev, _, _), (ids, _, got) in zip(log, log[1:]):
@@ -142,29 +168,51 @@ def test_reuse_modes_and_their_names(model):
     assert model.reuse_prompt == "exact"
 
 
-def test_exact_reuse_at_token_granularity_equals_decoding_whole(model):
-    """Prompts that end just past a chunk, end after a short new part, or are too short to reuse:
-    the reused count follows the rule and the tokens and tapped rows equal a run without reuse."""
+@pytest.fixture(scope="module")
+def q4k_model():
+    """Gemma 3 270M in Q4_K_M: weights llama.cpp repacks, whose matmul takes a batch's last n % 4
+    rows another way (the row classes of exact reuse)."""
+    m = neurotap.load("gemma3-270m", n_ctx=1024, n_threads=THREADS)
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("which", ["smollm2-q4_1", "gemma3-q4_k_m"])
+def test_exact_reuse_at_token_granularity_equals_decoding_whole(model, q4k_model, which):
+    """Prompts that end just past a chunk, end after a short new part, or are short: the reused
+    count follows the rule and the tokens and tapped rows equal a run without reuse."""
+    model = model if which.startswith("smollm2") else q4k_model
+    assert model._generate_context().reuse_by_token
     base = model.tokenize("The quick brown fox jumps over the lazy dog. " * 60)
     more = model.tokenize(" Then it ran home.", add_special=False)
     cases = [base[:CHUNK + 20], base[:CHUNK + 20] + more, base[:CHUNK + 200], base[:CHUNK + 200] + more,
-             base[:CHUNK - 10] + more, base[:40], base[:40] + more, base[:LARGE + 3]]
+             base[:CHUNK - 10] + more, base[:40], base[:40] + more, base[:LARGE + 3], base[:LARGE + 3] + more,
+             base[:CHUNK + 1], base[:CHUNK + 2], base[:30], base[:31] + more]
     kw = dict(max_tokens=6, temperature=0, capture="float32")
     model.reuse_prompt = "off"
     fresh = [model.generate(ids, **kw) for ids in cases]
     model.reuse_prompt = "exact"
-    held = []
-    for ids, f in zip(cases, fresh):
-        before = model.reused_cells
-        g = model.generate(ids, **kw)
-        assert model.reused_cells - before == exact_reuse(held, ids), (len(ids), model.reused_cells - before)
-        assert g.tokens == f.tokens
-        assert np.array_equal(g.activations, f.activations)
-        before = model.reused_cells
-        again = model.generate(ids, **kw)  # the same prompt again: all but its last token
-        assert model.reused_cells - before == (len(ids) - 1 if len(ids) - 1 >= LARGE else 0)
-        assert again.tokens == f.tokens
-        held = ids[:-1] if len(ids) - 1 >= LARGE else []  # what the last prompt left made in large batches
+    held, kept = [], 0
+    try:
+        for ids, f in zip(cases, fresh):
+            before = model.reused_cells
+            g = model.generate(ids, **kw)
+            got = model.reused_cells - before
+            assert got == exact_reuse(held, ids), (len(ids), got)
+            kept += got
+            assert g.tokens == f.tokens
+            assert np.array_equal(g.activations, f.activations), (len(ids), got)
+            before = model.reused_cells
+            again = model.generate(ids, **kw)  # the same prompt again: all but its last token
+            # (but for a last planned batch under SMALL rows: decoded again whole)
+            tail = (len(ids) - 1) % CHUNK
+            assert model.reused_cells - before == exact_reuse(ids[:-1], ids) == len(ids) - 1 - (tail if tail < SMALL else 0)
+            assert again.tokens == f.tokens and np.array_equal(again.activations, f.activations)
+            held = ids[:-1]  # what the last prompt left: its rows decoded as one prompt
+    finally:
+        model.reuse_prompt = True
+    assert kept > 4 * CHUNK  # reuse happened, short prompts included
+    assert exact_reuse(base[:40], base[:40] + more) > 0
 
 
 def test_long_system_prompt_is_long_enough(model):
@@ -216,30 +264,49 @@ def test_sampling_reuses_the_first_sequence(model, whole_chunk_model, by_token):
         assert (a.active_counts == b.active_counts).all()
 
 
-def test_large_batch_rows_do_not_depend_on_the_split(model_path):
+@pytest.mark.parametrize("which", ["smollm2-q4_1", "gemma3-q4_k_m"])
+def test_rows_of_one_class_do_not_depend_on_the_split(model_path, which):
     """What exact reuse at token granularity rests on, checked on this machine's llama.cpp (CPU,
-    flash attention): a prompt decoded in batches of >= LARGE rows gives every row's logits bit
-    for bit as one batch does, however it is split. A small batch does not (which shows the
-    comparison can tell): that is why a reused prefix leaves >= LARGE rows to decode."""
+    flash attention): a row's logits are bit for bit the same however the prompt is split into
+    batches, as long as the row keeps its class (row_class: on the same side of LARGE, and among
+    the batch's last n % 4 rows or not). Splits that change a row's class do change it on the
+    Q4_K_M file (whose weights llama.cpp repacks), which shows the comparison can tell."""
     from llama_cpp import Llama
 
+    path = model_path if which.startswith("smollm2") else str(neurotap.resolve("gemma3-270m"))
     n = 300
     toks = [int(t) for t in np.random.RandomState(0).randint(100, 30000, size=n)]
-    llm = Llama(model_path, n_ctx=1024, n_batch=CHUNK, n_ubatch=CHUNK, logits_all=True, verbose=False,
+    llm = Llama(path, n_ctx=1024, n_batch=CHUNK, n_ubatch=CHUNK, logits_all=True, verbose=False,
                 n_threads=THREADS, flash_attn=True)
     try:
-        def rows(splits):
+        def rows(splits, total=n):
             llm.reset()
             pos = 0
-            for end in list(splits) + [n]:
+            for end in list(splits) + [total]:
                 llm.eval(toks[pos:end])
                 pos = end
-            return np.array(llm.scores[:n])
+            return np.array(llm.scores[:total])
+
+        def classes(splits, total=n):
+            bounds = [0, *splits, total]
+            return [row_class(p - a, b - a) for a, b in zip(bounds, bounds[1:]) for p in range(a, b)]
 
         whole = rows([])
-        for splits in ([LARGE], [LARGE + 1], [n - LARGE], [70, 140, 210]):
+        for splits in ([LARGE], [n - LARGE], [64, 128, 192], [100, 200]):  # same classes
+            assert classes(splits) == classes([]), splits
             assert np.array_equal(rows(splits), whole), splits
-        small = rows([n - 8])  # the last 8 rows in a batch of their own
+        small = rows([n - 8])  # the last 8 rows in a batch of their own: another attention kernel
         assert np.array_equal(small[:n - 8], whole[:n - 8]) and not np.array_equal(small, whole)
+        # Short prompts: batches of SMALL to LARGE rows, each a multiple of 4 but the last.
+        short = rows([], 60)
+        for splits in ([32], [8, 20, 40], [8, 16, 24, 32, 40, 48]):
+            assert classes(splits, 60) == classes([], 60)
+            assert np.array_equal(rows(splits, 60), short), splits
+        if which.startswith("gemma3"):
+            # 65 + 235 rows: the first batch's last row and the second's last 3 leave their groups of 4.
+            assert classes([65]) != classes([])
+            assert not np.array_equal(rows([65]), whole)
+            # A first batch of 4 rows (under SMALL): those rows differ already.
+            assert not np.array_equal(rows([4], 60)[:4], short[:4])
     finally:
         llm.close()

@@ -77,7 +77,7 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
     made_.resize(static_cast<size_t>(params_.n_seq_max));
     // Flash attention AUTO is on for every layer on the CPU (llama.cpp turns it off only for a
     // device without the op).
-    reuse_by_token_ = params_.flash_attn && params_.n_batch >= 2 * kLargeBatch && cpu_only_build();
+    reuse_by_token_ = params_.flash_attn && cpu_only_build() && !model_->info().moe.moe();
     model_->attach(this);
 
     if (!params_.install_tap) return;
@@ -153,6 +153,16 @@ void TappedContext::set_seq_tokens(llama_seq_id s, std::vector<llama_token> toke
     cells_[static_cast<size_t>(s)] = std::move(tokens);
 }
 
+uint8_t TappedContext::batch_class(int i, int n) {
+    const uint8_t size = n >= kLargeBatch ? kTiled : n >= kSmallBatch ? kSmall : n >= 2 ? kTiny : kSingle;
+    return static_cast<uint8_t>(kKnown | size | (i >= n - n % 4 ? kRemainder : 0));
+}
+
+uint8_t TappedContext::planned_class(int p, int limit) const {
+    const int nb = params_.n_batch, start = p / nb * nb;
+    return batch_class(p - start, std::min(start + nb, limit) - start);
+}
+
 int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit,
                                    PromptReuse mode) const {
     check_seq(s, cells_.size());
@@ -160,16 +170,34 @@ int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token
     const auto& c = cells_[static_cast<size_t>(s)];
     const auto& w = made_[static_cast<size_t>(s)];
     const size_t most = std::min({c.size(), prompt.size(), static_cast<size_t>(std::max(limit, 0))});
-    const uint8_t need = mode == PromptReuse::Prefix ? 0 : reuse_by_token_ ? kLargeRun : kWholeChunk;
     size_t k = 0;
-    while (k < most && c[k] == prompt[k] && (w[k] & need) == need) ++k;
-    const int n = static_cast<int>(k);
-    if (mode == PromptReuse::Prefix) return n;
-    if (!reuse_by_token_) return n / params_.n_batch * params_.n_batch;
-    // decode_seq makes fewer than kLargeBatch rows in one small batch: no large-batch cell equals them.
-    if (limit < kLargeBatch) return 0;
-    if (n == limit) return n;  // nothing left to decode
-    return std::min(n, limit - kLargeBatch);  // what is decoded again fills a large batch
+    if (mode == PromptReuse::Prefix) {
+        while (k < most && c[k] == prompt[k]) ++k;
+        return static_cast<int>(k);
+    }
+    if (!reuse_by_token_) {
+        while (k < most && c[k] == prompt[k] && (w[k] & kWholeChunk)) ++k;
+        return static_cast<int>(k) / params_.n_batch * params_.n_batch;
+    }
+    // Cells of the class decoding the prompt whole gives them, but those of batches under
+    // kSmallBatch rows (a single row alone may have taken the split-KV path, whose choice depends
+    // on the cells in the stream; under kSmallBatch rows some kernels vary with the batch).
+    auto reliable = [](uint8_t cls) { const uint8_t z = cls & kSizeMask; return z == kSmall || z == kTiled; };
+    while (k < most && c[k] == prompt[k] && (w[k] & kClassMask) == planned_class(static_cast<int>(k), limit) &&
+           reliable(w[k]))
+        ++k;
+    // The rest's first batch runs from the kept cells to the end of the planned batch there: its
+    // rows get the planned classes when it is that batch, or holds as many rows mod 4 in the same
+    // size class (a reliable one).
+    const int nb = params_.n_batch;
+    for (int n = static_cast<int>(k); n > 0; --n) {
+        if (n == limit) return n;
+        const int start = n / nb * nb, end = std::min(start + nb, limit);
+        const uint8_t part = batch_class(0, end - n), planned = batch_class(0, end - start);
+        if (n == start || ((n - start) % 4 == 0 && (part & kSizeMask) == (planned & kSizeMask) && reliable(part)))
+            return n;
+    }
+    return 0;
 }
 
 void TappedContext::seq_rm(llama_seq_id s, int p0) {
@@ -198,9 +226,9 @@ void TappedContext::note(llama_seq_id s, int pos, llama_token t, uint8_t made) {
     if (pos < 0 || static_cast<size_t>(pos) > c.size()) return;
     c.resize(static_cast<size_t>(pos));
     w.resize(static_cast<size_t>(pos));
-    // A row's values depend on the cells before it: a large-batch row equals a fresh decode's
-    // only when every earlier cell does.
-    if (pos > 0 && !(w.back() & kLargeRun)) made &= static_cast<uint8_t>(~kLargeRun);
+    // A row's values depend on the cells before it: its class tells what it equals only when
+    // every earlier cell's does.
+    if (pos > 0 && !(w.back() & kKnown)) made &= static_cast<uint8_t>(~kClassMask);
     c.push_back(t);
     w.push_back(made);
 }
@@ -224,15 +252,16 @@ void TappedContext::run_decode(int n_rows, RowSink* sink) {
         throw RuntimeError("llama_decode failed with code " + std::to_string(rc) + (why.empty() ? "" : ": " + why));
     }
     if (sink) tap_.disarm_and_check();
-    // One sequence's consecutive positions: a large batch from kLargeBatch rows, a whole prompt
-    // chunk when n_batch of them start at a multiple of n_batch.
+    // Each row's class (see kLargeBatch): known for one sequence's consecutive positions (a
+    // prompt's batch), and a whole prompt chunk when n_batch of them start at a multiple of
+    // n_batch. A decode step's rows (one per sequence) are never reused in Exact mode: unknown.
     bool run = true;
     for (int i = 1; i < n_rows && run; ++i)
         run = batch_.seq_id[i][0] == batch_.seq_id[0][0] && batch_.pos[i] == batch_.pos[0] + i;
-    uint8_t made = 0;
-    if (run && n_rows >= kLargeBatch) made |= kLargeRun;
-    if (run && n_rows == params_.n_batch && batch_.pos[0] % params_.n_batch == 0) made |= kWholeChunk;
-    for (int i = 0; i < n_rows; ++i) note(batch_.seq_id[i][0], batch_.pos[i], batch_.token[i], made);
+    const bool whole = run && n_rows == params_.n_batch && batch_.pos[0] % params_.n_batch == 0;
+    for (int i = 0; i < n_rows; ++i)
+        note(batch_.seq_id[i][0], batch_.pos[i], batch_.token[i],
+             static_cast<uint8_t>((whole ? kWholeChunk : 0) | (run ? batch_class(i, n_rows) : 0)));
 }
 
 void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
@@ -241,11 +270,9 @@ void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama
     check_seq(seq, cells_.size());
     const int nb = params_.n_batch;
     for (int start = 0; start < n;) {
-        int m = std::min(nb, n - start);
-        // The last two batches share their rows rather than leave fewer than kLargeBatch to the
-        // last (a small batch computes other values: see reusable_prefix).
-        const int rest = n - start;
-        if (reuse_by_token_ && rest > nb && rest < nb + kLargeBatch) m = (rest + 1) / 2;
+        // Batches end at multiples of n_batch (positions): a prompt's rest after reused cells is cut
+        // where decoding it whole cuts it (reusable_prefix). A tapped decode is one batch.
+        const int m = sink ? n : std::min(n - start, nb - (pos0 + start) % nb);
         for (int i = 0; i < m; ++i) {
             batch_.token[i] = tokens[start + i];
             batch_.pos[i] = pos0 + start + i;

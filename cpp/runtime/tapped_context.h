@@ -22,12 +22,19 @@ enum class PromptReuse { Off, Exact, Prefix };
 const char* prompt_reuse_name(PromptReuse mode);              // "off", "exact", "prefix"
 PromptReuse parse_prompt_reuse(const std::string& name);     // ParamError for another name
 
-// Query rows from which the CPU flash-attention kernel takes its tiled F32 path (GGML_FA_TILE_Q
-// in ggml-cpu/common.h; fewer rows take the per-row F16 path, one row over >= 512 cells a split-KV
-// path). Measured (tests/test_prompt_reuse.py): a row decoded in a one-sequence batch of at least
-// this many rows is bit-identical however the prompt is split into such batches; in smaller
-// batches it differs (up to 1.0 in a logit on SmolLM2-135M).
+// What decides a row's values on llama.cpp's CPU backend with flash attention, besides its own
+// token and the cells before it (measured, tests/test_prompt_reuse.py; the vendored ggml-cpu):
+//   - the attention kernel, by the query rows per KV stream: kLargeBatch or more take the tiled F32
+//     path (GGML_FA_TILE_Q), fewer the per-row F16 path, and one row alone over >= 512 cells a
+//     split-KV path;
+//   - the matmul, on weights ggml repacks (Q4_K, Q4_0, IQ4_NL, ...): rows in groups of 4 go
+//     through its gemm, the batch's last n % 4 rows through its gemv, which differ in the last
+//     bits on Q4_K (a Q4_K_M Gemma 3 gave another logit by up to 2).
+//   - under kSmallBatch rows, another kernel still (on a Q4_K_M Gemma 3; not on Q4_0 or Q4_1 files).
+// Within one such class a row's values do not depend on the batch's other rows. Exact prompt
+// reuse keeps cells whose class equals the one decoding the prompt from the start gives them.
 constexpr int kLargeBatch = 64;
+constexpr int kSmallBatch = 8;
 
 struct ContextParams {
     int n_ctx = 4096;      // total KV cells
@@ -75,21 +82,20 @@ public:
     // How many leading cells of sequence s a run may keep when it decodes prompt[0, limit) with
     // decode_seq (its later tokens decoded apart, as a run's tapped last token is).
     // Prefix: the longest common prefix of the cells and the prompt, at most `limit`.
-    // Exact: only cells that decode_seq(prompt, limit) would compute bit for bit the same.
-    // llama.cpp's values for a row depend on the batch it was decoded in (a generated token's
-    // cell, decoded alone, differs in the last bits from the same token's cell in a prompt batch,
-    // and later tokens can change: a ten-turn chat did at its fifth turn). With reuse_by_token():
-    // cells made in a large batch (kLargeBatch rows or more of one sequence, after large ones
-    // only), keeping at least kLargeBatch rows to decode (or none), and none at all when
-    // limit < kLargeBatch (decode_seq makes those rows in a small batch). Otherwise: whole prompt
-    // chunks (n_batch tokens at a multiple of n_batch) that were decoded as such.
+    // Exact: only cells that decode_seq(prompt, limit) would compute bit for bit the same, so that
+    // the tokens are those of a run without reuse. llama.cpp's values for a row depend on the
+    // batch it was decoded in (see kLargeBatch). With reuse_by_token(): decode_seq cuts batches at
+    // multiples of n_batch, so the class it gives each position is known (batch_class); a cell
+    // is kept when its class is that one and every cell before it was kept, and the batch the rest
+    // starts in gives its rows their classes too (as many rows mod 4, on the same side of
+    // kLargeBatch). Otherwise: whole prompt chunks (n_batch tokens at a multiple of n_batch) that
+    // were decoded as such.
     int reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit,
                         PromptReuse mode = PromptReuse::Exact) const;
     // Exact reuse at token granularity: CPU-only build (ggml lists no GPU or accelerator device,
-    // which could take large batches' matmuls: op offload), flash attention on and n_batch >=
-    // 2 * kLargeBatch (so decode_seq can always make batches of kLargeBatch rows or more). The
-    // row-independence of large batches is measured only for the CPU kernels with flash
-    // attention; with other kernels exact reuse keeps to whole chunks.
+    // which could take large batches' matmuls: op offload), flash attention on, and a dense FFN
+    // (an MoE layer's expert matmuls group the rows routed to each expert, so a row's class
+    // depends on the other rows' routing). With other kernels exact reuse keeps to whole chunks.
     bool reuse_by_token() const { return reuse_by_token_; }
     // Prompt cells reused instead of decoded, over this context's life.
     int64_t reused_cells() const { return reused_; }
@@ -97,8 +103,9 @@ public:
 
     // Decodes tokens[i] at pos0 + i of sequence `seq`. With a sink, every row requests logits
     // and is tapped; without, only the last row requests logits (or none if logits_last=false).
-    // Batches of n_batch rows; with reuse_by_token() the last two share their rows when the last
-    // would hold fewer than kLargeBatch, so that n >= kLargeBatch rows are all made in large batches.
+    // Batches end at multiples of n_batch (a prompt decoded from its start: n_batch rows each, the
+    // last one the rest), so the batches of a prompt's rest after reused cells are the ones
+    // decoding it whole makes, but the first, cut short at its start (see reusable_prefix).
     void decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
                     bool logits_last = true);
 
@@ -108,8 +115,15 @@ public:
 
 private:
     void run_decode(int n_rows, RowSink* sink);
-    // What made a cell (bits): a whole prompt chunk; a large batch after large-batch cells only.
-    enum : uint8_t { kWholeChunk = 1, kLargeRun = 2 };
+    // What made a cell (bits): kWholeChunk, a whole prompt chunk; kKnown, a batch whose row class
+    // is known (its size class, and kRemainder), after known cells only.
+    enum : uint8_t { kWholeChunk = 1, kKnown = 2, kTiny = 0, kSmall = 4, kTiled = 8, kSingle = 12, kSizeMask = 12,
+                     kRemainder = 16 };
+    static constexpr uint8_t kClassMask = kKnown | kSizeMask | kRemainder;
+    // The class decode_seq gives row `i` of a one-sequence batch of n rows.
+    static uint8_t batch_class(int i, int n);
+    // The class decode_seq(prompt from position 0, limit rows) gives position p.
+    uint8_t planned_class(int p, int limit) const;
     void note(llama_seq_id s, int pos, llama_token t, uint8_t made);
     std::shared_ptr<Model> model_;
     ContextParams params_;
@@ -118,7 +132,7 @@ private:
     std::mutex use_mu_;
     llama_batch batch_{};
     std::vector<std::vector<llama_token>> cells_;  // per sequence: see seq_tokens
-    std::vector<std::vector<uint8_t>> made_;       // per sequence and position: kWholeChunk | kLargeRun
+    std::vector<std::vector<uint8_t>> made_;       // per sequence and position: kWholeChunk, class bits
     bool reuse_by_token_ = false;
     int64_t reused_ = 0;
 };
