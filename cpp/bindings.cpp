@@ -829,7 +829,15 @@ PYBIND11_MODULE(_native, m) {
         .def("sample", [](const RunHandle& h, int i) {
             if (i < 0 || i >= h.run->loop().n()) throw ParamError("sample index out of range: " + std::to_string(i));
             return sample_dict(*h.run, i);
-        });
+        })
+        // What a stream reads each step: the text and where the sample stands, not its records
+        // (sample() copies every array, each step).
+        .def("stream_view", [](const RunHandle& h, int i) {
+            if (i < 0 || i >= h.run->loop().n()) throw ParamError("sample index out of range: " + std::to_string(i));
+            const SampleState& st = h.run->loop().sample(i);
+            return py::make_tuple(py::bytes(st.text), st.tokens.size(), st.tokens.empty() ? -1 : st.tokens.back(),
+                                  st.finish_reason(), h.run->options().sampling.top_logprobs > 0);
+        }, py::arg("index"), "(text bytes, tokens, last token or -1, finish reason, whether it records logprobs)");
 
     // Continuous batching: runs on slots of one context, decoded together (runtime/batcher.h).
     py::class_<BatcherHandle>(m, "Batcher")

@@ -1,7 +1,9 @@
 """runtime.batch.Batch (the server's continuous batching) in process: a run paused by the batcher
 at a token target holds the same records as the same run advanced alone to that target (NAD
-decides on them there), and the same tokens."""
+decides on them there), and the same tokens; what a stream reads of a sample each step is the
+sample's."""
 import numpy as np
+import pytest
 
 import neurotap
 from neurotap.methods import nad
@@ -34,3 +36,30 @@ def test_a_paused_batched_run_holds_every_record_of_its_tokens():
             np.testing.assert_array_equal(x.contribution_set(chunks), y.contribution_set(chunks))
             np.testing.assert_array_equal(x.active_set(chunks), y.active_set(chunks))
     alone.close()
+
+
+def test_a_stream_view_is_what_the_sample_says(model):
+    """What a stream reads each step (the text and where a sample stands, not its records) is the
+    whole sample's, token by token, stop strings and the end included; a run that records
+    log-probabilities is read whole (streams send them)."""
+    from neurotap.runtime.sampling import Sample, TextView
+
+    ids = model.prompt_tokens([{"role": "user", "content": "Write a line in Japanese and one in French."}])
+    with model.start_sampling(ids, n=2, max_tokens=40, seed=5, stop=["。", " le "], reducers=(), tap=False,
+                              **SAMPLING) as run:
+        for until in range(1, 41):
+            run.advance(until)
+            for i in range(2):
+                v, s = run.stream_view(i), run.sample(i)
+                assert isinstance(v, TextView)
+                assert (v.index, v.text, v.n_tokens, v.last_token, v.finish_reason) == \
+                       (s.index, s.text, s.n_tokens, s.tokens[-1] if s.tokens else -1, s.finish_reason)
+                assert v.token_logprob is None
+            if not run.n_live:
+                break
+        with pytest.raises(ValueError, match="out of range"):
+            run._native.stream_view(2)
+    with model.start_sampling(ids, n=1, max_tokens=4, seed=5, logprobs=2, reducers=(), tap=False, **SAMPLING) as run:
+        run.advance(4)
+        v = run.stream_view(0)
+        assert isinstance(v, Sample) and v.token_logprob is not None and v.text == run.sample(0).text

@@ -3,7 +3,7 @@ record reduced natively as it streams (see cpp/run/run.h). A single generation i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -118,6 +118,11 @@ class TokenRecord:
         return len(self.tokens)
 
     @property
+    def last_token(self) -> int:
+        """The newest token, -1 before the first."""
+        return self.tokens[-1] if self.tokens else -1
+
+    @property
     def cache(self) -> ActivationCache:
         """The captured tensors by TransformerLens-style name (blocks.{l}.mlp.hook_post, ...)."""
         return cache_of(self.__dict__)
@@ -186,6 +191,28 @@ def record_fields(cls: type, d: Dict[str, Any]) -> Dict[str, Any]:
 
 def sample_from(d: Dict[str, Any], chunk: int) -> Sample:
     return Sample(chunk=chunk, **record_fields(Sample, d))
+
+
+@dataclass
+class TextView:
+    """A live sample as a stream reads it each step: its text and where it stands, none of its
+    records (a Sample copies all of them; see stream_view)."""
+
+    index: int
+    text: str
+    n_tokens: int
+    last_token: int  # -1 before the first
+    finish_reason: str  # "" while live
+    token_logprob: None = None  # none recorded: a run that records them is read as whole Samples
+
+
+def stream_view(native: Any, i: int, chunk: int) -> Union[TextView, Sample]:
+    """Sample i of a native run as a stream reads it: its TextView, or the whole Sample when the run
+    records log-probabilities (a stream sends them with each token)."""
+    text, n_tokens, last, finish, logprobs = native.stream_view(int(i))
+    if logprobs:
+        return sample_from(native.sample(int(i)), chunk)
+    return TextView(int(i), text.decode("utf-8", errors="replace"), n_tokens, last, finish)
 
 
 def _native_attr(name: str, doc: str) -> property:
@@ -309,6 +336,10 @@ class SampleRun:
 
     def sample(self, i: int) -> Sample:
         return sample_from(self._native.sample(int(i)), self.chunk)
+
+    def stream_view(self, i: int) -> Union[TextView, Sample]:
+        """Sample i as a stream reads it each step (see `stream_view`)."""
+        return stream_view(self._native, i, self.chunk)
 
     def samples(self) -> List[Sample]:
         return [self.sample(i) for i in range(self.n)]

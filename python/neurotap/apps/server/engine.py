@@ -24,7 +24,7 @@ from ...methods.race import NadRace, race_logprobs, race_reducers
 from ...methods.selection import select
 from ...runtime.batch import Batch
 from ...runtime.model import Model, prompt_reuse_mode
-from ...runtime.sampling import sample_from
+from ...runtime.sampling import sample_from, stream_view
 from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request, rolls_back
 from .streaming import Streamer, Streamers
 
@@ -55,6 +55,35 @@ class _Batched:
 
     def sample(self, i: int) -> Any:
         return sample_from(self.run.sample(i), self.chunk)
+
+    def stream_view(self, i: int) -> Any:
+        return stream_view(self.run, i, self.chunk)
+
+
+class _Outbox:
+    """The events of the requests in the batch, handed to the event loop once per step (one
+    wake-up of the loop for every request's delta, not one each); the worker's only."""
+
+    def __init__(self) -> None:
+        self.items: List[Tuple["Job", str, Any]] = []
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        items, self.items = self.items, []
+        by_loop: Dict[Any, List[Tuple["Job", str, Any]]] = {}
+        for item in items:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, its in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, its)
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+
+def _deliver(items: List[Tuple["Job", str, Any]]) -> None:
+    for job, kind, payload in items:
+        job.events.put_nowait((kind, payload))
 
 
 class _Waker:
@@ -89,6 +118,7 @@ class Server:
         self._demand = 0  # slots the requests not yet in the batch will take
         self._alone = False  # a request runs alone: nothing joins until it ends
         self._waker = _Waker(self)
+        self._outbox = _Outbox()
         self.neat: Dict[str, Any] = dict(neat or {})
         self.neureasoner: Dict[str, Any] = dict(neureasoner or {})
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -195,6 +225,7 @@ class Server:
             if not self._take(block=not self._active and not self._pending):
                 for b in list(self._active):  # shutting down: what runs is cancelled
                     self._leave(b, error=Cancelled())
+                self._outbox.flush()
                 return
             self._admit()
             if self._active:
@@ -329,6 +360,7 @@ class Server:
         with self._lock:
             self.stats["prompt_tokens"] += len(r.ids)
         job.attach(self._waker)
+        job.outbox = self._outbox  # its events go out with the step's
 
     def _leave(self, b: _Batched, result: Any = None, error: Optional[BaseException] = None) -> None:
         """A request leaves the batch: its run and slots go, its outcome is reported."""
@@ -342,7 +374,14 @@ class Server:
 
     def _step(self) -> None:
         """Decodes the batch until a request needs the worker (it reached its target or ended, a
-        new request or a cancel woke it), then serves the requests that need it."""
+        new request or a cancel woke it), then serves the requests that need it; what they
+        emitted goes to the event loop at the end."""
+        try:
+            self._step_batch()
+        finally:
+            self._outbox.flush()
+
+    def _step_batch(self) -> None:
         self._batch.clear_wake()
         for b in list(self._active):
             if b.job.cancelled:
@@ -392,9 +431,9 @@ class Server:
             return
         elif b.stream:
             if r.nad is not None:
-                b.stream.update(b.sample(b.pick))
+                b.stream.update(b.stream_view(b.pick))
             else:
-                b.stream(b)  # Streamers read b.sample(i)
+                b.stream(b)  # Streamers read b.stream_view(i)
         b.until = b.until + 1 if b.stream else r.max_tokens
         self._batch.set_until(run, b.until)
 
@@ -419,7 +458,7 @@ class Server:
         if run.n_live and r.neat is None:
             run.untap()
         if b.stream and run.n_live:
-            b.stream.update(b.sample(b.pick))
+            b.stream.update(b.stream_view(b.pick))
 
     def _finish_race(self, b: _Batched) -> None:
         winner = b.sample(b.pick)
@@ -649,12 +688,16 @@ class Job:
         self.spent = 0  # tokens sampled so far, all samples
         self.live = req.nad["n"] if req.nad is not None else req.n  # its sequences decoding (/metrics)
         self.base_spent = 0
+        self.outbox: Optional[_Outbox] = None  # set while it decodes in the batch
         self._run: Any = None
         self._lock = threading.Lock()
 
     def emit(self, kind: str, payload: Any) -> None:
         if kind in ("done", "error"):
             self.finished = True
+        if self.outbox is not None:  # the worker hands the batch's events over once per step
+            self.outbox.items.append((self, kind, payload))
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the event loop is gone (shutdown)

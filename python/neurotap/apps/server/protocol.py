@@ -363,7 +363,10 @@ def pending_marker(text: str, thinking: bool) -> bool:
     t = text.lstrip()
     if not thinking and t and THINK_OPEN.startswith(t) and t != THINK_OPEN:
         return True
-    return any(text.endswith(THINK_CLOSE[:n]) for n in range(1, len(THINK_CLOSE))) and THINK_CLOSE not in text
+    return text.endswith(_CLOSE_HEADS) and THINK_CLOSE not in text
+
+
+_CLOSE_HEADS = tuple(THINK_CLOSE[:n] for n in range(1, len(THINK_CLOSE)))  # a close marker's proper beginnings
 
 
 def _lp_token(piece: Piece, t: int, lp: float) -> Dict[str, Any]:

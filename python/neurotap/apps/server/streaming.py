@@ -48,7 +48,7 @@ class Streamer:
         full = self.base + data
         end = len(full) if final else self._safe_end(full)
         if self.piece is not None and not final:
-            last = len(self.piece(sample.tokens[-1])) if sample is not None and sample.tokens else 0
+            last = len(self.piece(sample.last_token)) if sample is not None and sample.n_tokens else 0
             end = min(end, full.rfind(b"\n", 0, max(len(full) - last, 0)) + 1)
         text = full[self.sent:end].decode("utf-8", errors="replace") if end > self.sent else ""
         self.sent = max(self.sent, end)
@@ -63,10 +63,10 @@ class Streamer:
             self.job.emit("delta", {"index": self.index, "text": text, "logprobs": lps})
 
     def __call__(self, run: Any) -> None:
-        self.update(run.sample(0))
+        self.update(run.stream_view(0))
 
     def update(self, sample: Any) -> None:
-        """The streamed sample as it stands now: what it added goes out."""
+        """The streamed sample as it stands now (a Sample or its TextView): what it added goes out."""
         self._push(sample.text.encode("utf-8"), sample, False)
 
     def finish(self, data: bytes, sample: Any = None) -> None:
@@ -84,7 +84,7 @@ class Streamers:
     def __call__(self, run: Any) -> None:
         for i, st in enumerate(self.streams):
             if not self.done[i]:
-                s = run.sample(i)
+                s = run.stream_view(i)
                 self.done[i] = s.finish_reason != ""
                 (st.finish(s.text.encode("utf-8"), s) if self.done[i] else st.update(s))
 
@@ -96,10 +96,16 @@ class Streamers:
 
 
 
-def chunk(job: Any, name: str, choices: List[Dict[str, Any]], **extra: Any) -> Dict[str, Any]:
+def event(data: str) -> bytes:
+    """A server-sent event of one data line, encoded as sse_starlette would (sep "\\n") but
+    without its per-event objects; `data` holds no line break (json.dumps escapes them)."""
+    return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+def chunk(job: Any, name: str, choices: List[Dict[str, Any]], **extra: Any) -> bytes:
     obj = "chat.completion.chunk" if job.req.kind == "chat" else "text_completion"
-    return {"data": json.dumps({"id": job.id, "object": obj, "created": job.created, "model": name,
-                                "choices": choices, **extra})}
+    return event(json.dumps({"id": job.id, "object": obj, "created": job.created, "model": name,
+                             "choices": choices, **extra}))
 
 
 class _Choice:
@@ -164,14 +170,14 @@ async def sse_events(job: Any, name: str, piece: Piece) -> Any:
                     yield chunk(job, name, [{"index": i, **one, "logprobs": None, "finish_reason": fin}], **extra)
                 if r.include_usage:
                     yield chunk(job, name, [], usage=payload["usage"], neurotap=ext)
-                yield {"data": "[DONE]"}
+                yield event("[DONE]")
                 return
             else:
                 e = payload
                 status = e.status if isinstance(e, RequestError) else 500
-                yield {"data": json.dumps(error_body(str(e), "invalid_request_error" if status < 500
-                                                     else "server_error", getattr(e, "param", None),
-                                                     getattr(e, "code", None)))}
+                yield event(json.dumps(error_body(str(e), "invalid_request_error" if status < 500
+                                                  else "server_error", getattr(e, "param", None),
+                                                  getattr(e, "code", None))))
                 return
     finally:
         if not job.finished:
