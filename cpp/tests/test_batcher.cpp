@@ -126,9 +126,11 @@ void test_prompt_reuse() {
     ContextParams cp = small_context();
     cp.n_ctx = 1024;
     cp.n_batch = 64;  // prompt chunks of 64 tokens: the unit of reuse
+    cp.flash_attn = false;  // whole chunks (with flash attention on the CPU, finer: tests/test_prompt_reuse.py)
     TappedContext tc(model, cp);
     const int C = tc.params().n_batch;
     CHECK(C == 64);
+    CHECK(!tc.reuse_by_token());
     std::string question;
     for (int i = 0; i < 4; ++i)
         question += "Tell me a short story about a dragon who lived in a cave by the sea, guarding a treasure of "
