@@ -373,6 +373,26 @@ def test_server_module_runs_as_the_serve_command():
     assert "usage: neurotap serve" in r.stdout and "--max-queue" in r.stdout
 
 
+def test_streamed_multibyte_text_equals_the_whole_answer(client):
+    """Japanese text: tokens end inside UTF-8 characters, and a stream sends only whole ones (it
+    once decoded each step's bytes with replacement characters and then sliced at wrong offsets)."""
+    kw = dict(model="m", messages=[{"role": "user", "content": "Write in Japanese."}], max_tokens=24,
+              temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
+              extra_body={"top_k": SAMPLING["top_k"], "min_p": SAMPLING["min_p"]})
+    for seed in (9, 10):
+        whole = client.chat.completions.create(**kw, seed=seed).choices[0].message.content
+        assert sum(ord(ch) > 127 for ch in whole) > 5 and "\ufffd" not in whole, whole  # the test can tell
+        for extra in ({}, {"logprobs": True, "top_logprobs": 1}):  # a text view, or whole samples
+            chunks = list(client.chat.completions.create(**kw, seed=seed, stream=True, **extra))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole, extra
+    two = client.chat.completions.create(**kw, seed=9, n=2)
+    texts = ["", ""]
+    for c in client.chat.completions.create(**kw, seed=9, n=2, stream=True):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == [c.message.content for c in sorted(two.choices, key=lambda c: c.index)]
+
+
 def test_nad_streams_the_winner_from_the_decision(client):
     spec = {"n": 4, "method": "minact", "early_stop": 8}
     kw = dict(model="m", messages=MSGS, max_tokens=40, seed=11, temperature=0.8, top_p=0.95,

@@ -48,9 +48,10 @@ def rad_windows(samples: Sequence[Sample], tokens: Optional[int] = None, window:
             out.append((0, T))
             continue
         ends = s.piece_end if s.piece_end is not None and len(s.piece_end) == T else None
-        # piece_end counts bytes of the UTF-8 text: search the anchors there.
-        anchor = None if ends is None else anchor_position(ends, s.text.encode("utf-8", "replace"),
-                                                          [a.encode() for a in ANCHORS])
+        # piece_end counts bytes of the text as generated: search the anchors there (a Sample made
+        # by hand may hold only its decoded text).
+        data = s.text_bytes or s.text.encode("utf-8", "replace")
+        anchor = None if ends is None else anchor_position(ends, data, [a.encode() for a in ANCHORS])
         out.append(rad_window(T, anchor, window))
     return out
 

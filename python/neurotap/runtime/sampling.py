@@ -82,9 +82,12 @@ class TokenRecord:
 
     text: str = ""
     tokens: List[int] = field(default_factory=list)
+    # The text's UTF-8 bytes as generated; `text` decodes them with errors="replace" (a run cut
+    # short may end inside a character, and a live one usually does now and then).
+    text_bytes: bytes = b""
     finish_reason: str = ""  # "eos", "length", "stop", "stopped", "cancelled", "neat_exit", "neureasoner_exit"; "" while live
     eog_token: int = -1  # the end-of-generation token that ended it (finish "eos" or "neat_exit")
-    # Bytes of the UTF-8 text after each token (the text of tokens [0, j] is text.encode()[:piece_end[j]]).
+    # Bytes of the UTF-8 text after each token (the text of tokens [0, j] is text_bytes[:piece_end[j]]).
     piece_end: Optional[np.ndarray] = None  # uint32 [n_tokens]
     # Neurons with activation > active_threshold, per token and layer ("counts"; generate: tap on).
     active_counts: Optional[np.ndarray] = None  # int32 [n_tokens, n_layers]
@@ -185,6 +188,8 @@ def record_fields(cls: type, d: Dict[str, Any]) -> Dict[str, Any]:
     """The fields of record class `cls` found in a native run's sample dict (text decoded)."""
     out = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
     out["text"] = d["text"].decode("utf-8", errors="replace")
+    if "text_bytes" in cls.__dataclass_fields__:
+        out["text_bytes"] = bytes(d["text"])
     out["tokens"] = list(d["tokens"])
     return out
 
@@ -200,6 +205,7 @@ class TextView:
 
     index: int
     text: str
+    text_bytes: bytes  # as generated (text: decoded with errors="replace")
     n_tokens: int
     last_token: int  # -1 before the first
     finish_reason: str  # "" while live
@@ -212,7 +218,7 @@ def stream_view(native: Any, i: int, chunk: int) -> Union[TextView, Sample]:
     text, n_tokens, last, finish, logprobs = native.stream_view(int(i))
     if logprobs:
         return sample_from(native.sample(int(i)), chunk)
-    return TextView(int(i), text.decode("utf-8", errors="replace"), n_tokens, last, finish)
+    return TextView(int(i), text.decode("utf-8", errors="replace"), bytes(text), n_tokens, last, finish)
 
 
 def _native_attr(name: str, doc: str) -> property:

@@ -463,7 +463,7 @@ class Server:
     def _finish_race(self, b: _Batched) -> None:
         winner = b.sample(b.pick)
         if b.stream:
-            b.stream.finish(winner.text.encode("utf-8"), winner)
+            b.stream.finish(winner.text_bytes, winner)
         self._leave(b, self._result(b, self._nad_result(b.job.req, b.seed, b.pick, winner, b.cands, b.S, b.sizes)))
 
     def _result(self, b: _Batched, out: Dict[str, Any]) -> Dict[str, Any]:
@@ -582,7 +582,7 @@ class Server:
         head = self._choice(first, r) if first is not None else {
             "index": 0, "logprobs": None, "neat_exit_at": -1, "neat_events": 0, "neat_bans": 0}
         if stream:
-            stream.rebase(head_text.encode("utf-8"))
+            stream.rebase((first.text_bytes if first is not None else b"") + head_text[len(text1):].encode("utf-8"))
         if left <= 0:
             if stream:
                 stream.finish(b"")
@@ -597,7 +597,7 @@ class Server:
                 raise
             s = run.sample(0)
         if stream:
-            stream.finish(s.text.encode("utf-8"), s)
+            stream.finish(s.text_bytes, s)
         choice = self._choice(s, r)
         choice.update(text=head_text + s.text, tokens=len(head_tokens) + s.n_tokens,
                       logprobs=(head["logprobs"] or []) + (choice["logprobs"] or []) if k else None)
@@ -632,7 +632,7 @@ class Server:
                 raise
             winner = race.sample(pick)
             if stream:
-                stream.finish(winner.text.encode("utf-8"), winner)
+                stream.finish(winner.text_bytes, winner)
             cands, S, sizes = race.candidates, race.similarity(), race.set_sizes()
         return self._nad_result(r, seed, pick, winner, cands, S, sizes)
 

@@ -67,7 +67,7 @@ class Streamer:
 
     def update(self, sample: Any) -> None:
         """The streamed sample as it stands now (a Sample or its TextView): what it added goes out."""
-        self._push(sample.text.encode("utf-8"), sample, False)
+        self._push(sample.text_bytes, sample, False)
 
     def finish(self, data: bytes, sample: Any = None) -> None:
         self._push(data, sample, True)
@@ -86,13 +86,13 @@ class Streamers:
             if not self.done[i]:
                 s = run.stream_view(i)
                 self.done[i] = s.finish_reason != ""
-                (st.finish(s.text.encode("utf-8"), s) if self.done[i] else st.update(s))
+                (st.finish(s.text_bytes, s) if self.done[i] else st.update(s))
 
     def finish(self, samples: List[Any]) -> None:
         for i, s in enumerate(samples):
             if not self.done[i]:
                 self.done[i] = True
-                self.streams[i].finish(s.text.encode("utf-8"), s)
+                self.streams[i].finish(s.text_bytes, s)
 
 
 
