@@ -464,14 +464,23 @@ __attribute__((target("avx512f,avx2,f16c"))) void dequant_mxfp4_avx512(const voi
 // value = (d * sc) * q - (dmin * m), two roundings as ggml's C (no FMA: contraction off).
 constexpr int64_t kQ4_KBytes = 2 + 2 + 12 + 128;
 
-// ggml's get_scale_min_k4: sub-block j's 6-bit scale and min.
-inline void q4_k_scale_min(int j, const uint8_t* q, float* sc, float* m) {
-    if (j < 4) {
-        *sc = static_cast<float>(q[j] & 63);
-        *m = static_cast<float>(q[j + 4] & 63);
-    } else {
-        *sc = static_cast<float>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *m = static_cast<float>((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+// Prefetches `lines` cache lines kPrefetch bytes ahead of block b (a K-quant block spans several).
+inline void prefetch_block(const uint8_t* b, int lines) {
+    for (int p = 0; p < lines; ++p) _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 64 * p, _MM_HINT_T0);
+}
+
+// Q4_K block b's 8 sub-block scales d * sc and mins dmin * m, each one rounding as ggml's C forms
+// them, from ggml's get_scale_min_k4 (6-bit scales and mins, the last four split across bytes).
+__attribute__((target("f16c"))) inline void q4_k_scales(const uint8_t* b, float* dsc, float* dm) {
+    uint16_t h[2];
+    std::memcpy(h, b, 4);
+    const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
+    const uint8_t* q = b + 4;
+    for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        const int m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        dsc[j] = d * static_cast<float>(sc);
+        dm[j] = dmin * static_cast<float>(m);
     }
 }
 
@@ -481,19 +490,13 @@ __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"))) void dequa
     const uint8_t* b = static_cast<const uint8_t*>(blocks);
     const __m128i low4 = _mm_set1_epi8(0x0f);
     for (int64_t i = 0; i < n; i += 256, b += kQ4_KBytes, out += 16 * stride) {
-        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 64, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 128, _MM_HINT_T0);
-        uint16_t h[2];
-        std::memcpy(h, b, 4);
-        const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
+        prefetch_block(b, 3);
+        float dsc[8], dm[8];
+        q4_k_scales(b, dsc, dm);
         const uint8_t* q = b + 16;
         for (int j = 0; j < 4; ++j, q += 32) {
-            float sc, m;
-            q4_k_scale_min(2 * j, b + 4, &sc, &m);
-            const __m256 d1 = _mm256_set1_ps(d * sc), m1 = _mm256_set1_ps(dmin * m);
-            q4_k_scale_min(2 * j + 1, b + 4, &sc, &m);
-            const __m256 d2 = _mm256_set1_ps(d * sc), m2 = _mm256_set1_ps(dmin * m);
+            const __m256 d1 = _mm256_set1_ps(dsc[2 * j]), m1 = _mm256_set1_ps(dm[2 * j]);
+            const __m256 d2 = _mm256_set1_ps(dsc[2 * j + 1]), m2 = _mm256_set1_ps(dm[2 * j + 1]);
             for (int h16 = 0; h16 < 2; ++h16) {  // bytes 16 h16 .. 16 h16 + 15: values 64 j + 16 h16 + (0 | 32) + l
                 const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h16));
                 const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
@@ -517,19 +520,13 @@ __attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequan
     const uint8_t* b = static_cast<const uint8_t*>(blocks);
     const __m512i low4 = _mm512_set1_epi32(0x0f);
     for (int64_t i = 0; i < n; i += 256, b += kQ4_KBytes, out += 16 * stride) {
-        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 64, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 128, _MM_HINT_T0);
-        uint16_t h[2];
-        std::memcpy(h, b, 4);
-        const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
+        prefetch_block(b, 3);
+        float dsc[8], dm[8];
+        q4_k_scales(b, dsc, dm);
         const uint8_t* q = b + 16;
         for (int j = 0; j < 4; ++j, q += 32) {
-            float sc, m;
-            q4_k_scale_min(2 * j, b + 4, &sc, &m);
-            const __m512 d1 = _mm512_set1_ps(d * sc), m1 = _mm512_set1_ps(dmin * m);
-            q4_k_scale_min(2 * j + 1, b + 4, &sc, &m);
-            const __m512 d2 = _mm512_set1_ps(d * sc), m2 = _mm512_set1_ps(dmin * m);
+            const __m512 d1 = _mm512_set1_ps(dsc[2 * j]), m1 = _mm512_set1_ps(dm[2 * j]);
+            const __m512 d2 = _mm512_set1_ps(dsc[2 * j + 1]), m2 = _mm512_set1_ps(dm[2 * j + 1]);
             for (int h16 = 0; h16 < 2; ++h16) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h16)));
                 const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
@@ -558,17 +555,24 @@ constexpr Q6KBlock q6_k_block(int c) {
             2 * (c % 8 / 2), 8 * (c / 8) + c % 2 + 2 * (c % 8 / 2)};
 }
 
+// Q6_K block b's 16 scales times d (d * scale, the first of ggml's two roundings).
+__attribute__((target("f16c"))) inline void q6_k_scales(const uint8_t* b, float* scale) {
+    uint16_t h;
+    std::memcpy(&h, b + 208, 2);
+    const float d = _cvtsh_ss(h);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int j = 0; j < 16; ++j) scale[j] = d * static_cast<float>(sc[j]);
+}
+
 __attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequant_q6_k_avx512(const void* blocks,
                                                                                              float* out, int64_t n,
                                                                                              int64_t stride) {
     const uint8_t* b = static_cast<const uint8_t*>(blocks);
     const __m512i low4 = _mm512_set1_epi32(0x0f), three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
     for (int64_t i = 0; i < n; i += 256, b += kQ6_KBytes, out += 16 * stride) {
-        for (int p = 0; p < 4; ++p) _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 64 * p, _MM_HINT_T0);
-        uint16_t h;
-        std::memcpy(&h, b + 208, 2);
-        const float d = _cvtsh_ss(h);
-        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        prefetch_block(b, 4);
+        float scale[16];
+        q6_k_scales(b, scale);
 #pragma GCC unroll 16
         for (int c = 0; c < 16; ++c) {
             const Q6KBlock k = q6_k_block(c);
@@ -577,7 +581,7 @@ __attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequan
             __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 128 + k.qh)));
             hi = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, k.shift), three), 4);
             const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(lo, hi), bias));
-            _mm512_storeu_ps(out + c * stride, _mm512_mul_ps(_mm512_set1_ps(d * static_cast<float>(sc[k.scale])), q));
+            _mm512_storeu_ps(out + c * stride, _mm512_mul_ps(_mm512_set1_ps(scale[k.scale]), q));
         }
     }
 }
@@ -588,15 +592,13 @@ __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"))) void dequa
     const uint8_t* b = static_cast<const uint8_t*>(blocks);
     const __m256i low4 = _mm256_set1_epi32(0x0f), three = _mm256_set1_epi32(3), bias = _mm256_set1_epi32(32);
     for (int64_t i = 0; i < n; i += 256, b += kQ6_KBytes, out += 16 * stride) {
-        for (int p = 0; p < 4; ++p) _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 64 * p, _MM_HINT_T0);
-        uint16_t h;
-        std::memcpy(&h, b + 208, 2);
-        const float d = _cvtsh_ss(h);
-        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        prefetch_block(b, 4);
+        float scale[16];
+        q6_k_scales(b, scale);
 #pragma GCC unroll 16
         for (int c = 0; c < 16; ++c) {
             const Q6KBlock k = q6_k_block(c);
-            const __m256 s = _mm256_set1_ps(d * static_cast<float>(sc[k.scale]));
+            const __m256 s = _mm256_set1_ps(scale[k.scale]);
             for (int half = 0; half < 2; ++half) {
                 __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + k.ql + 8 * half)));
                 lo = k.hi_nibble ? _mm256_srli_epi32(lo, 4) : _mm256_and_si256(lo, low4);
