@@ -410,6 +410,207 @@ __attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequan
     }
 }
 
+// MXFP4 (gpt-oss's experts), as ggml's dequantize_row_mxfp4: a block is an E8M0 exponent e and
+// 16 bytes of 4-bit E2M1 codes (elements 0-15 the low nibbles, 16-31 the high), value
+// kvalues_mxfp4[code] * 2^(e - 128). The products are exact (small integers times a power of two),
+// so only the table and the scale must match ggml's: ggml's C is a scalar table lookup (about
+// 1 ns a value here, the larger part of a gpt-oss pass), a byte shuffle does 16 lookups at once.
+constexpr int64_t kMxfp4Bytes = 1 + 16;
+alignas(16) constexpr int8_t kMxfp4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// ggml_e8m0_to_fp32_half: 2^(e - 128), the two smallest as subnormals.
+inline float e8m0_half(uint8_t e) {
+    const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+__attribute__((target("avx2,fma,f16c"))) void dequant_mxfp4_avx2(const void* blocks, float* out, int64_t n,
+                                                                int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kMxfp4Values)), low4 = _mm_set1_epi8(0x0f);
+    for (int64_t i = 0; i < n; i += 32, b += kMxfp4Bytes, out += 2 * stride) {
+        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch, _MM_HINT_T0);
+        const __m256 d = _mm256_set1_ps(e8m0_half(b[0]));
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 1));
+        const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low4));
+        const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low4));
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        float* const dst[4] = {out, out + 8, out + stride, out + stride + 8};
+        for (int k = 0; k < 4; ++k)
+            _mm256_storeu_ps(dst[k], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])), d));
+    }
+}
+
+__attribute__((target("avx512f,avx2,f16c"))) void dequant_mxfp4_avx512(const void* blocks, float* out, int64_t n,
+                                                                      int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kMxfp4Values)), low4 = _mm_set1_epi8(0x0f);
+    for (int64_t i = 0; i < n; i += 32, b += kMxfp4Bytes, out += 2 * stride) {
+        _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch, _MM_HINT_T0);
+        const __m512 d = _mm512_set1_ps(e8m0_half(b[0]));
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 1));
+        const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low4));
+        const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low4));
+        _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d));
+        _mm512_storeu_ps(out + stride, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d));
+    }
+}
+
+// Q4_K (K-quant experts, OLMoE and Qwen3-MoE's Q4_K files), as ggml's dequantize_row_q4_K: a block
+// of 256 values is fp16 d and dmin, 12 bytes of 6-bit sub-block scales and mins, then 128 bytes of
+// nibbles; in each 64 values, 32 bytes give the low nibbles (first 32) and the high ones (next 32),
+// value = (d * sc) * q - (dmin * m), two roundings as ggml's C (no FMA: contraction off).
+constexpr int64_t kQ4_KBytes = 2 + 2 + 12 + 128;
+
+// Prefetches `lines` cache lines kPrefetch bytes ahead of block b (a K-quant block spans several).
+inline void prefetch_block(const uint8_t* b, int lines) {
+    for (int p = 0; p < lines; ++p) _mm_prefetch(reinterpret_cast<const char*>(b) + kPrefetch + 64 * p, _MM_HINT_T0);
+}
+
+// Q4_K block b's 8 sub-block scales d * sc and mins dmin * m, each one rounding as ggml's C forms
+// them, from ggml's get_scale_min_k4 (6-bit scales and mins, the last four split across bytes).
+__attribute__((target("f16c"))) inline void q4_k_scales(const uint8_t* b, float* dsc, float* dm) {
+    uint16_t h[2];
+    std::memcpy(h, b, 4);
+    const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
+    const uint8_t* q = b + 4;
+    for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        const int m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        dsc[j] = d * static_cast<float>(sc);
+        dm[j] = dmin * static_cast<float>(m);
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"))) void dequant_q4_k_avx2(const void* blocks,
+                                                                                            float* out, int64_t n,
+                                                                                            int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    for (int64_t i = 0; i < n; i += 256, b += kQ4_KBytes, out += 16 * stride) {
+        prefetch_block(b, 3);
+        float dsc[8], dm[8];
+        q4_k_scales(b, dsc, dm);
+        const uint8_t* q = b + 16;
+        for (int j = 0; j < 4; ++j, q += 32) {
+            const __m256 d1 = _mm256_set1_ps(dsc[2 * j]), m1 = _mm256_set1_ps(dm[2 * j]);
+            const __m256 d2 = _mm256_set1_ps(dsc[2 * j + 1]), m2 = _mm256_set1_ps(dm[2 * j + 1]);
+            for (int h16 = 0; h16 < 2; ++h16) {  // bytes 16 h16 .. 16 h16 + 15: values 64 j + 16 h16 + (0 | 32) + l
+                const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h16));
+                const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+                float* const dl = out + (4 * j + h16) * stride;      // column block of value 64 j + 16 h16
+                float* const dh = out + (4 * j + 2 + h16) * stride;  // of value 64 j + 32 + 16 h16
+                const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                float* const dst[4] = {dl, dl + 8, dh, dh + 8};
+                for (int k = 0; k < 4; ++k) {
+                    const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[k]));
+                    _mm256_storeu_ps(dst[k], k < 2 ? _mm256_sub_ps(_mm256_mul_ps(d1, x), m1)
+                                                   : _mm256_sub_ps(_mm256_mul_ps(d2, x), m2));
+                }
+            }
+        }
+    }
+}
+
+__attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequant_q4_k_avx512(const void* blocks,
+                                                                                             float* out, int64_t n,
+                                                                                             int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m512i low4 = _mm512_set1_epi32(0x0f);
+    for (int64_t i = 0; i < n; i += 256, b += kQ4_KBytes, out += 16 * stride) {
+        prefetch_block(b, 3);
+        float dsc[8], dm[8];
+        q4_k_scales(b, dsc, dm);
+        const uint8_t* q = b + 16;
+        for (int j = 0; j < 4; ++j, q += 32) {
+            const __m512 d1 = _mm512_set1_ps(dsc[2 * j]), m1 = _mm512_set1_ps(dm[2 * j]);
+            const __m512 d2 = _mm512_set1_ps(dsc[2 * j + 1]), m2 = _mm512_set1_ps(dm[2 * j + 1]);
+            for (int h16 = 0; h16 < 2; ++h16) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * h16)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                _mm512_storeu_ps(out + (4 * j + h16) * stride, _mm512_sub_ps(_mm512_mul_ps(d1, lo), m1));
+                _mm512_storeu_ps(out + (4 * j + 2 + h16) * stride, _mm512_sub_ps(_mm512_mul_ps(d2, hi), m2));
+            }
+        }
+    }
+}
+
+// Q6_K (the down projection of most Q4_K_M files: llama.cpp gives half of their ffn_down layers
+// 6 bits), as ggml's dequantize_row_q6_K, whose C took about 1 ns a value here: a block of 256
+// values is 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales, then fp16 d. Each
+// 16 values share one scale: value = (d * scale) * (q - 32), in that order, as ggml's C.
+constexpr int64_t kQ6_KBytes = 128 + 64 + 16 + 2;
+
+// Column block c (values 16 c .. 16 c + 15) of a Q6_K block: its 16 low-nibble bytes, which
+// nibble, its 16 high-part bytes, their shift, and its scale's index.
+struct Q6KBlock {
+    int ql, hi_nibble, qh, shift, scale;
+};
+constexpr Q6KBlock q6_k_block(int c) {
+    // Half n of the block (128 values), group g of 32 values in it, h the 16 of the group.
+    return {64 * (c / 8) + 32 * ((c % 8 / 2) % 2) + 16 * (c % 2), (c % 8 / 2) / 2, 32 * (c / 8) + 16 * (c % 2),
+            2 * (c % 8 / 2), 8 * (c / 8) + c % 2 + 2 * (c % 8 / 2)};
+}
+
+// Q6_K block b's 16 scales times d (d * scale, the first of ggml's two roundings).
+__attribute__((target("f16c"))) inline void q6_k_scales(const uint8_t* b, float* scale) {
+    uint16_t h;
+    std::memcpy(&h, b + 208, 2);
+    const float d = _cvtsh_ss(h);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int j = 0; j < 16; ++j) scale[j] = d * static_cast<float>(sc[j]);
+}
+
+__attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequant_q6_k_avx512(const void* blocks,
+                                                                                             float* out, int64_t n,
+                                                                                             int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m512i low4 = _mm512_set1_epi32(0x0f), three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
+    for (int64_t i = 0; i < n; i += 256, b += kQ6_KBytes, out += 16 * stride) {
+        prefetch_block(b, 4);
+        float scale[16];
+        q6_k_scales(b, scale);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c) {
+            const Q6KBlock k = q6_k_block(c);
+            __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + k.ql)));
+            lo = k.hi_nibble ? _mm512_srli_epi32(lo, 4) : _mm512_and_si512(lo, low4);
+            __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 128 + k.qh)));
+            hi = _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, k.shift), three), 4);
+            const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(lo, hi), bias));
+            _mm512_storeu_ps(out + c * stride, _mm512_mul_ps(_mm512_set1_ps(scale[k.scale]), q));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"))) void dequant_q6_k_avx2(const void* blocks,
+                                                                                            float* out, int64_t n,
+                                                                                            int64_t stride) {
+    const uint8_t* b = static_cast<const uint8_t*>(blocks);
+    const __m256i low4 = _mm256_set1_epi32(0x0f), three = _mm256_set1_epi32(3), bias = _mm256_set1_epi32(32);
+    for (int64_t i = 0; i < n; i += 256, b += kQ6_KBytes, out += 16 * stride) {
+        prefetch_block(b, 4);
+        float scale[16];
+        q6_k_scales(b, scale);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c) {
+            const Q6KBlock k = q6_k_block(c);
+            const __m256 s = _mm256_set1_ps(scale[k.scale]);
+            for (int half = 0; half < 2; ++half) {
+                __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + k.ql + 8 * half)));
+                lo = k.hi_nibble ? _mm256_srli_epi32(lo, 4) : _mm256_and_si256(lo, low4);
+                __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 128 + k.qh + 8 * half)));
+                hi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, k.shift), three), 4);
+                const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_or_si256(lo, hi), bias));
+                _mm256_storeu_ps(out + c * stride + 8 * half, _mm256_mul_ps(s, q));
+            }
+        }
+    }
+}
+
 // What the CPU runs, read once: the extension is built for any x86-64 and picks its kernels here.
 bool has_avx2_fma() {
     static const bool yes = [] {
@@ -477,10 +678,10 @@ static bool same_as_ggml(ggml_type type, DequantFn fast) {
     uint32_t x = 12345;
     for (auto& b : blocks) b = static_cast<uint8_t>((x = x * 1664525u + 1013904223u) >> 24);
     const float scales[] = {0.0f, 3e-6f, -0.75f, 1.0f, 123.5f, -6e-5f, 0.0138f, 2.5f};
-    for (size_t k = 0; k < bytes / bsz; ++k) {
+    for (size_t k = 0; k < bytes / bsz && type != GGML_TYPE_MXFP4; ++k) {  // MXFP4: every exponent byte is valid
         const ggml_fp16_t d = ggml_fp32_to_fp16(scales[k % 8]), m = ggml_fp32_to_fp16(scales[(k / 8 + 3) % 8]);
-        std::memcpy(blocks.data() + k * bsz, &d, sizeof d);
-        if (type == GGML_TYPE_Q4_1) std::memcpy(blocks.data() + k * bsz + 2, &m, sizeof m);
+        std::memcpy(blocks.data() + k * bsz + (type == GGML_TYPE_Q6_K ? bsz - 2 : 0), &d, sizeof d);  // Q6_K: d last
+        if (type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q4_K) std::memcpy(blocks.data() + k * bsz + 2, &m, sizeof m);
     }
     std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n));
     ggml_get_type_traits(type)->to_float(blocks.data(), want.data(), n);
@@ -510,11 +711,17 @@ std::vector<DequantFn> dequant_kernels(ggml_type type) {
         if (type == GGML_TYPE_Q4_0) all.push_back(&dequant_q4_0_avx512);
         if (type == GGML_TYPE_Q4_1) all.push_back(&dequant_q4_1_avx512);
         if (type == GGML_TYPE_Q8_0) all.push_back(&dequant_q8_0_avx512);
+        if (type == GGML_TYPE_Q4_K) all.push_back(&dequant_q4_k_avx512);
+        if (type == GGML_TYPE_MXFP4) all.push_back(&dequant_mxfp4_avx512);
+        if (type == GGML_TYPE_Q6_K) all.push_back(&dequant_q6_k_avx512);
     }
     if (has_avx2_fma_f16c()) {
         if (type == GGML_TYPE_Q4_0) all.push_back(&dequant_q4_0_avx2);
         if (type == GGML_TYPE_Q4_1) all.push_back(&dequant_q4_1_avx2);
         if (type == GGML_TYPE_Q8_0) all.push_back(&dequant_q8_0_avx2);
+        if (type == GGML_TYPE_Q4_K) all.push_back(&dequant_q4_k_avx2);
+        if (type == GGML_TYPE_MXFP4) all.push_back(&dequant_mxfp4_avx2);
+        if (type == GGML_TYPE_Q6_K) all.push_back(&dequant_q6_k_avx2);
     }
 #endif
     (void)type;

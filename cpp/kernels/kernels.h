@@ -8,8 +8,8 @@
 
 namespace neurotap {
 
-// Dequantizes n values (a multiple of 32) of Q4_0, Q4_1 or Q8_0 blocks to exactly what ggml's
-// to_float gives, with AVX-512 or AVX2 where the CPU has them: ggml's own to_float is scalar,
+// Dequantizes n values (a multiple of 32, and of the type's block: 256 for Q4_K and Q6_K) of Q4_0,
+// Q4_1, Q8_0, Q4_K, Q6_K or MXFP4 blocks to exactly what ggml's to_float gives, with AVX-512 or AVX2 where the CPU has them: ggml's own to_float is scalar,
 // and a pass over W_down dequantizes all of it. dequant_kernel() picks the first of
 // dequant_kernels() that equals to_float on a test set of blocks (checked once per type), or null
 // (ggml's is used). Value i goes to out[(i / 16) * stride + i % 16]: stride 16 writes a row, a

@@ -80,9 +80,14 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     queue_budget_ = p_.queue_bytes < 0 ? share : p_.queue_bytes;
     // A pass holds, per token it selects, its top values and (per thread) one layer of its
     // projection: within the queue's budget, in passes of 16 tokens where that is empty (the
-    // default model at n = 64, where the rows in flight alone take 12% of the file).
+    // default model at n = 64, where the rows in flight alone take 12% of the file). MoE: a
+    // token's projections are its experts' (compact_), and an expert's targets gather their
+    // unembedding rows; passes then carry n_expert / n_used times more tokens, so that a flush is
+    // one pass (each pass dequantizes every expert its tokens ran: at OLMoE's shape and n = 16 a
+    // flush was a pass of 382 tokens and one of 18).
+    const int64_t per_thread = compact_ > 0 ? (compact_ + w_->n_embd()) * 4 : n_ff * 4;
     const int64_t pass_bytes = static_cast<int64_t>(n_layers) * k_ * 8 + 4 +
-                               static_cast<int64_t>(p_.n_threads) * n_ff * 4 + w_->n_embd() * 4;
+                               static_cast<int64_t>(p_.n_threads) * per_thread + w_->n_embd() * 4;
     group_tokens_ = p_.pass_tokens > 0 ? p_.pass_tokens : std::max<int64_t>(16, queue_budget_ / pass_bytes);
     cache_.clear();
     // Reserved once: growing would reallocate, copying the cache and holding up to 3x its size at
@@ -223,11 +228,18 @@ void ContributionReducer::end_step() {
 
 void ContributionReducer::sync() { flush(); }
 
+// MoE: a cached id counts as a hit only when its slot holds every expert the token ran, at every
+// layer. The others wait for the pass: selecting one now dequantized each expert it still lacked
+// for that single projection (a whole expert's W_down, about 7 projections' worth of products at
+// OLMoE's shape), while the pass dequantizes those experts anyway for its new ids.
 void ContributionReducer::select_hits() {
     const auto t0 = std::chrono::steady_clock::now();
     which_.clear();
-    for (size_t q = 0; q < queue_.size(); ++q)
-        if (queue_[q].buf >= 0 && cache_index_.count(queue_[q].token_id)) which_.push_back(static_cast<int>(q));
+    for (size_t q = 0; q < queue_.size(); ++q) {
+        if (queue_[q].buf < 0) continue;
+        const auto it = cache_index_.find(queue_[q].token_id);
+        if (it != cache_index_.end() && cached_all_experts(it->second, queue_[q].buf)) which_.push_back(static_cast<int>(q));
+    }
     assign_sources(which_);  // all cached: no new ids
     select(which_);
     seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -297,32 +309,50 @@ void ContributionReducer::assign_sources(const std::vector<int>& which) {
     }
 }
 
+bool ContributionReducer::cached_all_experts(int slot, int buf) const {
+    const int segs = moe_segments();
+    if (segs == 0) return true;
+    const MoeLayout& moe = w_->moe();
+    const uint8_t* valid = valid_.data() + static_cast<size_t>(slot) * n_layers_ * segs;
+    const int32_t* exps = exps_[static_cast<size_t>(buf)].data();
+    for (int l = 0; l < n_layers_; ++l, valid += segs, exps += moe.n_used) {
+        for (int k = 0; k < moe.n_used; ++k)
+            if (!valid[exps[k]]) return false;
+        if (segs > moe.n_expert && !valid[moe.n_expert]) return false;  // the shared expert
+    }
+    return true;
+}
+
 int ContributionReducer::moe_segments() const {
     const MoeLayout& m = w_->moe();
     return m.moe() ? m.n_expert + (m.n_ff_shexp > 0 ? 1 : 0) : 0;
 }
 
 // MoE: layer l's projections d(y) = W_down^T W_U[y] of the experts the pass's tokens ran, and no
-// others (llama.cpp ran n_used of n_expert; the others' contributions are not candidates). For a
-// new id of the pass they go into its row of `proj` (zero elsewhere) and its cache slot, if it has
-// one; for an id already cached, into the slot where an expert it now needs was never computed.
-// u_ holds the unembedding rows of the pass's new ids, then of its cached ids (hit_row_).
+// others (llama.cpp ran n_used of n_expert; the others' contributions are not candidates), into
+// the thread's pool, expert by expert: all of an expert's projections in one project() call, so its
+// W_down is dequantized once per pass (in chunks of 64 ids it was dequantized again per chunk). A
+// new id of the pass finds its experts through s.at; they also go into its cache slot, if it has
+// one; for an id already cached, only into the slot, where an expert it now needs was never
+// computed. u_ holds the unembedding rows of the pass's new ids, then of its cached ids (hit_row_).
+// The pool holds only the experts the pass's tokens ran (at most compact_ floats a token), where a
+// full-width row per new id was n_expert / n_used times larger.
 void ContributionReducer::project_experts(int l, const std::vector<int>& which, Scratch& s) {
     const MoeLayout& moe = w_->moe();
     const int segs = moe_segments();
     const int64_t E = w_->n_embd(), total = static_cast<int64_t>(n_layers_) * n_ff_;
     const int M = static_cast<int>(missing_ids_.size());
-    // No clearing of s.proj: a token reads only the experts it ran, all computed below.
     // Targets per segment: (u row, pass row or -1, cache slot or -1).
     s.targets.assign(static_cast<size_t>(segs), {});
-    s.seen.assign(static_cast<size_t>(M) * segs, 0);
+    s.at.assign(static_cast<size_t>(M) * segs, -1);
     for (const int q : which) {
         const uint8_t* ran = ran_[static_cast<size_t>(queue_[q].buf)].data() + static_cast<size_t>(l) * moe.n_expert;
         for (int e = 0; e < segs; ++e) {
             if (e < moe.n_expert && !ran[e]) continue;  // the shared expert always runs
             if (const int m = row_of_[q]; m >= 0) {
-                if (s.seen[static_cast<size_t>(m) * segs + e]) continue;
-                s.seen[static_cast<size_t>(m) * segs + e] = 1;
+                int64_t& at = s.at[static_cast<size_t>(m) * segs + e];
+                if (at >= 0) continue;
+                at = 0;  // placed below
                 s.targets[static_cast<size_t>(e)].push_back({m, m, missing_slot_[static_cast<size_t>(m)]});
             } else {
                 const int slot = slot_of_[q];
@@ -333,29 +363,33 @@ void ContributionReducer::project_experts(int l, const std::vector<int>& which, 
             }
         }
     }
+    auto width_of = [&](int e) { return e < moe.n_expert ? moe.n_ff_exp : moe.n_ff_shexp; };
+    int64_t pool = 0;
+    for (int e = 0; e < segs; ++e) pool += static_cast<int64_t>(s.targets[static_cast<size_t>(e)].size()) * width_of(e);
+    s.pool.resize(static_cast<size_t>(pool));
+    int64_t base = 0;
     for (int e = 0; e < segs; ++e) {
         const auto& tg = s.targets[static_cast<size_t>(e)];
         if (tg.empty()) continue;
         expert_proj_ += static_cast<int64_t>(tg.size());
         for (const Target& t : tg) expert_proj_cached_ += t.prow < 0;
-        const int64_t off = int64_t{e} * moe.n_ff_exp, width = e < moe.n_expert ? moe.n_ff_exp : moe.n_ff_shexp;
-        for (size_t t0 = 0; t0 < tg.size(); t0 += kMaxBatch) {
-            const int mn = static_cast<int>(std::min<size_t>(kMaxBatch, tg.size() - t0));
-            s.u.resize(static_cast<size_t>(mn) * E);
-            s.d.resize(static_cast<size_t>(mn) * width);
-            for (int k = 0; k < mn; ++k)
-                std::copy_n(u_.data() + static_cast<size_t>(tg[t0 + k].urow) * E, E, s.u.data() + static_cast<size_t>(k) * E);
-            w_->project(l, s.u.data(), mn, off, off + width, s.d.data(), width, s.row.data());
-            for (int k = 0; k < mn; ++k) {
-                const Target& t = tg[t0 + k];
-                const float* d = s.d.data() + static_cast<size_t>(k) * width;
-                if (t.prow >= 0) std::copy_n(d, width, s.proj.data() + static_cast<size_t>(t.prow) * n_ff_ + off);
-                if (t.slot >= 0) {
-                    std::copy_n(d, width, cache_.data() + static_cast<size_t>(t.slot) * total + static_cast<size_t>(l) * n_ff_ + off);
-                    valid_[(static_cast<size_t>(t.slot) * n_layers_ + l) * segs + e] = 1;
-                }
+        const int64_t off = int64_t{e} * moe.n_ff_exp, width = width_of(e);
+        const int mn = static_cast<int>(tg.size());
+        s.u.resize(static_cast<size_t>(mn) * E);
+        for (int k = 0; k < mn; ++k)
+            std::copy_n(u_.data() + static_cast<size_t>(tg[k].urow) * E, E, s.u.data() + static_cast<size_t>(k) * E);
+        float* D = s.pool.data() + base;
+        w_->project(l, s.u.data(), mn, off, off + width, D, width, s.row.data());
+        for (int k = 0; k < mn; ++k) {
+            const Target& t = tg[k];
+            const int64_t at = base + int64_t{k} * width;
+            if (t.prow >= 0) s.at[static_cast<size_t>(t.prow) * segs + e] = at;
+            if (t.slot >= 0) {
+                std::copy_n(s.pool.data() + at, width, cache_.data() + static_cast<size_t>(t.slot) * total + static_cast<size_t>(l) * n_ff_ + off);
+                valid_[(static_cast<size_t>(t.slot) * n_layers_ + l) * segs + e] = 1;
             }
         }
+        base += int64_t{mn} * width;
     }
 }
 
@@ -394,14 +428,14 @@ static float layer_top(const float* c, int64_t n, int k, int32_t* idx, int64_t m
 // expert id, the shared expert last: the flat order), their indices then mapped to flat ones. The
 // neurons of experts that did not run are no candidates (-inf); they only matter where fewer than
 // k neurons ran or the k-th value is -inf, when the row is ranked at full width as those ties need.
-float ContributionReducer::moe_layer_top(const float* a, const int32_t* exps, const float* d, float guess, Scratch& s,
-                                         float* top_c, int32_t* top_i, ProductsFn products) const {
+float ContributionReducer::moe_layer_top(const float* a, const int32_t* exps, const float* const* d, float guess,
+                                         Scratch& s, float* top_c, int32_t* top_i, ProductsFn products) const {
     const MoeLayout& moe = w_->moe();
     const int U = moe.n_used;
     const int64_t F = moe.n_ff_exp, Fs = moe.n_ff_shexp, routed = int64_t{moe.n_expert} * F, nc = compact_;
     s.dc.resize(static_cast<size_t>(nc));
-    for (int k = 0; k < U; ++k) std::copy_n(d + int64_t{exps[k]} * F, F, s.dc.data() + int64_t{k} * F);
-    std::copy_n(d + routed, Fs, s.dc.data() + int64_t{U} * F);
+    for (int k = 0; k < U; ++k) std::copy_n(d[k], F, s.dc.data() + int64_t{k} * F);
+    if (Fs > 0) std::copy_n(d[U], Fs, s.dc.data() + int64_t{U} * F);
     const int64_t mc = products(a, s.dc.data(), nc, guess, s.c.data(), s.idx.data());
     auto flat = [&](int64_t i) { return i < int64_t{U} * F ? int64_t{exps[i / F]} * F + i % F : routed + (i - int64_t{U} * F); };
     if (nc >= k_) {
@@ -418,9 +452,9 @@ float ContributionReducer::moe_layer_top(const float* a, const int32_t* exps, co
 
 // Selects the queued tokens in `which` (their activations held, their projections' sources
 // assigned): contributions, each layer's top k, eta; frees their activations. One layer at a time
-// per thread: the layer's new projections (W_down's rows for the layer streamed once per 64 ids),
-// cached where they have a slot, then every token's products and top k at that layer; only one
-// layer's projections of the pass's new ids are held per thread.
+// per thread: the layer's new projections (dense: W_down's rows for the layer streamed once per 64
+// ids; MoE: each expert's once per pass), cached where they have a slot, then every token's products
+// and top k at that layer; only one layer's projections of the pass's new ids are held per thread.
 void ContributionReducer::select(const std::vector<int>& which) {
     const int W = static_cast<int>(which.size());
     if (W == 0) return;
@@ -450,10 +484,11 @@ void ContributionReducer::select(const std::vector<int>& which) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Scratch& s = scratch_[static_cast<size_t>(next_scratch.fetch_add(1))];
-        s.proj.resize(static_cast<size_t>(M) * n_ff_);
+        if (!moe.moe()) s.proj.resize(static_cast<size_t>(M) * n_ff_);
         s.row.resize(ContributionWeights::kProjectScratch);
         s.c.resize(static_cast<size_t>(n_ff_));
         s.idx.resize(static_cast<size_t>(n_ff_));
+        s.guess.resize(kth_.size());
         const ProductsFn products = products_kernel();
 #pragma omp for schedule(dynamic)
         for (int l = 0; l < n_layers_; ++l) {
@@ -472,15 +507,20 @@ void ContributionReducer::select(const std::vector<int>& which) {
                                     cache_.data() + static_cast<size_t>(slot) * total + static_cast<size_t>(l) * n_ff_);
             }
             project_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+            // Each sample's guess at this layer: from its last token selected before the pass, then
+            // from its previous token in the pass (queue order is token order within a sample), so
+            // a pass's tokens after a sample's first are pruned too (the first pass of a run has no
+            // earlier token: ranking all of a row's values, for every token, took an eighth of it).
+            for (size_t k = 0; k < kth_.size(); ++k) s.guess[k] = kth_[k][static_cast<size_t>(l)];
             for (int j = 0; j < W; ++j) {
                 const int q = which[j];
                 const size_t at = base + j;
                 // c = a * d(y) in a buffer that stays in L1, and the candidates.
-                const float* d = row_of_[q] >= 0 ? s.proj.data() + static_cast<size_t>(row_of_[q]) * n_ff_
-                                                 : cache_.data() + static_cast<size_t>(slot_of_[q]) * total +
-                                                       static_cast<size_t>(l) * n_ff_;
+                const float* cached = row_of_[q] >= 0 ? nullptr
+                                                      : cache_.data() + static_cast<size_t>(slot_of_[q]) * total +
+                                                            static_cast<size_t>(l) * n_ff_;
                 // kth_ is read only here and written after the pass.
-                const float guess = kth_[queue_[q].sample][static_cast<size_t>(l)];
+                const float guess = s.guess[static_cast<size_t>(queue_[q].sample)];
                 // No finite guess: no candidates, so layer_top ranks every value.
                 const float g = std::isfinite(guess) ? guess : INFINITY;
                 float* top_c = sel_c_.data() + at * K + l * k_;
@@ -488,15 +528,32 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 float kth;
                 if (moe.moe()) {
                     const size_t b = static_cast<size_t>(queue_[q].buf);
-                    kth = moe_layer_top(bufs_[b].data() + static_cast<size_t>(l) * compact_,
-                                        exps_[b].data() + static_cast<size_t>(l) * moe.n_used, d, g, s, top_c, top_i, products);
+                    const int32_t* exps = exps_[b].data() + static_cast<size_t>(l) * moe.n_used;
+                    // Its experts' projections: in the cache, or (a new id of the pass) in the pool.
+                    const int segs = moe_segments();
+                    s.seg.resize(static_cast<size_t>(moe.n_used) + 1);
+                    for (int k = 0; k <= moe.n_used; ++k) {
+                        const int e = k < moe.n_used ? exps[k] : moe.n_expert;  // the shared expert last
+                        if (e == moe.n_expert && segs == moe.n_expert) {
+                            s.seg[static_cast<size_t>(k)] = nullptr;  // none
+                        } else if (cached) {
+                            s.seg[static_cast<size_t>(k)] = cached + int64_t{e} * moe.n_ff_exp;
+                        } else {
+                            const int64_t at = s.at[static_cast<size_t>(row_of_[q]) * segs + e];
+                            s.seg[static_cast<size_t>(k)] = s.pool.data() + at;
+                        }
+                    }
+                    kth = moe_layer_top(bufs_[b].data() + static_cast<size_t>(l) * compact_, exps, s.seg.data(), g, s,
+                                        top_c, top_i, products);
                 } else {
+                    const float* d = cached ? cached : s.proj.data() + static_cast<size_t>(row_of_[q]) * n_ff_;
                     const float* a = bufs_[queue_[q].buf].data() + static_cast<size_t>(l) * n_ff_;
                     const int64_t mc = products(a, d, n_ff_, g, s.c.data(), s.idx.data());
                     kth = layer_top(s.c.data(), n_ff_, k_, s.idx.data(), mc, s.top, top_c, top_i);
                 }
                 // A positive guess prunes; otherwise rank all.
-                sel_kth_[static_cast<size_t>(j) * n_layers_ + l] = kth > 0 ? 0.5f * kth : -INFINITY;
+                sel_kth_[static_cast<size_t>(j) * n_layers_ + l] = s.guess[static_cast<size_t>(queue_[q].sample)] =
+                    kth > 0 ? 0.5f * kth : -INFINITY;
             }
         }
 #pragma omp for

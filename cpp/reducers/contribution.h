@@ -45,10 +45,11 @@ struct ContributionParams {
 // Streams activations; a committed token is queued with its activations, and its contributions are
 // computed, all L x n_ff of them, exactly. c = a * d(y) with d(y) = W_down^T W_U[y] a function of
 // the token id alone: d is cached per token id (LRU, within cache_bytes). When the queue fills
-// queue_bytes, the tokens whose d is cached are selected and their activations freed; the others
-// wait for one pass over W_down that computes d for all their ids at once, a layer at a time: ids
-// beyond the cache's free slots are projected for the pass alone, so the cache never outgrows its
-// budget and only one layer of the new projections is held per thread. (A Cauchy-Schwarz bound
+// queue_bytes, the tokens whose d is cached (MoE: for every expert they ran) are selected and their
+// activations freed; the others wait for one pass over W_down that computes d for all their ids at
+// once, a layer at a time: ids beyond the cache's free slots are projected for the pass alone, so
+// the cache never outgrows its budget and only one layer of the new projections is held per
+// thread. (A Cauchy-Schwarz bound
 // |c_i| <= |a_i| ||W_down[:, i]|| ||W_U[y]|| was measured to prune only about a third of the neurons on
 // SmolLM2, so it is not used.) Activated neurons go into the working bitset of the token's chunk,
 // encoded compactly once the chunk completes (set_record.h).
@@ -165,13 +166,18 @@ private:
         int urow, prow, slot;  // row of u_; row of the pass's projections (-1: none); cache slot (-1: none)
     };
     struct Scratch {  // one thread's
-        std::vector<float> proj;  // [missing ids, n_ff]: one layer's new projections
+        std::vector<float> proj;  // dense: [missing ids, n_ff]: one layer's new projections
         std::vector<float> row, c, top;
         std::vector<int32_t> idx;
         std::vector<std::vector<Target>> targets;  // MoE: per expert segment
-        std::vector<uint8_t> seen;
-        std::vector<float> u, d;
+        // MoE: one layer's projections, expert by expert (its targets' rows), and where a new id's
+        // expert starts in it [missing ids, segments] (-1: not run by the pass's tokens).
+        std::vector<float> pool;
+        std::vector<int64_t> at;
+        std::vector<const float*> seg;  // a token's experts' projections (the shared expert last)
+        std::vector<float> u;
         std::vector<float> dc, full;  // MoE: a token's projections gathered compact; a full-width row
+        std::vector<float> guess;     // [sample] a value below its next token's k-th at the layer in hand
     };
     // MoE: row `layer` of the sample's buffer from slot j's expert id_of(j), gate weight
     // weight_of(j) and activations act_of(j) (n_ff_exp floats), and the shared expert's and its gate.
@@ -179,10 +185,14 @@ private:
     void store_moe_row(int sample, int layer, IdOf id_of, WeightOf weight_of, ActOf act_of, const float* shexp,
                        float shexp_gate);
     // MoE: layer l's top k of one token from its compact activations `a` and its experts `exps`
-    // (ascending), the layer's full-width projections d; returns the k-th value (as layer_top).
-    float moe_layer_top(const float* a, const int32_t* exps, const float* d, float guess, Scratch& s, float* top_c,
-                        int32_t* top_i, ProductsFn products) const;
+    // (ascending), d[k] the projections of expert exps[k] (d[n_used]: the shared expert's, if
+    // any); returns the k-th value (as layer_top).
+    float moe_layer_top(const float* a, const int32_t* exps, const float* const* d, float guess, Scratch& s,
+                        float* top_c, int32_t* top_i, ProductsFn products) const;
     int moe_segments() const;  // experts + the shared one (0: dense)
+    // MoE: whether cache slot `slot` holds, at every layer, the projections of every expert that
+    // the token in buffer `buf` ran (dense: always).
+    bool cached_all_experts(int slot, int buf) const;
     void project_experts(int l, const std::vector<int>& which, Scratch& s);
     std::vector<uint8_t> valid_;                 // MoE: [slot, layer, segment] projection computed
     std::atomic<int64_t> expert_proj_{0}, expert_proj_cached_{0};

@@ -440,6 +440,45 @@ void test_moe_compact_contributions() {
     }
 }
 
+// One pass that projects more than 64 ids through one expert (kMaxBatch, the chunk in which an
+// expert's W_down was dequantized again) and passes of 5 tokens give the same bits, equal to the
+// brute-force reference; the pass's new ids find their experts in the pool, not a full-width row.
+void test_moe_contributions_one_wide_pass() {
+    TempDir dir;
+    const int L = 2, n = 8, T = 16, V = n * T + 3;
+    const int64_t E = 16;
+    const MoeShape shape{3, 2, 32, 16};  // two of three experts a token: ~85 of 128 ids an expert
+    const MoeLayout lay = shape.layout();
+    const std::string path = dir.file("moe-wide.gguf");
+    const MoeDownWeights weights = write_moe_down_gguf(path, lay, L, E, V, 29);
+    GgufFile file(path);
+    auto cw = std::make_shared<const ContributionWeights>(file, L, lay.width(), E, V, &lay);
+    ContributionParams p;
+    p.chunk = 4;
+    p.top_per_layer = 6;
+    p.eta_rank = 7;
+    p.keep_top = true;
+    p.n_threads = 2;
+    p.cache_bytes = p.queue_bytes = int64_t{1} << 30;  // everything in one pass at the end
+    ContributionParams q = p;
+    q.pass_tokens = 5;
+    q.queue_bytes = 0;  // a pass every step, of at most 5 tokens
+    ContributionReducer wide(cw, p), small(cw, q);
+    auto id = [](int s, int t) { return s * T + t; };  // all distinct: every id new
+    FedRows fed;
+    run_both(shape, n, L, T, {&wide}, {&small}, id, 31, &fed);
+    CHECK_MSG(wide.cache_misses() == n * T - 1 && small.cache_misses() == n * T - 1, "every id new");
+    for (int s = 0; s < n; ++s) {
+        const NadResult x = snapshot(wide, s), y = snapshot(small, s);
+        const NadResult want = moe_reference(fed[static_cast<size_t>(s)], lay, weights, L, E, s == n - 1 ? T - 1 : T,
+                                             [&](int t) { return id(s, t); }, p);
+        const std::string ts = "sample " + std::to_string(s);
+        CHECK_MSG(x.bits == want.bits && x.eta == want.eta && x.n_active == want.n_active, ts + ": one pass vs brute force");
+        CHECK_MSG(x.top_c == want.top_c && x.top_i == want.top_i, ts + ": one pass's top values vs brute force");
+        CHECK_MSG(y.top_c == x.top_c && y.top_i == x.top_i && y.bits == x.bits && y.eta == x.eta, ts + ": passes of 5 tokens");
+    }
+}
+
 }  // namespace
 
 std::vector<TestCase> moe_tests() {
@@ -449,5 +488,6 @@ std::vector<TestCase> moe_tests() {
         {"moe", "moe_scatter_chunks", test_moe_scatter_chunks, false},
         {"moe", "moe_compact_counts_sets_routes", test_moe_compact_counts_sets_routes, false},
         {"moe", "moe_compact_contributions", test_moe_compact_contributions, false},
+        {"moe", "moe_contributions_one_wide_pass", test_moe_contributions_one_wide_pass, false},
     };
 }

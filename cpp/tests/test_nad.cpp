@@ -132,7 +132,8 @@ void test_nad_projection_kernels() {
     std::mt19937 rng(7);
     std::uniform_int_distribution<int> byte(0, 255);
     std::uniform_real_distribution<float> scale(-3.0f, 3.0f);
-    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0}) {
+    const ggml_type fast_types[] = {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K, GGML_TYPE_MXFP4};
+    for (ggml_type type : fast_types) {
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_cpu_init();
         CHECK(!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c") || dequant_kernel(type) != nullptr);
@@ -140,18 +141,24 @@ void test_nad_projection_kernels() {
         // The chosen one is the first that passed its check against to_float (here: the first).
         CHECK(dequant_kernels(type).empty() ? dequant_kernel(type) == nullptr : dequant_kernel(type) == dequant_kernels(type).front());
     }
-    for (ggml_type type : {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0})
+    for (ggml_type type : fast_types)
       for (const DequantFn fast : dequant_kernels(type)) {  // each kernel the CPU runs, not only the chosen one
-        const int64_t n = 32 * 37;
+        const int64_t n = std::max<int64_t>(32, ggml_blck_size(type)) * 37;  // 37 blocks of 32 (K-quants: of 256)
         const size_t bytes = ggml_row_size(type, n);
         std::vector<uint8_t> blocks(bytes);
         for (auto& b : blocks) b = static_cast<uint8_t>(byte(rng));
         const size_t bsz = ggml_type_size(type);
-        for (size_t b = 0; b < bytes / bsz; ++b) {  // finite scales, a zero and a subnormal among them
+        for (size_t b = 0; b < bytes / bsz; ++b) {
+            if (type == GGML_TYPE_MXFP4) {  // the E8M0 exponent: every byte is a finite scale; both ends, 0 and 1 subnormal
+                const uint8_t ends[] = {0, 1, 2, 127, 254, 255};
+                if (b < 6) blocks[b * bsz] = ends[b];
+                continue;
+            }
+            // Finite scales, a zero and a subnormal among them.
             const float d = b == 3 ? 0.0f : b == 5 ? 3e-6f : scale(rng);
             const ggml_fp16_t h = ggml_fp32_to_fp16(d);
-            std::memcpy(blocks.data() + b * bsz, &h, sizeof h);
-            if (type == GGML_TYPE_Q4_1) {  // and the offset m, finite
+            std::memcpy(blocks.data() + b * bsz + (type == GGML_TYPE_Q6_K ? bsz - 2 : 0), &h, sizeof h);  // Q6_K: d last
+            if (type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q4_K) {  // and the offset m (Q4_K: dmin), finite
                 const ggml_fp16_t m = ggml_fp32_to_fp16(b == 7 ? 0.0f : scale(rng));
                 std::memcpy(blocks.data() + b * bsz + 2, &m, sizeof m);
             }

@@ -109,7 +109,7 @@ ContributionWeights::~ContributionWeights() {
 void ContributionWeights::dequantize(const Tensor& t, int64_t row, int64_t i0, int64_t i1, float* out) const {
     const uint8_t* src = t.data + static_cast<size_t>(row) * t.row_bytes + static_cast<size_t>(i0 / t.block) * t.block_bytes;
     if (t.type == GGML_TYPE_F32) std::memcpy(out, src, static_cast<size_t>(i1 - i0) * sizeof(float));
-    else if (t.fast && (i1 - i0) % 32 == 0) t.fast(src, out, i1 - i0, 16);
+    else if (t.fast && (i1 - i0) % 32 == 0 && (i1 - i0) % t.block == 0) t.fast(src, out, i1 - i0, 16);
     else ggml_get_type_traits(t.type)->to_float(src, out, i1 - i0);
 }
 
@@ -162,7 +162,7 @@ void ContributionWeights::project_slice(const Tensor& t, const float* U, int M, 
         for (int64_t e0 = 0; e0 < n_embd_; e0 += rows) {
             const int kc = static_cast<int>(std::min<int64_t>(rows, n_embd_ - e0));
             for (int k = 0; k < kc; ++k) {
-                if (t.fast && n % 32 == 0) {  // straight into the panel
+                if (t.fast && n % 32 == 0 && n % t.block == 0) {  // straight into the panel
                     t.fast(t.data + static_cast<size_t>(e0 + k) * t.row_bytes + static_cast<size_t>(i0 / t.block) * t.block_bytes,
                            packed + 16 * k, n, panel_stride(kc));
                     continue;

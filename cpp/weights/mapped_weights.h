@@ -59,7 +59,7 @@ private:
         size_t row_bytes = 0;
         int64_t block = 1;
         size_t block_bytes = 0;
-        DequantFn fast = nullptr;  // an AVX2 dequantizer equal to ggml's to_float, where there is one
+        DequantFn fast = nullptr;  // an AVX2/AVX-512 dequantizer equal to ggml's to_float, where there is one
     };
     void dequantize(const Tensor& t, int64_t row, int64_t i0, int64_t i1, float* out) const;
     void project_slice(const Tensor& t, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd,
