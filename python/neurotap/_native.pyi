@@ -619,6 +619,10 @@ class Run:
         ...
     def stop(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
+    def stream_view(self, index: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+        """
+        (text bytes, tokens, last token or -1, finish reason, whether it records logprobs)
+        """
     def untap(self) -> None:
         """
         stop feeding the records: the live samples go on untapped (a decided race's winner)
