@@ -576,13 +576,14 @@ class Server:
         forced = self.model.tokenize(FORCED_CLOSE[1:] if text1.endswith("\n") or not text1 else FORCED_CLOSE,
                                      add_special=False)
         head_tokens = tokens1 + forced
-        head_text = text1 + self.model.detokenize(forced)
+        closing = self.model.detokenize(forced)
+        head_text = text1 + closing
         job.base_spent = job.spent = spent + len(forced)  # forced tokens are decoded, not sampled
         left = r.max_tokens - len(head_tokens)
         head = self._choice(first, r) if first is not None else {
             "index": 0, "logprobs": None, "neat_exit_at": -1, "neat_events": 0, "neat_bans": 0}
         if stream:
-            stream.rebase((first.text_bytes if first is not None else b"") + head_text[len(text1):].encode("utf-8"))
+            stream.rebase((first.text_bytes if first is not None else b"") + closing.encode("utf-8"))
         if left <= 0:
             if stream:
                 stream.finish(b"")
