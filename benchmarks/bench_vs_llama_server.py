@@ -25,7 +25,10 @@ medians of the per-round ratios neurotap / llama-server.
   appended to the history; the TTFT of the tenth turn is what the prompt cache of each server
   saves. Both keep what they did by default: llama-server's `cache_prompt` (on by default:
   the slot's whole common prefix, generated tokens included, plus its RAM prompt cache), neurotap's
-  per-slot prompt reuse (whole 512-token chunks decoded in the same batch; docs/server.md).
+  per-slot prompt reuse (`exact` by default: only cells a whole decode of the prompt computes the
+  same, so not the last reply's; `--neurotap-reuse prefix` runs it llama-server's way;
+  docs/server.md). The tenth turn's TTFT is one sample per round: the mean of the later half of
+  the turns is printed beside it.
 
 Made equal: the GGUF file; --parallel slots, each with its own KV stream of --ctx cells
 (neurotap `--ctx C --parallel P`; llama-server `-c P*C -np P`, which without `-kvu` gives each
@@ -181,7 +184,8 @@ def server_commands(a: argparse.Namespace, path: str, llama_server: str, port: i
     t, p, c = str(a.threads), str(a.parallel), a.ctx
     return {
         "neurotap": [sys.executable, "-m", "neurotap", "serve", path, "--host", HOST, "--port", str(port),
-                     "--threads", t, "--ctx", str(c), "--parallel", p, "--max-queue", "256", "--flash-attn", "on"],
+                     "--threads", t, "--ctx", str(c), "--parallel", p, "--max-queue", "256", "--flash-attn", "on",
+                     "--prompt-reuse", a.neurotap_reuse],
         "llama-server": [llama_server, "-m", path, "--host", HOST, "--port", str(port), "-t", t, "-tb", t,
                          "-c", str(a.parallel * c), "-np", p, "-fa", "on", "-ub", "512"],
     }
@@ -208,11 +212,13 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=10, help="turns of the chat (0: no chat)")
     ap.add_argument("--chat-tokens", type=int, default=64, help="tokens of every chat reply")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--neurotap-reuse", default="exact", choices=("exact", "prefix", "off"),
+                    help="neurotap serve --prompt-reuse (llama-server's cache_prompt is prefix)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds any one request or client may take")
     ap.add_argument("--llama-server", help="the llama-server binary (default: build it from the vendored source)")
     ap.add_argument("--out", help="write the record here (JSON), e.g. benchmarks/results/vs_llama_server.json")
     a = ap.parse_args()
-    counts = [int(x) for x in a.clients.split(",")]
+    counts = [int(x) for x in a.clients.split(",") if x.strip() and int(x) > 0]  # "0": the chat only
 
     path = str(neurotap.resolve(a.model))
     binary = a.llama_server or build_llama_server()
@@ -244,7 +250,7 @@ def main() -> None:
     summary = report(runs, counts, a)
     if a.out:
         config = {k: getattr(a, k) for k in ("threads", "parallel", "ctx", "clients", "requests", "max_tokens",
-                                             "turns", "chat_tokens", "rounds")}
+                                             "turns", "chat_tokens", "rounds", "neurotap_reuse")}
         save_rows(a.out, [{"kind": "config", "model": path, "llama_server": binary, "cpus": os.cpu_count(),
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "sampling": SAMPLING, **config},
                           *summary, *runs])
@@ -280,19 +286,28 @@ def report(runs: List[Dict[str, Any]], counts: List[int], a: argparse.Namespace)
                "ttft": {"neurotap": med(x["ttft"][-1] for x in n), "llama-server": med(x["ttft"][-1] for x in l),
                         "ratio": med(x["ttft"][-1] / y["ttft"][-1] for x, y in zip(n, l))},
                "prompt_tokens": {"neurotap": n[0]["prompt_tokens"][-1], "llama-server": l[0]["prompt_tokens"][-1]}}
+        # The tenth turn alone is one sample per round; the later half's mean is steadier.
+        late = slice(a.turns // 2, a.turns)
+        row["ttft_later_half"] = {
+            "turns": [late.start + 1, a.turns],
+            "neurotap": med(statistics.mean(x["ttft"][late]) for x in n),
+            "llama-server": med(statistics.mean(x["ttft"][late]) for x in l),
+            "ratio": med(statistics.mean(x["ttft"][late]) / statistics.mean(y["ttft"][late]) for x, y in zip(n, l))}
         out.append(row)
-        t, pt = row["ttft"], row["prompt_tokens"]
+        t, pt, h = row["ttft"], row["prompt_tokens"], row["ttft_later_half"]
         print(f"\n| chat | TTFT neurotap (s) | TTFT llama-server (s) | neurotap / llama-server (<= 1: no worse) "
               f"| prompt tokens (neurotap, llama-server) |")
         print("|---|---|---|---|---|")
         print(f"| turn {a.turns} | {t['neurotap']:.3f} | {t['llama-server']:.3f} | {t['ratio']:.2f} "
               f"| {pt['neurotap']}, {pt['llama-server']} |")
+        print(f"| turns {h['turns'][0]}-{h['turns'][1]} (mean) | {h['neurotap']:.3f} | {h['llama-server']:.3f} "
+              f"| {h['ratio']:.2f} | |")
         first = [x["prompt_tokens"][0] for x in n + l]
         if len(set(first)) > 1:
             print(f"WARNING: the servers rendered the first turn into different prompt lengths: {sorted(set(first))}")
     print(f"\n[{a.requests} requests per client, {a.max_tokens} tokens each (ignore_eos), chat replies of "
           f"{a.chat_tokens} tokens, {a.rounds} rounds, {a.threads} threads, --parallel {a.parallel}, {a.ctx} cells "
-          f"per slot, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}]")
+          f"per slot, neurotap --prompt-reuse {a.neurotap_reuse}, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}]")
     return out
 
 
