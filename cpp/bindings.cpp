@@ -396,7 +396,7 @@ PYBIND11_MODULE(_native, m) {
              "the tokens whose KV cells sequence `seq` holds (positions 0..), as far as they are known")
         .def("reusable_prefix", [](const ContextHandle& c, int s, const std::vector<llama_token>& prompt,
                                    const std::string& mode) {
-                 return c.tc->reusable_prefix(s, prompt, static_cast<int>(prompt.size()) - 1, parse_prompt_reuse(mode));
+                 return c.tc->reusable_prefix(s, prompt, parse_prompt_reuse(mode));
              }, py::arg("seq"), py::arg("prompt"), py::arg("mode") = "exact",
              "cells of sequence `seq` a run of `prompt` would reuse with prompt_reuse `mode`")
         .def_property_readonly("reuse_by_token", [](const ContextHandle& c) { return c.tc->reuse_by_token(); },

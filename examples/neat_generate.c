@@ -4,12 +4,13 @@
  * the activated set of the sequence (NAD's). C11 (as llama.h); only neurotap.h and llama.h.
  *
  *   neat_generate_c MODEL.gguf CALIBRATION.json "question" [--max-tokens N] [--threads T]
- *                   [--no-neat] [--prompt-one-batch] [--json]
+ *                   [--no-neat] [--prompt-last-apart] [--json]
  *
- * Greedy decoding. --prompt-one-batch decodes the prompt in one batch with an output on its last
- * row only (what most applications do) instead of neurotap's way (all but the last token, then
- * the last alone), which gives results identical to neurotap's Python package. --json writes the
- * tokens, NEAT's decisions and the activated set as one JSON object (for the tests).
+ * Greedy decoding. The prompt is decoded as neurotap's Python package decodes it (in one batch
+ * here, as it fits n_batch, with an output on its last row only), which gives results identical
+ * to it. --prompt-last-apart decodes all but the last token, then the last alone with its output
+ * (another way applications do it). --json writes the tokens, NEAT's decisions and the activated
+ * set as one JSON object (for the tests).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,10 +56,10 @@ static void fill(struct llama_batch *batch, const llama_token *tokens, int n, in
 }
 
 int main(int argc, char **argv) {
-    int max_tokens = 256, threads = 2, use_neat = 1, one_batch = 0, json = 0, ok = argc >= 4;
+    int max_tokens = 256, threads = 2, use_neat = 1, last_apart = 0, json = 0, ok = argc >= 4;
     for (int i = 4; ok && i < argc; ++i) {
         if (strcmp(argv[i], "--no-neat") == 0) use_neat = 0;
-        else if (strcmp(argv[i], "--prompt-one-batch") == 0) one_batch = 1;
+        else if (strcmp(argv[i], "--prompt-last-apart") == 0) last_apart = 1;
         else if (strcmp(argv[i], "--json") == 0) json = 1;
         else if (strcmp(argv[i], "--max-tokens") == 0 && i + 1 < argc) max_tokens = atoi(argv[++i]);
         else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = atoi(argv[++i]);
@@ -66,7 +67,7 @@ int main(int argc, char **argv) {
     }
     if (!ok || max_tokens < 1 || threads < 1) {
         fprintf(stderr, "usage: %s MODEL.gguf CALIBRATION.json \"question\" [--max-tokens N] [--threads T] "
-                        "[--no-neat] [--prompt-one-batch] [--json]\n", argv[0]);
+                        "[--no-neat] [--prompt-last-apart] [--json]\n", argv[0]);
         return 2;
     }
     if (neurotap_c_api_version() != NEUROTAP_C_API_VERSION) {
@@ -156,7 +157,7 @@ int main(int argc, char **argv) {
 
     /* The prompt: its last row predicts the first token. */
     int out_row;
-    if (one_batch) {
+    if (!last_apart) {
         fill(&batch, prompt, np, 0, 1);
         out_row = np - 1;
     } else {

@@ -92,17 +92,18 @@ def test_c_example_decides_as_python(capi, model, model_path, calibrations, ques
     np.testing.assert_array_equal(cw, py)
 
 
-def test_prompt_in_one_batch(capi, model, model_path, calibrations):
-    """An application that decodes its whole prompt in one batch (output on the last row only):
-    neurotap reads the last layer's output rows, the others' every row; the decisions and tokens
-    are Python's, and the activated set matches to the last bits of the prompt's batched decode."""
+def test_prompt_last_token_apart(capi, model, model_path, calibrations):
+    """An application that decodes all but the prompt's last token, then the last alone with its
+    output (Python decodes it with the rest, in one batch here, output on the last row only: the
+    example's default): the decisions and tokens are Python's, and the activated set matches to
+    the last bits of the prompt's batched decode."""
     question = QUESTIONS[1]
-    c = run_json(capi, model_path, calibrations["shipped"], question, "--prompt-one-batch")
-    split = run_json(capi, model_path, calibrations["shipped"], question)
+    c = run_json(capi, model_path, calibrations["shipped"], question, "--prompt-last-apart")
+    together = run_json(capi, model_path, calibrations["shipped"], question)
     _, g = python_run(model, question, calibrations["shipped"])
-    assert c["tokens"] == list(g.tokens) == split["tokens"]
+    assert c["tokens"] == list(g.tokens) == together["tokens"]
     assert [tuple(e[:2]) for e in c["events"]] == [(e[0], e[1]) for e in g.neat_events]
-    a, b = words_of(c["set_words"]), words_of(split["set_words"])
+    a, b = words_of(c["set_words"]), words_of(together["set_words"])
     inter = sum(bin(int(x & y)).count("1") for x, y in zip(a, b))
     union = sum(bin(int(x | y)).count("1") for x, y in zip(a, b))
     assert inter / union > 0.999

@@ -72,25 +72,32 @@ def planned(p, limit):
 
 
 def exact_reuse(held, ids):
-    """What exact reuse keeps at token granularity of the cells `held`, which a prompt decoded them
-    as its first len(held) rows (all but its last token): the common prefix whose cells have the
-    class decoding `ids` whole gives them (a batch of SMALL rows or more), cut back until the
-    rest's first batch gives its rows their planned classes too: it is the planned batch, or holds
-    as many rows mod 4 in the same size class (SMALL rows or more)."""
-    limit, k = len(ids) - 1, 0
+    """What exact reuse keeps at token granularity of the cells `held`, a prompt decoded whole (its
+    last token in its last batch, with the rows before it): the common prefix whose cells have the
+    class decoding `ids` whole gives them (a batch of SMALL rows or more), never `ids`' last token
+    (always decoded: its row is tapped and sampled), cut back until the rest's first batch gives
+    its rows their planned classes too: it is the planned batch, or holds as many rows mod 4 in the
+    same size class (SMALL rows or more)."""
+    limit, k = len(ids), 0
     reliable = ("small", "tiled")
-    while (k < min(len(held), limit) and held[k] == ids[k] and planned(k, len(held)) == planned(k, limit)
+    while (k < min(len(held), limit - 1) and held[k] == ids[k] and planned(k, len(held)) == planned(k, limit)
            and planned(k, limit)[0] in reliable):
         k += 1
     for n in range(k, 0, -1):
-        if n == limit:
-            return n
         start = n // CHUNK * CHUNK
         end = min(start + CHUNK, limit)
         part = row_class(0, end - n)[0]
         if n == start or ((n - start) % 4 == 0 and part == row_class(0, end - start)[0] and part in reliable):
             return n
     return 0
+
+
+def same_again(n):
+    """exact_reuse(ids, ids) for a prompt of n tokens: its last planned batch (m rows) is decoded
+    again from the last multiple of 4 of its rows that leaves a batch of its size class."""
+    m = (n - 1) % CHUNK + 1
+    least = LARGE if m >= LARGE else SMALL
+    return n - m + (4 * ((m - least) // 4) if m >= SMALL else 0)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +125,7 @@ def test_ten_turn_chat_same_tokens_with_and_without_reuse(model, system):
     assert model._ctx.reuse_by_token
     prompts = [ids for ids, _, _ in log]
     for (prev, _, _), (ids, _, got) in zip(log, log[1:]):
-        assert got == exact_reuse(prev[:-1], ids) > 0, (got, len(ids))
+        assert got == exact_reuse(prev, ids) > 0, (got, len(ids))
     assert min(len(b) - len(a) for a, b in zip(prompts, prompts[1:])) < LARGE
     if system == SHORT_SYSTEM:  # a tail the old rule left small, decoded then with the chunk before it
         assert any(0 < (len(ids) - 1) % CHUNK < LARGE for ids in prompts), [len(ids) for ids in prompts]
@@ -203,12 +210,11 @@ def test_exact_reuse_at_token_granularity_equals_decoding_whole(model, q4k_model
             assert g.tokens == f.tokens
             assert np.array_equal(g.activations, f.activations), (len(ids), got)
             before = model.reused_cells
-            again = model.generate(ids, **kw)  # the same prompt again: all but its last token
-            # (but for a last planned batch under SMALL rows: decoded again whole)
-            tail = (len(ids) - 1) % CHUNK
-            assert model.reused_cells - before == exact_reuse(ids[:-1], ids) == len(ids) - 1 - (tail if tail < SMALL else 0)
+            again = model.generate(ids, **kw)  # the same prompt again: all but its last batch's
+            # last rows, as many as its size class needs (a last batch under SMALL rows: all)
+            assert model.reused_cells - before == exact_reuse(ids, ids) == same_again(len(ids))
             assert again.tokens == f.tokens and np.array_equal(again.activations, f.activations)
-            held = ids[:-1]  # what the last prompt left: its rows decoded as one prompt
+            held = ids  # what the last prompt left: its rows decoded as one prompt
     finally:
         model.reuse_prompt = True
     assert kept > 4 * CHUNK  # reuse happened, short prompts included
@@ -257,8 +263,9 @@ def test_sampling_reuses_the_first_sequence(model, whole_chunk_model, by_token):
         run.advance()
         again = run.samples()
         np_ = len(model.prompt_tokens(p))
-        # The first sample's cells of the same prompt: all but the last token, or whole chunks.
-        assert run.n_reused == (np_ - 1 if by_token else (np_ - 1) // CHUNK * CHUNK) > 0
+        # The first sample's cells of the same prompt: all but its last batch's last rows (as
+        # many as its size class needs), or whole chunks.
+        assert run.n_reused == (same_again(np_) if by_token else (np_ - 1) // CHUNK * CHUNK) > 0
     assert [s.tokens for s in again] == [s.tokens for s in first]
     for a, b in zip(again, first):
         assert (a.active_counts == b.active_counts).all()

@@ -41,8 +41,9 @@
  * A generated token's row is the output row that predicts it (for the first token, the prompt's
  * last row). Per sequence the cycle is: a decoded output row -> neurotap_neat_decide (optional)
  * -> neurotap_tap_accept(token). neurotap_tap_reset starts a sequence over (a new prompt).
- * For results identical to neurotap's Python package, decode the prompt as it does: all but the
- * last token in a batch without outputs, then the last token alone with its output.
+ * For results identical to neurotap's Python package, decode the prompt as it does: in batches
+ * that end at multiples of n_batch (positions; n_ubatch = n_batch), only the last token
+ * requesting output (a prompt that fits n_batch: one batch).
  *
  * Errors: every function returns NEUROTAP_OK (0) or a negative NEUROTAP_ERR_* code, and
  * neurotap_last_error() then holds a message naming the problem. Nothing aborts on bad input.

@@ -387,18 +387,19 @@ void DecodeLoop::start() {
     // The longest prefix of the prompt whose cells the first slot holds already and may keep
     // (TappedContext::reusable_prefix: in Exact mode those that decoding the prompt would compute
     // the same), never its last token (its row is tapped and its logits are sampled). The rest is
-    // decoded from there; in Exact mode the cells, and so the tokens, are those of a run without reuse.
-    const int keep = tc_.reusable_prefix(base, prompt_, np - 1, params_.reuse_prompt);
+    // decoded from there in one decode_seq, the last token in the last batch with the rows before
+    // it (no llama_decode of its own); in Exact mode the cells, and so the tokens, are those of a
+    // run without reuse.
+    const int keep = tc_.reusable_prefix(base, prompt_, params_.reuse_prompt);
     for (size_t s = 1; s < seqs_.size(); ++s) tc_.seq_rm(seqs_[s], 0);
     tc_.seq_rm(base, keep);
     tc_.count_reused(keep);
     n_reused_ = keep;
-    if (np - 1 > keep) tc_.decode_seq(prompt_.data() + keep, np - 1 - keep, keep, base, nullptr, false);
     broadcast_ = true;
     bad_layer_ = -1;
-    row_logits_.assign(1, 0);
-    tc_.decode_seq(prompt_.data() + np - 1, 1, np - 1, base, params_.tap ? this : nullptr);
+    const int last = tc_.decode_seq(prompt_.data() + keep, np - keep, keep, base, params_.tap ? this : nullptr);
     broadcast_ = false;
+    row_logits_.assign(1, last);  // the prompt's last row: the last of its batch
     check_finite();
     for (int s = 1; s < params_.n; ++s)
         if (samples_[static_cast<size_t>(s)].live) tc_.seq_cp(base, seqs_[static_cast<size_t>(s)]);
@@ -406,7 +407,7 @@ void DecodeLoop::start() {
     prompt_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
     for (int s = 0; s < params_.n; ++s) {
         if (!samples_[static_cast<size_t>(s)].live) continue;  // stopped before the start
-        samples_[static_cast<size_t>(s)].logits_row = 0;
+        samples_[static_cast<size_t>(s)].logits_row = last;
         sample_and_commit(s);
     }
     for (Reducer* r : reducers_) r->end_step();

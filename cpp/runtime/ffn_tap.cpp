@@ -136,15 +136,34 @@ bool FfnTap::on_ask(const ggml_tensor* t) {
     return true;
 }
 
-const float* FfnTap::read_f32(const ggml_tensor* t, size_t n, std::vector<float>& buf) {
+const float* FfnTap::read_f32(const ggml_tensor* t, size_t offset, size_t n, std::vector<float>& buf) {
     if (t->buffer && !ggml_backend_buffer_is_host(t->buffer)) {
+        // GPU memory: copy now (only the rows wanted), the allocator reuses the buffer for later nodes.
         if (buf.size() < n) buf.resize(n);
-        ggml_backend_tensor_get(t, buf.data(), 0, n * sizeof(float));
+        ggml_backend_tensor_get(t, buf.data(), offset * sizeof(float), n * sizeof(float));
         g_device_copies.fetch_add(1, std::memory_order_relaxed);
         return buf.data();
     }
     g_host_reads.fetch_add(1, std::memory_order_relaxed);
-    return static_cast<const float*>(t->data);
+    return static_cast<const float*>(t->data) + offset;
+}
+
+int FfnTap::rows_to_take(const ggml_tensor* t, int n_t, int seen, const std::string& where, int* first) {
+    if (n_t < 1 || (last_row_only_ && n_t != armed_rows_ && n_t != 1)) {
+        // A split batch (another ubatch) or another graph: its last row need not be the batch's.
+        error_ = where + "tapped tensor " + t->name + " holds " + std::to_string(n_t) + " rows, neither the batch's " +
+                 std::to_string(armed_rows_) + " nor its one output row (was the batch split into ubatches?)";
+        return 0;
+    }
+    const int take = last_row_only_ ? 1 : n_t;
+    const int most = last_row_only_ ? 1 : armed_rows_;
+    if (seen + take > most) {
+        error_ = where + "tapped tensor " + t->name + " delivered more rows than the batch holds (" +
+                 std::to_string(seen + take) + " > " + std::to_string(most) + ")";
+        return 0;
+    }
+    *first = n_t - take;
+    return take;
 }
 
 // The expert ids of an MoE activation: src[2] of the MUL_MAT_ID (or the ADD_ID of an expert bias)
@@ -180,15 +199,19 @@ void FfnTap::moe_activation(const ggml_tensor* t, int il) {
                  std::to_string(F) + " x " + std::to_string(U) + " (n_ff_exp x n_expert_used))";
         return;
     }
-    const int n_rows = static_cast<int>(t->ne[2]);
+    // Tokens [first, first + n_rows) of the tensor's n_t (with last_row_only: its last one).
+    const int n_t = static_cast<int>(t->ne[2]);
     Pending& p = pending_[static_cast<size_t>(il)];
-    if (rows_seen_[0][il] + n_rows > armed_rows_ || (p.parts && p.n_rows != n_rows)) {
+    int first = 0;
+    const int n_rows = rows_to_take(t, n_t, rows_seen_[0][il], layer, &first);
+    if (n_rows == 0) return;
+    if (p.parts && p.n_rows != n_rows) {
         error_ = layer + "tapped tensor " + t->name + " delivered more rows than the batch holds";
         return;
     }
     const ggml_tensor* ids = find_expert_ids(t);
-    if (!ids || ids->type != GGML_TYPE_I32 || ids->ne[0] != U || ids->ne[1] != n_rows) {
-        error_ = layer + "no I32 [" + std::to_string(U) + " x " + std::to_string(n_rows) + "] expert ids (MUL_MAT_ID src[2]) feed " +
+    if (!ids || ids->type != GGML_TYPE_I32 || ids->ne[0] != U || ids->ne[1] != n_t) {
+        error_ = layer + "no I32 [" + std::to_string(U) + " x " + std::to_string(n_t) + "] expert ids (MUL_MAT_ID src[2]) feed " +
                  t->name + ": cannot tell which experts ran";
         return;
     }
@@ -206,7 +229,8 @@ void FfnTap::moe_activation(const ggml_tensor* t, int il) {
     for (int r = 0; r < n_rows; ++r) {
         int32_t* row = p.ids.data() + static_cast<size_t>(r) * U;
         for (int j = 0; j < U; ++j) {
-            std::memcpy(&row[j], raw + static_cast<size_t>(r) * ids->nb[1] + static_cast<size_t>(j) * ids->nb[0], sizeof(int32_t));
+            std::memcpy(&row[j], raw + static_cast<size_t>(first + r) * ids->nb[1] + static_cast<size_t>(j) * ids->nb[0],
+                        sizeof(int32_t));
             if (row[j] < 0 || row[j] >= moe_.n_expert) {
                 error_ = layer + "the router selected expert id " + std::to_string(row[j]) + " outside [0, " +
                          std::to_string(moe_.n_expert) + ")";
@@ -222,13 +246,13 @@ void FfnTap::moe_activation(const ggml_tensor* t, int il) {
     const ggml_tensor* w = moe_weights_[il];
     moe_weights_[il] = nullptr;
     moe_read_[il] = w;
-    if (!w || w->type != GGML_TYPE_F32 || ggml_nelements(w) != int64_t{U} * n_rows || !ggml_is_contiguous(w)) {
+    if (!w || w->type != GGML_TYPE_F32 || ggml_nelements(w) != int64_t{U} * n_t || !ggml_is_contiguous(w)) {
         error_ = layer + "the gate weights (ffn_moe_weights*, f32 [" + std::to_string(U) + " x " +
-                 std::to_string(n_rows) + "]) were not computed before " + t->name;
+                 std::to_string(n_t) + "]) were not computed before " + t->name;
         return;
     }
     std::vector<float> wtmp;
-    const float* wd = read_f32(w, static_cast<size_t>(U) * n_rows, wtmp);
+    const float* wd = read_f32(w, static_cast<size_t>(first) * U, static_cast<size_t>(U) * n_rows, wtmp);
     p.weights.assign(wd, wd + static_cast<size_t>(U) * n_rows);
     for (size_t i = 0; i < p.weights.size(); ++i)
         if (!std::isfinite(p.weights[i])) {
@@ -237,7 +261,7 @@ void FfnTap::moe_activation(const ggml_tensor* t, int il) {
             return;
         }
     const size_t n = static_cast<size_t>(n_rows) * U * F;
-    const float* act = read_f32(t, n, scratch_);
+    const float* act = read_f32(t, static_cast<size_t>(first) * U * F, n, scratch_);
     p.n_rows = n_rows;
     p.parts |= kMoeAct;
     if (moe_.n_ff_shexp == 0) {
@@ -254,18 +278,20 @@ void FfnTap::moe_activation(const ggml_tensor* t, int il) {
 void FfnTap::moe_piece(const ggml_tensor* t, int il, int part) {
     const int64_t width = part == kMoeShexpAct ? moe_.n_ff_shexp : 1;
     Pending& p = pending_[static_cast<size_t>(il)];
-    const int n_rows = static_cast<int>(t->ne[1]);
     const std::string layer = "layer " + std::to_string(il) + ": ";
     if (t->type != GGML_TYPE_F32 || t->ne[0] != width || t->ne[2] != 1 || t->ne[3] != 1 || !ggml_is_contiguous(t)) {
         error_ = layer + "shared-expert tensor " + t->name + " has an unexpected layout (expected f32 rows of " +
                  std::to_string(width) + ")";
         return;
     }
-    if ((p.parts && p.n_rows != n_rows) || (p.parts & part) || rows_seen_[0][il] + n_rows > armed_rows_) {
+    int first = 0;
+    const int n_rows = rows_to_take(t, static_cast<int>(t->ne[1]), rows_seen_[0][il], layer, &first);
+    if (n_rows == 0) return;
+    if ((p.parts && p.n_rows != n_rows) || (p.parts & part)) {
         error_ = layer + "shared-expert tensor " + t->name + " does not match the layer's rows";
         return;
     }
-    const float* d = read_f32(t, static_cast<size_t>(width) * n_rows, scratch_);
+    const float* d = read_f32(t, static_cast<size_t>(first) * width, static_cast<size_t>(width) * n_rows, scratch_);
     std::vector<float>& dst = part == kMoeShexpAct ? p.shexp_act : p.shexp_gate;
     dst.assign(d, d + static_cast<size_t>(width) * n_rows);
     if (part == kMoeShexpGate)
@@ -315,31 +341,18 @@ void FfnTap::on_data(const ggml_tensor* t) {
                  std::to_string(width) + ")";
         return;
     }
-    const int n_rows = static_cast<int>(t->ne[1]);
     int& seen = rows_seen_[static_cast<int>(kind)][il];
-    if (seen + n_rows > armed_rows_) {
-        error_ = std::string("tapped tensor ") + t->name + " delivered more rows than the batch holds (" +
-                 std::to_string(seen + n_rows) + " > " + std::to_string(armed_rows_) + ")";
-        return;
-    }
-    const float* data;
-    if (t->buffer && !ggml_backend_buffer_is_host(t->buffer)) {
-        // GPU memory: copy now, the allocator reuses the buffer for later nodes.
-        const size_t n = static_cast<size_t>(width) * n_rows;
-        if (scratch_.size() < n) scratch_.resize(n);
-        ggml_backend_tensor_get(t, scratch_.data(), 0, n * sizeof(float));
-        data = scratch_.data();
-        g_device_copies.fetch_add(1, std::memory_order_relaxed);
-    } else {
-        data = static_cast<const float*>(t->data);
-        g_host_reads.fetch_add(1, std::memory_order_relaxed);
-    }
+    int first = 0;
+    const int n_rows = rows_to_take(t, static_cast<int>(t->ne[1]), seen, "", &first);
+    if (n_rows == 0) return;
+    const float* data = read_f32(t, static_cast<size_t>(first) * width, static_cast<size_t>(width) * n_rows, scratch_);
     sink_->on_rows(kind, il, seen, n_rows, data, width);
     seen += n_rows;
 }
 
-void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds, int attention_layer) {
+void FfnTap::arm(int n_rows, RowSink* sink, unsigned kinds, int attention_layer, bool last_row_only) {
     sink_ = sink;
+    last_row_only_ = last_row_only;
     kinds_ = kinds | kTapMlpPost;
     attention_layer_ = sink ? attention_layer : -1;
     if (attention_layer_ < 0 || attention_layer_ >= n_layers_ || attention_width_ <= 0)
@@ -363,6 +376,7 @@ void FfnTap::disarm() {
 
 void FfnTap::disarm_and_check() {
     const unsigned kinds = kinds_;
+    const int expected = last_row_only_ ? 1 : armed_rows_;
     disarm();
     if (!error_.empty()) throw RuntimeError(error_);
     const std::string probs = "ffn_moe_probs";
@@ -372,11 +386,11 @@ void FfnTap::disarm_and_check() {
         if (!(kinds & (1u << k)) || k == static_cast<int>(TapKind::MoeRoute)) continue;  // comes with MlpPost
         for (int il = 0; il < n_layers_; ++il) {
             if (k == static_cast<int>(TapKind::AttnZ) && il != attention_layer_) continue;
-            if (rows_seen_[k][il] != armed_rows_) {
+            if (rows_seen_[k][il] != expected) {
                 throw RuntimeError("tap: layer " + std::to_string(il) + " delivered " +
                                    std::to_string(rows_seen_[k][il]) + " rows of " + *names[k] +
-                                   ", expected " + std::to_string(armed_rows_) +
-                                   " (every tapped row must request logits)");
+                                   ", expected " + std::to_string(expected) +
+                                   (last_row_only_ ? " (the batch's last row)" : " (every tapped row must request logits)"));
             }
         }
     }

@@ -122,9 +122,16 @@ public:
     // what to read besides the activation: ffn_norm-<il>, ffn_gate-<il> (NAD's paper-code
     // variant), l_out-<il> (NEAT's calibration), kqv_out-<il> at `attention_layer`
     // only (NeuReasoner's heads). They hold for this decode only.
-    void arm(int n_rows, RowSink* sink, unsigned kinds = kTapMlpPost, int attention_layer = -1);
+    // last_row_only: only the batch's last row requests logits, and only it is delivered (as row
+    // 0 of 1). The batch must be one ubatch (a tapped context's n_ubatch is its n_batch) of one
+    // sequence: each tapped tensor then holds all n_rows rows (layers before the last) or only
+    // the output row (the last layer, after llama.cpp's ggml_get_rows(inp_out_ids)), and the
+    // wanted row is its last either way. Any other row count is an error naming the tensor.
+    void arm(int n_rows, RowSink* sink, unsigned kinds = kTapMlpPost, int attention_layer = -1,
+             bool last_row_only = false);
     unsigned armed_kinds() const { return kinds_; }
-    // Disarms; throws RuntimeError unless every tapped layer delivered exactly n_rows rows.
+    // Disarms; throws RuntimeError unless every tapped layer delivered exactly n_rows rows (1
+    // with last_row_only).
     void disarm_and_check();
     void disarm();  // on error paths: no check
     bool armed() const { return sink_ != nullptr; }
@@ -160,7 +167,12 @@ private:
     void moe_activation(const ggml_tensor* t, int il);
     void moe_piece(const ggml_tensor* t, int il, int part);
     void moe_deliver(int il);
-    const float* read_f32(const ggml_tensor* t, size_t n, std::vector<float>& buf);
+    // n floats of t from float `offset` on: in host memory, or copied into buf.
+    const float* read_f32(const ggml_tensor* t, size_t offset, size_t n, std::vector<float>& buf);
+    // Which of a tapped tensor's n_t rows go to the sink: returns how many, from *first on (all
+    // of them, or with last_row_only the last one), or 0 with error_ set when n_t does not fit
+    // the armed batch or `seen` plus them would exceed what the batch delivers.
+    int rows_to_take(const ggml_tensor* t, int n_t, int seen, const std::string& where, int* first);
 
     // MoE state: the layout, each layer's last offered gate-weights node (read when its
     // activation is computed: it is computed before it and stays allocated until
@@ -190,6 +202,7 @@ private:
 
     RowSink* sink_ = nullptr;
     int armed_rows_ = 0;
+    bool last_row_only_ = false;
     std::vector<int> rows_seen_[kTapKinds];  // per TapKind
     bool discovering_ = false;
     std::vector<char> discovered_;  // MoE: MoePart bits seen

@@ -163,13 +163,14 @@ uint8_t TappedContext::planned_class(int p, int limit) const {
     return batch_class(p - start, std::min(start + nb, limit) - start);
 }
 
-int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit,
-                                   PromptReuse mode) const {
+int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, PromptReuse mode) const {
     check_seq(s, cells_.size());
-    if (mode == PromptReuse::Off) return 0;
+    if (mode == PromptReuse::Off || prompt.empty()) return 0;
     const auto& c = cells_[static_cast<size_t>(s)];
     const auto& w = made_[static_cast<size_t>(s)];
-    const size_t most = std::min({c.size(), prompt.size(), static_cast<size_t>(std::max(limit, 0))});
+    // The planned decode is the whole prompt; its last token is always decoded (tapped, sampled).
+    const int limit = static_cast<int>(prompt.size());
+    const size_t most = std::min(c.size(), prompt.size() - 1);
     size_t k = 0;
     if (mode == PromptReuse::Prefix) {
         while (k < most && c[k] == prompt[k]) ++k;
@@ -191,7 +192,6 @@ int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token
     // size class (a reliable one).
     const int nb = params_.n_batch;
     for (int n = static_cast<int>(k); n > 0; --n) {
-        if (n == limit) return n;
         const int start = n / nb * nb, end = std::min(start + nb, limit);
         const uint8_t part = batch_class(0, end - n), planned = batch_class(0, end - start);
         if (n == start || ((n - start) % 4 == 0 && (part & kSizeMask) == (planned & kSizeMask) && reliable(part)))
@@ -233,12 +233,12 @@ void TappedContext::note(llama_seq_id s, int pos, llama_token t, uint8_t made) {
     w.push_back(made);
 }
 
-void TappedContext::run_decode(int n_rows, RowSink* sink) {
+void TappedContext::run_decode(int n_rows, RowSink* sink, bool last_row_only) {
     ctx();  // closed: RuntimeError, never a decode on freed memory
     batch_.n_tokens = n_rows;
     if (sink) {
         const TapRequest want = sink->tap_request();
-        tap_.arm(n_rows, sink, want.kinds, want.attention_layer);
+        tap_.arm(n_rows, sink, want.kinds, want.attention_layer, last_row_only);
     }
     const int32_t rc = llama_decode(ctx_, batch_);
     if (rc != 0) {
@@ -264,26 +264,31 @@ void TappedContext::run_decode(int n_rows, RowSink* sink) {
              static_cast<uint8_t>((whole ? kWholeChunk : 0) | (run ? batch_class(i, n_rows) : 0)));
 }
 
-void TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
-                               bool logits_last) {
-    if (sink && n > params_.n_batch) throw ParamError("a tapped decode must fit one batch");
+int TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
+                              bool logits_last) {
     check_seq(seq, cells_.size());
+    if (sink && !logits_last) throw ParamError("decode_seq: the tapped last row requests logits");
     const int nb = params_.n_batch;
+    int row = -1;
     for (int start = 0; start < n;) {
         // Batches end at multiples of n_batch (positions): a prompt's rest after reused cells is cut
-        // where decoding it whole cuts it (reusable_prefix). A tapped decode is one batch.
-        const int m = sink ? n : std::min(n - start, nb - (pos0 + start) % nb);
+        // where decoding it whole cuts it (reusable_prefix).
+        const int m = std::min(n - start, nb - (pos0 + start) % nb);
+        const bool final_batch = start + m == n;
         for (int i = 0; i < m; ++i) {
             batch_.token[i] = tokens[start + i];
             batch_.pos[i] = pos0 + start + i;
             batch_.n_seq_id[i] = 1;
             batch_.seq_id[i][0] = seq;
-            const bool last = start + i == n - 1;
-            batch_.logits[i] = sink != nullptr || (logits_last && last);
+            batch_.logits[i] = logits_last && final_batch && i == m - 1;
         }
-        run_decode(m, sink);
+        // The last batch is one ubatch (n_ubatch == n_batch) of one sequence: its last row is the
+        // last row of every tensor the tap reads (last_row_only).
+        run_decode(m, final_batch ? sink : nullptr, true);
+        row = m - 1;
         start += m;
     }
+    return row;
 }
 
 void TappedContext::decode_rows(const llama_token* tokens, const int* pos, const llama_seq_id* seqs, int n,

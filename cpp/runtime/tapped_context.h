@@ -79,10 +79,11 @@ public:
     // Sequence dst holds exactly src's cells afterwards (its own removed first; with one stream
     // the cells are shared, with a stream per sequence they are copied).
     void seq_cp(llama_seq_id src, llama_seq_id dst);
-    // How many leading cells of sequence s a run may keep when it decodes prompt[0, limit) with
-    // decode_seq (its later tokens decoded apart, as a run's tapped last token is).
-    // Prefix: the longest common prefix of the cells and the prompt, at most `limit`.
-    // Exact: only cells that decode_seq(prompt, limit) would compute bit for bit the same, so that
+    // How many leading cells of sequence s a run may keep when it decodes the whole prompt with
+    // decode_seq: at most all but the prompt's last token (always decoded: its row is tapped and
+    // its logits sampled).
+    // Prefix: the longest common prefix of the cells and the prompt (but its last token).
+    // Exact: only cells that decode_seq(prompt) would compute bit for bit the same, so that
     // the tokens are those of a run without reuse. llama.cpp's values for a row depend on the
     // batch it was decoded in (see kLargeBatch). With reuse_by_token(): decode_seq cuts batches at
     // multiples of n_batch, so the class it gives each position is known (batch_class); a cell
@@ -90,7 +91,7 @@ public:
     // starts in gives its rows their classes too (as many rows mod 4, on the same side of
     // kLargeBatch). Otherwise: whole prompt chunks (n_batch tokens at a multiple of n_batch) that
     // were decoded as such.
-    int reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, int limit,
+    int reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt,
                         PromptReuse mode = PromptReuse::Exact) const;
     // Exact reuse at token granularity: CPU-only build (ggml lists no GPU or accelerator device,
     // which could take large batches' matmuls: op offload), flash attention on, and a dense FFN
@@ -101,20 +102,23 @@ public:
     int64_t reused_cells() const { return reused_; }
     void count_reused(int n) { reused_ += n; }
 
-    // Decodes tokens[i] at pos0 + i of sequence `seq`. With a sink, every row requests logits
-    // and is tapped; without, only the last row requests logits (or none if logits_last=false).
-    // Batches end at multiples of n_batch (a prompt decoded from its start: n_batch rows each, the
-    // last one the rest), so the batches of a prompt's rest after reused cells are the ones
-    // decoding it whole makes, but the first, cut short at its start (see reusable_prefix).
-    void decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
-                    bool logits_last = true);
+    // Decodes tokens[i] at pos0 + i of sequence `seq`. Only the last row requests logits (none if
+    // logits_last=false); with a sink, that row alone is tapped, in the batch decoding it with the
+    // rows before it (delivered as row 0 of 1). Batches end at multiples of n_batch (a prompt
+    // decoded from its start: n_batch rows each, the last one the rest), so the batches of a
+    // prompt's rest after reused cells are the ones decoding it whole makes, but the first, cut
+    // short at its start (see reusable_prefix). Returns the last row's index in its batch (for
+    // llama_get_logits_ith), -1 for n = 0.
+    int decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
+                   bool logits_last = true);
 
-    // One row per entry, all requesting logits (the parallel decode step). The caller keeps
-    // the rows in increasing seq order so that llama.cpp keeps them in batch order.
+    // One row per entry, all requesting logits and tapped with a sink (the parallel decode step).
+    // The caller keeps the rows in increasing seq order so that llama.cpp keeps them in batch order.
     void decode_rows(const llama_token* tokens, const int* pos, const llama_seq_id* seqs, int n, RowSink* sink);
 
 private:
-    void run_decode(int n_rows, RowSink* sink);
+    // last_row_only: see FfnTap::arm (a decode_seq batch, which requests logits on its last row only).
+    void run_decode(int n_rows, RowSink* sink, bool last_row_only = false);
     // What made a cell (bits): kWholeChunk, a whole prompt chunk; kKnown, a batch whose row class
     // is known (its size class, and kRemainder), after known cells only.
     enum : uint8_t { kWholeChunk = 1, kKnown = 2, kTiny = 0, kSmall = 4, kTiled = 8, kSingle = 12, kSizeMask = 12,

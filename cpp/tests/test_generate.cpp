@@ -69,16 +69,17 @@ void test_generation() {
     }
 
     // The same rows through TappedContext::decode_seq and a plain sink: checks the generator's
-    // token/layer bookkeeping against an independent path, and the decode API itself.
+    // token/layer bookkeeping against an independent path, and the decode API itself. Token 0's
+    // row is the prompt's last, tapped in the batch of the whole prompt; then one row per token.
     if (a.acts_f32.size() == n * L * F) {
         tc.clear();
         const int np = static_cast<int>(prompt.size());
-        tc.decode_seq(prompt.data(), np - 1, 0, 0, nullptr, false);
         std::vector<llama_token> fed = {prompt.back(), a.tokens[0], a.tokens[1], a.tokens[2]};
         int mismatched_rows = 0;
         for (int j = 0; j < static_cast<int>(fed.size()); ++j) {
             RecordingSink rs;
-            tc.decode_seq(&fed[j], 1, np - 1 + j, 0, &rs);
+            const int row = j == 0 ? tc.decode_seq(prompt.data(), np, 0, 0, &rs) : tc.decode_seq(&fed[j], 1, np - 1 + j, 0, &rs);
+            CHECK(row == (j == 0 ? np - 1 : 0));  // the last row's index in its batch: its logits
             CHECK(rs.calls.size() == static_cast<size_t>(L));
             std::vector<int> layers_seen(L, 0);
             for (const RecordedRows& c : rs.calls) {
@@ -96,7 +97,10 @@ void test_generation() {
         // delivers all of them (llama.cpp drops rows without logits before its FFN).
         tc.clear();
         RecordingSink rs;
-        EXPECT_NO_THROW(tc.decode_seq(prompt.data(), np, 0, 0, &rs), "tapped prompt decode");
+        std::vector<int> pos(static_cast<size_t>(np));
+        std::iota(pos.begin(), pos.end(), 0);
+        const std::vector<llama_seq_id> seqs(static_cast<size_t>(np), 0);
+        EXPECT_NO_THROW(tc.decode_rows(prompt.data(), pos.data(), seqs.data(), np, &rs), "tapped prompt decode");
         std::vector<int> rows_per_layer(L, 0);
         bool finite = true;
         for (const RecordedRows& c : rs.calls) {

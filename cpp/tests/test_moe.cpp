@@ -88,6 +88,45 @@ void test_moe_tap_route_and_scatter() {
     }
 }
 
+// last_row_only: the layer's tensors hold every token of the batch (a layer before the last) and
+// only the batch's last token is delivered, as row 0 of 1, with its own experts and weights; a
+// layer whose tensors hold neither the batch's rows nor one is refused.
+void test_moe_tap_last_row_only() {
+    MoeGraph g;
+    FfnTap tap("ffn_moe_swiglu", 1, kE * kF, kD);
+    tap.set_moe(layout(), "");
+    RecordingSink sink;
+    tap.arm(kT, &sink, kTapMlpPost | tap_bit(TapKind::MoeRoute), -1, true);
+    feed(tap, g);
+    EXPECT_NO_THROW(tap.disarm_and_check(), "the last token of a well-formed layer");
+    CHECK(sink.calls.size() == 2);
+    if (sink.calls.size() != 2) return;
+    const RecordedRows& route = sink.calls[0];
+    const RecordedRows& rows = sink.calls[1];
+    CHECK(route.kind == TapKind::MoeRoute && route.n_rows == 1 && route.row0 == 0);
+    CHECK(rows.kind == TapKind::MlpPost && rows.n_rows == 1 && rows.row0 == 0 && rows.width == kE * kF);
+    const int t = kT - 1;
+    const float* a = static_cast<const float*>(g.act->data);
+    const float* w = static_cast<const float*>(g.weights->data);
+    std::vector<float> want(static_cast<size_t>(kE * kF), 0.0f);
+    for (int j = 0; j < kU; ++j) {
+        const int e = g.id(t, j);
+        CHECK(route.data[static_cast<size_t>(j)] == static_cast<float>(e));
+        CHECK(route.data[static_cast<size_t>(kU + j)] == w[t * kU + j]);
+        for (int64_t i = 0; i < kF; ++i) want[static_cast<size_t>(e * kF + i)] = a[(t * kU + j) * kF + i];
+    }
+    CHECK(rows.data == want);
+
+    // Armed for a batch of 5 rows, a layer of 3 tokens is neither its rows nor its output row.
+    MoeGraph other;
+    RecordingSink none;
+    tap.arm(kT + 2, &none, kTapMlpPost, -1, true);
+    feed(tap, other);
+    EXPECT_THROW_MSG(RuntimeError, tap.disarm_and_check(), "holds 3 rows, neither the batch's 5 nor its one output row",
+                     "a split batch");
+    CHECK(none.calls.empty());
+}
+
 void test_moe_tap_bad_routes() {
     // handed: rows were handed on before the error showed (ffn_moe_weighted comes after the
     // activation): the decode still fails at disarm, so no run keeps them.
@@ -485,6 +524,7 @@ std::vector<TestCase> moe_tests() {
     return {
         {"moe", "moe_tap_route_and_scatter", test_moe_tap_route_and_scatter, false},
         {"moe", "moe_tap_bad_routes", test_moe_tap_bad_routes, false},
+        {"moe", "moe_tap_last_row_only", test_moe_tap_last_row_only, false},
         {"moe", "moe_scatter_chunks", test_moe_scatter_chunks, false},
         {"moe", "moe_compact_counts_sets_routes", test_moe_compact_counts_sets_routes, false},
         {"moe", "moe_compact_contributions", test_moe_compact_contributions, false},
