@@ -216,8 +216,8 @@ __attribute__((target("avx2,fma"))) void panel_avx2(const float* U, int64_t ldu,
     }
 }
 
-// The same with AVX-512: one 16-neuron column block per register, MR x 2 blocks per tile (32
-// neurons; a lone last block in a tile of its own). Per lane the same FMAs in the same order, so
+// The same with AVX-512: one 16-neuron column block per register, MR x NB blocks per tile (six
+// rows by 2 blocks; the last M % 6 rows by up to 8). Per lane the same FMAs in the same order, so
 // the same bits as the AVX2 kernel.
 template <int MR, int NB>
 __attribute__((target("avx512f"), always_inline)) inline void panel_tile512(const float* U, int64_t ldu, const float* p,
@@ -225,46 +225,64 @@ __attribute__((target("avx512f"), always_inline)) inline void panel_tile512(cons
     __m512 acc[MR][NB];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 2
+#pragma GCC unroll 8
         for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_loadu_ps(D + m * ldd + 16 * b);
     for (int k = 0; k < kc; ++k) {
         __m512 w[NB];
-#pragma GCC unroll 2
+#pragma GCC unroll 8
         for (int b = 0; b < NB; ++b) w[b] = _mm512_loadu_ps(p + b * pstride + 16 * k);
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
             const __m512 u = _mm512_set1_ps(U[m * ldu + k]);
-#pragma GCC unroll 2
+#pragma GCC unroll 8
             for (int b = 0; b < NB; ++b) acc[m][b] = _mm512_fmadd_ps(u, w[b], acc[m][b]);
         }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 2
+#pragma GCC unroll 8
         for (int b = 0; b < NB; ++b) _mm512_storeu_ps(D + m * ldd + 16 * b, acc[m][b]);
 }
 
+// One column tile of NB blocks for M rows of U, M a multiple of 6.
 template <int NB>
 __attribute__((target("avx512f"))) void panel_cols512(const float* U, int64_t ldu, int M, const float* p, int64_t pstride,
                                                       int kc, float* d, int64_t ldd) {
-    int m = 0;
-    for (; m + 6 <= M; m += 6) panel_tile512<6, NB>(U + m * ldu, ldu, p, pstride, kc, d + m * ldd, ldd);
-    switch (M - m) {
-        case 5: panel_tile512<5, NB>(U + m * ldu, ldu, p, pstride, kc, d + m * ldd, ldd); break;
-        case 4: panel_tile512<4, NB>(U + m * ldu, ldu, p, pstride, kc, d + m * ldd, ldd); break;
-        case 3: panel_tile512<3, NB>(U + m * ldu, ldu, p, pstride, kc, d + m * ldd, ldd); break;
-        case 2: panel_tile512<2, NB>(U + m * ldu, ldu, p, pstride, kc, d + m * ldd, ldd); break;
-        case 1: panel_tile512<1, NB>(U + m * ldu, ldu, p, pstride, kc, d + m * ldd, ldd); break;
-        default: break;
-    }
+    for (int m = 0; m < M; m += 6) panel_tile512<6, NB>(U + m * ldu, ldu, p, pstride, kc, d + m * ldd, ldd);
+}
+
+// MR rows of U across all n neurons, NB column blocks a tile, then fewer where n leaves less.
+template <int MR, int NB>
+__attribute__((target("avx512f"))) void panel_strip512(const float* U, int64_t ldu, const float* P, int64_t ps, int kc,
+                                                       int64_t n, float* D, int64_t ldd) {
+    int64_t j = 0;
+    for (; j + 16 * NB <= n; j += 16 * NB) panel_tile512<MR, NB>(U, ldu, P + (j / 16) * ps, ps, kc, D + j, ldd);
+    if constexpr (NB > 1)
+        if (j < n) panel_strip512<MR, NB / 2>(U, ldu, P + (j / 16) * ps, ps, kc, n - j, D + j, ldd);
 }
 
 __attribute__((target("avx512f"))) void panel_avx512(const float* U, int64_t ldu, int M, const float* P, int kc,
                                                      int64_t n, float* D, int64_t ldd) {
     const int64_t ps = panel_stride(kc);
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) panel_cols512<2>(U, ldu, M, P + (j / 16) * ps, ps, kc, D + j, ldd);
-    if (j < n) panel_cols512<1>(U, ldu, M, P + (j / 16) * ps, ps, kc, D + j, ldd);
+    const int M6 = M / 6 * 6;
+    if (M6 > 0) {
+        int64_t j = 0;
+        for (; j + 32 <= n; j += 32) panel_cols512<2>(U, ldu, M6, P + (j / 16) * ps, ps, kc, D + j, ldd);
+        if (j < n) panel_cols512<1>(U, ldu, M6, P + (j / 16) * ps, ps, kc, D + j, ldd);
+    }
+    // The last M % 6 rows in tiles of at least 8 independent accumulators, which the FMAs' latency
+    // needs: in 32-neuron tiles a lone row had 2 and ran at a quarter of the FMA rate (an MoE
+    // expert's projection often has few vectors: the ids of one pass that ran it).
+    const float* Ur = U + static_cast<int64_t>(M6) * ldu;
+    float* Dr = D + static_cast<int64_t>(M6) * ldd;
+    switch (M - M6) {
+        case 5: panel_strip512<5, 2>(Ur, ldu, P, ps, kc, n, Dr, ldd); break;
+        case 4: panel_strip512<4, 2>(Ur, ldu, P, ps, kc, n, Dr, ldd); break;
+        case 3: panel_strip512<3, 4>(Ur, ldu, P, ps, kc, n, Dr, ldd); break;
+        case 2: panel_strip512<2, 4>(Ur, ldu, P, ps, kc, n, Dr, ldd); break;
+        case 1: panel_strip512<1, 8>(Ur, ldu, P, ps, kc, n, Dr, ldd); break;
+        default: break;
+    }
 }
 
 // NEUROTAP_NO_AVX512=1 keeps to the AVX2 kernels, to measure what a CPU without AVX-512 gets.
@@ -470,18 +488,26 @@ inline void prefetch_block(const uint8_t* b, int lines) {
 }
 
 // Q4_K block b's 8 sub-block scales d * sc and mins dmin * m, each one rounding as ggml's C forms
-// them, from ggml's get_scale_min_k4 (6-bit scales and mins, the last four split across bytes).
-__attribute__((target("f16c"))) inline void q4_k_scales(const uint8_t* b, float* dsc, float* dm) {
+// them (get_scale_min_k4: 6-bit scales and mins, the last four split across bytes). The 12 bytes
+// are unpacked to 8 scale bytes and 8 min bytes with ggml's own word masks (its AVX2 vec_dot_q4_K),
+// then converted and scaled 8 at a time, in fewer instructions than unpacking a byte at a time
+// (a pass at OLMoE's shape is bound by reading W_down from memory: perf showed the same share).
+__attribute__((target("avx2,f16c"))) inline void q4_k_scales(const uint8_t* b, float* dsc, float* dm) {
     uint16_t h[2];
     std::memcpy(h, b, 4);
-    const float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
-    const uint8_t* q = b + 4;
-    for (int j = 0; j < 8; ++j) {
-        const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        const int m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-        dsc[j] = d * static_cast<float>(sc);
-        dm[j] = dmin * static_cast<float>(m);
-    }
+    constexpr uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
+    uint32_t u[4];
+    std::memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & kmask2) | (((u[1] >> 6) & kmask3) << 4);  // mins 4-7
+    const uint32_t mins = u[1] & kmask1;                            // mins 0-3
+    u[1] = (u[2] & kmask2) | (((u[0] >> 6) & kmask3) << 4);         // scales 4-7
+    u[2] = mins;
+    u[0] &= kmask1;                                                 // scales 0-3
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+    _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[0])), sc));
+    _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[1])), m));
 }
 
 __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"))) void dequant_q4_k_avx2(const void* blocks,
@@ -514,7 +540,7 @@ __attribute__((target("avx2,fma,f16c"), optimize("fp-contract=off"))) void dequa
     }
 }
 
-__attribute__((target("avx512f,f16c"), optimize("fp-contract=off"))) void dequant_q4_k_avx512(const void* blocks,
+__attribute__((target("avx512f,avx2,f16c"), optimize("fp-contract=off"))) void dequant_q4_k_avx512(const void* blocks,
                                                                                              float* out, int64_t n,
                                                                                              int64_t stride) {
     const uint8_t* b = static_cast<const uint8_t*>(blocks);

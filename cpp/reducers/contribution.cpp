@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <numeric>
 
 #include "base/errors.h"
@@ -89,10 +90,18 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     const int64_t pass_bytes = static_cast<int64_t>(n_layers) * k_ * 8 + 4 +
                                static_cast<int64_t>(p_.n_threads) * per_thread + w_->n_embd() * 4;
     group_tokens_ = p_.pass_tokens > 0 ? p_.pass_tokens : std::max<int64_t>(16, queue_budget_ / pass_bytes);
-    cache_.clear();
-    // Reserved once: growing would reallocate, copying the cache and holding up to 3x its size at
-    // once (and 0.12 s at the 1B shape). Reserved pages not yet written cost no resident memory.
-    cache_.reserve(static_cast<size_t>(cache_slots_) * static_cast<size_t>(n_layers) * static_cast<size_t>(n_ff));
+    // Allocated once and never zeroed: growing would reallocate, copying the cache and holding up
+    // to 3x its size at once (and 0.12 s at the 1B shape), and zeroing each slot as it was taken
+    // wrote every page of it, where an MoE slot is only read at the experts its id's tokens ran
+    // (valid_; OLMoE: 16 of 64 per layer). Pages not yet written cost no resident memory.
+    cache_floats_ = static_cast<size_t>(cache_slots_) * static_cast<size_t>(n_layers) * static_cast<size_t>(n_ff);
+    cache_.reset();
+    if (cache_floats_ > 0) {
+        // Page-aligned, so that an expert's 4 KiB of projections (OLMoE) lie in one page, not two.
+        const size_t bytes = (cache_floats_ * sizeof(float) + 4095) / 4096 * 4096;
+        cache_.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
+        if (!cache_) throw std::bad_alloc();
+    }
     cache_token_.clear();
     cache_used_.clear();
     cache_index_.clear();
@@ -298,7 +307,6 @@ void ContributionReducer::assign_sources(const std::vector<int>& which) {
         missing_slot_.push_back(slot);
         ++misses_;
     }
-    cache_.resize(cache_token_.size() * static_cast<size_t>(n_layers_) * static_cast<size_t>(n_ff_));
     if (const int segs = moe_segments(); segs > 0) {
         // MoE: a slot holds the projections of the experts computed so far for its id; a slot
         // given to a new id holds none.
@@ -385,7 +393,7 @@ void ContributionReducer::project_experts(int l, const std::vector<int>& which, 
             const int64_t at = base + int64_t{k} * width;
             if (t.prow >= 0) s.at[static_cast<size_t>(t.prow) * segs + e] = at;
             if (t.slot >= 0) {
-                std::copy_n(s.pool.data() + at, width, cache_.data() + static_cast<size_t>(t.slot) * total + static_cast<size_t>(l) * n_ff_ + off);
+                std::copy_n(s.pool.data() + at, width, cache_.get() + static_cast<size_t>(t.slot) * total + static_cast<size_t>(l) * n_ff_ + off);
                 valid_[(static_cast<size_t>(t.slot) * n_layers_ + l) * segs + e] = 1;
             }
         }
@@ -408,13 +416,16 @@ static float layer_top(const float* c, int64_t n, int k, int32_t* idx, int64_t m
     for (int64_t j = 0; j < m; ++j) scratch[j] = c[idx[j]];
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
     const float kth = scratch[k - 1];
-    // Candidates above the k-th value, then ties at it by lowest index (idx is ascending).
+    // Candidates above the k-th value, then ties at it by lowest index, in one pass over the
+    // candidates: a tie is >= guess, so it is one of them (idx is ascending). Scanning the whole
+    // row for ties instead went half of it on average (the k-th value is mostly unique).
     int64_t w = 0, ties = 0;
-    for (int64_t j = 0; j < m; ++j)
-        if (c[idx[j]] > kth) idx[w++] = idx[j];
-    const int64_t above = w;
-    for (int64_t i = 0; i < n && above + ties < k; ++i)
-        if (c[i] == kth) scratch[ties++] = static_cast<float>(i);  // reuse scratch for tie indices (exact below 2^24)
+    for (int64_t j = 0; j < m; ++j) {
+        const int32_t i = idx[j];
+        if (c[i] > kth) idx[w++] = i;  // w <= j: never overwrites a candidate still to read
+        else if (c[i] == kth && ties < k) scratch[ties++] = static_cast<float>(i);  // tie indices (exact below 2^24)
+    }
+    ties = std::min<int64_t>(ties, k - w);  // the lowest-index ties that complete the top k
     for (int64_t t = 0; t < ties; ++t) idx[w++] = static_cast<int32_t>(scratch[t]);
     std::sort(idx, idx + w, [c](int32_t x, int32_t y) { return c[x] != c[y] ? c[x] > c[y] : x < y; });
     for (int r = 0; r < k; ++r) {
@@ -433,10 +444,17 @@ float ContributionReducer::moe_layer_top(const float* a, const int32_t* exps, co
     const MoeLayout& moe = w_->moe();
     const int U = moe.n_used;
     const int64_t F = moe.n_ff_exp, Fs = moe.n_ff_shexp, routed = int64_t{moe.n_expert} * F, nc = compact_;
-    s.dc.resize(static_cast<size_t>(nc));
-    for (int k = 0; k < U; ++k) std::copy_n(d[k], F, s.dc.data() + int64_t{k} * F);
-    if (Fs > 0) std::copy_n(d[U], Fs, s.dc.data() + int64_t{U} * F);
-    const int64_t mc = products(a, s.dc.data(), nc, guess, s.c.data(), s.idx.data());
+    // The products segment by segment, each read in place from its expert's projections (gathering
+    // them into one row first copied 32 KiB a token and layer at OLMoE's shape): the same values,
+    // and the candidates' compact indices come out ascending as from one call over the whole row.
+    int64_t mc = 0;
+    for (int k = 0; k <= U; ++k) {
+        const int64_t off = int64_t{k} * F, width = k < U ? F : Fs;
+        if (width == 0) continue;  // no shared expert
+        const int64_t m = products(a + off, d[k], width, guess, s.c.data() + off, s.idx.data() + mc);
+        for (int64_t j = mc; j < mc + m; ++j) s.idx[static_cast<size_t>(j)] += static_cast<int32_t>(off);
+        mc += m;
+    }
     auto flat = [&](int64_t i) { return i < int64_t{U} * F ? int64_t{exps[i / F]} * F + i % F : routed + (i - int64_t{U} * F); };
     if (nc >= k_) {
         const float kth = layer_top(s.c.data(), nc, k_, s.idx.data(), mc, s.top, top_c, top_i);
@@ -504,7 +522,7 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 for (int m = 0; m < M; ++m)
                     if (const int slot = missing_slot_[static_cast<size_t>(m)]; slot >= 0)
                         std::copy_n(s.proj.data() + static_cast<size_t>(m) * n_ff_, n_ff_,
-                                    cache_.data() + static_cast<size_t>(slot) * total + static_cast<size_t>(l) * n_ff_);
+                                    cache_.get() + static_cast<size_t>(slot) * total + static_cast<size_t>(l) * n_ff_);
             }
             project_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
             // Each sample's guess at this layer: from its last token selected before the pass, then
@@ -517,7 +535,7 @@ void ContributionReducer::select(const std::vector<int>& which) {
                 const size_t at = base + j;
                 // c = a * d(y) in a buffer that stays in L1, and the candidates.
                 const float* cached = row_of_[q] >= 0 ? nullptr
-                                                      : cache_.data() + static_cast<size_t>(slot_of_[q]) * total +
+                                                      : cache_.get() + static_cast<size_t>(slot_of_[q]) * total +
                                                             static_cast<size_t>(l) * n_ff_;
                 // kth_ is read only here and written after the pass.
                 const float guess = s.guess[static_cast<size_t>(queue_[q].sample)];

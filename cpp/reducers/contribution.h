@@ -14,6 +14,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -89,7 +90,7 @@ public:
     int64_t tokens_processed() const { return tokens_; }
     double seconds() const { return seconds_; }          // time in the contribution pass
     double dot_seconds() const { return dot_seconds_; }  // of which the dot products and products
-    int64_t cache_bytes() const { return static_cast<int64_t>(cache_.capacity() * sizeof(float)); }
+    int64_t cache_bytes() const { return static_cast<int64_t>(cache_floats_ * sizeof(float)); }
     int64_t cache_hits() const { return hits_; }
     int64_t cache_misses() const { return misses_; }
     // MoE: (token id, layer, expert) projections computed, and of those, ones added to an id
@@ -154,7 +155,11 @@ private:
     double seconds_ = 0, dot_seconds_ = 0;
     // d(y) = W_down^T W_U[y] per token id, least recently used evicted first.
     int cache_slots_ = 0;
-    std::vector<float> cache_;            // [slots, layers * n_ff]
+    struct Free {
+        void operator()(float* p) const { std::free(p); }
+    };
+    std::unique_ptr<float[], Free> cache_;  // [slots, layers * n_ff], a slot's values written before they are read
+    size_t cache_floats_ = 0;
     std::vector<int32_t> cache_token_;    // slot -> token id
     std::vector<int64_t> cache_used_;     // slot -> last step that used it
     std::unordered_map<int32_t, int> cache_index_;
@@ -176,7 +181,7 @@ private:
         std::vector<int64_t> at;
         std::vector<const float*> seg;  // a token's experts' projections (the shared expert last)
         std::vector<float> u;
-        std::vector<float> dc, full;  // MoE: a token's projections gathered compact; a full-width row
+        std::vector<float> full;      // MoE: a full-width row (fewer than k neurons ran)
         std::vector<float> guess;     // [sample] a value below its next token's k-th at the layer in hand
     };
     // MoE: row `layer` of the sample's buffer from slot j's expert id_of(j), gate weight

@@ -242,25 +242,28 @@ void test_nad_projection_kernels() {
     for (const PanelFn panel : panel_kernels()) {
         const Axpy4Fn axpy4 = axpy4_kernel();
         for (int kc : {1, 4, 7, 64}) {
-            for (int M : {1, 2, 5, 6, 7, 13}) {
-                const int64_t n = 80, ldd = n + 3, stride = 16 * kc + 16, ldu = kc + 2;  // 2 x 32 + 16 neurons
-                std::vector<float> rows(static_cast<size_t>(kc + 3) * n), P(static_cast<size_t>(n / 16 * stride));
-                std::vector<float> U(static_cast<size_t>(M) * ldu), D(static_cast<size_t>(M) * ldd);
-                for (auto& v : rows) v = val(rng);
-                for (auto& v : U) v = val(rng);
-                for (auto& v : D) v = val(rng);
-                for (int k = 0; k < kc; ++k)
-                    for (int64_t j = 0; j < n; ++j) P[(j / 16) * stride + 16 * k + j % 16] = rows[static_cast<size_t>(k) * n + j];
-                std::vector<float> ref = D;
-                for (int m = 0; m < M; ++m)
-                    for (int k = 0; k < kc; k += 4) {  // axpy4 takes 4 rows: pad with zero coefficients
-                        float a[4];
-                        for (int r = 0; r < 4; ++r) a[r] = k + r < kc ? U[static_cast<size_t>(m) * ldu + k + r] : 0.0f;
-                        axpy4(a, rows.data() + static_cast<size_t>(k) * n, n, ref.data() + static_cast<size_t>(m) * ldd, n);
-                    }
-                panel(U.data(), ldu, M, P.data(), kc, n, D.data(), ldd);
-                CHECK_MSG(std::memcmp(D.data(), ref.data(), D.size() * sizeof(float)) == 0,
-                          "panel != axpy4 at kc " + std::to_string(kc) + ", M " + std::to_string(M));
+            for (int M : {1, 2, 3, 4, 5, 6, 7, 13}) {
+                for (int64_t n : {80, 208}) {  // 2 x 32 + 16 neurons; 128 + 64 + 16 (the widest tiles, then each narrower)
+                    const int64_t ldd = n + 3, stride = 16 * kc + 16, ldu = kc + 2;
+                    std::vector<float> rows(static_cast<size_t>(kc + 3) * n), P(static_cast<size_t>(n / 16 * stride));
+                    std::vector<float> U(static_cast<size_t>(M) * ldu), D(static_cast<size_t>(M) * ldd);
+                    for (auto& v : rows) v = val(rng);
+                    for (auto& v : U) v = val(rng);
+                    for (auto& v : D) v = val(rng);
+                    for (int k = 0; k < kc; ++k)
+                        for (int64_t j = 0; j < n; ++j) P[(j / 16) * stride + 16 * k + j % 16] = rows[static_cast<size_t>(k) * n + j];
+                    std::vector<float> ref = D;
+                    for (int m = 0; m < M; ++m)
+                        for (int k = 0; k < kc; k += 4) {  // axpy4 takes 4 rows: pad with zero coefficients
+                            float a[4];
+                            for (int r = 0; r < 4; ++r) a[r] = k + r < kc ? U[static_cast<size_t>(m) * ldu + k + r] : 0.0f;
+                            axpy4(a, rows.data() + static_cast<size_t>(k) * n, n, ref.data() + static_cast<size_t>(m) * ldd, n);
+                        }
+                    panel(U.data(), ldu, M, P.data(), kc, n, D.data(), ldd);
+                    CHECK_MSG(std::memcmp(D.data(), ref.data(), D.size() * sizeof(float)) == 0,
+                              "panel != axpy4 at kc " + std::to_string(kc) + ", M " + std::to_string(M) + ", n " +
+                                  std::to_string(n));
+                }
             }
         }
     }

@@ -42,11 +42,12 @@ public:
     void project(int layer, const float* U, int M, int64_t i0, int64_t i1, float* D, int64_t ldd, float* scratch) const;
     // The slices project() works in for M vectors: `cols` neurons (a multiple of every block size)
     // by `rows` rows of W_down at a time. Few vectors: wide slices, so W_down streams through whole
-    // pages; many: narrow ones, so their M x cols accumulators stay in cache.
+    // pages; many: narrow ones, so their M x cols accumulators stay in cache. `width`: the neurons
+    // to project (rows are counted against the columns a slice really has).
     struct Tile {
         int64_t rows, cols;
     };
-    static Tile project_tile(int M);
+    static Tile project_tile(int M, int64_t width);
     static constexpr int64_t kProjectScratch = 131072 + 8192 + 8192 + 16;  // a panel, its padding, a row, alignment
     int64_t block_size(int layer) const { return down_[static_cast<size_t>(layer)][0].t.block; }
     // W_U[token] into out (n_embd floats); ParamError for an id outside the vocabulary.
