@@ -98,9 +98,8 @@ void ContributionReducer::begin(int n_samples, int n_layers, int64_t n_ff, int) 
     cache_.reset();
     if (cache_floats_ > 0) {
         // Page-aligned, so that an expert's 4 KiB of projections (OLMoE) lie in one page, not two.
-        const size_t bytes = (cache_floats_ * sizeof(float) + 4095) / 4096 * 4096;
-        cache_.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
-        if (!cache_) throw std::bad_alloc();
+        // Uninitialised: operator new throws std::bad_alloc itself.
+        cache_.reset(static_cast<float*>(::operator new(cache_floats_ * sizeof(float), kCacheAlign)));
     }
     cache_token_.clear();
     cache_used_.clear();

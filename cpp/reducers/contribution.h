@@ -14,7 +14,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
+#include <new>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -155,8 +155,10 @@ private:
     double seconds_ = 0, dot_seconds_ = 0;
     // d(y) = W_down^T W_U[y] per token id, least recently used evicted first.
     int cache_slots_ = 0;
+    // Page-aligned storage from aligned operator new (C++17; std::aligned_alloc is missing on MSVC).
+    static constexpr std::align_val_t kCacheAlign{4096};
     struct Free {
-        void operator()(float* p) const { std::free(p); }
+        void operator()(float* p) const { ::operator delete(p, kCacheAlign); }
     };
     std::unique_ptr<float[], Free> cache_;  // [slots, layers * n_ff], a slot's values written before they are read
     size_t cache_floats_ = 0;
