@@ -8,14 +8,17 @@ nothing committed):
 
     bash benchmarks/build_llama_tools.sh llama-server
     .venv/bin/python benchmarks/bench_vs_llama_server.py [--model NAME|PATH] [--threads 2] [--parallel 4] \\
-        [--clients 1,4,16] [--requests 4] [--max-tokens 64] [--rounds 3] [--out benchmarks/results/vs_llama_server.json]
+        [--clients 1,4,16] [--requests 4] [--max-tokens 64] [--rounds 3] [--apart] [--out benchmarks/results/vs_llama_server.json]
 
 (The script builds llama-server itself when --llama-server is not given; the build is incremental.)
 
-Only one server runs at a time (the machine has 2 cores): each round starts one server, warms
-it up, runs the load at every client count and then the chat, stops it, and does the same with
-the other; the order alternates round by round. Rates are medians over rounds; ratios are
-medians of the per-round ratios neurotap / llama-server.
+The load: both servers are up (each idle while the other is measured, its threads asleep) and,
+in every round, each client count is run on one server and then at once on the other, the order
+alternating, so the two measurements of a pair are seconds apart and the machine's drift over
+minutes falls on both alike (--apart: one server up at a time, a round each, as before). The
+chat: each round starts one server fresh, runs the chat, stops it, and does the same with the
+other, the order alternating. Rates are medians over rounds; ratios are medians of the per-round
+(per-pair) ratios neurotap / llama-server.
 
 - Load: C client threads, each sending --requests chat completions back to back (streamed;
   distinct short prompts; a new connection per request), all to 127.0.0.1. requests/s and
@@ -200,6 +203,44 @@ def build_llama_server() -> str:
     return b.stdout.strip().splitlines()[-1]
 
 
+def warm_up(port: int, timeout: float) -> None:
+    for i in range(2):  # page in the weights, build the graphs
+        stream_chat(port, request_body([{"role": "user", "content": "Hello."}], 8, i), timeout)
+
+
+def load_row(name: str, port: int, clients: int, r: int, a: argparse.Namespace) -> Dict[str, Any]:
+    row = load(name, port, clients, a.requests, a.max_tokens, a.timeout)
+    print(f"  round {r + 1} {name} {clients} clients: {row['requests_per_s']:.2f} req/s, "
+          f"{row['tokens_per_s']:.1f} tok/s, TTFT median {row['ttft_median']:.3f} s", file=sys.stderr)
+    return {"kind": "load", "server": name, "round": r, **row}
+
+
+def load_side_by_side(a: argparse.Namespace, path: str, binary: str, counts: List[int],
+                      names: List[str]) -> List[Dict[str, Any]]:
+    """The load with both servers up (each idle while the other is measured): at every client
+    count of every round one server, then the other (the order alternating), seconds apart, so
+    the machine's drift over minutes falls on both alike."""
+    ports = {name: free_port() for name in names}
+    procs: Dict[str, Any] = {}
+    rows: List[Dict[str, Any]] = []
+    try:
+        for name in names:
+            procs[name] = start(server_commands(a, path, binary, ports[name])[name],
+                                f"http://{HOST}:{ports[name]}/v1/models", dict(os.environ))
+            warm_up(ports[name], a.timeout)
+        k = 0
+        for r in range(a.rounds):
+            for c in counts:
+                for name in names if k % 2 == 0 else names[::-1]:
+                    time.sleep(0.5)  # the other server's threads are asleep again
+                    rows.append(load_row(name, ports[name], c, r, a))
+                k += 1
+    finally:
+        for proc in procs.values():
+            stop(proc)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arg(ap)
@@ -214,6 +255,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--neurotap-reuse", default="exact", choices=("exact", "prefix", "off"),
                     help="neurotap serve --prompt-reuse (llama-server's cache_prompt is prefix)")
+    ap.add_argument("--apart", action="store_true",
+                    help="measure the load with one server up at a time, a round each (default: both up, "
+                         "one client count at a time, alternating)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds any one request or client may take")
     ap.add_argument("--llama-server", help="the llama-server binary (default: build it from the vendored source)")
     ap.add_argument("--out", help="write the record here (JSON), e.g. benchmarks/results/vs_llama_server.json")
@@ -224,20 +268,18 @@ def main() -> None:
     binary = a.llama_server or build_llama_server()
     names = ["neurotap", "llama-server"]
     runs: List[Dict[str, Any]] = []
-    for r in range(a.rounds):
+    if counts and not a.apart:
+        runs += load_side_by_side(a, path, binary, counts, names)
+    for r in range(a.rounds if a.turns or a.apart else 0):
         for name in names if r % 2 == 0 else names[::-1]:
             port = free_port()
             cmd = server_commands(a, path, binary, port)[name]
             proc = start(cmd, f"http://{HOST}:{port}/v1/models", dict(os.environ))
             try:
-                for i in range(2):  # warm-up: page in the weights, build the graphs
-                    stream_chat(port, request_body([{"role": "user", "content": "Hello."}], 8, i), a.timeout)
-                for c in counts:
+                warm_up(port, a.timeout)
+                for c in counts if a.apart else []:
                     time.sleep(0.5)
-                    row = load(name, port, c, a.requests, a.max_tokens, a.timeout)
-                    runs.append({"kind": "load", "server": name, "round": r, **row})
-                    print(f"  round {r + 1} {name} {c} clients: {row['requests_per_s']:.2f} req/s, "
-                          f"{row['tokens_per_s']:.1f} tok/s, TTFT median {row['ttft_median']:.3f} s", file=sys.stderr)
+                    runs.append(load_row(name, port, c, r, a))
                 if a.turns:
                     time.sleep(0.5)
                     row = chat(name, port, a.turns, a.chat_tokens, a.timeout)
@@ -250,7 +292,7 @@ def main() -> None:
     summary = report(runs, counts, a)
     if a.out:
         config = {k: getattr(a, k) for k in ("threads", "parallel", "ctx", "clients", "requests", "max_tokens",
-                                             "turns", "chat_tokens", "rounds", "neurotap_reuse")}
+                                             "turns", "chat_tokens", "rounds", "neurotap_reuse", "apart")}
         save_rows(a.out, [{"kind": "config", "model": path, "llama_server": binary, "cpus": os.cpu_count(),
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "sampling": SAMPLING, **config},
                           *summary, *runs])
