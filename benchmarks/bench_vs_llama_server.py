@@ -141,8 +141,11 @@ def checked(r: Dict[str, Any], max_tokens: int, server: str) -> Dict[str, Any]:
     return r
 
 
-def load(server: str, port: int, clients: int, requests: int, max_tokens: int, timeout: float) -> Dict[str, Any]:
-    """C closed-loop clients, each sending `requests` requests back to back."""
+def load(server: str, port: int, clients: int, requests: int, max_tokens: int, timeout: float,
+         tag: int = 0) -> Dict[str, Any]:
+    """C closed-loop clients, each sending `requests` requests back to back. Every prompt is new to
+    the server (`tag` numbers the load: no prompt is sent twice in a run, so no server answers one
+    from its cache of whole prompts); all share the chat template and their opening words."""
     results: List[Optional[Dict[str, Any]]] = [None] * (clients * requests)
     errors: List[BaseException] = []
 
@@ -150,7 +153,8 @@ def load(server: str, port: int, clients: int, requests: int, max_tokens: int, t
         try:
             for i in range(requests):
                 k = c * requests + i
-                msgs = [{"role": "user", "content": f"Write a short story about {TOPICS[k % len(TOPICS)]}."}]
+                msgs = [{"role": "user", "content": f"Write a short story about {TOPICS[k % len(TOPICS)]} "
+                                                    f"(story {tag}-{k})."}]
                 results[k] = checked(stream_chat(port, request_body(msgs, max_tokens, k), timeout), max_tokens, server)
         except BaseException as e:  # reported by the main thread
             errors.append(e)
@@ -209,7 +213,7 @@ def warm_up(port: int, timeout: float) -> None:
 
 
 def load_row(name: str, port: int, clients: int, r: int, a: argparse.Namespace) -> Dict[str, Any]:
-    row = load(name, port, clients, a.requests, a.max_tokens, a.timeout)
+    row = load(name, port, clients, a.requests, a.max_tokens, a.timeout, tag=1000 * r + clients)
     print(f"  round {r + 1} {name} {clients} clients: {row['requests_per_s']:.2f} req/s, "
           f"{row['tokens_per_s']:.1f} tok/s, TTFT median {row['ttft_median']:.3f} s", file=sys.stderr)
     return {"kind": "load", "server": name, "round": r, **row}
