@@ -40,7 +40,7 @@ from neurotap.scoring.tasks import arith, format_prompt
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_server import free_port, start, stop  # noqa: E402
-from common import status_mb  # noqa: E402
+from common import save_rows, status_mb  # noqa: E402
 
 MSGS = [{"role": "user", "content": "Name three colors."}]
 
@@ -162,7 +162,7 @@ def main() -> None:
             r = c.chat.completions.create(model="m", messages=MSGS, max_tokens=24, seed=1)
             assert r.usage.completion_tokens == 24
             chunks = c.chat.completions.create(model="m", messages=MSGS, max_tokens=16, n=2, seed=2, stream=True)
-            got = Counter(c.index for ch in chunks for c in ch.choices if c.delta.content)
+            got = Counter(choice.index for ch in chunks for choice in ch.choices if choice.delta.content)
             assert set(got) == {0, 1}
             race = c.chat.completions.create(model="m", messages=MSGS, max_tokens=48, seed=3, extra_body={
                 "nad": {"n": 8, "method": "rad", "early_stop": 32}})
@@ -175,7 +175,6 @@ def main() -> None:
             stop(proc)
     timed(rows, "serve (openai client)", serve)
     if a.out:
-        from common import save_rows
         save_rows(a.out, rows)
 
 
