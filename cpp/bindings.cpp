@@ -83,6 +83,7 @@ py::dict info_dict(const ModelInfo& i) {
     d["size_bytes"] = i.size_bytes;
     d["has_chat_template"] = i.has_chat_template;
     d["kv_bytes_per_cell"] = i.kv_bytes_per_cell;
+    d["repackable_weights"] = i.repackable_weights;
     d["n_head"] = i.n_head;
     d["head_dim_v"] = i.head_dim_v > 0 ? i.head_dim_v : (i.n_head > 0 ? i.n_embd / i.n_head : 0);
     d["n_expert"] = i.moe.n_expert;
@@ -390,6 +391,8 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("n_seq_max", [](const ContextHandle& c) { return c.tc->params().n_seq_max; })
         .def_property_readonly("kv_unified", [](const ContextHandle& c) { return c.tc->params().kv_unified; },
                                "one KV stream shared by the sequences (else a stream per sequence)")
+        .def_property_readonly("joint_prompts", [](const ContextHandle& c) { return c.tc->joint_prompts(); },
+                               "whether joining runs' prompts may be decoded together, every row as alone")
         .def_property_readonly("reused_cells", [](const ContextHandle& c) { return c.tc->reused_cells(); },
                                "prompt cells reused instead of decoded, over this context's life")
         .def("seq_tokens", [](const ContextHandle& c, int s) { return c.tc->seq_tokens(s); }, py::arg("seq"),
@@ -884,5 +887,7 @@ PYBIND11_MODULE(_native, m) {
         .def("clear_wake", [](BatcherHandle& b) { b.progress.cancel.store(false); })
         .def_property_readonly("size", [](const BatcherHandle& b) { return b.batcher->size(); })
         .def_property_readonly("steps", [](const BatcherHandle& b) { return b.batcher->steps(); })
-        .def_property_readonly("rows", [](const BatcherHandle& b) { return b.batcher->rows(); });
+        .def_property_readonly("rows", [](const BatcherHandle& b) { return b.batcher->rows(); })
+        .def_property_readonly("joint_prompt_decodes",
+                               [](const BatcherHandle& b) { return b.batcher->joint_prompt_decodes(); });
 }

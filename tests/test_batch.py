@@ -63,3 +63,58 @@ def test_a_stream_view_is_what_the_sample_says(model):
         run.advance(4)
         v = run.stream_view(0)
         assert isinstance(v, Sample) and v.token_logprob is not None and v.text == run.sample(0).text
+
+
+
+
+def test_prompts_joining_together_are_decoded_in_one_call_and_draw_what_they_draw_alone(model):
+    """Untapped runs joining at the same step: their prompts (of different lengths, some reusing a
+    slot's cells, one too long to join and one of a single row) go into one llama_decode where
+    llama.cpp's split keeps every row in the kernels of its prompt decoded alone; each run's tokens
+    are those of the same run made alone, and a later run that reuses cells decoded together
+    answers as without reuse."""
+    qs = ["Write a line about rain.", "Name two rivers, please.", "Count to five.", "Say hi."]
+    batch = Batch(model, 4)
+    assert batch.ctx.joint_prompts  # the default model: Q4_1, no repacked weights
+    kw = dict(n=1, max_tokens=12, reducers=(), tap=False, **SAMPLING)
+
+    def start(msgs, seq, seed, **extra):
+        o = model.sampling_options(seed=seed, **{**kw, **extra})
+        o.seqs = [seq]
+        return batch.start(model.prompt_tokens(msgs), o, o.max_tokens)
+
+    def finish(runs):
+        live = list(runs)
+        while live:
+            for r in batch.run():
+                batch.remove(r)  # its target reached: it needs its owner, who ends it
+                live.remove(r)
+
+    def alone(msgs, seed, **extra):
+        model.reuse_prompt = False
+        try:
+            (s,) = model.sample(msgs, seed=seed, **{**kw, **extra})
+        finally:
+            model.reuse_prompt = True
+        return s.tokens
+
+    chats = [[{"role": "user", "content": q}] for q in qs]
+    for round_ in range(2):  # the second round reuses each slot's cells (decoded together the first time)
+        before = batch.joint_prompt_decodes
+        runs = [start(c, seq, 10 * round_ + seq) for seq, c in enumerate(chats)]
+        finish(runs)
+        assert batch.joint_prompt_decodes == before + 1
+        for seq, (c, r) in enumerate(zip(chats, runs)):
+            assert list(r.sample(0)["tokens"]) == alone(c, 10 * round_ + seq)
+        if round_ == 0:
+            assert all(r.n_reused == 0 for r in runs)
+            chats = [c + [{"role": "assistant", "content": "Fine."}, {"role": "user", "content": "Again?"}]
+                     for c in chats]
+        else:
+            assert all(r.n_reused > 0 for r in runs)
+    # A tapped run joins alone; the untapped ones still together.
+    before = batch.joint_prompt_decodes
+    runs = [start(chats[0], 0, 1, tap=True, reducers=("active_sets",)), start(chats[1], 1, 2), start(chats[2], 2, 3)]
+    finish(runs)
+    assert batch.joint_prompt_decodes == before + 1
+    assert list(runs[1].sample(0)["tokens"]) == alone(chats[1], 2)

@@ -57,47 +57,51 @@ def common(a, b):
     return k
 
 
-def row_class(i, n):
+def row_class(i, n, mod4=True):
     """What decides row i's values in a one-sequence batch of n rows on the CPU with flash
-    attention: the attention kernel (by the batch's rows) and whether the matmuls on repacked
-    weights take it in a group of 4 or as one of the last n % 4 (TappedContext::batch_class)."""
-    return ("tiled" if n >= LARGE else "small" if n >= SMALL else "tiny" if n >= 2 else "single"), i >= n - n % 4
+    attention: the attention kernel (by the batch's rows) and, on weights llama.cpp repacks
+    (`mod4`: ModelInfo.repackable_weights), whether the matmuls take it in a group of 4 or as one
+    of the last n % 4 (TappedContext::batch_class)."""
+    size = "tiled" if n >= LARGE else "small" if n >= SMALL else "tiny" if n >= 2 else "single"
+    return size, mod4 and i >= n - n % 4
 
 
-def planned(p, limit):
+def planned(p, limit, mod4=True):
     """The class decoding limit prompt rows from the start gives position p (batches end at
     multiples of CHUNK)."""
     start = p // CHUNK * CHUNK
-    return row_class(p - start, min(start + CHUNK, limit) - start)
+    return row_class(p - start, min(start + CHUNK, limit) - start, mod4)
 
 
-def exact_reuse(held, ids):
+def exact_reuse(held, ids, mod4=True):
     """What exact reuse keeps at token granularity of the cells `held`, a prompt decoded whole (its
     last token in its last batch, with the rows before it): the common prefix whose cells have the
     class decoding `ids` whole gives them (a batch of SMALL rows or more), never `ids`' last token
     (always decoded: its row is tapped and sampled), cut back until the rest's first batch gives
-    its rows their planned classes too: it is the planned batch, or holds as many rows mod 4 in the
-    same size class (SMALL rows or more)."""
+    its rows their planned classes too: it is the planned batch, or holds as many rows mod 4 (with
+    `mod4`) in the same size class (SMALL rows or more)."""
     limit, k = len(ids), 0
     reliable = ("small", "tiled")
-    while (k < min(len(held), limit - 1) and held[k] == ids[k] and planned(k, len(held)) == planned(k, limit)
-           and planned(k, limit)[0] in reliable):
+    while (k < min(len(held), limit - 1) and held[k] == ids[k]
+           and planned(k, len(held), mod4) == planned(k, limit, mod4) and planned(k, limit)[0] in reliable):
         k += 1
     for n in range(k, 0, -1):
         start = n // CHUNK * CHUNK
         end = min(start + CHUNK, limit)
         part = row_class(0, end - n)[0]
-        if n == start or ((n - start) % 4 == 0 and part == row_class(0, end - start)[0] and part in reliable):
+        if n == start or ((not mod4 or (n - start) % 4 == 0) and part == row_class(0, end - start)[0]
+                          and part in reliable):
             return n
     return 0
 
 
-def same_again(n):
+def same_again(n, mod4=True):
     """exact_reuse(ids, ids) for a prompt of n tokens: its last planned batch (m rows) is decoded
-    again from the last multiple of 4 of its rows that leaves a batch of its size class."""
+    again from the last row (with `mod4`: multiple of 4 of its rows) that leaves a batch of its
+    size class."""
     m = (n - 1) % CHUNK + 1
     least = LARGE if m >= LARGE else SMALL
-    return n - m + (4 * ((m - least) // 4) if m >= SMALL else 0)
+    return n - m + ((m - least) // (4 if mod4 else 1) * (4 if mod4 else 1) if m >= SMALL else 0)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +129,7 @@ def test_ten_turn_chat_same_tokens_with_and_without_reuse(model, system):
     assert model._ctx.reuse_by_token
     prompts = [ids for ids, _, _ in log]
     for (prev, _, _), (ids, _, got) in zip(log, log[1:]):
-        assert got == exact_reuse(prev, ids) > 0, (got, len(ids))
+        assert got == exact_reuse(prev, ids, model.info.repackable_weights) > 0, (got, len(ids))
     assert min(len(b) - len(a) for a, b in zip(prompts, prompts[1:])) < LARGE
     if system == SHORT_SYSTEM:  # a tail the old rule left small, decoded then with the chunk before it
         assert any(0 < (len(ids) - 1) % CHUNK < LARGE for ids in prompts), [len(ids) for ids in prompts]
@@ -190,6 +194,7 @@ def test_exact_reuse_at_token_granularity_equals_decoding_whole(model, q4k_model
     count follows the rule and the tokens and tapped rows equal a run without reuse."""
     model = model if which.startswith("smollm2") else q4k_model
     assert model._generate_context().reuse_by_token
+    assert model.info.repackable_weights == which.startswith("gemma3")  # Q4_K is repacked, Q4_1 is not
     base = model.tokenize("The quick brown fox jumps over the lazy dog. " * 60)
     more = model.tokenize(" Then it ran home.", add_special=False)
     cases = [base[:CHUNK + 20], base[:CHUNK + 20] + more, base[:CHUNK + 200], base[:CHUNK + 200] + more,
@@ -205,14 +210,15 @@ def test_exact_reuse_at_token_granularity_equals_decoding_whole(model, q4k_model
             before = model.reused_cells
             g = model.generate(ids, **kw)
             got = model.reused_cells - before
-            assert got == exact_reuse(held, ids), (len(ids), got)
+            mod4 = model.info.repackable_weights
+            assert got == exact_reuse(held, ids, mod4), (len(ids), got)
             kept += got
             assert g.tokens == f.tokens
             assert np.array_equal(g.activations, f.activations), (len(ids), got)
             before = model.reused_cells
             again = model.generate(ids, **kw)  # the same prompt again: all but its last batch's
             # last rows, as many as its size class needs (a last batch under SMALL rows: all)
-            assert model.reused_cells - before == exact_reuse(ids, ids) == same_again(len(ids))
+            assert model.reused_cells - before == exact_reuse(ids, ids, mod4) == same_again(len(ids), mod4)
             assert again.tokens == f.tokens and np.array_equal(again.activations, f.activations)
             held = ids  # what the last prompt left: its rows decoded as one prompt
     finally:
@@ -265,7 +271,7 @@ def test_sampling_reuses_the_first_sequence(model, whole_chunk_model, by_token):
         np_ = len(model.prompt_tokens(p))
         # The first sample's cells of the same prompt: all but its last batch's last rows (as
         # many as its size class needs), or whole chunks.
-        assert run.n_reused == (same_again(np_) if by_token else (np_ - 1) // CHUNK * CHUNK) > 0
+        assert run.n_reused == (same_again(np_, model.info.repackable_weights) if by_token else (np_ - 1) // CHUNK * CHUNK) > 0
     assert [s.tokens for s in again] == [s.tokens for s in first]
     for a, b in zip(again, first):
         assert (a.active_counts == b.active_counts).all()
@@ -309,11 +315,16 @@ def test_rows_of_one_class_do_not_depend_on_the_split(model_path, which):
         for splits in ([32], [8, 20, 40], [8, 16, 24, 32, 40, 48]):
             assert classes(splits, 60) == classes([], 60)
             assert np.array_equal(rows(splits, 60), short), splits
+        # 65 + 235 rows: the first batch's last row and the second's last 3 leave their groups of 4.
+        assert classes([65]) != classes([])
         if which.startswith("gemma3"):
-            # 65 + 235 rows: the first batch's last row and the second's last 3 leave their groups of 4.
-            assert classes([65]) != classes([])
             assert not np.array_equal(rows([65]), whole)
             # A first batch of 4 rows (under SMALL): those rows differ already.
             assert not np.array_equal(rows([4], 60)[:4], short[:4])
+        else:  # no repacked weights: the index mod 4 decides nothing (ModelInfo.repackable_weights)
+            assert np.array_equal(rows([65]), whole) and np.array_equal(rows([8, 21, 43], 60), short)
+            # Nor do batches of 2 to SMALL rows (decode_prompts' pieces): they are "tiny" only
+            # where the weights are repacked.
+            assert np.array_equal(rows([2, 5, 9], 60), short)
     finally:
         llm.close()

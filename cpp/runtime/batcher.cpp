@@ -157,6 +157,71 @@ bool Batcher::step() {
     return true;
 }
 
+// Joining runs' prompts, before the next shared step: untapped ones together in one llama_decode
+// where the context can keep each row's values those of its prompt decoded alone (a span that
+// cannot goes alone, and the rest are tried again), the others one after another.
+void Batcher::join(Progress* progress) {
+    std::vector<DecodeLoop*> together;
+    for (Member& m : members_) {
+        if (m.loop->started() || !m.loop->failed().empty()) continue;
+        if (progress) progress->tokens.fetch_add(1, std::memory_order_relaxed);
+        if (tc_.joint_prompts() && !m.loop->tapped()) {
+            together.push_back(m.loop);
+            continue;
+        }
+        try {
+            m.loop->begin();
+        } catch (const std::exception&) {
+            // begin recorded why
+        }
+    }
+    if (together.empty()) return;
+    std::sort(together.begin(), together.end(), [](DecodeLoop* a, DecodeLoop* b) { return a->slot(0) < b->slot(0); });
+    std::vector<PromptSpan> spans;
+    std::vector<DecodeLoop*> loops;
+    for (DecodeLoop* loop : together) {
+        try {
+            spans.push_back(loop->begin_prompt());
+            loops.push_back(loop);
+        } catch (const std::exception&) {
+            // begin_prompt recorded why
+        }
+    }
+    auto alone = [&](size_t j) {
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+            const PromptSpan& p = spans[j];
+            const int last = tc_.decode_seq(p.tokens, p.n, p.pos0, p.seq, nullptr);
+            loops[j]->end_prompt(last, t0);
+        } catch (const std::exception& e) {
+            loops[j]->fail(e.what());
+        }
+    };
+    for (int bad; spans.size() > 1 && (bad = tc_.joint_breaker(spans)) >= 0;) {
+        alone(static_cast<size_t>(bad));
+        spans.erase(spans.begin() + bad);
+        loops.erase(loops.begin() + bad);
+    }
+    if (spans.size() == 1) alone(0);
+    if (spans.size() < 2) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<int> last;
+    try {
+        last = tc_.decode_prompts(spans);
+    } catch (const std::exception& e) {
+        for (DecodeLoop* loop : loops) loop->fail(e.what());  // their cells are unknown now
+        return;
+    }
+    ++joins_;
+    for (size_t j = 0; j < loops.size(); ++j) {
+        try {
+            loops[j]->end_prompt(last[j], t0);
+        } catch (const std::exception&) {
+            // end_prompt recorded why
+        }
+    }
+}
+
 std::vector<DecodeLoop*> Batcher::run(int max_steps, Progress* progress) {
     auto in_use = tc_.lock_use();  // Model::close waits for this
     tc_.ctx();                     // closed: RuntimeError
@@ -167,16 +232,7 @@ std::vector<DecodeLoop*> Batcher::run(int max_steps, Progress* progress) {
             if (needs_owner(m)) out.push_back(m.loop);
         return !out.empty();
     };
-    // Joining runs: their prompts, one after another, before the next shared step.
-    for (Member& m : members_) {
-        if (m.loop->started() || !m.loop->failed().empty()) continue;
-        try {
-            m.loop->begin();
-        } catch (const std::exception&) {
-            // begin recorded why
-        }
-        if (progress) progress->tokens.fetch_add(1, std::memory_order_relaxed);
-    }
+    join(progress);
     for (int taken = 0; !collect() && taken < max_steps; ++taken) {
         if (progress && progress->stop_requested()) break;
         if (!step()) break;

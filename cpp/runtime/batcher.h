@@ -1,7 +1,9 @@
 // Continuous batching: many runs (DecodeLoops, each with its own samples, reducers, methods, stop
 // strings) decode as sequences of ONE context, one llama_decode per step over every run's rows.
-// Runs join and leave between steps: a joining run's prompt is decoded alone before the next
-// shared step (the others wait for it: prompt evaluation is what a join costs them), and a run
+// Runs join and leave between steps: the prompts of the runs joining are decoded before the next
+// shared step (the others wait for them: prompt evaluation is what a join costs them), untapped
+// ones together in one llama_decode where the context allows it without changing any row's
+// values (TappedContext::decode_prompts), the others one by one; and a run
 // that has ended or reached the token target its owner set simply adds no rows. Each run decodes
 // on its own sequence slots (SampleParams::seqs), so its tokens and records are those it would
 // produce alone: rows are kept in increasing sequence order (llama.cpp then keeps batch order,
@@ -39,6 +41,8 @@ public:
     // Shared decode steps taken so far, and rows decoded by them.
     int64_t steps() const { return steps_; }
     int64_t rows() const { return rows_; }
+    // llama_decode calls that decoded several joining runs' prompts together.
+    int64_t joint_prompt_decodes() const { return joins_; }
 
     TapRequest tap_request() const override { return want_; }
     void on_rows(TapKind kind, int layer, int row0, int n_rows, const float* data, int64_t width) override;
@@ -55,6 +59,7 @@ private:
     template <typename F>
     void for_member_runs(int row0, int n_rows, F&& f);
     bool needs_owner(const Member& m) const;
+    void join(Progress* progress);
     // One shared step over every member with rows; returns whether anything was decoded.
     bool step();
 
@@ -68,7 +73,7 @@ private:
     std::vector<llama_seq_id> seqs_, m_seqs_;
     std::vector<int> row_member_, row_local_;
     std::vector<int> order_;
-    int64_t steps_ = 0, rows_ = 0;
+    int64_t steps_ = 0, rows_ = 0, joins_ = 0;
 };
 
 }  // namespace neurotap

@@ -379,9 +379,16 @@ uint32_t DecodeLoop::roll_back(int s, int n) {
 }
 
 void DecodeLoop::start() {
-    using clock = std::chrono::steady_clock;
+    const auto t0 = std::chrono::steady_clock::now();
+    const PromptSpan p = plan_prompt();
+    broadcast_ = true;
+    const int last = tc_.decode_seq(p.tokens, p.n, p.pos0, p.seq, params_.tap ? this : nullptr);
+    broadcast_ = false;
+    finish_prompt(last, t0);
+}
+
+PromptSpan DecodeLoop::plan_prompt() {
     started_ = true;
-    const auto t0 = clock::now();
     const int np = static_cast<int>(prompt_.size());
     const llama_seq_id base = seqs_[0];
     // The longest prefix of the prompt whose cells the first slot holds already and may keep
@@ -395,22 +402,45 @@ void DecodeLoop::start() {
     tc_.seq_rm(base, keep);
     tc_.count_reused(keep);
     n_reused_ = keep;
-    broadcast_ = true;
     bad_layer_ = -1;
-    const int last = tc_.decode_seq(prompt_.data() + keep, np - keep, keep, base, params_.tap ? this : nullptr);
-    broadcast_ = false;
-    row_logits_.assign(1, last);  // the prompt's last row: the last of its batch
+    return PromptSpan{prompt_.data() + keep, np - keep, keep, base};
+}
+
+void DecodeLoop::finish_prompt(int last, std::chrono::steady_clock::time_point t0) {
+    const llama_seq_id base = seqs_[0];
+    row_logits_.assign(1, last);  // the prompt's last row
     check_finite();
     for (int s = 1; s < params_.n; ++s)
         if (samples_[static_cast<size_t>(s)].live) tc_.seq_cp(base, seqs_[static_cast<size_t>(s)]);
     if (!samples_[0].live) tc_.seq_rm(base, 0);  // stopped before the start
-    prompt_seconds_ = std::chrono::duration<double>(clock::now() - t0).count();
+    prompt_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (int s = 0; s < params_.n; ++s) {
         if (!samples_[static_cast<size_t>(s)].live) continue;  // stopped before the start
         samples_[static_cast<size_t>(s)].logits_row = last;
         sample_and_commit(s);
     }
     for (Reducer* r : reducers_) r->end_step();
+}
+
+PromptSpan DecodeLoop::begin_prompt() {
+    if (started_) throw ParamError("begin_prompt: the run was started already");
+    if (!failed_.empty()) throw RuntimeError("this run failed earlier and cannot go on: " + failed_);
+    if (params_.tap) throw ParamError("begin_prompt: a tapped run decodes its prompt itself (begin)");
+    try {
+        return plan_prompt();
+    } catch (const std::exception& e) {
+        failed_ = e.what();
+        throw;
+    }
+}
+
+void DecodeLoop::end_prompt(int last_row, std::chrono::steady_clock::time_point t0) {
+    try {
+        finish_prompt(last_row, t0);
+    } catch (const std::exception& e) {
+        failed_ = e.what();
+        throw;
+    }
 }
 
 bool DecodeLoop::begin() {

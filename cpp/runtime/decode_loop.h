@@ -5,6 +5,7 @@
 // stopped mid-run (their KV cells are freed) and the others continued. Methods (NEAT, NeuReasoner)
 // steer it only through the Steering interface (steering.h): the loop knows none by name.
 #pragma once
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -118,6 +119,13 @@ public:
     // which the scheduler routes this run's rows to on_rows by their order in plan(), commit()
     // samples and commits them. `seconds`: the step's wall time, counted as this run's decoding.
     bool begin();
+    // begin() in two halves, for a scheduler that decodes several untapped runs' prompts in one
+    // llama_decode (TappedContext::decode_prompts): begin_prompt() starts the run and returns its
+    // prompt rows still to decode (the reused cells kept); once they are decoded, end_prompt()
+    // with the batch index of their last row (its logits) and when the decode began. Untapped
+    // runs only (ParamError): a tapped prompt's last row is fed to the run by begin().
+    PromptSpan begin_prompt();
+    void end_prompt(int last_row, std::chrono::steady_clock::time_point t0);
     int plan(int until, std::vector<llama_token>& tokens, std::vector<int>& pos, std::vector<llama_seq_id>& seqs);
     void commit(double seconds);
     bool started() const { return started_; }
@@ -175,6 +183,8 @@ private:
     // Marks `layer` as the first bad one if data[0, n) holds NaN/inf and no earlier layer did.
     void note_finite(int layer, const float* data, int64_t n);
     void start();
+    PromptSpan plan_prompt();
+    void finish_prompt(int last, std::chrono::steady_clock::time_point t0);
     void step();
     void sample_and_commit(int s);
     void end_sample(int s, Finish why);

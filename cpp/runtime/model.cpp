@@ -257,6 +257,24 @@ static void inspect_moe(const GgufFile& f, ModelInfo& info) {
     info.n_ff = m.width();
 }
 
+// Whether ggml's CPU backend may repack a weight of this type (ggml-cpu/repack.cpp,
+// ggml_repack_get_optimal_repack_type, on any CPU it supports; Q8_0 on ARM and RISC-V only).
+static bool repackable(ggml_type t) {
+    switch (t) {
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_K: case GGML_TYPE_Q2_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+        case GGML_TYPE_IQ4_NL: case GGML_TYPE_MXFP4:
+            return true;
+        case GGML_TYPE_Q8_0:
+#if defined(__x86_64__) || defined(_M_X64)
+            return false;
+#else
+            return true;
+#endif
+        default:
+            return false;
+    }
+}
+
 // Reads what the tap needs from the file itself: architecture, layer count, FFN width.
 static ModelInfo inspect(const std::string& path) {
     GgufFile f(path);
@@ -267,6 +285,8 @@ static ModelInfo inspect(const std::string& path) {
     info.file_inode = id.inode;
     info.file_mtime_ns = id.mtime_ns;
     info.architecture = f.architecture();
+    for (const TensorInfo& t : f.tensors())
+        if (t.ne[1] > 1 && repackable(t.type)) info.repackable_weights = true;
     const std::string a = info.architecture;
     const bool moe = f.has_key(a + ".expert_count") && f.get_int(a + ".expert_count") > 0;
     info.act_name = moe ? moe_activation_tensor_for(a) : activation_tensor_for(a);

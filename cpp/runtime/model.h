@@ -41,6 +41,10 @@ struct ModelInfo {
     uint64_t file_size = 0;
     int64_t file_mtime_ns = 0;
     uint64_t file_inode = 0;
+    // Some weight has a type llama.cpp's CPU backend may repack for its gemm/gemv kernels (Q4_0,
+    // Q4_K, MXFP4, ...): a row's values then depend on its index in the batch mod 4 (see
+    // kLargeBatch in tapped_context.h). Without such weights a matmul row does not.
+    bool repackable_weights = false;
 };
 
 // Whether llama.cpp's CPU backend offers its AMX weight buffer, whose matmul crashes: models

@@ -78,6 +78,10 @@ TappedContext::TappedContext(std::shared_ptr<Model> model, const ContextParams& 
     // Flash attention AUTO is on for every layer on the CPU (llama.cpp turns it off only for a
     // device without the op).
     reuse_by_token_ = params_.flash_attn && cpu_only_build() && !model_->info().moe.moe();
+    by_mod4_ = model_->info().repackable_weights;
+#if defined(__x86_64__) || defined(_M_X64)
+    joint_prompts_ = reuse_by_token_ && !by_mod4_ && !params_.kv_unified;
+#endif
     model_->attach(this);
 
     if (!params_.install_tap) return;
@@ -153,9 +157,9 @@ void TappedContext::set_seq_tokens(llama_seq_id s, std::vector<llama_token> toke
     cells_[static_cast<size_t>(s)] = std::move(tokens);
 }
 
-uint8_t TappedContext::batch_class(int i, int n) {
+uint8_t TappedContext::batch_class(int i, int n) const {
     const uint8_t size = n >= kLargeBatch ? kTiled : n >= kSmallBatch ? kSmall : n >= 2 ? kTiny : kSingle;
-    return static_cast<uint8_t>(kKnown | size | (i >= n - n % 4 ? kRemainder : 0));
+    return static_cast<uint8_t>(kKnown | size | (by_mod4_ && i >= n - n % 4 ? kRemainder : 0));
 }
 
 uint8_t TappedContext::planned_class(int p, int limit) const {
@@ -188,13 +192,13 @@ int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token
            reliable(w[k]))
         ++k;
     // The rest's first batch runs from the kept cells to the end of the planned batch there: its
-    // rows get the planned classes when it is that batch, or holds as many rows mod 4 in the same
-    // size class (a reliable one).
+    // rows get the planned classes when it is that batch, or holds as many rows mod 4 (where the
+    // weights make that matter) in the same size class (a reliable one).
     const int nb = params_.n_batch;
     for (int n = static_cast<int>(k); n > 0; --n) {
         const int start = n / nb * nb, end = std::min(start + nb, limit);
         const uint8_t part = batch_class(0, end - n), planned = batch_class(0, end - start);
-        if (n == start || ((n - start) % 4 == 0 && (part & kSizeMask) == (planned & kSizeMask) && reliable(part)))
+        if (n == start || ((!by_mod4_ || (n - start) % 4 == 0) && (part & kSizeMask) == (planned & kSizeMask) && reliable(part)))
             return n;
     }
     return 0;
@@ -233,7 +237,7 @@ void TappedContext::note(llama_seq_id s, int pos, llama_token t, uint8_t made) {
     w.push_back(made);
 }
 
-void TappedContext::run_decode(int n_rows, RowSink* sink, bool last_row_only) {
+void TappedContext::run_decode(int n_rows, RowSink* sink, bool last_row_only, const uint8_t* made) {
     ctx();  // closed: RuntimeError, never a decode on freed memory
     batch_.n_tokens = n_rows;
     if (sink) {
@@ -261,7 +265,7 @@ void TappedContext::run_decode(int n_rows, RowSink* sink, bool last_row_only) {
     const bool whole = run && n_rows == params_.n_batch && batch_.pos[0] % params_.n_batch == 0;
     for (int i = 0; i < n_rows; ++i)
         note(batch_.seq_id[i][0], batch_.pos[i], batch_.token[i],
-             static_cast<uint8_t>((whole ? kWholeChunk : 0) | (run ? batch_class(i, n_rows) : 0)));
+             made ? made[i] : static_cast<uint8_t>((whole ? kWholeChunk : 0) | (run ? batch_class(i, n_rows) : 0)));
 }
 
 int TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
@@ -289,6 +293,63 @@ int TappedContext::decode_seq(const llama_token* tokens, int n, int pos0, llama_
         start += m;
     }
     return row;
+}
+
+// llama.cpp splits a batch of several KV streams into ubatches with split_equal(n_ubatch,
+// sequential): each ubatch takes the next unfinished sequences with consecutive ids, as many rows
+// of each as the shortest has left (at most n_ubatch in all). A span's rows keep their solo values
+// when every piece of it goes through the kernels its solo batch does: the per-row attention path
+// (under kLargeBatch rows per stream, as its solo batch has), and a matmul of at least 2 rows (a
+// lone row takes other kernels and, over >= 512 cells, the split-KV attention path); the weights
+// have no row-index dependence (joint_prompts). The solo batch: 2 to kLargeBatch - 1 rows, not
+// crossing a multiple of n_batch (decode_seq cuts there).
+int TappedContext::joint_breaker(const std::vector<PromptSpan>& spans) const {
+    const int nb = params_.n_batch;
+    int total = 0;
+    for (size_t j = 0; j < spans.size(); ++j) {
+        const PromptSpan& p = spans[j];
+        if (p.n < 2 || p.n >= kLargeBatch || p.pos0 % nb + p.n > nb) return static_cast<int>(j);
+        if (j > 0 && p.seq <= spans[j - 1].seq) return static_cast<int>(j);
+        total += p.n;
+        if (total > nb) return static_cast<int>(j);
+    }
+    std::vector<int> left(spans.size());
+    for (size_t j = 0; j < spans.size(); ++j) left[j] = spans[j].n;
+    for (;;) {
+        std::vector<size_t> set;
+        for (size_t j = 0; j < spans.size(); ++j)
+            if (left[j] > 0 && (set.empty() || spans[j].seq == spans[set.back()].seq + 1)) set.push_back(j);
+        if (set.empty()) return -1;
+        const int ns = static_cast<int>(set.size());
+        int k = nb / ns;
+        for (size_t j : set) k = std::min(k, left[j]);
+        if (k < 1) return static_cast<int>(set[0]);
+        for (size_t j : set)
+            if (k * ns < 2 || k >= kLargeBatch) return static_cast<int>(j);
+        for (size_t j : set) left[j] -= k;
+    }
+}
+
+std::vector<int> TappedContext::decode_prompts(const std::vector<PromptSpan>& spans) {
+    if (!joint_prompts_) throw ParamError("decode_prompts: this context decodes prompts one by one");
+    if (joint_breaker(spans) >= 0) throw ParamError("decode_prompts: these prompts cannot be decoded together exactly");
+    for (const PromptSpan& p : spans) check_seq(p.seq, cells_.size());
+    std::vector<int> last;
+    made_rows_.clear();
+    int r = 0;
+    for (const PromptSpan& p : spans) {
+        for (int i = 0; i < p.n; ++i, ++r) {
+            batch_.token[r] = p.tokens[i];
+            batch_.pos[r] = p.pos0 + i;
+            batch_.n_seq_id[r] = 1;
+            batch_.seq_id[r][0] = p.seq;
+            batch_.logits[r] = i == p.n - 1;
+            made_rows_.push_back(batch_class(i, p.n));  // the class decode_seq gives it (its values)
+        }
+        last.push_back(r - 1);
+    }
+    run_decode(r, nullptr, false, made_rows_.data());
+    return last;
 }
 
 void TappedContext::decode_rows(const llama_token* tokens, const int* pos, const llama_seq_id* seqs, int n,

@@ -36,6 +36,14 @@ PromptReuse parse_prompt_reuse(const std::string& name);     // ParamError for a
 constexpr int kLargeBatch = 64;
 constexpr int kSmallBatch = 8;
 
+// One sequence's prompt rows to decode: tokens[0, n) at positions pos0.. of sequence `seq`.
+struct PromptSpan {
+    const llama_token* tokens = nullptr;
+    int n = 0;
+    int pos0 = 0;
+    llama_seq_id seq = 0;
+};
+
 struct ContextParams {
     int n_ctx = 4096;      // total KV cells
     int n_batch = 512;     // max tokens per llama_decode
@@ -112,20 +120,35 @@ public:
     int decode_seq(const llama_token* tokens, int n, int pos0, llama_seq_id seq, RowSink* sink,
                    bool logits_last = true);
 
+    // Whether prompts of several sequences may be decoded in one llama_decode (decode_prompts)
+    // with every row's values those decode_seq gives it alone: token-granular exact classes
+    // (reuse_by_token), no weights whose matmul rows depend on their batch index, a KV stream
+    // per sequence (each prompt's attention sees its own rows only) and an x86-64 build (whose
+    // kernels the classes were measured on).
+    bool joint_prompts() const { return joint_prompts_; }
+    // -1 when decode_prompts(spans) gives every row the values decode_seq gives it alone, else
+    // the index of a span that breaks it (a piece of it that llama.cpp's split into ubatches
+    // would decode in another class). Spans: increasing, distinct sequences.
+    int joint_breaker(const std::vector<PromptSpan>& spans) const;
+    // Decodes the spans in one llama_decode (joint_breaker(spans) must be -1), untapped, each
+    // span's last row requesting logits; returns each span's last row's batch index.
+    std::vector<int> decode_prompts(const std::vector<PromptSpan>& spans);
+
     // One row per entry, all requesting logits and tapped with a sink (the parallel decode step).
     // The caller keeps the rows in increasing seq order so that llama.cpp keeps them in batch order.
     void decode_rows(const llama_token* tokens, const int* pos, const llama_seq_id* seqs, int n, RowSink* sink);
 
 private:
     // last_row_only: see FfnTap::arm (a decode_seq batch, which requests logits on its last row only).
-    void run_decode(int n_rows, RowSink* sink, bool last_row_only = false);
+    // made: each row's class (decode_prompts), else found from the batch's layout.
+    void run_decode(int n_rows, RowSink* sink, bool last_row_only = false, const uint8_t* made = nullptr);
     // What made a cell (bits): kWholeChunk, a whole prompt chunk; kKnown, a batch whose row class
     // is known (its size class, and kRemainder), after known cells only.
     enum : uint8_t { kWholeChunk = 1, kKnown = 2, kTiny = 0, kSmall = 4, kTiled = 8, kSingle = 12, kSizeMask = 12,
                      kRemainder = 16 };
     static constexpr uint8_t kClassMask = kKnown | kSizeMask | kRemainder;
     // The class decode_seq gives row `i` of a one-sequence batch of n rows.
-    static uint8_t batch_class(int i, int n);
+    uint8_t batch_class(int i, int n) const;
     // The class decode_seq(prompt from position 0, limit rows) gives position p.
     uint8_t planned_class(int p, int limit) const;
     void note(llama_seq_id s, int pos, llama_token t, uint8_t made);
@@ -138,6 +161,9 @@ private:
     std::vector<std::vector<llama_token>> cells_;  // per sequence: see seq_tokens
     std::vector<std::vector<uint8_t>> made_;       // per sequence and position: kWholeChunk, class bits
     bool reuse_by_token_ = false;
+    bool by_mod4_ = true;  // a row's class holds its index mod 4 (ModelInfo::repackable_weights)
+    bool joint_prompts_ = false;
+    std::vector<uint8_t> made_rows_;  // decode_prompts' row classes
     int64_t reused_ = 0;
 };
 

@@ -71,6 +71,11 @@ class Context:
         the tokens whose KV cells sequence `seq` holds (positions 0..), as far as they are known
         """
     @property
+    def joint_prompts(self) -> bool:
+        """
+        whether joining runs' prompts may be decoded together, every row as alone
+        """
+    @property
     def kv_unified(self) -> bool:
         """
         one KV stream shared by the sequences (else a stream per sequence)
@@ -688,6 +693,9 @@ class Batcher:
         """
         make run() return after its current step (safe from any thread); the flag stays set until clear_wake()
         """
+    @property
+    def joint_prompt_decodes(self) -> int:
+        ...
     @property
     def rows(self) -> int:
         ...

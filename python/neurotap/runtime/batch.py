@@ -60,3 +60,8 @@ class Batch:
     @property
     def rows(self) -> int:
         return int(self._batcher.rows)
+
+    @property
+    def joint_prompt_decodes(self) -> int:
+        """llama_decode calls that decoded several joining requests' prompts together."""
+        return int(self._batcher.joint_prompt_decodes)

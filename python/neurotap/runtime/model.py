@@ -66,6 +66,9 @@ class ModelInfo:
     kv_bytes_per_cell: int = 0  # K and V of one KV cell, all layers (f16)
     n_head: int = 0  # attention (query) heads per layer
     head_dim_v: int = 0  # each head's output width (before the output projection)
+    # Weights of a type llama.cpp's CPU backend may repack (Q4_0, Q4_K, MXFP4, ...): a row's values
+    # then depend on its index in the batch mod 4 (what exact prompt reuse keeps follows it).
+    repackable_weights: bool = False
     # Mixture-of-experts layers (0 for a dense model): a neuron is (layer, expert, unit), flat index
     # expert * n_ff_exp + unit within its layer; the shared expert's units (n_ff_shexp) come after
     # the routed ones, as expert number n_expert. n_ff = n_expert * n_ff_exp + n_ff_shexp.
@@ -190,7 +193,7 @@ class Model:
             n_params=i["n_params"], size_bytes=i["size_bytes"], has_chat_template=i["has_chat_template"],
             tapped_tensors=[f"{i['act_name']}-{il}" for il in range(i["n_layers"])],
             kv_bytes_per_cell=i["kv_bytes_per_cell"],
-            n_head=i["n_head"], head_dim_v=i["head_dim_v"],
+            n_head=i["n_head"], head_dim_v=i["head_dim_v"], repackable_weights=i["repackable_weights"],
             n_expert=i["n_expert"], n_expert_used=i["n_expert_used"], n_ff_exp=i["n_ff_exp"],
             n_ff_shexp=i["n_ff_shexp"],
         )
