@@ -244,7 +244,7 @@ def test_metrics_move_after_requests(client, door):
     assert after["neurotap_completion_tokens_total"] >= before["neurotap_completion_tokens_total"] + 6 + 8
     assert after["neurotap_nad_decisions_total"] == before["neurotap_nad_decisions_total"] + 1
     assert after["neurotap_queue_depth"] == 0 and after["neurotap_sequences_in_flight"] == 0
-    assert "neurotap_prompt_cells_reused_total" in after
+    assert "neurotap_prompt_cells_reused_total" in after and "neurotap_joint_prompt_decodes_total" in after
     # While a stream of two samples runs and a request waits: the gauges say so.
     long = client.chat.completions.create(model="m", messages=MSGS, max_tokens=1500, n=2, stream=True,
                                           extra_body={"ignore_eos": True})

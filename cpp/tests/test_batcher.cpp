@@ -184,11 +184,77 @@ void test_prompt_reuse() {
     CHECK_MSG(r_reuse.rows_f32(0) == r_fresh.rows_f32(0), "reuse changed the tapped rows");
 }
 
+// Untapped runs joining at once have their prompts decoded in one llama_decode when llama.cpp's
+// split into ubatches keeps every row in the kernels of its prompt decoded alone: the same tokens
+// as the runs made alone; joint_breaker names the span that would leave them.
+void test_joint_prompts() {
+    auto model = shared_model();
+    CHECK(!model->info().repackable_weights);  // SmolLM2-135M Q4_1
+    const std::vector<std::string> qs = {"Name three colors.", "What is the capital of France? Answer briefly.",
+                                         "Count to five.", "Say hi to the dragon who lived in a cave by the sea."};
+    const std::vector<std::vector<int>> slots = {{0}, {1}, {2}, {4, 5}};
+    auto params = [&](size_t i) {
+        SampleParams p = sample_params(static_cast<int>(slots[i].size()), 10, 40 + static_cast<uint32_t>(i));
+        p.tap = false;
+        return p;
+    };
+    std::vector<std::vector<std::vector<llama_token>>> alone;
+    for (size_t i = 0; i < qs.size(); ++i) {
+        TappedContext tc(model, parallel_context(8));
+        DecodeLoop loop(tc, chat_prompt(*model, qs[i]), params(i), {});
+        loop.advance(10, nullptr);
+        std::vector<std::vector<llama_token>> t;
+        for (int s = 0; s < loop.n(); ++s) t.push_back(loop.sample(s).tokens);
+        alone.push_back(t);
+    }
+    TappedContext tc(model, parallel_context(8));
+    CHECK(tc.joint_prompts());
+    Batcher batcher(tc);
+    std::vector<std::unique_ptr<DecodeLoop>> loops;
+    for (size_t i = 0; i < qs.size(); ++i) {
+        SampleParams p = params(i);
+        p.seqs = slots[i];
+        loops.push_back(std::make_unique<DecodeLoop>(tc, chat_prompt(*model, qs[i]), p, std::vector<Reducer*>{}));
+        batcher.add(loops.back().get(), 1 << 20);
+    }
+    Progress progress;
+    for (int rounds = 0; batcher.size() > 0 && rounds < 100; ++rounds)
+        for (DecodeLoop* l : batcher.run(1000, &progress)) {
+            CHECK_MSG(l->failed().empty(), l->failed());
+            batcher.remove(l);
+        }
+    CHECK_MSG(batcher.joint_prompt_decodes() == 1, std::to_string(batcher.joint_prompt_decodes()));
+    for (size_t i = 0; i < qs.size(); ++i)
+        for (int s = 0; s < loops[i]->n(); ++s)
+            CHECK_MSG(loops[i]->sample(s).tokens == alone[i][static_cast<size_t>(s)],
+                      "run " + std::to_string(i) + " sample " + std::to_string(s) + ": tokens differ from alone");
+
+    // The rule, piece by piece (n_batch 512).
+    const std::vector<llama_token> t(600, 100);
+    auto span = [&](int n, int pos0, llama_seq_id seq) { return PromptSpan{t.data(), n, pos0, seq}; };
+    CHECK(tc.joint_breaker({span(20, 0, 0), span(20, 30, 1), span(12, 0, 2)}) == -1);
+    // Seqs 0 and 1 take 20 rows each, then seq 1's last row would go alone: a lone row.
+    CHECK(tc.joint_breaker({span(20, 0, 0), span(21, 0, 1)}) == 1);
+    // Not consecutive: each its own ubatch (20 rows each), which is fine.
+    CHECK(tc.joint_breaker({span(20, 0, 0), span(21, 0, 3)}) == -1);
+    CHECK(tc.joint_breaker({span(20, 0, 0), span(64, 0, 1)}) == 1);    // the tiled attention kernel alone
+    CHECK(tc.joint_breaker({span(20, 0, 0), span(1, 40, 1)}) == 1);    // one row: other kernels alone
+    CHECK(tc.joint_breaker({span(20, 0, 0), span(20, 500, 1)}) == 1);  // decode_seq cuts it at 512
+    CHECK(tc.joint_breaker({span(20, 0, 1), span(20, 0, 0)}) == 1);    // sequences not increasing
+    EXPECT_THROW(ParamError, tc.decode_prompts({span(20, 0, 0), span(21, 0, 1)}), "spans that break the rule");
+    // One stream for every sequence: each prompt's attention would see the others' rows.
+    ContextParams one = parallel_context(4);
+    one.kv_unified = true;
+    TappedContext shared(model, one);
+    CHECK(!shared.joint_prompts());
+}
+
 }  // namespace
 
 std::vector<TestCase> batcher_tests() {
     return {
         {"batcher", "batched_equals_alone", test_batched_equals_alone, true},
         {"batcher", "prompt_reuse", test_prompt_reuse, true},
+        {"batcher", "joint_prompts", test_joint_prompts, true},
     };
 }

@@ -3,8 +3,9 @@
 Continuous batching (cpp/runtime/batcher.h): every request's samples are sequences ("slots") of
 one shared context of --parallel slots, decoded together, one llama_decode per step over every
 request's rows; requests join and leave between steps, each with its own reducers, NAD race,
-NEAT, stop strings, streaming and cancel, and each draws exactly what it draws alone. A joining
-request's prompt is decoded before the next shared step (the others wait for it), reusing the
+NEAT, stop strings, streaming and cancel, and each draws exactly what it draws alone. Joining
+requests' prompts are decoded before the next shared step (the others wait for them; untapped
+ones together in one llama_decode where that leaves every row's values as alone), reusing the
 cells of the longest prompt prefix a slot still holds. Requests are admitted in arrival order
 (FIFO: one that waits for slots is not overtaken); those needing more slots than --parallel, and
 reasoning budgets (which restart a run with the thoughts in its prompt), run alone between
@@ -126,7 +127,7 @@ class Server:
         self._waiting = 0
         self.running: Optional[Job] = None
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "completion_tokens": 0,
-                      "prompt_tokens": 0, "nad_decisions": 0, "reused_cells": 0, "batch_steps": 0, "batch_rows": 0,
+                      "prompt_tokens": 0, "nad_decisions": 0, "reused_cells": 0, "batch_steps": 0, "batch_rows": 0, "joint_prompt_decodes": 0,
                       "last_cancelled": None}
         self._pieces: Dict[int, bytes] = {}
         self._thread: Optional[threading.Thread] = None
@@ -397,6 +398,7 @@ class Server:
         with self._lock:
             self.stats["batch_steps"] = self._batch.steps
             self.stats["batch_rows"] = self._batch.rows
+            self.stats["joint_prompt_decodes"] = self._batch.joint_prompt_decodes
         for b in list(self._active):
             b.job.spent = b.run.tokens_sampled
             if not b.counted and b.run.started:

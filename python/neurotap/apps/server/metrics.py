@@ -53,6 +53,9 @@ class Metrics:
         metric("neurotap_prompt_cells_reused_total", "counter",
                "Prompt tokens whose KV cells were reused instead of evaluated again.",
                [({}, stats.get("reused_cells", 0))])
+        metric("neurotap_joint_prompt_decodes_total", "counter",
+               "Decodes that evaluated the prompts of several joining requests together.",
+               [({}, stats.get("joint_prompt_decodes", 0))])
         metric("neurotap_nad_decisions_total", "counter", "NAD best-of-N races decided.",
                [({}, stats.get("nad_decisions", 0))])
         metric("neurotap_queue_depth", "gauge", "Requests waiting for the engine.", [({}, srv.queue_depth())])
