@@ -367,6 +367,11 @@ PYBIND11_MODULE(_native, m) {
             return py::bytes(mo.token_piece(t));
         }, "The bytes a token adds to generated text (as the decode loop appends them).");
 
+    py::class_<SavedSeq>(m, "SavedSeq", "A sequence's KV cells saved aside (Context.save_seq), in host memory")
+        .def_property_readonly("nbytes", &SavedSeq::bytes, "host memory it holds")
+        .def_property_readonly("tokens", [](const SavedSeq& v) { return v.tokens; },
+                               "the tokens whose cells it holds (positions 0..)");
+
     py::class_<ContextHandle>(m, "Context")
         .def(py::init([](std::shared_ptr<Model> model, int n_ctx, int n_batch, int n_seq_max, int n_threads,
                          bool kv_unified, bool flash_attn, bool install_tap) {
@@ -402,6 +407,19 @@ PYBIND11_MODULE(_native, m) {
                  return c.tc->reusable_prefix(s, prompt, parse_prompt_reuse(mode));
              }, py::arg("seq"), py::arg("prompt"), py::arg("mode") = "exact",
              "cells of sequence `seq` a run of `prompt` would reuse with prompt_reuse `mode`")
+        .def("saved_reusable_prefix", [](const ContextHandle& c, const SavedSeq& saved,
+                                         const std::vector<llama_token>& prompt, const std::string& mode) {
+                 return c.tc->reusable_prefix(saved, prompt, parse_prompt_reuse(mode));
+             }, py::arg("saved"), py::arg("prompt"), py::arg("mode") = "exact",
+             "saved cells a run of `prompt` would reuse with prompt_reuse `mode`, were they restored")
+        .def("save_seq", [](ContextHandle& c, int s) {
+                 py::gil_scoped_release nogil;
+                 return c.tc->save_seq(s);
+             }, py::arg("seq"), "sequence `seq`'s KV cells and their record, copied out (the cells stay)")
+        .def("restore_seq", [](ContextHandle& c, int s, const SavedSeq& saved) {
+                 py::gil_scoped_release nogil;
+                 c.tc->restore_seq(s, saved);
+             }, py::arg("seq"), py::arg("saved"), "sequence `seq` holds exactly the saved cells afterwards")
         .def_property_readonly("reuse_by_token", [](const ContextHandle& c) { return c.tc->reuse_by_token(); },
                                "exact prompt reuse at token granularity (CPU-only build, flash attention), "
                                "else in whole n_batch chunks")

@@ -50,3 +50,40 @@ def test_chat_reuses_what_the_mode_promises(server, model):
             assert got >= len(prev)  # the whole previous prompt and the answer's cells that match
         prev = ids
         msgs.append({"role": "assistant", "content": answer})
+
+
+def test_cells_a_slot_gave_up_come_back_from_the_prompt_cache(model_path, model):
+    """--parallel 1: a chat's slot is taken by another conversation, then the chat goes on. Its
+    cells were saved aside (--cache-ram) when the other request took the slot and come back for
+    the next turn: it reuses its system prompt's and earlier turn's cells, and answers as a run
+    without reuse; with --cache-ram 0 it decodes them again."""
+    client_for = lambda url: openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+    other = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fruit."}]
+    reused = {}
+    for ram in ("64", "0"):
+        proc, url = start_server(model_path, "--parallel", "1", "--cache-ram", ram)
+        try:
+            client = client_for(url)
+            msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+            r = client.chat.completions.create(model="m", messages=msgs, max_tokens=8, temperature=0)
+            msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+            client.chat.completions.create(model="m", messages=other, max_tokens=4, temperature=0)
+            msgs.append({"role": "user", "content": QUESTIONS[1]})
+            before = health(url)
+            r = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0)
+            after = health(url)
+            reused[ram] = after["reused_cells"] - before["reused_cells"]
+            model.reuse_prompt = "off"
+            try:
+                (ref,) = model.sample(msgs, n=1, max_tokens=12, temperature=0, reducers=(), tap=False)
+            finally:
+                model.reuse_prompt = True
+            assert r.choices[0].message.content == ref.text
+            restores = after["prompt_cache_restores"] - before["prompt_cache_restores"]
+            assert (restores, after["cache_ram_mib"]) == ((1, 64) if ram == "64" else (0, 0))
+            assert (after["prompt_cache_bytes"] > 0) == (ram == "64")
+        finally:
+            stop_server(proc)
+    ids = model.prompt_tokens(msgs)
+    assert reused["64"] > len(model.prompt_tokens([{"role": "system", "content": SYSTEM}])) // 2, (reused, len(ids))
+    assert reused["0"] < reused["64"] // 4, reused  # only the chat template's opening is shared with the other

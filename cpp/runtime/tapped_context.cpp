@@ -169,9 +169,48 @@ uint8_t TappedContext::planned_class(int p, int limit) const {
 
 int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt, PromptReuse mode) const {
     check_seq(s, cells_.size());
+    return reusable(cells_[static_cast<size_t>(s)], made_[static_cast<size_t>(s)], prompt, mode);
+}
+
+int TappedContext::reusable_prefix(const SavedSeq& saved, const std::vector<llama_token>& prompt,
+                                   PromptReuse mode) const {
+    if (saved.made.size() != saved.tokens.size()) throw ParamError("a saved sequence's record is inconsistent");
+    return reusable(saved.tokens, saved.made, prompt, mode);
+}
+
+SavedSeq TappedContext::save_seq(llama_seq_id s) {
+    check_seq(s, cells_.size());
+    auto in_use = lock_use();
+    SavedSeq out;
+    const size_t size = llama_state_seq_get_size(ctx(), s);
+    out.state.resize(size);
+    if (llama_state_seq_get_data(ctx_, out.state.data(), size, s) != size)
+        throw RuntimeError("could not read the KV state of sequence " + std::to_string(s));
+    out.tokens = cells_[static_cast<size_t>(s)];
+    out.made = made_[static_cast<size_t>(s)];
+    return out;
+}
+
+void TappedContext::restore_seq(llama_seq_id s, const SavedSeq& saved) {
+    check_seq(s, cells_.size());
+    if (saved.made.size() != saved.tokens.size()) throw ParamError("a saved sequence's record is inconsistent");
+    auto in_use = lock_use();
+    seq_rm(s, 0);
+    // Host memory: llama.cpp reads the saved stream into s's own (the header's sequence id is
+    // not used), so cells saved from one slot may go to another.
+    if (llama_state_seq_set_data(ctx(), saved.state.data(), saved.state.size(), s) != saved.state.size()) {
+        seq_rm(s, 0);
+        std::string why = take_logged_errors();
+        throw RuntimeError("could not restore the saved KV cells into sequence " + std::to_string(s) +
+                           " (another model or context layout?)" + (why.empty() ? "" : ": " + why));
+    }
+    cells_[static_cast<size_t>(s)] = saved.tokens;
+    made_[static_cast<size_t>(s)] = saved.made;
+}
+
+int TappedContext::reusable(const std::vector<llama_token>& c, const std::vector<uint8_t>& w,
+                            const std::vector<llama_token>& prompt, PromptReuse mode) const {
     if (mode == PromptReuse::Off || prompt.empty()) return 0;
-    const auto& c = cells_[static_cast<size_t>(s)];
-    const auto& w = made_[static_cast<size_t>(s)];
     // The planned decode is the whole prompt; its last token is always decoded (tapped, sampled).
     const int limit = static_cast<int>(prompt.size());
     const size_t most = std::min(c.size(), prompt.size() - 1);

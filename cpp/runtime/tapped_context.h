@@ -54,6 +54,16 @@ struct ContextParams {
     bool install_tap = true;  // false: no eval callback at all (a baseline for measurements)
 };
 
+// A sequence's cells saved aside (the server's host-memory prompt cache): llama.cpp's state of the
+// sequence and the record of what its cells hold and how they were made (seq_tokens and their
+// classes), so that cells restored later are reused by the same rule as cells that never left.
+struct SavedSeq {
+    std::vector<llama_token> tokens;
+    std::vector<uint8_t> made;
+    std::vector<uint8_t> state;
+    size_t bytes() const { return state.size() + tokens.size() * sizeof(llama_token) + made.size(); }
+};
+
 class TappedContext {
 public:
     // Creates the context and runs the load probe: one token is decoded while the tap records
@@ -101,6 +111,14 @@ public:
     // were decoded as such.
     int reusable_prefix(llama_seq_id s, const std::vector<llama_token>& prompt,
                         PromptReuse mode = PromptReuse::Exact) const;
+    // The same for cells saved aside, were they restored into a sequence.
+    int reusable_prefix(const SavedSeq& saved, const std::vector<llama_token>& prompt,
+                        PromptReuse mode = PromptReuse::Exact) const;
+    // Sequence s's cells and their record, copied out (the cells stay).
+    SavedSeq save_seq(llama_seq_id s);
+    // Sequence s holds exactly the saved cells afterwards (its own removed first); RuntimeError
+    // (s then empty) for a state this context cannot take (another model or layout).
+    void restore_seq(llama_seq_id s, const SavedSeq& saved);
     // Exact reuse at token granularity: CPU-only build (ggml lists no GPU or accelerator device,
     // which could take large batches' matmuls: op offload), flash attention on, and a dense FFN
     // (an MoE layer's expert matmuls group the rows routed to each expert, so a row's class
@@ -152,6 +170,8 @@ private:
     // The class decode_seq(prompt from position 0, limit rows) gives position p.
     uint8_t planned_class(int p, int limit) const;
     void note(llama_seq_id s, int pos, llama_token t, uint8_t made);
+    int reusable(const std::vector<llama_token>& c, const std::vector<uint8_t>& w,
+                 const std::vector<llama_token>& prompt, PromptReuse mode) const;
     std::shared_ptr<Model> model_;
     ContextParams params_;
     FfnTap tap_;

@@ -249,6 +249,57 @@ void test_joint_prompts() {
     CHECK(!shared.joint_prompts());
 }
 
+// A slot's cells saved aside and restored into another slot later (the server's prompt cache):
+// the record comes back with them, a prompt that extends them reuses what it would have reused
+// in the slot they left, and its tokens are those of a run without reuse; a state the context
+// cannot take is refused, leaving the slot empty.
+void test_saved_seq() {
+    auto model = shared_model();
+    TappedContext tc(model, parallel_context(4));
+    CHECK(tc.reuse_by_token());
+    SampleParams sp = sample_params(1, 8, 7);
+    sp.tap = false;
+    std::string text;
+    // Long enough that reuse keeps most of it (a rest of 64 rows or more is decoded again: tiled class).
+    for (int i = 0; i < 9; ++i) text += "A dragon lived in a cave by the sea, guarding a treasure of old books. ";
+    const std::vector<llama_token> pa = chat_prompt(*model, text + "Who came to read them?");
+    DecodeLoop a(tc, pa, sp, {});
+    a.advance(8, nullptr);
+    const SavedSeq saved = tc.save_seq(0);
+    CHECK(saved.tokens == tc.seq_tokens(0) && !saved.tokens.empty() && saved.bytes() > saved.state.size());
+    DecodeLoop b(tc, chat_prompt(*model, "Name three colors."), sp, {});  // slot 0 now holds another prompt
+    b.advance(8, nullptr);
+    CHECK(tc.seq_tokens(0) != saved.tokens);
+    std::vector<llama_token> pa2 = pa;
+    const std::vector<llama_token> more = model->tokenize(" And then?", false, true);
+    pa2.insert(pa2.end() - 1, more.begin(), more.end());
+    const int expect = tc.reusable_prefix(saved, pa2);
+    CHECK_MSG(expect > static_cast<int>(pa.size()) / 2, std::to_string(expect));
+    tc.restore_seq(2, saved);
+    CHECK(tc.seq_tokens(2) == saved.tokens);
+    CHECK(tc.reusable_prefix(2, pa2) == expect);
+    SampleParams on2 = sp;
+    on2.seqs = {2};
+    DecodeLoop again(tc, pa2, on2, {});
+    again.advance(8, nullptr);
+    CHECK(again.n_reused() == expect);
+    SampleParams off = sp;
+    off.reuse_prompt = PromptReuse::Off;
+    TappedContext fresh_tc(model, parallel_context(4));
+    DecodeLoop fresh(fresh_tc, pa2, off, {});
+    fresh.advance(8, nullptr);
+    CHECK_MSG(again.sample(0).tokens == fresh.sample(0).tokens, "restored cells changed the tokens");
+    // Refused: a cut state, a record of another length.
+    SavedSeq cut = saved;
+    cut.state.resize(cut.state.size() / 2);
+    EXPECT_THROW(RuntimeError, tc.restore_seq(1, cut), "a cut state");
+    CHECK(tc.seq_tokens(1).empty());
+    SavedSeq odd = saved;
+    odd.made.pop_back();
+    EXPECT_THROW(ParamError, tc.restore_seq(1, odd), "a record of another length");
+    EXPECT_THROW(ParamError, tc.reusable_prefix(odd, pa2), "a record of another length");
+}
+
 }  // namespace
 
 std::vector<TestCase> batcher_tests() {
@@ -256,5 +307,6 @@ std::vector<TestCase> batcher_tests() {
         {"batcher", "batched_equals_alone", test_batched_equals_alone, true},
         {"batcher", "prompt_reuse", test_prompt_reuse, true},
         {"batcher", "joint_prompts", test_joint_prompts, true},
+        {"batcher", "saved_seq", test_saved_seq, true},
     };
 }

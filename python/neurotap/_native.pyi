@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Batcher', 'ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeatEvent', 'NeuReasonerConfig', 'NeuReasonerEvent', 'NeuReasonerLevel', 'Run', 'RunOptions', 'contribution_budget', 'devices', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features', 'tap_reads']
+__all__: list[str] = ['Batcher', 'ChunkSets', 'Context', 'ContextError', 'Handoff', 'Mlp', 'Model', 'ModelError', 'NativeError', 'NeatConfig', 'NeatEvent', 'NeuReasonerConfig', 'NeuReasonerEvent', 'NeuReasonerLevel', 'Run', 'RunOptions', 'SavedSeq', 'contribution_budget', 'devices', 'gguf_float', 'gguf_summary', 'gguf_tensor_shape', 'jaccard', 'popcount', 'read_tensor_rows', 'sample_seed', 'set_verbose', 'spectral_features', 'tap_reads']
 class ModelError(ValueError):
     pass
 class ContextError(ValueError):
@@ -59,12 +59,38 @@ class Model:
     @property
     def info(self) -> dict:
         ...
+class SavedSeq:
+    """
+    A sequence's KV cells saved aside (Context.save_seq), in host memory
+    """
+    @property
+    def nbytes(self) -> int:
+        """
+        host memory it holds
+        """
+    @property
+    def tokens(self) -> list[int]:
+        """
+        the tokens whose cells it holds (positions 0..)
+        """
 class Context:
     def __init__(self, model: Model, n_ctx: typing.SupportsInt | typing.SupportsIndex = 4096, n_batch: typing.SupportsInt | typing.SupportsIndex = 512, n_seq_max: typing.SupportsInt | typing.SupportsIndex = 1, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, kv_unified: bool = True, flash_attn: bool = True, install_tap: bool = True) -> None:
         ...
+    def restore_seq(self, seq: typing.SupportsInt | typing.SupportsIndex, saved: SavedSeq) -> None:
+        """
+        sequence `seq` holds exactly the saved cells afterwards
+        """
     def reusable_prefix(self, seq: typing.SupportsInt | typing.SupportsIndex, prompt: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], mode: str = 'exact') -> int:
         """
         cells of sequence `seq` a run of `prompt` would reuse with prompt_reuse `mode`
+        """
+    def save_seq(self, seq: typing.SupportsInt | typing.SupportsIndex) -> SavedSeq:
+        """
+        sequence `seq`'s KV cells and their record, copied out (the cells stay)
+        """
+    def saved_reusable_prefix(self, saved: SavedSeq, prompt: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], mode: str = 'exact') -> int:
+        """
+        saved cells a run of `prompt` would reuse with prompt_reuse `mode`, were they restored
         """
     def seq_tokens(self, seq: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
         """
@@ -81,11 +107,6 @@ class Context:
         one KV stream shared by the sequences (else a stream per sequence)
         """
     @property
-    def reuse_by_token(self) -> bool:
-        """
-        exact prompt reuse at token granularity (CPU-only build, flash attention), else in whole n_batch chunks
-        """
-    @property
     def n_ctx(self) -> int:
         ...
     @property
@@ -94,6 +115,11 @@ class Context:
     @property
     def n_seq_max(self) -> int:
         ...
+    @property
+    def reuse_by_token(self) -> bool:
+        """
+        exact prompt reuse at token granularity (CPU-only build, flash attention), else in whole n_batch chunks
+        """
     @property
     def reused_cells(self) -> int:
         """
@@ -439,10 +465,8 @@ class RunOptions:
     neat: NeatConfig | None
     neureasoner: NeuReasonerConfig | None
     norm_inputs: bool
-    prompt_reuse: str
     resid_post: bool
     residuals: bool
-    reuse_prompt: bool
     router_probs: bool
     routing: bool
     seed_per_sample: bool
@@ -530,6 +554,22 @@ class RunOptions:
         ...
     @n.setter
     def n(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def prompt_reuse(self) -> str:
+        """
+        'exact' (the tokens of a run without reuse), 'prefix' (the whole common prefix) or 'off'
+        """
+    @prompt_reuse.setter
+    def prompt_reuse(self, arg1: str) -> None:
+        ...
+    @property
+    def reuse_prompt(self) -> bool:
+        """
+        True: prompt_reuse 'exact'; False: 'off'
+        """
+    @reuse_prompt.setter
+    def reuse_prompt(self, arg1: bool) -> None:
         ...
     @property
     def rows(self) -> int:
@@ -624,7 +664,7 @@ class Run:
         ...
     def stop(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
-    def stream_view(self, index: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+    def stream_view(self, index: typing.SupportsInt | typing.SupportsIndex) -> tuple[bytes, int, int, str, bool]:
         """
         (text bytes, tokens, last token or -1, finish reason, whether it records logprobs)
         """
@@ -635,7 +675,7 @@ class Run:
     @property
     def contribution_stats(self) -> dict:
         """
-        the contribution pass: tokens processed, token ids whose projection was cached or computed, seconds in the pass and in its dot products
+        the contribution pass: tokens processed, token ids whose projection was cached or computed, seconds in the pass and in its dot products; MoE: (token id, layer, expert) projections computed, and those added to an id already cached
         """
     @property
     def decode_seconds(self) -> float:

@@ -577,6 +577,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.cache_ram < 0:
+        raise ValueError(f"--cache-ram must be >= 0 MiB, got {args.cache_ram}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("NEUROTAP_API_KEY")
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key (or NEUROTAP_API_KEY) is empty: give a key, or leave both unset for no key")
@@ -584,7 +586,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(model, host=args.host, port=args.port, name=args.alias, neat=parse_neat_args(args.neat or [], model),
           max_queue=args.max_queue, neureasoner=parse_neureasoner_args(args.neureasoner or [], model),
           api_key=api_key.strip() if api_key else None, parallel=args.parallel,
-          reuse_prompt=args.prompt_reuse)
+          reuse_prompt=args.prompt_reuse, cache_ram=args.cache_ram)
     return 0
 
 
@@ -614,6 +616,10 @@ def add_serve(sub: Any) -> None:
                          "generated tokens' cells (as llama-server; tokens may differ), 'off' decode every prompt whole")
     sv.add_argument("--no-prompt-reuse", dest="prompt_reuse", action="store_const", const="off",
                     help="the same as --prompt-reuse off")
+    sv.add_argument("--cache-ram", type=int, default=2048, metavar="MIB",
+                    help="host memory for the KV cells slots held before a request took them, given back to a "
+                         "later request they serve better (a prompt cache, as llama-server's --cache-ram; "
+                         "default 2048 MiB, 0: none)")
     chat_args(sv)
     sv.set_defaults(func=cmd_serve)
 

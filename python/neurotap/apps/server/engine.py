@@ -26,6 +26,7 @@ from ...methods.selection import select
 from ...runtime.batch import Batch
 from ...runtime.model import Model, prompt_reuse_mode
 from ...runtime.sampling import sample_from, stream_view
+from .prompt_cache import PromptCache
 from .protocol import FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, parse_request, rolls_back
 from .streaming import Streamer, Streamers
 
@@ -101,7 +102,8 @@ class Server:
     """The worker thread, its bounded queue and the runs it makes, on one model."""
 
     def __init__(self, model: Model, *, name: str, neat: Optional[Dict[str, Any]] = None, max_queue: int = 64,
-                 neureasoner: Optional[Dict[str, Any]] = None, parallel: int = 4, reuse_prompt: Any = "exact"):
+                 neureasoner: Optional[Dict[str, Any]] = None, parallel: int = 4, reuse_prompt: Any = "exact",
+                 cache_ram: int = 2048):
         if max_queue < 0:
             raise ValueError(f"--max-queue must be >= 0, got {max_queue}")
         if not isinstance(parallel, int) or parallel < 1 or parallel > 256:
@@ -112,6 +114,11 @@ class Server:
         #: Reuse the cells of a prompt prefix a slot still holds: "exact", "prefix" or "off"
         #: (Model.reuse_prompt's modes, per server).
         self.reuse_prompt = prompt_reuse_mode(reuse_prompt)
+        if not isinstance(cache_ram, int) or cache_ram < 0:
+            raise ValueError(f"--cache-ram must be >= 0 MiB, got {cache_ram}")
+        #: Host memory (MiB) for slots' cells saved aside (PromptCache; 0: none, as with reuse off).
+        self.cache_ram = cache_ram if self.reuse_prompt != "off" else 0
+        self._cache: Optional[PromptCache] = None
         self._batch: Optional[Batch] = None  # the shared context and its batcher, made by the worker on first use
         self._free: List[int] = list(range(parallel))
         self._active: List[_Batched] = []
@@ -128,6 +135,7 @@ class Server:
         self.running: Optional[Job] = None
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "completion_tokens": 0,
                       "prompt_tokens": 0, "nad_decisions": 0, "reused_cells": 0, "batch_steps": 0, "batch_rows": 0, "joint_prompt_decodes": 0,
+                      "prompt_cache_restores": 0, "prompt_cache_bytes": 0,
                       "last_cancelled": None}
         self._pieces: Dict[int, bytes] = {}
         self._thread: Optional[threading.Thread] = None
@@ -195,7 +203,8 @@ class Server:
             kv = self._batch.kv_cells * self.model.info.kv_bytes_per_cell if self._batch is not None else 0
             return {"status": "ok", "model": self.name, "running": self.running.id if self.running else None,
                     "waiting": self._waiting, "max_queue": self.max_queue, "parallel": self.parallel,
-                    "prompt_reuse": self.reuse_prompt, "requests_in_batch": len(self._active),
+                    "prompt_reuse": self.reuse_prompt, "cache_ram_mib": self.cache_ram,
+                    "requests_in_batch": len(self._active),
                     "sequences_in_flight": self.parallel - len(self._free), **self.stats,
                     "memory": {**self.model.memory(), "batch_kv": kv}}
 
@@ -302,6 +311,8 @@ class Server:
     def _context(self) -> Batch:
         if self._batch is None:
             self._batch = Batch(self.model, self.parallel)
+            if self.cache_ram:
+                self._cache = PromptCache(self._batch.ctx, self.cache_ram << 20, self.reuse_prompt)
         return self._batch
 
     def _pick_slots(self, ids: List[int], need: int) -> List[int]:
@@ -344,6 +355,11 @@ class Server:
         opts.prompt_reuse = self.reuse_prompt
         batch = self._context()
         slots = self._pick_slots(r.ids, opts.n)
+        if self._cache is not None:
+            self._cache.take_for(r.ids, slots[0])
+            with self._lock:
+                self.stats["prompt_cache_restores"] = self._cache.restored
+                self.stats["prompt_cache_bytes"] = self._cache.bytes
         opts.seqs = slots
         run = batch.start(r.ids, opts, until)
         if not r.stream:

@@ -53,6 +53,11 @@ class Metrics:
         metric("neurotap_prompt_cells_reused_total", "counter",
                "Prompt tokens whose KV cells were reused instead of evaluated again.",
                [({}, stats.get("reused_cells", 0))])
+        metric("neurotap_prompt_cache_restores_total", "counter",
+               "Saved prompt cells moved back into a slot for a request that reuses them (--cache-ram).",
+               [({}, stats.get("prompt_cache_restores", 0))])
+        metric("neurotap_prompt_cache_bytes", "gauge", "Host memory held by saved prompt cells (--cache-ram).",
+               [({}, stats.get("prompt_cache_bytes", 0))])
         metric("neurotap_joint_prompt_decodes_total", "counter",
                "Decodes that evaluated the prompts of several joining requests together.",
                [({}, stats.get("joint_prompt_decodes", 0))])

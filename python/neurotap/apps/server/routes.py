@@ -198,13 +198,13 @@ def parse_neureasoner_args(items: List[str], model: Model) -> Dict[str, Any]:
 def serve(model: Model, *, host: str = "127.0.0.1", port: int = 8080, name: Optional[str] = None,
           neat: Optional[Dict[str, Any]] = None, max_queue: int = 64, log_level: str = "warning",
           neureasoner: Optional[Dict[str, Any]] = None, api_key: Optional[str] = None, parallel: int = 4,
-          reuse_prompt: Any = "exact") -> None:
+          reuse_prompt: Any = "exact", cache_ram: int = 2048) -> None:
     import sys
 
     import uvicorn
 
     srv = Server(model, name=name or model.info.name, neat=neat, max_queue=max_queue, neureasoner=neureasoner,
-                 parallel=parallel, reuse_prompt=reuse_prompt)
+                 parallel=parallel, reuse_prompt=reuse_prompt, cache_ram=cache_ram)
     app = create_app(srv, api_key=api_key)
     print(f"neurotap serve: {srv.name} on http://{host}:{port}/v1 (max queue {max_queue}"
           f"{', NEAT: ' + ', '.join(sorted(srv.neat)) if srv.neat else ''}"
