@@ -11,11 +11,13 @@ logit_bias and (completions) echo are OpenAI's; chat answers of models that thin
 
 All native work runs on one worker thread, which decodes the running requests together in one
 batch (continuous batching over --parallel sequence slots of one context); requests wait in a
-bounded queue (--max-queue) and get a 503 when it is full. A client that disconnects cancels its request: a waiting one is dropped, a running one's native decode
+bounded queue (--max-queue) and get a 503 when it is full. Prompts reuse the KV cells a slot
+holds (--prompt-reuse) or that a host-memory prompt cache kept when a slot was taken (--cache-ram). A client that disconnects cancels its request: a waiting one is dropped, a running one's native decode
 loop is told to stop at its next step.
 
-The package: protocol (requests, OpenAI's formats), engine (the worker and its runs), streaming
-(deltas and server-sent events), routes (the FastAPI app and `serve`).
+The package: protocol (requests, OpenAI's formats), engine (the worker and its runs),
+prompt_cache (slots' cells saved aside), streaming (deltas and server-sent events), routes (the
+FastAPI app and `serve`), metrics (/metrics).
 """
 from .engine import Cancelled, Job, QueueFull, Server
 from .protocol import FINISH, FORCED_CLOSE, THINK_CLOSE, THINK_OPEN, GenRequest, RequestError, format_response, split_reasoning

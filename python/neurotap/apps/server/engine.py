@@ -6,7 +6,8 @@ request's rows; requests join and leave between steps, each with its own reducer
 NEAT, stop strings, streaming and cancel, and each draws exactly what it draws alone. Joining
 requests' prompts are decoded before the next shared step (the others wait for them; untapped
 ones together in one llama_decode where that leaves every row's values as alone), reusing the
-cells of the longest prompt prefix a slot still holds. Requests are admitted in arrival order
+cells of the longest prompt prefix a slot still holds, or cells a slot held before and the
+prompt cache (prompt_cache.py, --cache-ram) saved aside. Requests are admitted in arrival order
 (FIFO: one that waits for slots is not overtaken); those needing more slots than --parallel, and
 reasoning budgets (which restart a run with the thoughts in its prompt), run alone between
 batches, as before batching (plain runs and NadRace, advanced in slices so a cancel is seen soon)."""
