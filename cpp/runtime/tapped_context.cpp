@@ -172,9 +172,13 @@ int TappedContext::reusable_prefix(llama_seq_id s, const std::vector<llama_token
     return reusable(cells_[static_cast<size_t>(s)], made_[static_cast<size_t>(s)], prompt, mode);
 }
 
+static void check_saved(const SavedSeq& saved) {
+    if (saved.made.size() != saved.tokens.size()) throw ParamError("a saved sequence's record is inconsistent");
+}
+
 int TappedContext::reusable_prefix(const SavedSeq& saved, const std::vector<llama_token>& prompt,
                                    PromptReuse mode) const {
-    if (saved.made.size() != saved.tokens.size()) throw ParamError("a saved sequence's record is inconsistent");
+    check_saved(saved);
     return reusable(saved.tokens, saved.made, prompt, mode);
 }
 
@@ -193,7 +197,7 @@ SavedSeq TappedContext::save_seq(llama_seq_id s) {
 
 void TappedContext::restore_seq(llama_seq_id s, const SavedSeq& saved) {
     check_seq(s, cells_.size());
-    if (saved.made.size() != saved.tokens.size()) throw ParamError("a saved sequence's record is inconsistent");
+    check_saved(saved);
     auto in_use = lock_use();
     seq_rm(s, 0);
     // Host memory: llama.cpp reads the saved stream into s's own (the header's sequence id is
@@ -374,7 +378,7 @@ std::vector<int> TappedContext::decode_prompts(const std::vector<PromptSpan>& sp
     if (joint_breaker(spans) >= 0) throw ParamError("decode_prompts: these prompts cannot be decoded together exactly");
     for (const PromptSpan& p : spans) check_seq(p.seq, cells_.size());
     std::vector<int> last;
-    made_rows_.clear();
+    std::vector<uint8_t> made;
     int r = 0;
     for (const PromptSpan& p : spans) {
         for (int i = 0; i < p.n; ++i, ++r) {
@@ -383,11 +387,11 @@ std::vector<int> TappedContext::decode_prompts(const std::vector<PromptSpan>& sp
             batch_.n_seq_id[r] = 1;
             batch_.seq_id[r][0] = p.seq;
             batch_.logits[r] = i == p.n - 1;
-            made_rows_.push_back(batch_class(i, p.n));  // the class decode_seq gives it (its values)
+            made.push_back(batch_class(i, p.n));  // the class decode_seq gives it (its values)
         }
         last.push_back(r - 1);
     }
-    run_decode(r, nullptr, false, made_rows_.data());
+    run_decode(r, nullptr, false, made.data());
     return last;
 }
 

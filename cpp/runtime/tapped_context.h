@@ -183,7 +183,6 @@ private:
     bool reuse_by_token_ = false;
     bool by_mod4_ = true;  // a row's class holds its index mod 4 (ModelInfo::repackable_weights)
     bool joint_prompts_ = false;
-    std::vector<uint8_t> made_rows_;  // decode_prompts' row classes
     int64_t reused_ = 0;
 };
 

@@ -135,8 +135,8 @@ class Server:
         self._waiting = 0
         self.running: Optional[Job] = None
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0, "completion_tokens": 0,
-                      "prompt_tokens": 0, "nad_decisions": 0, "reused_cells": 0, "batch_steps": 0, "batch_rows": 0, "joint_prompt_decodes": 0,
-                      "prompt_cache_restores": 0, "prompt_cache_bytes": 0,
+                      "prompt_tokens": 0, "nad_decisions": 0, "reused_cells": 0, "batch_steps": 0, "batch_rows": 0,
+                      "joint_prompt_decodes": 0, "prompt_cache_restores": 0, "prompt_cache_bytes": 0,
                       "last_cancelled": None}
         self._pieces: Dict[int, bytes] = {}
         self._thread: Optional[threading.Thread] = None

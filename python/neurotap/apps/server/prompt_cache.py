@@ -15,12 +15,9 @@ class PromptCache:
     """Saved slots of one context (`ctx`, a native Context), at most `budget` bytes in all."""
 
     def __init__(self, ctx: Any, budget: int, mode: str):
-        if budget < 0:
-            raise ValueError(f"--cache-ram must be >= 0 MiB, got {budget // (1 << 20)}")
         self.ctx, self.budget, self.mode = ctx, int(budget), mode
         self._entries: Deque[Any] = collections.deque()  # native SavedSeq, oldest first
         self.bytes = 0
-        self.saved = 0
         self.restored = 0
 
     def __len__(self) -> int:
@@ -35,7 +32,6 @@ class PromptCache:
             return False
         self._entries.append(saved)
         self.bytes += saved.nbytes
-        self.saved += 1
         while self.bytes > self.budget:
             self.bytes -= self._entries.popleft().nbytes
         return True
@@ -56,10 +52,9 @@ class PromptCache:
         self.ctx.restore_seq(seq, entry)
         self.restored += 1
 
-    def take_for(self, ids: Any, seq: int) -> int:
+    def take_for(self, ids: Any, seq: int) -> None:
         """Before a request of `ids` takes slot `seq`: the slot's cells go aside unless the prompt
-        keeps most of them (a chat's next turn), and saved cells it would reuse more of come in.
-        Returns the cells the prompt will reuse."""
+        keeps most of them (a chat's next turn), and saved cells it would reuse more of come in."""
         held = len(self.ctx.seq_tokens(seq))
         have = self.ctx.reusable_prefix(seq, ids, self.mode)
         entry, n = self.best(ids)
@@ -67,5 +62,3 @@ class PromptCache:
             self.save(seq)
         if entry is not None and n > have:
             self.restore(entry, seq)
-            return n
-        return have
